@@ -1,0 +1,342 @@
+//! fd-based access to a host directory, as libfuse's `passthrough_hp` does it.
+//!
+//! Every operation starts from an O_PATH descriptor of a node and a single name
+//! component (`openat`, `fstatat`, `renameat2`, ...). No path string is ever
+//! joined onto the source root, and names are never followed as symlinks, so
+//! neither `..` nor a symlink can lead out of the source.
+//!
+//! Descriptors are not kept for every node: a node remembers a kernel file
+//! handle (`name_to_handle_at`) and its O_PATH fd lives in a bounded cache,
+//! reopened with `open_by_handle_at` after eviction. Where handles are not
+//! available (not root, or a filesystem without export support) the node pins
+//! its fd instead.
+
+pub mod sys;
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
+
+use crate::fs::{Attr, FileKind};
+use crate::{Errno, Result};
+use sys::FileHandle;
+
+/// Default bound on cached O_PATH descriptors.
+pub const DEFAULT_FD_CACHE: usize = 8192;
+
+/// A host object the kernel knows about.
+pub struct HostNode {
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Kernel handle and mount id to reopen the node; `None` means the fd is pinned.
+    handle: Option<(FileHandle, i32)>,
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+impl HostNode {
+    /// Whether the node's fd can be evicted and reopened.
+    pub fn has_handle(&self) -> bool {
+        self.handle.is_some()
+    }
+}
+
+/// One host directory, accessed through descriptors.
+pub struct HostDir {
+    root_path: PathBuf,
+    root: Arc<HostNode>,
+    /// `/proc/self/fd`, to reopen O_PATH descriptors with real open flags.
+    proc_fd: OwnedFd,
+    /// An fd on each mount we have handles for, as `open_by_handle_at` needs one.
+    mounts: RwLock<HashMap<i32, Arc<OwnedFd>>>,
+    handles_usable: bool,
+    fd_cache: Mutex<VecDeque<Weak<HostNode>>>,
+    fd_cache_cap: usize,
+}
+
+fn check_name(name: &OsStr) -> Result<CString> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    if bytes.len() > 255 {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    CString::new(bytes).map_err(|_| Errno::EINVAL)
+}
+
+/// Validates a directory entry name coming from the kernel: one component, never `.`/`..`.
+pub fn component(name: &OsStr) -> Result<CString> {
+    check_name(name)
+}
+
+fn system_time(sec: i64, nsec: u64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec)
+    }
+}
+
+/// Converts a host `stat` into attributes with node id `ino`.
+pub fn attr_from_stat(st: &Stat, ino: u64) -> Attr {
+    Attr {
+        ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: system_time(st.st_atime, st.st_atime_nsec),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+        kind: FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+    }
+}
+
+const EMPTY: &CStr = c"";
+
+/// A descriptor `open_by_handle_at` accepts as mount fd: it ignores O_PATH
+/// descriptors, so open the directory for reading.
+fn open_mount_fd(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
+    let name = if name.is_empty() { c"." } else { name };
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+impl HostDir {
+    /// Opens `path` as a source. Fails with a message naming the path.
+    pub fn open(path: &Path, fd_cache_cap: usize) -> std::result::Result<HostDir, String> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOTDIR => format!("{}: not a directory", path.display()),
+            rustix::io::Errno::NOENT => format!("{}: no such directory", path.display()),
+            e => format!("{}: {}", path.display(), std::io::Error::from(e)),
+        })?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| format!("{}: stat: {e}", path.display()))?;
+        let proc_fd = rustix::fs::open(
+            "/proc/self/fd",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("/proc/self/fd: {e} (is /proc mounted?)"))?;
+        let fd = Arc::new(fd);
+        // Handles are usable if we can make one for the root and open it again
+        // (open_by_handle_at needs CAP_DAC_READ_SEARCH, and a mount fd that is not O_PATH).
+        let mut mounts = HashMap::new();
+        let handle = match sys::name_to_handle_at(fd.as_fd(), EMPTY, libc::AT_EMPTY_PATH)
+            .and_then(|(h, mnt)| Ok((h, mnt, open_mount_fd(fd.as_fd(), EMPTY)?)))
+        {
+            Ok((h, mnt, mount_fd)) => {
+                match sys::open_by_handle_at(mount_fd.as_fd(), &h, libc::O_PATH) {
+                    Ok(_) => {
+                        mounts.insert(mnt, Arc::new(mount_fd));
+                        Some((h, mnt))
+                    }
+                    Err(e) => {
+                        tracing::info!(source = %path.display(), "file handles not usable ({e}); pinning one fd per known inode");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::info!(source = %path.display(), "no file handle support ({e}); pinning one fd per known inode");
+                None
+            }
+        };
+        let handles_usable = handle.is_some();
+        let root = Arc::new(HostNode {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            kind: FileKind::Directory,
+            handle: None, // the root's fd is pinned for the life of the mount
+            fd: Mutex::new(Some(fd)),
+        });
+        Ok(HostDir {
+            root_path: path.to_path_buf(),
+            root,
+            proc_fd,
+            mounts: RwLock::new(mounts),
+            handles_usable,
+            fd_cache: Mutex::new(VecDeque::new()),
+            fd_cache_cap: fd_cache_cap.max(16),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root_path
+    }
+
+    pub fn root(&self) -> &Arc<HostNode> {
+        &self.root
+    }
+
+    pub fn handles_usable(&self) -> bool {
+        self.handles_usable
+    }
+
+    /// Number of O_PATH fds currently in the bounded cache (an upper bound).
+    pub fn cached_fds(&self) -> usize {
+        self.fd_cache.lock().len()
+    }
+
+    /// The O_PATH fd of a node, reopened from its handle if it was evicted.
+    pub fn fd(&self, node: &Arc<HostNode>) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = node.fd.lock().as_ref() {
+            return Ok(fd.clone());
+        }
+        let (handle, mnt) = node.handle.as_ref().ok_or(Errno::ESTALE)?;
+        let mount_fd = self.mounts.read().get(mnt).cloned().ok_or(Errno::ESTALE)?;
+        let fd = Arc::new(
+            sys::open_by_handle_at(mount_fd.as_fd(), handle, libc::O_PATH).inspect_err(|e| {
+                tracing::debug!(
+                    dev = node.dev,
+                    ino = node.ino,
+                    "reopen by handle failed: {e}"
+                )
+            })?,
+        );
+        {
+            let mut slot = node.fd.lock();
+            if let Some(existing) = slot.as_ref() {
+                return Ok(existing.clone());
+            }
+            *slot = Some(fd.clone());
+        }
+        self.remember(node);
+        Ok(fd)
+    }
+
+    /// Records a freshly cached fd and evicts the oldest ones beyond the bound.
+    fn remember(&self, node: &Arc<HostNode>) {
+        let mut evict = Vec::new();
+        {
+            let mut q = self.fd_cache.lock();
+            q.push_back(Arc::downgrade(node));
+            while q.len() > self.fd_cache_cap {
+                if let Some(old) = q.pop_front().and_then(|w| w.upgrade()) {
+                    evict.push(old);
+                }
+            }
+        }
+        // Close outside the queue lock; the node reopens its fd on next use.
+        for old in evict {
+            old.fd.lock().take();
+        }
+    }
+
+    /// `fstatat(parent, name, AT_SYMLINK_NOFOLLOW)`.
+    pub fn stat_child(&self, parent: BorrowedFd<'_>, name: &CStr) -> Result<Stat> {
+        Ok(rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?)
+    }
+
+    /// `fstat` of an O_PATH fd.
+    pub fn stat_fd(&self, fd: BorrowedFd<'_>) -> Result<Stat> {
+        Ok(rustix::fs::statat(
+            fd,
+            EMPTY,
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        )?)
+    }
+
+    /// Builds a node for `name` in `parent` whose stat is `st`.
+    pub fn make_node(&self, parent: BorrowedFd<'_>, name: &CStr, st: &Stat) -> Result<HostNode> {
+        let kind = FileKind::from_mode(st.st_mode).ok_or(Errno::EIO)?;
+        if self.handles_usable {
+            match sys::name_to_handle_at(parent, name, 0) {
+                Ok((handle, mnt))
+                    if self.mounts.read().contains_key(&mnt) || kind == FileKind::Directory =>
+                {
+                    if !self.mounts.read().contains_key(&mnt) {
+                        // First directory seen on this mount: it serves as the mount fd.
+                        let fd = open_mount_fd(parent, name)?;
+                        self.mounts
+                            .write()
+                            .entry(mnt)
+                            .or_insert_with(|| Arc::new(fd));
+                    }
+                    return Ok(HostNode {
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                        kind,
+                        handle: Some((handle, mnt)),
+                        fd: Mutex::new(None),
+                    });
+                }
+                // A non-directory first seen on an unknown mount pins its fd.
+                Ok(_) => {}
+                Err(e) if e == Errno::ENOTSUP || e == Errno(libc::EOVERFLOW) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let fd = self.open_path(parent, name)?;
+        let fst = self.stat_fd(fd.as_fd())?;
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) {
+            // Replaced between stat and open: let the kernel retry.
+            return Err(Errno::ESTALE);
+        }
+        Ok(HostNode {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            kind,
+            handle: None,
+            fd: Mutex::new(Some(Arc::new(fd))),
+        })
+    }
+
+    fn open_path(&self, parent: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
+        Ok(rustix::fs::openat(
+            parent,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    }
+
+    /// Opens the object behind an O_PATH fd for I/O, through `/proc/self/fd`.
+    pub fn reopen(&self, fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd> {
+        let name = fd.as_raw_fd().to_string();
+        Ok(rustix::fs::openat(
+            &self.proc_fd,
+            name.as_str(),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    }
+
+    /// `/proc/self/fd/N` for an O_PATH fd: the only way to reach xattrs and
+    /// chmod of an O_PATH fd (passthrough_hp does the same).
+    pub fn proc_path(&self, fd: BorrowedFd<'_>) -> CString {
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+    }
+
+    /// `fchmodat` on an O_PATH fd via its `/proc/self/fd` entry.
+    pub fn chmod_fd(&self, fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+        let name = fd.as_raw_fd().to_string();
+        rustix::fs::chmodat(
+            &self.proc_fd,
+            name.as_str(),
+            Mode::from_raw_mode(mode & 0o7777),
+            AtFlags::empty(),
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! The only `unsafe` in strata-core: syscalls that `rustix` does not wrap.
+//!
+//! Each function is a direct, commented wrapper around one syscall, with the
+//! buffers sized and owned on the Rust side.
+
+use std::ffi::CStr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use crate::{Errno, Result};
+
+/// Largest handle the kernel hands out (`MAX_HANDLE_SZ`).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// A persistent reference to a host inode (`name_to_handle_at`), small enough
+/// to keep for every inode the kernel knows, unlike an open fd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHandle {
+    handle_type: i32,
+    bytes: Box<[u8]>,
+}
+
+/// `name_to_handle_at(dirfd, name, flags)`: returns the handle and the mount id.
+/// `flags` may hold `AT_EMPTY_PATH`; symlinks are never followed.
+pub fn name_to_handle_at(
+    dirfd: BorrowedFd<'_>,
+    name: &CStr,
+    flags: i32,
+) -> Result<(FileHandle, i32)> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` is a valid `struct file_handle` whose `handle_bytes` states
+    // the capacity of `f_handle`; `name` is NUL-terminated; the kernel writes at
+    // most `handle_bytes` bytes and one int to `mount_id`.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            dirfd.as_raw_fd(),
+            name.as_ptr(),
+            (&mut raw as *mut RawHandle).cast::<libc::file_handle>(),
+            &mut mount_id,
+            flags,
+        )
+    };
+    if rc != 0 {
+        return Err(Errno::last());
+    }
+    let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((
+        FileHandle {
+            handle_type: raw.handle_type,
+            bytes: raw.f_handle[..len].into(),
+        },
+        mount_id,
+    ))
+}
+
+/// `open_by_handle_at(mount_fd, handle, flags)`. Needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle_at(
+    mount_fd: BorrowedFd<'_>,
+    handle: &FileHandle,
+    flags: i32,
+) -> Result<OwnedFd> {
+    let mut raw = RawHandle {
+        handle_bytes: handle.bytes.len() as u32,
+        handle_type: handle.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    // SAFETY: `raw` is a valid `struct file_handle` filled from a handle the
+    // kernel gave us; the kernel only reads it. On success the returned fd is
+    // new and owned by nobody else.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            (&mut raw as *mut RawHandle).cast::<libc::file_handle>(),
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` is a freshly opened descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

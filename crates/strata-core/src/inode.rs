@@ -1,0 +1,237 @@
+//! The inode table: node ids the kernel knows, with their lookup counts.
+//!
+//! A node lives while the kernel holds lookup references to it (or while the
+//! core pins it, like the root). Ids are chosen by the caller from a stable key
+//! (for host files: device and inode number), so the same object gets the same id
+//! again after it was forgotten: inode numbers stay stable for the life of the mount.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::fs::ROOT_ID;
+
+/// Lookup count that forget can never bring to zero.
+const PINNED: u64 = u64::MAX / 2;
+
+/// First id handed out when a preferred id is taken by another key.
+const FALLBACK_BASE: u64 = 0xC000_0000_0000_0000;
+
+struct Slot<K, T> {
+    key: K,
+    nlookup: u64,
+    data: Arc<T>,
+}
+
+struct Inner<K, T> {
+    nodes: HashMap<u64, Slot<K, T>>,
+    by_key: HashMap<K, u64>,
+    next_fallback: u64,
+}
+
+pub struct InodeTable<K, T> {
+    inner: Mutex<Inner<K, T>>,
+}
+
+impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
+    /// A table holding only the root, which is pinned.
+    pub fn new(root_key: K, root: Arc<T>) -> Self {
+        let mut nodes = HashMap::new();
+        let mut by_key = HashMap::new();
+        by_key.insert(root_key.clone(), ROOT_ID);
+        nodes.insert(
+            ROOT_ID,
+            Slot {
+                key: root_key,
+                nlookup: PINNED,
+                data: root,
+            },
+        );
+        InodeTable {
+            inner: Mutex::new(Inner {
+                nodes,
+                by_key,
+                next_fallback: FALLBACK_BASE,
+            }),
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<T>> {
+        self.inner.lock().nodes.get(&id).map(|s| s.data.clone())
+    }
+
+    /// The node for `key` if the kernel knows it, without taking a reference.
+    pub fn get_by_key(&self, key: &K) -> Option<(u64, Arc<T>)> {
+        let inner = self.inner.lock();
+        let id = *inner.by_key.get(key)?;
+        Some((id, inner.nodes[&id].data.clone()))
+    }
+
+    /// Takes one lookup reference on the node for `key`.
+    ///
+    /// A known node keeps its id; its data is swapped for `fresh` when
+    /// `replace(old)` says so (the host object was replaced). An unknown key is
+    /// inserted with `fresh` under the id `preferred`, or a fallback id if
+    /// another key holds that one; without `fresh` it returns `None` and the
+    /// caller builds the node and tries again.
+    pub fn lookup(
+        &self,
+        key: K,
+        preferred: u64,
+        fresh: Option<T>,
+        replace: impl FnOnce(&T) -> bool,
+    ) -> Option<(u64, Arc<T>)> {
+        let mut inner = self.inner.lock();
+        if let Some(&id) = inner.by_key.get(&key) {
+            let slot = inner.nodes.get_mut(&id).expect("by_key and nodes agree");
+            slot.nlookup = slot.nlookup.saturating_add(1);
+            if let Some(new) = fresh
+                && replace(&slot.data)
+            {
+                slot.data = Arc::new(new);
+            }
+            return Some((id, slot.data.clone()));
+        }
+        let data = Arc::new(fresh?);
+        let mut id = preferred;
+        if id == 0 || inner.nodes.contains_key(&id) {
+            loop {
+                id = inner.next_fallback;
+                inner.next_fallback += 1;
+                if !inner.nodes.contains_key(&id) {
+                    break;
+                }
+            }
+        }
+        inner.by_key.insert(key.clone(), id);
+        inner.nodes.insert(
+            id,
+            Slot {
+                key,
+                nlookup: 1,
+                data: data.clone(),
+            },
+        );
+        Some((id, data))
+    }
+
+    /// Drops `n` lookup references; removes the node at zero. Returns whether it was removed.
+    pub fn forget(&self, id: u64, n: u64) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(slot) = inner.nodes.get_mut(&id) else {
+            return false;
+        };
+        slot.nlookup = slot.nlookup.saturating_sub(n);
+        if slot.nlookup > 0 {
+            return false;
+        }
+        let slot = inner.nodes.remove(&id).expect("present");
+        if inner.by_key.get(&slot.key) == Some(&id) {
+            inner.by_key.remove(&slot.key);
+        }
+        true
+    }
+
+    /// The lookup count of a node (0 if unknown).
+    pub fn lookup_count(&self, id: u64) -> u64 {
+        self.inner.lock().nodes.get(&id).map_or(0, |s| s.nlookup)
+    }
+
+    /// Number of nodes, the root included.
+    pub fn len(&self) -> usize {
+        self.inner.lock().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().nodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> InodeTable<u32, &'static str> {
+        InodeTable::new(0, Arc::new("root"))
+    }
+
+    #[test]
+    fn lookup_counts_and_forget_drop_at_zero() {
+        let t = table();
+        let (id, _) = t.lookup(7, 70, Some("seven"), |_| false).unwrap();
+        assert_eq!(id, 70);
+        t.lookup(7, 70, None, |_| false).unwrap();
+        assert_eq!(t.lookup_count(70), 2);
+        assert!(!t.forget(70, 1));
+        assert_eq!(t.len(), 2);
+        assert!(t.forget(70, 1));
+        assert_eq!(t.len(), 1);
+        assert!(t.get(70).is_none());
+        assert!(t.get_by_key(&7).is_none());
+    }
+
+    #[test]
+    fn same_key_gets_same_id_after_forget() {
+        let t = table();
+        let (a, _) = t.lookup(5, 50, Some("five"), |_| false).unwrap();
+        t.forget(a, 1);
+        let (b, _) = t.lookup(5, 50, Some("five again"), |_| false).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn taken_preferred_id_falls_back_to_a_fresh_one() {
+        let t = table();
+        let (a, _) = t.lookup(1, 100, Some("one"), |_| false).unwrap();
+        let (b, _) = t.lookup(2, 100, Some("two"), |_| false).unwrap();
+        assert_eq!(a, 100);
+        assert_ne!(b, 100);
+        assert!(b >= FALLBACK_BASE);
+        assert_eq!(*t.get(b).unwrap(), "two");
+        // the root id is never handed out again
+        let (c, _) = t.lookup(3, ROOT_ID, Some("three"), |_| false).unwrap();
+        assert_ne!(c, ROOT_ID);
+    }
+
+    #[test]
+    fn root_is_pinned() {
+        let t = table();
+        assert!(!t.forget(ROOT_ID, u64::MAX / 4));
+        assert!(t.get(ROOT_ID).is_some());
+    }
+
+    #[test]
+    fn refresh_replaces_data_keeps_id_and_count() {
+        let t = table();
+        t.lookup(9, 90, Some("old"), |_| false).unwrap();
+        let (id, data) = t.lookup(9, 90, Some("new"), |old| *old == "old").unwrap();
+        assert_eq!((id, *data), (90, "new"));
+        assert_eq!(t.lookup_count(90), 2);
+    }
+
+    #[test]
+    fn unknown_key_without_data_is_not_inserted() {
+        let t = table();
+        assert!(t.lookup(4, 40, None, |_| false).is_none());
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn forget_of_unknown_node_is_harmless() {
+        let t = table();
+        assert!(!t.forget(12345, 1));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn table_returns_to_baseline_after_many_lookups_and_forgets() {
+        let t = table();
+        for i in 1..=100_000u32 {
+            let (id, _) = t.lookup(i, i as u64 + 1, Some("x"), |_| false).unwrap();
+            t.forget(id, 1);
+        }
+        assert_eq!(t.len(), 1);
+    }
+}

@@ -1,0 +1,16 @@
+//! strata's core: everything that decides what the mounted namespace contains,
+//! with no knowledge of FUSE. The FUSE adapter (`strata-fuse`) drives a
+//! [`Filesystem`] implementation; tests drive it directly, without mounting.
+//!
+//! See docs/ARCHITECTURE.md for the model: layers, the inode table, and how
+//! union, images, upper, snapshots and views plug in.
+
+pub mod errno;
+pub mod fs;
+pub mod host;
+pub mod inode;
+pub mod passthrough;
+pub mod source;
+
+pub use errno::{Errno, Result};
+pub use fs::*;

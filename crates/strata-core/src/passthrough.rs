@@ -1,0 +1,882 @@
+//! A single host directory served as the whole namespace.
+//!
+//! This is the base layer composition: one [`HostDir`], node ids derived from
+//! host inode numbers, every operation forwarded through descriptors. Permission
+//! checks are the kernel's (`default_permissions`); ownership of new objects is
+//! the caller's.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rustix::fs::{
+    AtFlags, FallocateFlags, Gid, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps,
+    Uid, XattrFlags,
+};
+
+use crate::fs::*;
+use crate::host::{HostDir, HostNode, attr_from_stat, component};
+use crate::inode::InodeTable;
+use crate::{Errno, Result};
+
+/// Kernel cache settings and behaviour switches.
+#[derive(Clone, Debug)]
+pub struct PassthroughConfig {
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+    /// Bound on cached O_PATH descriptors.
+    pub fd_cache: usize,
+    /// Offer backing files for kernel passthrough of regular-file I/O.
+    pub passthrough: bool,
+}
+
+impl Default for PassthroughConfig {
+    fn default() -> Self {
+        PassthroughConfig {
+            entry_ttl: Duration::from_secs(1),
+            attr_ttl: Duration::from_secs(1),
+            fd_cache: crate::host::DEFAULT_FD_CACHE,
+            passthrough: true,
+        }
+    }
+}
+
+type Key = (u64, u64);
+
+struct OpenFile {
+    fd: Arc<OwnedFd>,
+}
+
+struct DirEnt {
+    name: CString,
+    ino: u64,
+    kind: FileKind,
+}
+
+struct OpenDir {
+    fd: OwnedFd,
+    dev: u64,
+    is_root: bool,
+    entries: Mutex<Arc<Vec<DirEnt>>>,
+}
+
+pub struct PassthroughFs {
+    host: HostDir,
+    table: InodeTable<Key, HostNode>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    next_fh: AtomicU64,
+    cfg: PassthroughConfig,
+    root_key: Key,
+}
+
+fn to_timespec(t: Option<SetTime>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos() as i64;
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec as _,
+                }
+            }
+        },
+    }
+}
+
+impl PassthroughFs {
+    pub fn new(source: &Path, cfg: PassthroughConfig) -> std::result::Result<Self, String> {
+        let host = HostDir::open(source, cfg.fd_cache)?;
+        let root = host.root().clone();
+        let root_key = (root.dev, root.ino);
+        let table = InodeTable::new(root_key, root);
+        Ok(PassthroughFs {
+            host,
+            table,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            cfg,
+            root_key,
+        })
+    }
+
+    /// Node id for a host object: its inode number on the source's device (with
+    /// the root's number swapped for 1), a hash elsewhere. Stable while mounted.
+    fn node_id(&self, dev: u64, ino: u64) -> u64 {
+        let (root_dev, root_ino) = self.root_key;
+        if dev == root_dev {
+            if ino == root_ino {
+                ROOT_ID
+            } else if ino == ROOT_ID {
+                root_ino
+            } else {
+                ino
+            }
+        } else {
+            // Other filesystems mounted below the source: mix the device in and
+            // keep the top bit set so the ids cannot meet the source's own.
+            let mut h = dev.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ino;
+            h ^= h >> 29;
+            (h | (1 << 63)) & !(0x4000_0000_0000_0000)
+        }
+    }
+
+    fn node(&self, ino: u64) -> Result<Arc<HostNode>> {
+        self.table.get(ino).ok_or(Errno::ESTALE)
+    }
+
+    fn node_fd(&self, ino: u64) -> Result<Arc<OwnedFd>> {
+        let node = self.node(ino)?;
+        self.host.fd(&node)
+    }
+
+    fn entry(&self, attr: Attr) -> Entry {
+        Entry {
+            attr,
+            generation: 0,
+            entry_ttl: self.cfg.entry_ttl,
+            attr_ttl: self.cfg.attr_ttl,
+        }
+    }
+
+    /// Resolves `name` in the directory `parent_fd` and takes a lookup reference.
+    fn lookup_at(&self, parent_fd: BorrowedFd<'_>, name: &CStr) -> Result<Entry> {
+        let st = self.host.stat_child(parent_fd, name)?;
+        self.register(parent_fd, name, &st)
+    }
+
+    /// Takes a lookup reference on the object `name` in `parent_fd` whose stat is `st`.
+    fn register(&self, parent_fd: BorrowedFd<'_>, name: &CStr, st: &Stat) -> Result<Entry> {
+        let key = (st.st_dev, st.st_ino);
+        let kind = FileKind::from_mode(st.st_mode).ok_or(Errno::EIO)?;
+        let id = self.node_id(key.0, key.1);
+        // A known node of the same kind is reused as is (no syscall); anything
+        // else gets a node built from the host object.
+        let mut fresh = match self.table.get_by_key(&key) {
+            Some((_, node)) if node.kind == kind => None,
+            _ => Some(self.host.make_node(parent_fd, name, st)?),
+        };
+        loop {
+            if let Some((id, _)) = self
+                .table
+                .lookup(key, id, fresh.take(), |old| old.kind != kind)
+            {
+                return Ok(self.entry(attr_from_stat(st, id)));
+            }
+            // Forgotten between our check and the insert: build it after all.
+            fresh = Some(self.host.make_node(parent_fd, name, st)?);
+        }
+    }
+
+    fn stat_attr(&self, ino: u64, fd: BorrowedFd<'_>) -> Result<AttrOut> {
+        let st = self.host.stat_fd(fd)?;
+        Ok(AttrOut {
+            attr: attr_from_stat(&st, ino),
+            ttl: self.cfg.attr_ttl,
+        })
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
+        self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Gives a new object to the caller: the daemon creates as root, so the owner
+    /// is set afterwards. The group follows a setgid parent as the kernel would.
+    fn chown_new(
+        &self,
+        ctx: &Ctx,
+        parent_fd: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        name: &CStr,
+        st: &Stat,
+    ) -> Result<bool> {
+        let parent = self.host.stat_fd(parent_fd)?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            ctx.gid
+        };
+        if st.st_uid == ctx.uid && st.st_gid == gid {
+            return Ok(false);
+        }
+        rustix::fs::chownat(
+            target,
+            name,
+            Some(Uid::from_raw(ctx.uid)),
+            Some(Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW
+                | if name.is_empty() {
+                    AtFlags::EMPTY_PATH
+                } else {
+                    AtFlags::empty()
+                },
+        )?;
+        Ok(true)
+    }
+
+    /// Shared tail of mknod/mkdir/symlink: hand the object to the caller and look it up.
+    fn finish_create(
+        &self,
+        ctx: &Ctx,
+        parent_fd: BorrowedFd<'_>,
+        name: &CStr,
+        mode: Option<u32>,
+    ) -> Result<Entry> {
+        let st = self.host.stat_child(parent_fd, name)?;
+        let res = (|| {
+            if self.chown_new(ctx, parent_fd, parent_fd, name, &st)? {
+                // chown clears setuid/setgid on non-directories; put them back.
+                if let Some(mode) = mode.filter(|m| m & (libc::S_ISUID | libc::S_ISGID) != 0)
+                    && st.st_mode & libc::S_IFMT != libc::S_IFDIR
+                    && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+                {
+                    rustix::fs::chmodat(
+                        parent_fd,
+                        name,
+                        Mode::from_raw_mode(mode & 0o7777),
+                        AtFlags::empty(),
+                    )?;
+                }
+            }
+            self.lookup_at(parent_fd, name)
+        })();
+        if res.is_err() {
+            // Do not leave a root-owned object behind.
+            let flags = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            let _ = rustix::fs::unlinkat(parent_fd, name, flags);
+        }
+        res
+    }
+
+    fn load_dir(&self, dir: &OpenDir) -> Result<Arc<Vec<DirEnt>>> {
+        let mut out = Vec::new();
+        let mut reader = rustix::fs::Dir::read_from(&dir.fd)?;
+        for ent in &mut reader {
+            let ent = ent?;
+            let name = ent.file_name();
+            let bytes = name.to_bytes();
+            let ino = if bytes == b"." || (bytes == b".." && dir.is_root) {
+                // `..` of the root points outside the source: show the root instead.
+                if dir.is_root {
+                    ROOT_ID
+                } else {
+                    self.node_id(dir.dev, ent.ino())
+                }
+            } else {
+                self.node_id(dir.dev, ent.ino())
+            };
+            let kind = match ent.file_type() {
+                rustix::fs::FileType::RegularFile => FileKind::Regular,
+                rustix::fs::FileType::Directory => FileKind::Directory,
+                rustix::fs::FileType::Symlink => FileKind::Symlink,
+                rustix::fs::FileType::Fifo => FileKind::Fifo,
+                rustix::fs::FileType::Socket => FileKind::Socket,
+                rustix::fs::FileType::CharacterDevice => FileKind::CharDevice,
+                rustix::fs::FileType::BlockDevice => FileKind::BlockDevice,
+                _ => match self.host.stat_child(dir.fd.as_fd(), name) {
+                    Ok(st) => FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular),
+                    Err(_) => continue,
+                },
+            };
+            out.push(DirEnt {
+                name: name.to_owned(),
+                ino,
+                kind,
+            });
+        }
+        let entries = Arc::new(out);
+        *dir.entries.lock() = entries.clone();
+        Ok(entries)
+    }
+
+    /// The listing to serve from `offset`: a fresh read at offset 0 (rewinddir
+    /// sees new entries), the same snapshot afterwards so offsets stay valid.
+    fn dir_entries(&self, dir: &OpenDir, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
+        if offset == 0 {
+            self.load_dir(dir)
+        } else {
+            Ok(dir.entries.lock().clone())
+        }
+    }
+
+    fn open_flags(flags: i32) -> OFlags {
+        let strip = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
+        OFlags::from_bits_retain(((flags & !strip) as u32) & !OFlags::PATH.bits())
+    }
+
+    fn opened_file(&self, fd: OwnedFd) -> Opened {
+        let fd = Arc::new(fd);
+        let fh = self.new_fh();
+        self.files
+            .lock()
+            .insert(fh, Arc::new(OpenFile { fd: fd.clone() }));
+        Opened {
+            fh,
+            keep_cache: false,
+            direct_io: false,
+            cache_dir: false,
+            // Locks are the kernel's, and host close-to-open needs nothing: skip FLUSH.
+            noflush: true,
+            passthrough: self.cfg.passthrough.then_some(fd),
+        }
+    }
+
+    fn xattr_path(&self, ino: u64) -> Result<(Arc<OwnedFd>, CString)> {
+        let fd = self.node_fd(ino)?;
+        let path = self.host.proc_path(fd.as_fd());
+        Ok((fd, path))
+    }
+
+    pub fn source(&self) -> &Path {
+        self.host.path()
+    }
+}
+
+fn xattr_name(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+impl Filesystem for PassthroughFs {
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
+        let name =
+            component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })?;
+        let pfd = self.node_fd(parent)?;
+        self.lookup_at(pfd.as_fd(), &name)
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.table.forget(ino, nlookup);
+    }
+
+    fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
+        if let Some(file) = fh.and_then(|fh| self.file(fh).ok()) {
+            let st = rustix::fs::fstat(&*file.fd)?;
+            return Ok(AttrOut {
+                attr: attr_from_stat(&st, ino),
+                ttl: self.cfg.attr_ttl,
+            });
+        }
+        let fd = self.node_fd(ino)?;
+        self.stat_attr(ino, fd.as_fd())
+    }
+
+    fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+        let fd = self.node_fd(ino)?;
+        let file = fh.and_then(|fh| self.file(fh).ok());
+        if set.uid.is_some() || set.gid.is_some() {
+            rustix::fs::chownat(
+                &*fd,
+                c"",
+                set.uid.map(Uid::from_raw),
+                set.gid.map(Gid::from_raw),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if let Some(mode) = set.mode {
+            match &file {
+                Some(f) => rustix::fs::fchmod(&*f.fd, Mode::from_raw_mode(mode & 0o7777))?,
+                None => self.host.chmod_fd(fd.as_fd(), mode)?,
+            }
+        }
+        if let Some(size) = set.size {
+            match &file {
+                Some(f) => rustix::fs::ftruncate(&*f.fd, size)?,
+                None => {
+                    let w = self.host.reopen(fd.as_fd(), OFlags::WRONLY)?;
+                    rustix::fs::ftruncate(&w, size)?
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let times = Timestamps {
+                last_access: to_timespec(set.atime),
+                last_modification: to_timespec(set.mtime),
+            };
+            rustix::fs::utimensat(
+                &*fd,
+                c"",
+                &times,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        self.stat_attr(ino, fd.as_fd())
+    }
+
+    fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
+        let fd = self.node_fd(ino)?;
+        Ok(rustix::fs::readlinkat(&*fd, c"", Vec::new())?.into_bytes())
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<Entry> {
+        let name = component(name)?;
+        let pfd = self.node_fd(parent)?;
+        let kind = rustix::fs::FileType::from_raw_mode(mode);
+        let perm = mode & 0o7777 & !umask;
+        rustix::fs::mknodat(&*pfd, &name, kind, Mode::from_raw_mode(perm), rdev as u64)?;
+        self.finish_create(ctx, pfd.as_fd(), &name, Some(perm))
+    }
+
+    fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
+        let name = component(name)?;
+        let pfd = self.node_fd(parent)?;
+        rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(mode & 0o7777 & !umask))?;
+        self.finish_create(ctx, pfd.as_fd(), &name, None)
+    }
+
+    fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+        let name = component(name)?;
+        let pfd = self.node_fd(parent)?;
+        rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty())?;
+        Ok(())
+    }
+
+    fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+        let name = component(name)?;
+        let pfd = self.node_fd(parent)?;
+        rustix::fs::unlinkat(&*pfd, &name, AtFlags::REMOVEDIR)?;
+        Ok(())
+    }
+
+    fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
+        let name = component(name)?;
+        let pfd = self.node_fd(parent)?;
+        rustix::fs::symlinkat(target, &*pfd, &name)?;
+        self.finish_create(ctx, pfd.as_fd(), &name, None)
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        let name = component(name)?;
+        let new_name = component(new_name)?;
+        let pfd = self.node_fd(parent)?;
+        let npfd = self.node_fd(new_parent)?;
+        rustix::fs::renameat_with(
+            &*pfd,
+            &name,
+            &*npfd,
+            &new_name,
+            RenameFlags::from_bits_retain(flags),
+        )?;
+        Ok(())
+    }
+
+    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
+        let new_name = component(new_name)?;
+        let fd = self.node_fd(ino)?;
+        let npfd = self.node_fd(new_parent)?;
+        match rustix::fs::linkat(&*fd, c"", &*npfd, &new_name, AtFlags::EMPTY_PATH) {
+            Ok(()) => {}
+            // Without CAP_DAC_READ_SEARCH, AT_EMPTY_PATH is refused: go through /proc.
+            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::PERM) => {
+                let path = self.host.proc_path(fd.as_fd());
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    path.as_c_str(),
+                    &*npfd,
+                    &new_name,
+                    AtFlags::SYMLINK_FOLLOW,
+                )?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.lookup_at(npfd.as_fd(), &new_name)
+    }
+
+    fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
+        let fd = self.node_fd(ino)?;
+        let file = self.host.reopen(fd.as_fd(), Self::open_flags(flags))?;
+        Ok(self.opened_file(file))
+    }
+
+    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let file = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pread(&*file.fd, &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let file = self.file(fh)?;
+        let n = rustix::io::pwrite(&*file.fd, data, offset)?;
+        Ok(n as u32)
+    }
+
+    fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+        // Like close(2) on the host file, without giving up our descriptor.
+        let file = self.file(fh)?;
+        drop(rustix::io::dup(&*file.fd)?);
+        Ok(())
+    }
+
+    fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+        self.files.lock().remove(&fh);
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        let file = self.file(fh)?;
+        if datasync {
+            rustix::fs::fdatasync(&*file.fd)?
+        } else {
+            rustix::fs::fsync(&*file.fd)?
+        }
+        Ok(())
+    }
+
+    fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
+        let fd = self.node_fd(ino)?;
+        let dfd = rustix::fs::openat(
+            &*fd,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&dfd)?;
+        let fh = self.new_fh();
+        self.dirs.lock().insert(
+            fh,
+            Arc::new(OpenDir {
+                fd: dfd,
+                dev: st.st_dev,
+                is_root: ino == ROOT_ID,
+                entries: Mutex::new(Arc::new(Vec::new())),
+            }),
+        );
+        Ok(Opened {
+            fh,
+            ..Opened::default()
+        })
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Ctx,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut dyn DirSink,
+    ) -> Result<()> {
+        let dir = self.dir(fh)?;
+        let entries = self.dir_entries(&dir, offset)?;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if !sink.add(
+                e.ino,
+                i as u64 + 1,
+                e.kind,
+                OsStr::from_bytes(e.name.to_bytes()),
+            ) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Ctx,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut dyn DirPlusSink,
+    ) -> Result<()> {
+        let dir = self.dir(fh)?;
+        let entries = self.dir_entries(&dir, offset)?;
+        let dir_attr = self.stat_attr(ino, dir.fd.as_fd())?.attr;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let name = OsStr::from_bytes(e.name.to_bytes());
+            let next = i as u64 + 1;
+            if name == "." || name == ".." {
+                // The kernel takes no reference for these; only the dirent matters.
+                let attr = Attr {
+                    ino: e.ino,
+                    kind: FileKind::Directory,
+                    ..dir_attr
+                };
+                let entry = Entry {
+                    attr,
+                    generation: 0,
+                    entry_ttl: Duration::ZERO,
+                    attr_ttl: Duration::ZERO,
+                };
+                if !sink.add(next, name, &entry) {
+                    break;
+                }
+                continue;
+            }
+            let entry = match self.lookup_at(dir.fd.as_fd(), &e.name) {
+                Ok(entry) => entry,
+                // Gone since the listing was read.
+                Err(Errno::ENOENT) => continue,
+                Err(err) => return Err(err),
+            };
+            if !sink.add(next, name, &entry) {
+                // Not sent: give back the reference the lookup took.
+                self.table.forget(entry.attr.ino, 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+        self.dirs.lock().remove(&fh);
+        Ok(())
+    }
+
+    fn fsyncdir(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        let dir = self.dir(fh)?;
+        if datasync {
+            rustix::fs::fdatasync(&dir.fd)?
+        } else {
+            rustix::fs::fsync(&dir.fd)?
+        }
+        Ok(())
+    }
+
+    fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
+        let fd = self.node_fd(ino)?;
+        let s = rustix::fs::fstatvfs(&*fd)?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    fn setxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let (_fd, path) = self.xattr_path(ino)?;
+        rustix::fs::setxattr(
+            path.as_c_str(),
+            xattr_name(name)?.as_c_str(),
+            value,
+            XattrFlags::from_bits_retain(flags as u32),
+        )?;
+        Ok(())
+    }
+
+    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+        let (_fd, path) = self.xattr_path(ino)?;
+        let name = xattr_name(name)?;
+        if size == 0 {
+            let n = rustix::fs::getxattr_query(path.as_c_str(), name.as_c_str())?;
+            return Ok(Xattr::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = rustix::fs::getxattr(path.as_c_str(), name.as_c_str(), &mut buf[..])?;
+        buf.truncate(n);
+        Ok(Xattr::Data(buf))
+    }
+
+    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
+        let (_fd, path) = self.xattr_path(ino)?;
+        if size == 0 {
+            let n = rustix::fs::listxattr_query(path.as_c_str())?;
+            return Ok(Xattr::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..])?;
+        buf.truncate(n);
+        Ok(Xattr::Data(buf))
+    }
+
+    fn removexattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
+        let (_fd, path) = self.xattr_path(ino)?;
+        rustix::fs::removexattr(path.as_c_str(), xattr_name(name)?.as_c_str())?;
+        Ok(())
+    }
+
+    fn access(&self, ctx: &Ctx, ino: u64, mask: i32) -> Result<()> {
+        let fd = self.node_fd(ino)?;
+        let st = self.host.stat_fd(fd.as_fd())?;
+        let want = (mask & 0o7) as u32;
+        if want == 0 {
+            return Ok(());
+        }
+        let mode = st.st_mode;
+        if ctx.uid == 0 {
+            // root may do anything but execute a file nobody may execute.
+            let x_ok = want & 1 == 0 || mode & 0o111 != 0 || mode & libc::S_IFMT == libc::S_IFDIR;
+            return if x_ok { Ok(()) } else { Err(Errno::EACCES) };
+        }
+        let bits = if st.st_uid == ctx.uid {
+            (mode >> 6) & 7
+        } else if st.st_gid == ctx.gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if bits & want == want {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
+    }
+
+    fn create(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(Entry, Opened)> {
+        let name = component(name)?;
+        let pfd = self.node_fd(parent)?;
+        let perm = mode & 0o7777 & !umask;
+        let oflags = Self::open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
+        let fd = rustix::fs::openat(
+            &*pfd,
+            &name,
+            oflags | OFlags::CLOEXEC,
+            Mode::from_raw_mode(perm),
+        )?;
+        let res = (|| {
+            let st = rustix::fs::fstat(&fd)?;
+            if self.chown_new(ctx, pfd.as_fd(), fd.as_fd(), c"", &st)?
+                && perm & (libc::S_ISUID | libc::S_ISGID) != 0
+            {
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(perm))?;
+            }
+            self.lookup_at(pfd.as_fd(), &name)
+        })();
+        match res {
+            Ok(entry) => Ok((entry, self.opened_file(fd))),
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty());
+                Err(e)
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Ctx,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<()> {
+        let file = self.file(fh)?;
+        rustix::fs::fallocate(
+            &*file.fd,
+            FallocateFlags::from_bits_retain(mode as u32),
+            offset,
+            length,
+        )?;
+        Ok(())
+    }
+
+    fn lseek(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let file = self.file(fh)?;
+        let pos = match whence {
+            libc::SEEK_SET => SeekFrom::Start(offset as u64),
+            libc::SEEK_CUR => SeekFrom::Current(offset),
+            libc::SEEK_END => SeekFrom::End(offset),
+            libc::SEEK_DATA => SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
+            _ => return Err(Errno::EINVAL),
+        };
+        Ok(rustix::fs::seek(&*file.fd, pos)? as i64)
+    }
+
+    fn copy_file_range(
+        &self,
+        _ctx: &Ctx,
+        _ino_in: u64,
+        fh_in: u64,
+        offset_in: u64,
+        _ino_out: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        _flags: u32,
+    ) -> Result<u32> {
+        let fin = self.file(fh_in)?;
+        let fout = self.file(fh_out)?;
+        let (mut oi, mut oo) = (offset_in, offset_out);
+        let n = rustix::fs::copy_file_range(
+            &*fin.fd,
+            Some(&mut oi),
+            &*fout.fd,
+            Some(&mut oo),
+            len.min(u32::MAX as u64) as usize,
+        )?;
+        Ok(n as u32)
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            inodes: self.table.len() as u64,
+            open_files: self.files.lock().len() as u64,
+            open_dirs: self.dirs.lock().len() as u64,
+            cached_fds: self.host.cached_fds() as u64,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The SOURCE argument: a mergerfs-style branch list, `PATH[=MODE][,MINFREE]`
+//! joined by `:`, e.g. `/disk1:/disk2=NC:/archive=RO`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BranchMode {
+    /// Read-write: may receive new files.
+    #[default]
+    RW,
+    /// Read-only: never written.
+    RO,
+    /// No-create: existing files may change, no new ones land here.
+    NC,
+}
+
+impl fmt::Display for BranchMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BranchMode::RW => "RW",
+            BranchMode::RO => "RO",
+            BranchMode::NC => "NC",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Branch {
+    pub path: PathBuf,
+    pub mode: BranchMode,
+    /// Per-branch `minfreespace` in bytes, if given.
+    pub min_free: Option<u64>,
+}
+
+/// Parses a size such as `4G`, `512M`, `100K` or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                        "bad size '{s}': unknown unit '{c}' (use K, M, G or T)"
+                    ));
+                }
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size '{s}': expected a number with an optional K/M/G/T unit"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("bad size '{s}': too large"))
+}
+
+/// Parses a branch list. Paths are taken as given; existence is checked on mount.
+pub fn parse_branches(spec: &str) -> Result<Vec<Branch>, String> {
+    if spec.is_empty() {
+        return Err("empty source: give a directory, or branches joined by ':'".into());
+    }
+    spec.split(':')
+        .map(|part| {
+            if part.is_empty() {
+                return Err(format!("empty branch in source '{spec}'"));
+            }
+            let (path, opts) = match part.split_once('=') {
+                Some((p, o)) => (p, Some(o)),
+                None => (part, None),
+            };
+            if path.is_empty() {
+                return Err(format!("branch '{part}' has no path"));
+            }
+            let mut branch = Branch {
+                path: PathBuf::from(path),
+                mode: BranchMode::RW,
+                min_free: None,
+            };
+            if let Some(opts) = opts {
+                let (mode, min_free) = match opts.split_once(',') {
+                    Some((m, f)) => (m, Some(f)),
+                    None => (opts, None),
+                };
+                branch.mode = match mode {
+                    "RW" | "rw" => BranchMode::RW,
+                    "RO" | "ro" => BranchMode::RO,
+                    "NC" | "nc" => BranchMode::NC,
+                    other => {
+                        return Err(format!(
+                            "branch '{path}': unknown mode '{other}' (expected RW, RO or NC)"
+                        ));
+                    }
+                };
+                if let Some(f) = min_free {
+                    branch.min_free =
+                        Some(parse_size(f).map_err(|e| format!("branch '{path}': {e}"))?);
+                }
+            }
+            Ok(branch)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_directory() {
+        let b = parse_branches("/srv/data").unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].path, PathBuf::from("/srv/data"));
+        assert_eq!(b[0].mode, BranchMode::RW);
+    }
+
+    #[test]
+    fn modes_and_minfree() {
+        let b = parse_branches("/a:/b=RO:/c=NC,4G").unwrap();
+        assert_eq!(
+            b.iter().map(|b| b.mode).collect::<Vec<_>>(),
+            [BranchMode::RW, BranchMode::RO, BranchMode::NC]
+        );
+        assert_eq!(b[2].min_free, Some(4 << 30));
+    }
+
+    #[test]
+    fn bad_input_is_explained() {
+        assert!(parse_branches("").unwrap_err().contains("empty source"));
+        assert!(
+            parse_branches("/a::/b")
+                .unwrap_err()
+                .contains("empty branch")
+        );
+        assert!(
+            parse_branches("/a=XX")
+                .unwrap_err()
+                .contains("unknown mode 'XX'")
+        );
+        assert!(
+            parse_branches("/a=RW,12Q")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_branches("=RO").unwrap_err().contains("no path"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert_eq!(parse_size("1K").unwrap(), 1024);
+        assert_eq!(parse_size("2m").unwrap(), 2 << 20);
+        assert!(parse_size("x").is_err());
+    }
+}

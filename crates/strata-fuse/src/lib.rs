@@ -1,0 +1,846 @@
+//! Serves a [`strata_core::Filesystem`] to the kernel through `fuser`.
+//!
+//! This crate is the only one that knows `fuser`: it converts requests and
+//! replies, negotiates kernel features (readdirplus, parallel dirops, kernel
+//! passthrough), manages passthrough backing ids, and keeps the mount alive
+//! when a handler panics (the request gets EIO and the panic is logged).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BackingId, BsdFileFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
+    FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    SessionACL, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use strata_core as core;
+use strata_core::{Ctx, DirPlusSink, DirSink, FileKind, Opened, SetAttr, SetTime, Xattr};
+
+pub use fuser::{Session, SessionUnmounter};
+
+/// Name of the virtual xattr on the root that reports counters as JSON.
+pub const STATS_XATTR: &str = "user.strata.stats";
+/// Getting this xattr panics inside the handler when `MountConfig::panic_probe`
+/// is set: the mounted tests use it to check a panic costs one EIO, not the mount.
+pub const PANIC_XATTR: &str = "user.strata.debug.panic";
+
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub fsname: String,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub threads: usize,
+    pub negative_ttl: Duration,
+    /// Try kernel passthrough for regular-file I/O (falls back per file).
+    pub passthrough: bool,
+    pub panic_probe: bool,
+}
+
+/// The `fuser::Filesystem` that forwards to a core filesystem.
+pub struct Adapter<F: core::Filesystem> {
+    fs: Arc<F>,
+    cfg: MountConfig,
+    passthrough: AtomicBool,
+    /// One backing id per inode, shared by its open handles (the kernel
+    /// requires the same backing file for every open of an inode).
+    backing: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
+    /// Handles that hold a reference in `backing`.
+    backed_handles: Mutex<HashMap<u64, u64>>,
+}
+
+fn errno(e: core::Errno) -> Errno {
+    Errno::from_i32(e.raw())
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn attr(a: &core::Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(t),
+    })
+}
+
+fn fopen_flags(o: &Opened) -> FopenFlags {
+    let mut f = FopenFlags::empty();
+    if o.keep_cache {
+        f |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    if o.direct_io {
+        f |= FopenFlags::FOPEN_DIRECT_IO;
+    }
+    if o.cache_dir {
+        f |= FopenFlags::FOPEN_CACHE_DIR;
+    }
+    if o.noflush {
+        f |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    f
+}
+
+/// Runs a handler; a panic is logged and the reply (dropped while unwinding)
+/// goes out as EIO, so the worker thread and the mount survive.
+fn guarded(op: &'static str, f: impl FnOnce()) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(op, "handler panicked, replied EIO: {msg}");
+    }
+}
+
+struct DirReply<'a>(&'a mut ReplyDirectory);
+impl DirSink for DirReply<'_> {
+    fn add(&mut self, ino: u64, next_offset: u64, k: FileKind, name: &OsStr) -> bool {
+        !self.0.add(INodeNo(ino), next_offset, kind(k), name)
+    }
+}
+
+struct DirPlusReply<'a>(&'a mut ReplyDirectoryPlus);
+impl DirPlusSink for DirPlusReply<'_> {
+    fn add(&mut self, next_offset: u64, name: &OsStr, e: &core::Entry) -> bool {
+        let a = attr(&e.attr);
+        !self.0.add(
+            a.ino,
+            next_offset,
+            name,
+            &e.entry_ttl,
+            &a,
+            Generation(e.generation),
+        )
+    }
+}
+
+impl<F: core::Filesystem> Adapter<F> {
+    pub fn new(fs: Arc<F>, cfg: MountConfig) -> Self {
+        Adapter {
+            fs,
+            passthrough: AtomicBool::new(cfg.passthrough),
+            cfg,
+            backing: Mutex::new(HashMap::new()),
+            backed_handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn reply_entry(&self, res: core::Result<core::Entry>, reply: ReplyEntry) {
+        match res {
+            Ok(e) => reply.entry_with_ttls(
+                &e.attr_ttl,
+                &e.entry_ttl,
+                &attr(&e.attr),
+                Generation(e.generation),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    /// A backing id for `ino`, shared with its other open handles; `None`
+    /// when passthrough is off or the kernel refuses this file.
+    fn backing_for(
+        &self,
+        ino: u64,
+        fh: u64,
+        opened: &Opened,
+        open: impl FnOnce(&std::os::fd::OwnedFd) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let fd = opened.passthrough.as_ref()?;
+        let mut backing = self.backing.lock();
+        let id = match backing.get_mut(&ino) {
+            Some((id, refs)) => {
+                *refs += 1;
+                id.clone()
+            }
+            None => match open(fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    backing.insert(ino, (id.clone(), 1));
+                    id
+                }
+                Err(e) => {
+                    tracing::debug!(ino, "no passthrough for this file: {e}");
+                    if e.raw_os_error() == Some(libc::EPERM) {
+                        tracing::warn!(
+                            "kernel passthrough needs CAP_SYS_ADMIN; serving I/O through the daemon"
+                        );
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    }
+                    return None;
+                }
+            },
+        };
+        self.backed_handles.lock().insert(fh, ino);
+        Some(id)
+    }
+
+    fn release_backing(&self, fh: u64) {
+        let Some(ino) = self.backed_handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut backing = self.backing.lock();
+        if let Some((_, refs)) = backing.get_mut(&ino) {
+            *refs -= 1;
+            if *refs == 0 {
+                backing.remove(&ino);
+            }
+        }
+    }
+
+    fn stats_json(&self) -> Vec<u8> {
+        let s = self.fs.stats();
+        format!(
+            "{{\"inodes\":{},\"open_files\":{},\"open_dirs\":{},\"cached_fds\":{},\"passthrough_inodes\":{}}}",
+            s.inodes,
+            s.open_files,
+            s.open_dirs,
+            s.cached_fds,
+            self.backing.lock().len()
+        )
+        .into_bytes()
+    }
+}
+
+fn reply_xattr(res: core::Result<Xattr>, reply: ReplyXattr) {
+    match res {
+        Ok(Xattr::Size(n)) => reply.size(n),
+        Ok(Xattr::Data(d)) => reply.data(&d),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_empty(res: core::Result<()>, reply: ReplyEmpty) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_MAX_PAGES;
+        let have = config.capabilities();
+        if let Err(missing) = config.add_capabilities(wanted & have) {
+            tracing::warn!("kernel lacks {missing:?}");
+        }
+        let _ = config.set_max_write(1 << 20);
+        if self.cfg.passthrough && have.contains(InitFlags::FUSE_PASSTHROUGH) {
+            // Depth 1: backing files on ordinary filesystems, and this mount can
+            // still be a lower layer of kernel overlayfs.
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                tracing::info!("kernel passthrough enabled");
+            } else {
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
+        } else {
+            if self.cfg.passthrough {
+                tracing::info!("kernel has no FUSE passthrough; serving I/O through the daemon");
+            }
+            self.passthrough.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        guarded("lookup", || {
+            match self.fs.lookup(&ctx(req), parent.0, name) {
+                Err(e) if e == core::Errno::ENOENT && !self.cfg.negative_ttl.is_zero() => {
+                    // Node id 0 with a timeout: the kernel caches the miss.
+                    let mut a = attr(&core::Attr {
+                        ino: 0,
+                        size: 0,
+                        blocks: 0,
+                        atime: SystemTime::UNIX_EPOCH,
+                        mtime: SystemTime::UNIX_EPOCH,
+                        ctime: SystemTime::UNIX_EPOCH,
+                        kind: FileKind::Regular,
+                        perm: 0,
+                        nlink: 0,
+                        uid: 0,
+                        gid: 0,
+                        rdev: 0,
+                        blksize: 0,
+                    });
+                    a.ino = INodeNo(0);
+                    reply.entry_with_ttls(
+                        &Duration::ZERO,
+                        &self.cfg.negative_ttl,
+                        &a,
+                        Generation(0),
+                    );
+                }
+                res => self.reply_entry(res, reply),
+            }
+        })
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        guarded("forget", || self.fs.forget(ino.0, nlookup))
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        guarded("getattr", || {
+            match self.fs.getattr(&ctx(req), ino.0, fh.map(|f| f.0)) {
+                Ok(a) => reply.attr(&a.ttl, &attr(&a.attr)),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        guarded("setattr", || {
+            let set = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: set_time(atime),
+                mtime: set_time(mtime),
+            };
+            match self.fs.setattr(&ctx(req), ino.0, fh.map(|f| f.0), &set) {
+                Ok(a) => reply.attr(&a.ttl, &attr(&a.attr)),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        guarded("readlink", || match self.fs.readlink(&ctx(req), ino.0) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        })
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        guarded("mknod", || {
+            self.reply_entry(
+                self.fs.mknod(&ctx(req), parent.0, name, mode, umask, rdev),
+                reply,
+            )
+        })
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        guarded("mkdir", || {
+            self.reply_entry(self.fs.mkdir(&ctx(req), parent.0, name, mode, umask), reply)
+        })
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("unlink", || {
+            reply_empty(self.fs.unlink(&ctx(req), parent.0, name), reply)
+        })
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("rmdir", || {
+            reply_empty(self.fs.rmdir(&ctx(req), parent.0, name), reply)
+        })
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        guarded("symlink", || {
+            self.reply_entry(
+                self.fs.symlink(&ctx(req), parent.0, link_name, target),
+                reply,
+            )
+        })
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        guarded("rename", || {
+            reply_empty(
+                self.fs.rename(
+                    &ctx(req),
+                    parent.0,
+                    name,
+                    newparent.0,
+                    newname,
+                    flags.bits(),
+                ),
+                reply,
+            )
+        })
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        guarded("link", || {
+            self.reply_entry(self.fs.link(&ctx(req), ino.0, newparent.0, newname), reply)
+        })
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        guarded("open", || match self.fs.open(&ctx(req), ino.0, flags.0) {
+            Ok(o) => match self.backing_for(ino.0, o.fh, &o, |fd| reply.open_backing(fd)) {
+                Some(id) => reply.opened_passthrough(FileHandle(o.fh), fopen_flags(&o), &id),
+                None => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
+            },
+            Err(e) => reply.error(errno(e)),
+        })
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        guarded("read", || {
+            match self.fs.read(&ctx(req), ino.0, fh.0, offset, size) {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        guarded("write", || {
+            match self.fs.write(&ctx(req), ino.0, fh.0, offset, data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        guarded("flush", || {
+            reply_empty(self.fs.flush(&ctx(req), ino.0, fh.0), reply)
+        })
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        guarded("release", || {
+            self.release_backing(fh.0);
+            reply_empty(self.fs.release(&ctx(req), ino.0, fh.0), reply)
+        })
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        guarded("fsync", || {
+            reply_empty(self.fs.fsync(&ctx(req), ino.0, fh.0, datasync), reply)
+        })
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        guarded("opendir", || {
+            match self.fs.opendir(&ctx(req), ino.0, flags.0) {
+                Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        guarded("readdir", || {
+            match self
+                .fs
+                .readdir(&ctx(req), ino.0, fh.0, offset, &mut DirReply(&mut reply))
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        guarded("readdirplus", || {
+            match self.fs.readdirplus(
+                &ctx(req),
+                ino.0,
+                fh.0,
+                offset,
+                &mut DirPlusReply(&mut reply),
+            ) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn releasedir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        guarded("releasedir", || {
+            reply_empty(self.fs.releasedir(&ctx(req), ino.0, fh.0), reply)
+        })
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        guarded("fsyncdir", || {
+            reply_empty(self.fs.fsyncdir(&ctx(req), ino.0, fh.0, datasync), reply)
+        })
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        guarded("statfs", || match self.fs.statfs(&ctx(req), ino.0) {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(errno(e)),
+        })
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        guarded("setxattr", || {
+            reply_empty(
+                self.fs.setxattr(&ctx(req), ino.0, name, value, flags),
+                reply,
+            )
+        })
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        guarded("getxattr", || {
+            if ino.0 == core::ROOT_ID && name == STATS_XATTR {
+                return reply_xattr(Xattr::reply(self.stats_json(), size), reply);
+            }
+            if self.cfg.panic_probe && name == PANIC_XATTR {
+                panic!("panic requested through {PANIC_XATTR}");
+            }
+            reply_xattr(self.fs.getxattr(&ctx(req), ino.0, name, size), reply)
+        })
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        guarded("listxattr", || {
+            reply_xattr(self.fs.listxattr(&ctx(req), ino.0, size), reply)
+        })
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("removexattr", || {
+            reply_empty(self.fs.removexattr(&ctx(req), ino.0, name), reply)
+        })
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        guarded("access", || {
+            reply_empty(self.fs.access(&ctx(req), ino.0, mask.bits()), reply)
+        })
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        guarded("create", || {
+            match self
+                .fs
+                .create(&ctx(req), parent.0, name, mode, umask, flags)
+            {
+                Ok((e, o)) => {
+                    let a = attr(&e.attr);
+                    let generation = Generation(e.generation);
+                    match self.backing_for(e.attr.ino, o.fh, &o, |fd| reply.open_backing(fd)) {
+                        Some(id) => reply.created_passthrough(
+                            &e.entry_ttl,
+                            &a,
+                            generation,
+                            FileHandle(o.fh),
+                            fopen_flags(&o),
+                            &id,
+                        ),
+                        None => reply.created(
+                            &e.entry_ttl,
+                            &a,
+                            generation,
+                            FileHandle(o.fh),
+                            fopen_flags(&o),
+                        ),
+                    }
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        guarded("fallocate", || {
+            reply_empty(
+                self.fs
+                    .fallocate(&ctx(req), ino.0, fh.0, offset, length, mode),
+                reply,
+            )
+        })
+    }
+
+    fn lseek(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        guarded("lseek", || {
+            match self.fs.lseek(&ctx(req), ino.0, fh.0, offset, whence) {
+                Ok(o) => reply.offset(o),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        guarded("copy_file_range", || {
+            match self.fs.copy_file_range(
+                &ctx(req),
+                ino_in.0,
+                fh_in.0,
+                offset_in,
+                ino_out.0,
+                fh_out.0,
+                offset_out,
+                len,
+                flags.bits() as u32,
+            ) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+}
+
+/// Mounts `fs` on `mountpoint`; returns once the kernel has completed INIT,
+/// i.e. the mount is ready. Run the returned session to serve requests.
+pub fn mount<F: core::Filesystem>(
+    fs: Arc<F>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> io::Result<Session<Adapter<F>>> {
+    let mut options = vec![
+        MountOption::FSName(cfg.fsname.clone()),
+        // A kernel parameter, so the mount table says `fuse.strata` (fuser only passes
+        // `Subtype` to fusermount).
+        MountOption::CUSTOM("subtype=strata".into()),
+        MountOption::DefaultPermissions,
+        MountOption::CUSTOM("max_read=1048576".into()),
+    ];
+    if cfg.read_only {
+        options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+    Session::new(Adapter::new(fs, cfg.clone()), mountpoint, &config)
+}

@@ -1,0 +1,433 @@
+//! The subcommands.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_fuse::MountConfig;
+
+use crate::options::MountOptions;
+use crate::state::{self, MountRecord};
+use crate::{EXIT_FAILURE, EXIT_USAGE};
+
+/// A failure with its exit code and a one-line message.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message: message.into(),
+    }
+}
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_FAILURE,
+        message: message.into(),
+    }
+}
+
+/// How long a background mount may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn absolute(path: &Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(path).map_err(|e| usage(format!("{}: {e}", path.display())))
+}
+
+/// Everything that can be checked before a daemon starts, so bad input fails
+/// with a clear message and leaves nothing behind.
+fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failure> {
+    let mp = mountpoint.display();
+    if state::is_stale(mountpoint) {
+        return Err(usage(format!(
+            "{mp}: stale mount (its daemon is gone); run `strata umount {mp}` first"
+        )));
+    }
+    let meta = fs::metadata(mountpoint).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => usage(format!("{mp}: mountpoint does not exist")),
+        _ => usage(format!("{mp}: {e}")),
+    })?;
+    if !meta.is_dir() {
+        return Err(usage(format!("{mp}: mountpoint is not a directory")));
+    }
+    if let Some(m) = state::mount_at(mountpoint)
+        && m.fstype == state::FSTYPE
+    {
+        return Err(usage(format!(
+            "{mp}: already mounted (strata, source {})",
+            m.source
+        )));
+    }
+    if !opts.nonempty {
+        let mut entries = fs::read_dir(mountpoint).map_err(|e| usage(format!("{mp}: {e}")))?;
+        if entries.next().is_some() {
+            return Err(usage(format!(
+                "{mp}: mountpoint is not empty (use -o nonempty to mount over it)"
+            )));
+        }
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(usage(
+            "/dev/fuse: no such device; load the fuse module (modprobe fuse) or give the container /dev/fuse",
+        ));
+    }
+    Ok(())
+}
+
+struct Prepared {
+    fs: PassthroughFs,
+    mount: MountConfig,
+}
+
+fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<Prepared, Failure> {
+    let opts = MountOptions::parse(option_lists.iter().map(String::as_str)).map_err(usage)?;
+    let branches = strata_core::source::parse_branches(source).map_err(usage)?;
+    if branches.len() > 1 {
+        return Err(usage(format!(
+            "'{source}': {} branches given; this version serves one directory (union mode is not available yet)",
+            branches.len()
+        )));
+    }
+    let branch = &branches[0];
+    let branch_path = absolute(&branch.path)?;
+    check_mountpoint(mountpoint, &opts)?;
+    let fs = PassthroughFs::new(
+        &branch_path,
+        PassthroughConfig {
+            entry_ttl: opts.entry_ttl,
+            attr_ttl: opts.attr_ttl,
+            fd_cache: opts.fd_cache,
+            passthrough: opts.passthrough,
+        },
+    )
+    .map_err(usage)?;
+    let is_root = rustix::process::geteuid().is_root();
+    Ok(Prepared {
+        fs,
+        mount: MountConfig {
+            fsname: opts
+                .fsname
+                .clone()
+                .unwrap_or_else(|| branch_path.display().to_string()),
+            allow_other: opts.allow_other.unwrap_or(is_root),
+            read_only: opts.read_only || branch.mode == strata_core::source::BranchMode::RO,
+            threads: opts.threads,
+            negative_ttl: opts.negative_ttl,
+            passthrough: opts.passthrough,
+            panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
+        },
+    })
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    // Panics are caught per request; make sure they land in the log.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("panic: {info}");
+    }));
+}
+
+/// Lets the daemon keep many pinned descriptors where file handles are unavailable.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+}
+
+pub fn mount(
+    source: &str,
+    mountpoint: &Path,
+    option_lists: &[String],
+    foreground: bool,
+    daemon_child: bool,
+) -> Result<(), Failure> {
+    let mountpoint = absolute(mountpoint)?;
+    if !foreground && !daemon_child {
+        // Validate here so errors reach the user directly, then hand over to a daemon.
+        prepare(source, &mountpoint, option_lists)?;
+        return spawn_daemon(source, &mountpoint, option_lists);
+    }
+    init_logging(if daemon_child { "info" } else { "warn" });
+    let report = |line: &str| {
+        if daemon_child {
+            // The parent waits for exactly one line on our stdout.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    };
+    let prepared = match prepare(source, &mountpoint, option_lists) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&format!("error {} {}", e.code, e.message));
+            return Err(e);
+        }
+    };
+    // New objects get exactly the mode the kernel asks for.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    raise_fd_limit();
+    let fs = Arc::new(prepared.fs);
+    let session = match strata_fuse::mount(fs, &mountpoint, &prepared.mount) {
+        Ok(s) => s,
+        Err(e) => {
+            let f = failure(format!("{}: mount failed: {e}", mountpoint.display()));
+            report(&format!("error {} {}", f.code, f.message));
+            return Err(f);
+        }
+    };
+    let record = MountRecord {
+        mountpoint: mountpoint.clone(),
+        source: source.to_string(),
+        pid: std::process::id(),
+        started: state::now(),
+        log: if daemon_child {
+            state::log_path(&mountpoint)
+        } else {
+            PathBuf::new()
+        },
+    };
+    if let Err(e) = state::write_record(&record) {
+        tracing::warn!(
+            "cannot write mount record {}: {e}",
+            state::record_path(&mountpoint).display()
+        );
+    }
+    tracing::info!(source, mountpoint = %mountpoint.display(), "mounted");
+    report("ready");
+    serve(session, &mountpoint)
+}
+
+fn serve<F: strata_core::Filesystem>(
+    mut session: strata_fuse::Session<strata_fuse::Adapter<F>>,
+    mountpoint: &Path,
+) -> Result<(), Failure> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| failure(format!("cannot install signal handlers: {e}")))?;
+    let signal_handle = signals.handle();
+    let mp = mountpoint.to_path_buf();
+    let signal_thread = std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("unmount failed: {e}");
+            }
+        }
+    });
+    let result = session.run();
+    signal_handle.close();
+    let _ = signal_thread.join();
+    state::remove_record(mountpoint);
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    result.map_err(|e| failure(format!("{}: serving failed: {e}", mountpoint.display())))
+}
+
+fn spawn_daemon(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<(), Failure> {
+    let exe =
+        std::env::current_exe().map_err(|e| failure(format!("cannot find own executable: {e}")))?;
+    let log = state::log_path(mountpoint);
+    fs::create_dir_all(log.parent().expect("has parent"))
+        .map_err(|e| failure(format!("{}: {e}", log.display())))?;
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| failure(format!("{}: {e}", log.display())))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg("--daemon-child");
+    for o in option_lists {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(source)
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| failure(format!("cannot start daemon: {e}")))?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            return Err(failure(format!(
+                "{}: daemon not ready after {}s; see {}",
+                mountpoint.display(),
+                READY_TIMEOUT.as_secs(),
+                log.display()
+            )));
+        }
+    };
+    let line = line.trim_end();
+    if line == "ready" {
+        return Ok(());
+    }
+    let _ = child.wait();
+    if let Some(rest) = line.strip_prefix("error ") {
+        let (code, msg) = rest.split_once(' ').unwrap_or(("1", rest));
+        return Err(Failure {
+            code: code.parse().unwrap_or(EXIT_FAILURE),
+            message: msg.to_string(),
+        });
+    }
+    Err(failure(format!(
+        "{}: daemon exited before the mount was ready; see {}",
+        mountpoint.display(),
+        log.display()
+    )))
+}
+
+fn unmount_syscall(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
+    if rustix::process::geteuid().is_root() {
+        let flags = if lazy {
+            rustix::mount::UnmountFlags::DETACH
+        } else {
+            rustix::mount::UnmountFlags::empty()
+        };
+        return rustix::mount::unmount(mountpoint, flags).map_err(Into::into);
+    }
+    let mut cmd = Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg(mountpoint).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
+    let mountpoint = absolute(mountpoint)?;
+    let mp = mountpoint.display();
+    let record = state::read_record(&mountpoint);
+    let Some(m) = state::mount_at(&mountpoint) else {
+        state::remove_record(&mountpoint);
+        return Err(usage(format!("{mp}: not mounted")));
+    };
+    if m.fstype != state::FSTYPE {
+        return Err(usage(format!("{mp}: not a strata mount ({})", m.fstype)));
+    }
+    let stale = state::is_stale(&mountpoint);
+    unmount_syscall(&mountpoint, lazy || stale).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            usage(format!("{mp}: busy (files open or a process inside); `strata umount -l {mp}` detaches it anyway"))
+        } else {
+            failure(format!("{mp}: unmount failed: {e}"))
+        }
+    })?;
+    // Give the daemon a moment to finish, so a remount right after works.
+    if let Some(rec) = record {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state::pid_alive(rec.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    state::remove_record(&mountpoint);
+    Ok(())
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn stats_of(mountpoint: &Path) -> Option<serde_json::Value> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::getxattr(mountpoint, strata_fuse::STATS_XATTR, &mut buf[..]).ok()?;
+    serde_json::from_slice(&buf[..n]).ok()
+}
+
+pub fn status(json: bool) -> Result<(), Failure> {
+    let now = state::now();
+    let mut rows = Vec::new();
+    for m in state::kernel_mounts()
+        .into_iter()
+        .filter(|m| m.fstype == state::FSTYPE)
+    {
+        let rec = state::read_record(&m.mountpoint);
+        let stale = state::is_stale(&m.mountpoint);
+        let pid = rec.as_ref().map(|r| r.pid).filter(|p| state::pid_alive(*p));
+        let state = if stale || pid.is_none() && rec.is_some() {
+            "stale"
+        } else {
+            "ok"
+        };
+        let stats = if stale { None } else { stats_of(&m.mountpoint) };
+        rows.push(serde_json::json!({
+            "mountpoint": m.mountpoint,
+            "source": rec.as_ref().map_or(m.source.clone(), |r| r.source.clone()),
+            "pid": pid,
+            "uptime_secs": rec.as_ref().map(|r| now.saturating_sub(r.started)),
+            "state": state,
+            "log": rec.as_ref().map(|r| r.log.clone()).filter(|l| !l.as_os_str().is_empty()),
+            "stats": stats,
+        }));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("serializable")
+        );
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no strata mounts");
+        return Ok(());
+    }
+    println!(
+        "{:<30} {:<30} {:>8} {:>8}  STATE",
+        "MOUNTPOINT", "SOURCE", "PID", "UPTIME"
+    );
+    for r in rows {
+        let s = |k: &str| {
+            r[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| "-".into())
+        };
+        let pid = r["pid"].as_u64().map_or("-".into(), |p| p.to_string());
+        let up = r["uptime_secs"].as_u64().map_or("-".into(), uptime);
+        println!(
+            "{:<30} {:<30} {:>8} {:>8}  {}",
+            s("mountpoint"),
+            s("source"),
+            pid,
+            up,
+            s("state")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! `strata`: mount layered namespaces through FUSE.
+
+mod commands;
+mod options;
+mod state;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad input (usage, paths, options), as mount(8) helpers do.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for failures at run time.
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata",
+    version,
+    about = "Layered FUSE filesystem: host branches, images, copy-on-write upper",
+    long_about = "strata mounts a namespace composed of layers through FUSE.\n\n\
+        A host directory is served with near-native speed: kernel passthrough for file I/O, \
+        readdirplus, kernel attribute caching and multi-threaded dispatch.\n\n\
+        Logging: set RUST_LOG (e.g. RUST_LOG=debug). Daemon logs go to the file shown by \
+        `strata status`.",
+    after_help = "EXAMPLES:\n  \
+        strata mount /srv/data /mnt/data        mount in the background, return when ready\n  \
+        strata mount -f /srv/data /mnt/data     stay in the foreground; Ctrl-C unmounts\n  \
+        strata status                           list strata mounts\n  \
+        strata umount /mnt/data                 unmount (also clears a stale mount)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Mount SOURCE on MOUNTPOINT.
+    #[command(
+        long_about = "Mount SOURCE on MOUNTPOINT.\n\n\
+            SOURCE is a branch list in mergerfs syntax: PATH[=RW|RO|NC][,MINFREE] joined by ':'. \
+            This version serves a single host directory; several branches (union mode) come later.\n\n\
+            Without -f the command starts a daemon and returns once the mount is ready; errors are \
+            reported before it returns. With -f it serves in the foreground until unmounted or \
+            interrupted (SIGINT/SIGTERM unmount cleanly).",
+        after_help = "MOUNT OPTIONS (-o, comma separated, may repeat):\n  \
+            allow_other               let other users in (default when run as root)\n  \
+            ro | rw                   read-only / read-write mount (default rw)\n  \
+            fsname=NAME               source name shown in the mount table (default: SOURCE)\n  \
+            threads=N                 request worker threads (default: cores, at least 2)\n  \
+            cache.entry=SECS          kernel name cache timeout (default 1)\n  \
+            cache.attr=SECS           kernel attribute cache timeout (default 1)\n  \
+            cache.negative-entry=SECS kernel cache timeout for missing names (default 1)\n  \
+            cache.fds=N               bound on cached O_PATH descriptors (default 8192)\n  \
+            passthrough=true|false    kernel passthrough for file I/O (default true)\n  \
+            nonempty                  allow a non-empty mountpoint\n  \
+            default_permissions       accepted; permission checks are always the kernel's\n\n\
+            EXIT STATUS:\n  0 mounted, 2 bad input (the message names the path or option), 1 other failure."
+    )]
+    Mount {
+        /// Stay in the foreground.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Mount options (see below).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Internal: run as the daemon child of a background mount.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+        /// Branch list: PATH[=RW|RO|NC][,MINFREE] joined by ':'.
+        source: String,
+        /// Where to mount.
+        mountpoint: PathBuf,
+    },
+    /// Unmount a strata mount; a stale one (daemon gone) is detached.
+    Umount {
+        /// Detach now even if busy; cleanup happens when it is no longer in use.
+        #[arg(short = 'l', long)]
+        lazy: bool,
+        mountpoint: PathBuf,
+    },
+    /// List strata mounts: mountpoint, source, pid, uptime.
+    Status {
+        /// Machine-readable output, with inode and handle counters.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Mount {
+            foreground,
+            options,
+            daemon_child,
+            source,
+            mountpoint,
+        } => commands::mount(&source, &mountpoint, &options, foreground, daemon_child),
+        Command::Umount { lazy, mountpoint } => commands::umount(&mountpoint, lazy),
+        Command::Status { json } => commands::status(json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! `-o key=value,...` mount options, parsed like mount(8) and mergerfs.
+
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MountOptions {
+    pub allow_other: Option<bool>,
+    pub read_only: bool,
+    pub fsname: Option<String>,
+    pub threads: usize,
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub nonempty: bool,
+    pub passthrough: bool,
+    pub fd_cache: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: None,
+            read_only: false,
+            fsname: None,
+            threads: default_threads(),
+            entry_ttl: Duration::from_secs(1),
+            attr_ttl: Duration::from_secs(1),
+            negative_ttl: Duration::from_secs(1),
+            nonempty: false,
+            passthrough: true,
+            fd_cache: strata_core::host::DEFAULT_FD_CACHE,
+        }
+    }
+}
+
+/// One worker per core, at least two so a slow request never stalls the mount.
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 16)
+}
+
+/// The option names `-o` accepts, for help and error messages.
+pub const KNOWN: &[&str] = &[
+    "allow_other",
+    "ro",
+    "rw",
+    "fsname=NAME",
+    "threads=N",
+    "cache.entry=SECS",
+    "cache.attr=SECS",
+    "cache.negative-entry=SECS",
+    "nonempty",
+    "default_permissions",
+    "passthrough=true|false",
+    "cache.fds=N",
+];
+
+fn seconds(key: &str, v: &str) -> Result<Duration, String> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| format!("option '{key}': '{v}' is not a number of seconds"))?;
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("option '{key}': {v} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn boolean(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("option '{key}': '{v}' is not true or false")),
+    }
+}
+
+fn number(key: &str, v: &str, min: usize, max: usize) -> Result<usize, String> {
+    let n: usize = v
+        .parse()
+        .map_err(|_| format!("option '{key}': '{v}' is not a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("option '{key}': {n} is outside {min}..={max}"));
+    }
+    Ok(n)
+}
+
+impl MountOptions {
+    /// Parses the comma-separated lists given with `-o` (several `-o` add up).
+    pub fn parse<'a>(lists: impl IntoIterator<Item = &'a str>) -> Result<MountOptions, String> {
+        let mut o = MountOptions::default();
+        for list in lists {
+            for item in list.split(',').filter(|s| !s.is_empty()) {
+                let (key, value) = match item.split_once('=') {
+                    Some((k, v)) => (k, Some(v)),
+                    None => (item, None),
+                };
+                let need =
+                    || value.ok_or_else(|| format!("option '{key}' needs a value: {key}=..."));
+                match key {
+                    "allow_other" => {
+                        o.allow_other = Some(value.map_or(Ok(true), |v| boolean(key, v))?)
+                    }
+                    "ro" => o.read_only = true,
+                    "rw" => o.read_only = false,
+                    "fsname" => o.fsname = Some(need()?.to_string()),
+                    "threads" => o.threads = number(key, need()?, 1, 256)?,
+                    "cache.entry" => o.entry_ttl = seconds(key, need()?)?,
+                    "cache.attr" => o.attr_ttl = seconds(key, need()?)?,
+                    "cache.negative-entry" | "cache.negative_entry" => {
+                        o.negative_ttl = seconds(key, need()?)?
+                    }
+                    "nonempty" => o.nonempty = true,
+                    // Permission checks are always the kernel's.
+                    "default_permissions" => {}
+                    "passthrough" => o.passthrough = value.map_or(Ok(true), |v| boolean(key, v))?,
+                    "cache.fds" => o.fd_cache = number(key, need()?, 16, 1 << 24)?,
+                    _ => {
+                        return Err(format!(
+                            "unknown mount option '{item}' (known: {})",
+                            KNOWN.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let o = MountOptions::parse([]).unwrap();
+        assert_eq!(o, MountOptions::default());
+        assert!(o.threads >= 2);
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let o = MountOptions::parse([
+            "allow_other,ro,fsname=pool",
+            "threads=8,cache.entry=2.5,cache.attr=0,cache.negative-entry=0",
+        ])
+        .unwrap();
+        assert_eq!(o.allow_other, Some(true));
+        assert!(o.read_only);
+        assert_eq!(o.fsname.as_deref(), Some("pool"));
+        assert_eq!(o.threads, 8);
+        assert_eq!(o.entry_ttl, Duration::from_millis(2500));
+        assert_eq!(o.attr_ttl, Duration::ZERO);
+        assert_eq!(o.negative_ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        assert!(
+            MountOptions::parse(["bogus"])
+                .unwrap_err()
+                .contains("unknown mount option 'bogus'")
+        );
+        assert!(
+            MountOptions::parse(["threads=x"])
+                .unwrap_err()
+                .contains("'threads'")
+        );
+        assert!(
+            MountOptions::parse(["threads=0"])
+                .unwrap_err()
+                .contains("outside")
+        );
+        assert!(
+            MountOptions::parse(["cache.entry"])
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            MountOptions::parse(["passthrough=maybe"])
+                .unwrap_err()
+                .contains("true or false")
+        );
+    }
+}
