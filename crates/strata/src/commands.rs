@@ -214,11 +214,10 @@ pub fn mount(
 }
 
 fn serve<F: strata_core::Filesystem>(
-    mut session: strata_fuse::Session<strata_fuse::Adapter<F>>,
+    session: strata_fuse::Session<strata_fuse::Adapter<F>>,
     mountpoint: &Path,
 ) -> Result<(), Failure> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| failure(format!("cannot install signal handlers: {e}")))?;
     let signal_handle = signals.handle();
@@ -226,8 +225,10 @@ fn serve<F: strata_core::Filesystem>(
     let signal_thread = std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!("unmount failed: {e}");
+            // Lazy, as libfuse does: a busy mount is detached now and the
+            // daemon keeps serving open files until their last close.
+            if let Err(e) = unmount_syscall(&mp, true) {
+                tracing::error!(mountpoint = %mp.display(), "unmount failed: {e}");
             }
         }
     });

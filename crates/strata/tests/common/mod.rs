@@ -1,0 +1,192 @@
+//! Mount harness for the integration tests: every mount is undone on drop
+//! (also when the test panics), and every wait has a deadline.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+const READY: Duration = Duration::from_secs(15);
+const EXIT: Duration = Duration::from_secs(10);
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let needle = format!(" {} ", mnt.display());
+    info.lines()
+        .any(|l| l.contains(&needle) && l.contains(" - fuse.strata "))
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// A foreground `strata mount -f` of a fresh source directory.
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    pub fn new(opts: &[&str]) -> Mounted {
+        Self::with_env(opts, &[])
+    }
+
+    /// Mounts with extra environment for the daemon; `prepare` may fill the source first.
+    pub fn with_env(opts: &[&str], env: &[(&str, &str)]) -> Mounted {
+        Self::build(opts, env, |_| {})
+    }
+
+    pub fn with_source(opts: &[&str], prepare: impl FnOnce(&Path)) -> Mounted {
+        Self::build(opts, &[], prepare)
+    }
+
+    fn build(opts: &[&str], env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Mounted {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let src = dir.path().join("src");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&src).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        prepare(&src);
+        let log = dir.path().join("daemon.log");
+        let mut cmd = Command::new(STRATA);
+        cmd.arg("mount").arg("-f");
+        for o in opts {
+            cmd.arg("-o").arg(o);
+        }
+        cmd.arg(&src)
+            .arg(&mnt)
+            .env("STRATA_STATE_DIR", dir.path().join("state"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("start strata");
+        let mut m = Mounted {
+            dir,
+            src,
+            mnt,
+            child: Some(child),
+            log,
+        };
+        let mnt = m.mnt.clone();
+        if !wait_until(READY, || is_mounted(&mnt)) {
+            let log = fs::read_to_string(&m.log).unwrap_or_default();
+            drop(m);
+            panic!("mount did not become ready within {READY:?}; daemon log:\n{log}");
+        }
+        m
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path inside the mount.
+    pub fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Path inside the source.
+    pub fn s(&self, rel: &str) -> PathBuf {
+        self.src.join(rel)
+    }
+
+    /// The daemon's counters, read through the stats xattr on the mount root.
+    pub fn stats(&self) -> serde_json::Value {
+        let mut buf = vec![0u8; 4096];
+        let n = rustix::fs::getxattr(&self.mnt, "user.strata.stats", &mut buf[..])
+            .expect("stats xattr");
+        serde_json::from_slice(&buf[..n]).unwrap()
+    }
+
+    /// Waits for the foreground daemon to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + EXIT;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the strata CLI with a private state dir.
+pub fn strata(args: &[&str], state: &Path) -> Output {
+    Command::new(STRATA)
+        .args(args)
+        .env("STRATA_STATE_DIR", state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs `sh -c script` as uid/gid 65534 (nobody/nogroup) with no supplementary groups.
+pub fn as_nobody(script: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap()
+}
+
+pub fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}

@@ -1,0 +1,212 @@
+//! Mounting, unmounting, status, bad input, stale mounts and robustness.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A bad-input failure: exit code 2, one line naming `what`, nothing mounted.
+fn assert_usage_error(out: &std::process::Output, what: &str, mnt: &Path) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "exit code for: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(err.starts_with("strata: "), "{err}");
+    assert!(err.contains(what), "{err:?} should mention {what:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!is_mounted(mnt), "no mount may be left behind");
+}
+
+#[test]
+fn background_mount_status_and_umount() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let (src, mnt, state) = (
+        dir.path().join("src"),
+        dir.path().join("mnt"),
+        dir.path().join("state"),
+    );
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(src.join("hello"), b"hi").unwrap();
+    let out = strata(
+        &["mount", src.to_str().unwrap(), mnt.to_str().unwrap()],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // ready when the command returns
+    assert!(is_mounted(&mnt));
+    assert_eq!(fs::read(mnt.join("hello")).unwrap(), b"hi");
+
+    let out = strata(&["status"], &state);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(mnt.to_str().unwrap()) && text.contains(" ok"),
+        "{text}"
+    );
+    let out = strata(&["status", "--json"], &state);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["mountpoint"] == mnt.to_str().unwrap())
+        .unwrap()
+        .clone();
+    let pid = row["pid"].as_u64().expect("pid");
+    assert!(row["stats"]["inodes"].as_u64().unwrap() >= 1);
+    assert_eq!(row["state"], "ok");
+
+    let out = strata(&["umount", mnt.to_str().unwrap()], &state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&mnt));
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!(
+            "/proc/{pid}"
+        ))
+        .exists()),
+        "daemon exits"
+    );
+    let out = strata(&["umount", mnt.to_str().unwrap()], &state);
+    assert_usage_error(&out, "not mounted", &mnt);
+}
+
+#[test]
+fn sigterm_and_sigint_unmount_cleanly() {
+    for sig in [rustix::process::Signal::TERM, rustix::process::Signal::INT] {
+        let mut m = Mounted::new(&[]);
+        fs::write(m.m("f"), b"kept").unwrap();
+        m.signal(sig);
+        assert_eq!(
+            m.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "daemon log: {}",
+            m.log()
+        );
+        assert!(!is_mounted(&m.mnt));
+        assert_eq!(fs::read(m.s("f")).unwrap(), b"kept");
+    }
+}
+
+#[test]
+fn bad_input_gets_one_line_and_exit_code_2() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let (src, mnt) = (d.join("src"), d.join("mnt"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(d.join("file"), b"").unwrap();
+    let (s, m) = (src.to_str().unwrap(), mnt.to_str().unwrap());
+    let missing = d.join("missing");
+    let file = d.join("file");
+    let (missing, file) = (missing.to_str().unwrap(), file.to_str().unwrap());
+
+    assert_usage_error(&strata(&["mount", missing, m], &state), missing, &mnt);
+    assert_usage_error(
+        &strata(&["mount", file, m], &state),
+        "not a directory",
+        &mnt,
+    );
+    assert_usage_error(
+        &strata(&["mount", s, missing], &state),
+        "does not exist",
+        Path::new(missing),
+    );
+    assert_usage_error(
+        &strata(&["mount", s, m, "-o", "frobnicate=1"], &state),
+        "frobnicate",
+        &mnt,
+    );
+    assert_usage_error(
+        &strata(&["mount", s, m, "-o", "threads=lots"], &state),
+        "threads",
+        &mnt,
+    );
+    assert_usage_error(
+        &strata(&["mount", &format!("{s}=XX"), m], &state),
+        "unknown mode 'XX'",
+        &mnt,
+    );
+    let full = d.join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("x"), b"").unwrap();
+    assert_usage_error(
+        &strata(&["mount", s, full.to_str().unwrap()], &state),
+        "not empty",
+        &full,
+    );
+    // -o nonempty allows it
+    let out = strata(
+        &["mount", s, full.to_str().unwrap(), "-o", "nonempty"],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(is_mounted(&full));
+    // already mounted
+    let out = strata(
+        &["mount", s, full.to_str().unwrap(), "-o", "nonempty"],
+        &state,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("already mounted"), "{}", stderr(&out));
+    assert!(
+        strata(&["umount", full.to_str().unwrap()], &state)
+            .status
+            .success()
+    );
+    // usage errors from the argument parser also exit 2
+    let out = strata(&["mount", s], &state);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn stale_mount_is_reported_and_cleared_by_umount() {
+    let mut m = Mounted::new(&[]);
+    m.signal(rustix::process::Signal::KILL);
+    assert!(m.wait_exit(Duration::from_secs(10)).is_none() || true);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || matches!(fs::metadata(&m.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    ));
+    let state = m.dir.path().join("state");
+    let mp = m.mnt.to_str().unwrap().to_string();
+    let out = strata(&["mount", m.src.to_str().unwrap(), &mp], &state);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("stale") && err.contains("strata umount"),
+        "{err}"
+    );
+    let out = strata(&["status"], &state);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stale"));
+    let out = strata(&["umount", &mp], &state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&m.mnt));
+    assert!(fs::metadata(&m.mnt).is_ok());
+}
+
+#[test]
+fn a_panicking_handler_costs_one_eio_not_the_mount() {
+    let m = Mounted::with_env(&[], &[("STRATA_PANIC_PROBE", "1")]);
+    fs::write(m.m("f"), b"still here").unwrap();
+    let mut buf = [0u8; 16];
+    let err = rustix::fs::getxattr(&m.mnt, "user.strata.debug.panic", &mut buf[..]).unwrap_err();
+    assert_eq!(err, rustix::io::Errno::IO);
+    // every worker keeps serving, over and over
+    for _ in 0..8 {
+        assert!(rustix::fs::getxattr(&m.mnt, "user.strata.debug.panic", &mut buf[..]).is_err());
+    }
+    assert_eq!(fs::read(m.m("f")).unwrap(), b"still here");
+    fs::write(m.m("g"), b"new").unwrap();
+    assert!(
+        m.log().contains("handler panicked"),
+        "panic is logged: {}",
+        m.log()
+    );
+}
