@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs the POSIX suite (pjdfstest, Rust port) against `strata mount` of a scratch
+# directory. Exits non-zero on any failure; the mount is removed on every exit path.
+set -euo pipefail
+
+STRATA=${STRATA:-$(cd "$(dirname "$0")/.." && pwd)/target/debug/strata}
+work=$(mktemp -d /tmp/strata-pjdfstest.XXXXXX)
+src=$work/src mnt=$work/mnt second=/dev/shm/strata-pjdfstest-$$
+# Other users must reach the mount (pjdfstest switches to nobody and tests).
+chmod 755 "$work"
+mkdir -p "$src" "$mnt" "$second"
+export STRATA_STATE_DIR=$work/state
+
+cleanup() {
+    cd /
+    if grep -qs " $mnt " /proc/self/mountinfo; then
+        timeout 20 "$STRATA" umount "$mnt" || umount -l "$mnt" || true
+    fi
+    rm -rf "$work" "$second"
+}
+trap cleanup EXIT
+
+getent group tests >/dev/null || groupadd tests
+id tests >/dev/null 2>&1 || useradd -M -g tests -s /usr/sbin/nologin tests
+
+cat > "$work/pjdfstest.toml" <<'TOML'
+[features]
+posix_fallocate = {}
+utime_now = {}
+utimensat = {}
+rename_ctime = {}
+
+[settings]
+naptime = 0.01
+allow_remount = false
+# None: every test must pass.
+expected_failures = []
+
+[dummy_auth]
+entries = [
+  ["nobody", "nogroup"],
+  ["tests", "tests"],
+]
+TOML
+
+timeout 20 "$STRATA" mount "$src" "$mnt" "$@"
+cd "$mnt"
+# The secondary filesystem (tmpfs) enables the EXDEV cases.
+timeout 900 pjdfstest -c "$work/pjdfstest.toml" -p "$mnt" -s "$second" > "$work/pjdfstest.log" 2>&1 || true
+# Show everything but the passing lines (failures carry their reason on the next lines).
+grep -v ' ok$' "$work/pjdfstest.log" | grep -v -A1 ' skipped$' | grep -v '^--$' || true
+summary=$(grep '^Summary:' "$work/pjdfstest.log" || true)
+echo "pjdfstest${*:+ ($*)}: ${summary:-no summary (crashed?)}"
+[[ $summary =~ ^Summary:\ 0\ failed ]]
