@@ -3,6 +3,8 @@
 # pjdfstest in each mode. This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+export PATH=$HOME/.cargo/bin:$PATH
 
 leftover_mounts() { grep ' - fuse.strata ' /proc/self/mountinfo | grep -E ' /tmp/(strata-test|strata-pjdfstest)' || true; }
 

@@ -880,3 +880,220 @@ impl Filesystem for PassthroughFs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    const ROOT: Ctx = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
+
+    fn fs_with(cfg: PassthroughConfig) -> (tempfile::TempDir, PassthroughFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = PassthroughFs::new(dir.path(), cfg).unwrap();
+        (dir, fs)
+    }
+
+    fn fs() -> (tempfile::TempDir, PassthroughFs) {
+        fs_with(PassthroughConfig::default())
+    }
+
+    struct Collect(Vec<(OsString, u64)>, usize);
+    impl DirPlusSink for Collect {
+        fn add(&mut self, _next: u64, name: &OsStr, e: &Entry) -> bool {
+            if self.0.len() == self.1 {
+                return false;
+            }
+            self.0.push((name.to_owned(), e.attr.ino));
+            true
+        }
+    }
+
+    #[test]
+    fn create_write_read_and_lookup_counts() {
+        let (dir, fs) = fs();
+        let (e, o) = fs
+            .create(
+                &ROOT,
+                ROOT_ID,
+                OsStr::new("f"),
+                0o100644,
+                0o022,
+                libc::O_RDWR,
+            )
+            .unwrap();
+        assert_eq!(fs.write(&ROOT, e.attr.ino, o.fh, 0, b"hello").unwrap(), 5);
+        assert_eq!(fs.read(&ROOT, e.attr.ino, o.fh, 1, 10).unwrap(), b"ello");
+        fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"hello");
+        assert_eq!(e.attr.perm, 0o644);
+        // create took one reference, lookup another; two forgets drop the node
+        let again = fs.lookup(&ROOT, ROOT_ID, OsStr::new("f")).unwrap();
+        assert_eq!(again.attr.ino, e.attr.ino);
+        assert_eq!(fs.stats().inodes, 2);
+        fs.forget(e.attr.ino, 1);
+        assert_eq!(fs.stats().inodes, 2);
+        fs.forget(e.attr.ino, 1);
+        assert_eq!(fs.stats().inodes, 1);
+        assert_eq!(fs.stats().open_files, 0);
+    }
+
+    #[test]
+    fn node_ids_are_host_inode_numbers_and_survive_forget() {
+        let (dir, fs) = fs();
+        std::fs::write(dir.path().join("a"), b"").unwrap();
+        let host =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.path().join("a")).unwrap());
+        let e = fs.lookup(&ROOT, ROOT_ID, OsStr::new("a")).unwrap();
+        assert_eq!(e.attr.ino, host);
+        fs.forget(e.attr.ino, 1);
+        assert_eq!(
+            fs.lookup(&ROOT, ROOT_ID, OsStr::new("a")).unwrap().attr.ino,
+            host
+        );
+    }
+
+    #[test]
+    fn names_that_are_not_one_component_are_refused() {
+        let (_dir, fs) = fs();
+        for bad in ["..", ".", "a/b", "/etc", ""] {
+            assert_eq!(
+                fs.lookup(&ROOT, ROOT_ID, OsStr::new(bad)).unwrap_err(),
+                Errno::ENOENT,
+                "{bad:?}"
+            );
+            assert!(
+                fs.mkdir(&ROOT, ROOT_ID, OsStr::new(bad), 0o755, 0).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(fs.stats().inodes, 1);
+    }
+
+    #[test]
+    fn a_symlink_is_never_followed_as_a_directory() {
+        let (dir, fs) = fs();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("esc")).unwrap();
+        let e = fs.lookup(&ROOT, ROOT_ID, OsStr::new("esc")).unwrap();
+        assert_eq!(e.attr.kind, FileKind::Symlink);
+        // using the link as a parent must not reach the directory it points to
+        assert!(
+            fs.mkdir(&ROOT, e.attr.ino, OsStr::new("x"), 0o755, 0)
+                .is_err()
+        );
+        assert!(
+            fs.create(
+                &ROOT,
+                e.attr.ino,
+                OsStr::new("y"),
+                0o100644,
+                0,
+                libc::O_RDWR
+            )
+            .is_err()
+        );
+        assert!(
+            fs.lookup(&ROOT, e.attr.ino, OsStr::new("anything"))
+                .is_err()
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        assert_eq!(
+            fs.readlink(&ROOT, e.attr.ino).unwrap(),
+            outside.path().as_os_str().as_encoded_bytes()
+        );
+    }
+
+    #[test]
+    fn readdirplus_gives_back_references_it_could_not_send() {
+        let (dir, fs) = fs();
+        for i in 0..10 {
+            std::fs::write(dir.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let o = fs.opendir(&ROOT, ROOT_ID, 0).unwrap();
+        // room for `.`, `..` and three files
+        let mut sink = Collect(Vec::new(), 5);
+        fs.readdirplus(&ROOT, ROOT_ID, o.fh, 0, &mut sink).unwrap();
+        assert_eq!(sink.0.len(), 5);
+        let files = sink.0.iter().filter(|(n, _)| n != "." && n != "..").count();
+        assert_eq!(fs.stats().inodes, 1 + files as u64);
+        // continuing from the last offset lists the rest, once each
+        let mut rest = Collect(Vec::new(), 100);
+        fs.readdirplus(&ROOT, ROOT_ID, o.fh, 5, &mut rest).unwrap();
+        let mut all: Vec<_> = sink
+            .0
+            .iter()
+            .chain(rest.0.iter())
+            .map(|(n, _)| n.clone())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 12);
+        fs.releasedir(&ROOT, ROOT_ID, o.fh).unwrap();
+    }
+
+    #[test]
+    fn evicted_descriptors_are_reopened_from_handles() {
+        let (dir, fs) = fs_with(PassthroughConfig {
+            fd_cache: 16,
+            ..PassthroughConfig::default()
+        });
+        let mut ids = Vec::new();
+        for i in 0..100 {
+            std::fs::write(dir.path().join(format!("f{i}")), format!("{i}")).unwrap();
+            ids.push(
+                fs.lookup(&ROOT, ROOT_ID, OsStr::new(&format!("f{i}")))
+                    .unwrap()
+                    .attr
+                    .ino,
+            );
+        }
+        for (i, &ino) in ids.iter().enumerate() {
+            assert_eq!(
+                fs.getattr(&ROOT, ino, None).unwrap().attr.size,
+                format!("{i}").len() as u64
+            );
+        }
+        if fs.host.handles_usable() {
+            assert!(fs.stats().cached_fds <= 16, "{:?}", fs.stats());
+        }
+        // still usable after eviction
+        let o = fs.open(&ROOT, ids[0], libc::O_RDONLY).unwrap();
+        assert_eq!(fs.read(&ROOT, ids[0], o.fh, 0, 10).unwrap(), b"0");
+    }
+
+    #[test]
+    fn setattr_changes_what_it_is_asked_to() {
+        let (dir, fs) = fs();
+        std::fs::write(dir.path().join("f"), b"0123456789").unwrap();
+        let e = fs.lookup(&ROOT, ROOT_ID, OsStr::new("f")).unwrap();
+        let set = SetAttr {
+            mode: Some(0o600),
+            size: Some(3),
+            mtime: Some(SetTime::At(std::time::UNIX_EPOCH + Duration::from_secs(42))),
+            ..SetAttr::default()
+        };
+        let a = fs.setattr(&ROOT, e.attr.ino, None, &set).unwrap().attr;
+        assert_eq!((a.perm, a.size), (0o600, 3));
+        assert_eq!(a.mtime, std::time::UNIX_EPOCH + Duration::from_secs(42));
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"012");
+    }
+
+    #[test]
+    fn missing_source_is_a_clear_error() {
+        let err = PassthroughFs::new(
+            Path::new("/nonexistent/strata"),
+            PassthroughConfig::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.contains("/nonexistent/strata") && err.contains("no such directory"),
+            "{err}"
+        );
+    }
+}

@@ -78,7 +78,7 @@ impl Mounted {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap());
         let child = cmd.spawn().expect("start strata");
-        let mut m = Mounted {
+        let m = Mounted {
             dir,
             src,
             mnt,

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks for running and testing strata. Idempotent and quick when all is there.
+set -euo pipefail
+export PATH=$HOME/.cargo/bin:$PATH
+need_apt=()
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v flock >/dev/null || need_apt+=(util-linux)
+command -v python3 >/dev/null || need_apt+=(python3)
+if ((${#need_apt[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+[[ -e /dev/fuse ]] || { modprobe fuse 2>/dev/null || true; }
+command -v pjdfstest >/dev/null || cargo install pjdfstest --locked
+# Users pjdfstest switches to.
+getent group nogroup >/dev/null || groupadd nogroup
+id nobody >/dev/null 2>&1 || useradd -M -g nogroup -s /usr/sbin/nologin nobody
+getent group tests >/dev/null || groupadd tests
+id tests >/dev/null 2>&1 || useradd -M -g tests -s /usr/sbin/nologin tests
