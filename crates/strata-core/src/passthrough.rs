@@ -369,6 +369,15 @@ impl PassthroughFs {
     }
 }
 
+fn sync_fd(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
+    if datasync {
+        rustix::fs::fdatasync(fd)?
+    } else {
+        rustix::fs::fsync(fd)?
+    }
+    Ok(())
+}
+
 fn xattr_name(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
 }
@@ -574,13 +583,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        let file = self.file(fh)?;
-        if datasync {
-            rustix::fs::fdatasync(&*file.fd)?
-        } else {
-            rustix::fs::fsync(&*file.fd)?
-        }
-        Ok(())
+        sync_fd(self.file(fh)?.fd.as_fd(), datasync)
     }
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
@@ -684,13 +687,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn fsyncdir(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        let dir = self.dir(fh)?;
-        if datasync {
-            rustix::fs::fdatasync(&dir.fd)?
-        } else {
-            rustix::fs::fsync(&dir.fd)?
-        }
-        Ok(())
+        sync_fd(self.dir(fh)?.fd.as_fd(), datasync)
     }
 
     fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
