@@ -335,7 +335,7 @@ class Bench:
                   and s["target"] == target and not s["warmup"]]
             n = len(xs) if n is None else min(n, len(xs))
             total += statistics.median(xs) if xs else 0.0
-        if n is not None and n >= 3 and total > self.args.slow_cap:
+        if self.args.slow_cap > 0 and n is not None and n >= 3 and total > self.args.slow_cap:
             if (fs, target, workloads[0]) not in self.capped_cells:
                 self.capped_cells.add((fs, target, workloads[0]))
                 log(f"{fs}/{target}/{workloads[0]}: median {total:.1f}s > {self.args.slow_cap}s, "
@@ -502,8 +502,9 @@ def markdown(meta, summary, errors, args, sizes):
     L.append(f"Date: {meta['date']}  ")
     L.append(f"Command: `{meta['command']}`  ")
     L.append(f"Mode: {meta['mode']}, {args.runs} measured runs per (workload, target), "
-             f"interleaved; `ls`/`dd read` warm after one discarded warm-up round; a cell whose "
-             f"median exceeds {args.slow_cap:g} s stops after 3 runs (n shown).  ")
+             "interleaved; `ls`/`dd read` warm after one discarded warm-up round"
+             + (f"; a cell whose median exceeds {args.slow_cap:g} s stops after 3 runs (n shown)"
+                if args.slow_cap > 0 else "") + ".  ")
     L.append(f"strata: {meta['machine']['versions']['strata']} (git {meta['machine']['strata_git']})"
              + (f", options `{','.join(args.strata_opts)}`" if args.strata_opts else ", default options"))
     L.append("")
@@ -597,10 +598,10 @@ def main():
                     help="comma list of tmpfs,disk (env BENCH_FS)")
     ap.add_argument("--strata-opts", default=env("BENCH_STRATA_OPTS", ""),
                     help="extra -o options for strata, e.g. threads=4 (env BENCH_STRATA_OPTS)")
-    ap.add_argument("--slow-cap", type=float, default=float(env("BENCH_SLOW_CAP", "10")),
+    ap.add_argument("--slow-cap", type=float, default=float(env("BENCH_SLOW_CAP", "0")),
                     help="stop a (workload, target) after 3 runs when its median exceeds this "
-                    "many seconds; keeps slow peers from dominating the runtime (default 10, "
-                    "env BENCH_SLOW_CAP)")
+                    "many seconds, to keep slow peers (bindfs writes: ~20 s each) from dominating "
+                    "the runtime; 0 = off, the default (env BENCH_SLOW_CAP)")
     ap.add_argument("--strata", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--tmpfs-root", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--disk-root", required=True, help=argparse.SUPPRESS)
