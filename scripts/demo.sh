@@ -10,7 +10,8 @@ mnt=${2:-/tmp/strata-demo}
 cargo build --release -p strata
 strata=target/release/strata
 mkdir -p "$mnt"
-if grep -qs " $mnt fuse.strata " <(awk '{print " "$5" "$9" "}' /proc/self/mountinfo); then
+# mountinfo: "... MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE ..."
+if grep -qs " $mnt .* - fuse.strata " /proc/self/mountinfo; then
     "$strata" umount "$mnt"
 fi
 "$strata" mount -o ro "$src" "$mnt"

@@ -327,15 +327,10 @@ fn permissions_are_enforced_for_other_users_and_new_files_are_theirs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
     assert!(!m.s("closed/x").exists());
 
-    let out = as_nobody(&format!(
+    as_nobody_ok(&format!(
         "mkdir {0}/sub && echo hi > {0}/sub/mine && ln -s mine {0}/sub/ln",
         m.m("open").display()
     ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for p in ["open/sub", "open/sub/mine", "open/sub/ln"] {
         let md = fs::symlink_metadata(m.s(p)).unwrap();
         assert_eq!(
@@ -358,15 +353,10 @@ fn setgid_directories_pass_their_group_on() {
     fs::create_dir(m.m("shared")).unwrap();
     rustix::fs::chown(m.m("shared"), None, Some(rustix::fs::Gid::from_raw(4242))).unwrap();
     fs::set_permissions(m.m("shared"), fs::Permissions::from_mode(0o2777)).unwrap();
-    let out = as_nobody(&format!(
+    as_nobody_ok(&format!(
         "touch {0}/f && mkdir {0}/d",
         m.m("shared").display()
     ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(fs::metadata(m.s("shared/f")).unwrap().gid(), 4242);
     let d = fs::metadata(m.s("shared/d")).unwrap();
     assert_eq!((d.uid(), d.gid()), (65534, 4242));

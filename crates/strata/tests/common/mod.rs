@@ -187,6 +187,16 @@ pub fn as_nobody(script: &str) -> Output {
         .unwrap()
 }
 
+/// Like [`as_nobody`], and the script must succeed.
+pub fn as_nobody_ok(script: &str) {
+    let out = as_nobody(script);
+    assert!(
+        out.status.success(),
+        "as nobody: {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
