@@ -185,6 +185,16 @@ pub struct Stats {
     pub cached_fds: u64,
 }
 
+/// Tells the kernel that something it caches changed behind its back. The
+/// FUSE adapter implements it with reverse notifications.
+pub trait Invalidator: Send + Sync {
+    /// Drops the kernel's name `name` in directory `parent`, positive or negative.
+    fn entry(&self, parent: u64, name: &OsStr);
+    /// Drops the kernel's attributes of `ino` and, when `data`, its cached
+    /// contents (file pages or directory listing).
+    fn inode(&self, ino: u64, data: bool);
+}
+
 /// strata's low-level filesystem interface. Node ids follow the kernel protocol:
 /// every `Entry` returned by lookup/create/mknod/mkdir/symlink/link/readdirplus
 /// adds one lookup reference, `forget` removes them, and a node is dropped at zero.
@@ -284,4 +294,13 @@ pub trait Filesystem: Send + Sync + 'static {
         flags: u32,
     ) -> Result<u32>;
     fn stats(&self) -> Stats;
+
+    /// How long the kernel may remember that `name` is missing from `parent`
+    /// (zero: not at all).
+    fn negative_ttl(&self, _parent: u64) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Called once the mount is up, with the way to invalidate kernel caches.
+    fn attach(&self, _invalidator: Arc<dyn Invalidator>) {}
 }

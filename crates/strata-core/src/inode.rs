@@ -62,6 +62,11 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         self.inner.lock().nodes.get(&id).map(|s| s.data.clone())
     }
 
+    /// Every node id the kernel knows, the root included.
+    pub fn ids(&self) -> Vec<u64> {
+        self.inner.lock().nodes.keys().copied().collect()
+    }
+
     /// The node for `key` if the kernel knows it, without taking a reference.
     pub fn get_by_key(&self, key: &K) -> Option<(u64, Arc<T>)> {
         let inner = self.inner.lock();

@@ -5,7 +5,7 @@
 //! checks are the kernel's (`default_permissions`); ownership of new objects is
 //! the caller's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -21,6 +21,7 @@ use rustix::fs::{
 };
 
 use crate::fs::*;
+use crate::host::watch::{self, Change, Fid, HostWatch};
 use crate::host::{HostDir, HostNode, attr_from_stat, component};
 use crate::inode::InodeTable;
 use crate::{Errno, Result};
@@ -28,8 +29,13 @@ use crate::{Errno, Result};
 /// Kernel cache settings and behaviour switches.
 #[derive(Clone, Debug)]
 pub struct PassthroughConfig {
-    pub entry_ttl: Duration,
-    pub attr_ttl: Duration,
+    /// Kernel cache timeouts; `None` picks them by whether the host is watched.
+    pub entry_ttl: Option<Duration>,
+    pub attr_ttl: Option<Duration>,
+    pub negative_ttl: Option<Duration>,
+    /// Watch the host for outside changes (fanotify) and invalidate the
+    /// kernel's caches, so timeouts can be long.
+    pub watch: bool,
     /// Bound on cached O_PATH descriptors.
     pub fd_cache: usize,
     /// Offer backing files for kernel passthrough of regular-file I/O.
@@ -39,13 +45,22 @@ pub struct PassthroughConfig {
 impl Default for PassthroughConfig {
     fn default() -> Self {
         PassthroughConfig {
-            entry_ttl: Duration::from_secs(1),
-            attr_ttl: Duration::from_secs(1),
+            entry_ttl: None,
+            attr_ttl: None,
+            negative_ttl: None,
+            watch: true,
             fd_cache: crate::host::DEFAULT_FD_CACHE,
             passthrough: true,
         }
     }
 }
+
+/// Cache timeout on a host filesystem whose changes are not watched: outside
+/// changes show within this long.
+pub const UNWATCHED_TTL: Duration = Duration::from_secs(1);
+/// Cache timeout on a watched host filesystem: changes are pushed to the
+/// kernel as they happen; the timeout only bounds the damage of a lost event.
+pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 
 type Key = (u64, u64);
 
@@ -68,12 +83,13 @@ struct OpenDir {
 
 pub struct PassthroughFs {
     host: HostDir,
-    table: InodeTable<Key, HostNode>,
+    table: Arc<InodeTable<Key, HostNode>>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
     cfg: PassthroughConfig,
     root_key: Key,
+    watch: Option<Arc<HostWatch>>,
 }
 
 fn to_timespec(t: Option<SetTime>) -> Timespec {
@@ -113,8 +129,29 @@ impl PassthroughFs {
         let host = HostDir::open(source, cfg.fd_cache)?;
         let root = host.root().clone();
         let root_key = (root.dev, root.ino);
-        let table = InodeTable::new(root_key, root);
+        let table = Arc::new(InodeTable::new(root_key, root.clone()));
+        let watch = if cfg.watch && host.handles_usable() {
+            match HostWatch::new() {
+                Ok(w) => {
+                    let fd = host
+                        .fd(&root)
+                        .map_err(|e| format!("{}: {e}", source.display()))?;
+                    w.watch(root.dev, fd.as_fd());
+                    Some(Arc::new(w))
+                }
+                Err(e) => {
+                    tracing::info!(
+                        "host changes are not watched ({e}); kernel caches time out after {}s",
+                        UNWATCHED_TTL.as_secs()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(PassthroughFs {
+            watch,
             host,
             table,
             files: Mutex::new(HashMap::new()),
@@ -155,12 +192,40 @@ impl PassthroughFs {
         self.host.fd(&node)
     }
 
-    fn entry(&self, attr: Attr) -> Entry {
+    fn watched(&self, dev: u64) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.is_watched(dev))
+    }
+
+    fn ttl(&self, set: Option<Duration>, dev: u64) -> Duration {
+        set.unwrap_or(if self.watched(dev) {
+            WATCHED_TTL
+        } else {
+            UNWATCHED_TTL
+        })
+    }
+
+    fn attr_ttl(&self, dev: u64) -> Duration {
+        self.ttl(self.cfg.attr_ttl, dev)
+    }
+
+    fn entry(&self, st: &Stat, id: u64) -> Entry {
         Entry {
-            attr,
+            attr: attr_from_stat(st, id),
             generation: 0,
-            entry_ttl: self.cfg.entry_ttl,
-            attr_ttl: self.cfg.attr_ttl,
+            entry_ttl: self.ttl(self.cfg.entry_ttl, st.st_dev),
+            attr_ttl: self.attr_ttl(st.st_dev),
+        }
+    }
+
+    /// Watches the filesystem of a directory first seen on a new device (a
+    /// mount below the source).
+    fn watch_new_dev(&self, node: &Arc<HostNode>) {
+        if let Some(w) = &self.watch
+            && node.kind == FileKind::Directory
+            && !w.knows(node.dev)
+            && let Ok(fd) = self.host.fd(node)
+        {
+            w.watch(node.dev, fd.as_fd());
         }
     }
 
@@ -182,11 +247,14 @@ impl PassthroughFs {
             _ => Some(self.host.make_node(parent_fd, name, st)?),
         };
         loop {
-            if let Some((id, _)) = self
+            if let Some((id, node)) = self
                 .table
                 .lookup(key, id, fresh.take(), |old| old.kind != kind)
             {
-                return Ok(self.entry(attr_from_stat(st, id)));
+                if key.0 != self.root_key.0 {
+                    self.watch_new_dev(&node);
+                }
+                return Ok(self.entry(st, id));
             }
             // Forgotten between our check and the insert: build it after all.
             fresh = Some(self.host.make_node(parent_fd, name, st)?);
@@ -197,7 +265,7 @@ impl PassthroughFs {
         let st = self.host.stat_fd(fd)?;
         Ok(AttrOut {
             attr: attr_from_stat(&st, ino),
-            ttl: self.cfg.attr_ttl,
+            ttl: self.attr_ttl(st.st_dev),
         })
     }
 
@@ -247,29 +315,40 @@ impl PassthroughFs {
         Ok(true)
     }
 
+    /// Permission bits to create with. The kernel leaves the umask to us
+    /// (FUSE_DONT_MASK) because it must not apply under a default ACL: there
+    /// the host derives the mode from the ACL.
+    fn create_perm(&self, parent_fd: BorrowedFd<'_>, mode: u32, umask: u32) -> u32 {
+        let perm = mode & 0o7777;
+        if umask & 0o777 == 0 || self.has_default_acl(parent_fd) {
+            perm
+        } else {
+            perm & !umask
+        }
+    }
+
+    fn has_default_acl(&self, dir: BorrowedFd<'_>) -> bool {
+        let path = self.host.proc_path(dir);
+        rustix::fs::getxattr_query(path.as_c_str(), c"system.posix_acl_default")
+            .is_ok_and(|n| n > 0)
+    }
+
     /// Shared tail of mknod/mkdir/symlink: hand the object to the caller and look it up.
-    fn finish_create(
-        &self,
-        ctx: &Ctx,
-        parent_fd: BorrowedFd<'_>,
-        name: &CStr,
-        mode: Option<u32>,
-    ) -> Result<Entry> {
+    fn finish_create(&self, ctx: &Ctx, parent_fd: BorrowedFd<'_>, name: &CStr) -> Result<Entry> {
         let st = self.host.stat_child(parent_fd, name)?;
         let res = (|| {
-            if self.chown_new(ctx, parent_fd, parent_fd, name, &st)? {
-                // chown clears setuid/setgid on non-directories; put them back.
-                if let Some(mode) = mode.filter(|m| m & (libc::S_ISUID | libc::S_ISGID) != 0)
-                    && st.st_mode & libc::S_IFMT != libc::S_IFDIR
-                    && st.st_mode & libc::S_IFMT != libc::S_IFLNK
-                {
-                    rustix::fs::chmodat(
-                        parent_fd,
-                        name,
-                        Mode::from_raw_mode(mode & 0o7777),
-                        AtFlags::empty(),
-                    )?;
-                }
+            if self.chown_new(ctx, parent_fd, parent_fd, name, &st)?
+                && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+                && st.st_mode & libc::S_IFMT != libc::S_IFDIR
+                && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+            {
+                // chown cleared setuid/setgid on a non-directory; put them back.
+                rustix::fs::chmodat(
+                    parent_fd,
+                    name,
+                    Mode::from_raw_mode(st.st_mode & 0o7777),
+                    AtFlags::empty(),
+                )?;
             }
             self.lookup_at(parent_fd, name)
         })();
@@ -399,7 +478,7 @@ impl Filesystem for PassthroughFs {
             let st = rustix::fs::fstat(&*file.fd)?;
             return Ok(AttrOut {
                 attr: attr_from_stat(&st, ino),
-                ttl: self.cfg.attr_ttl,
+                ttl: self.attr_ttl(st.st_dev),
             });
         }
         let fd = self.node_fd(ino)?;
@@ -465,16 +544,17 @@ impl Filesystem for PassthroughFs {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
         let kind = rustix::fs::FileType::from_raw_mode(mode);
-        let perm = mode & 0o7777 & !umask;
+        let perm = self.create_perm(pfd.as_fd(), mode, umask);
         rustix::fs::mknodat(&*pfd, &name, kind, Mode::from_raw_mode(perm), rdev as u64)?;
-        self.finish_create(ctx, pfd.as_fd(), &name, Some(perm))
+        self.finish_create(ctx, pfd.as_fd(), &name)
     }
 
     fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
-        rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(mode & 0o7777 & !umask))?;
-        self.finish_create(ctx, pfd.as_fd(), &name, None)
+        let perm = self.create_perm(pfd.as_fd(), mode, umask);
+        rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(perm))?;
+        self.finish_create(ctx, pfd.as_fd(), &name)
     }
 
     fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
@@ -495,7 +575,7 @@ impl Filesystem for PassthroughFs {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
         rustix::fs::symlinkat(target, &*pfd, &name)?;
-        self.finish_create(ctx, pfd.as_fd(), &name, None)
+        self.finish_create(ctx, pfd.as_fd(), &name)
     }
 
     fn rename(
@@ -607,6 +687,8 @@ impl Filesystem for PassthroughFs {
         );
         Ok(Opened {
             fh,
+            cache_dir: true,
+            keep_cache: true,
             ..Opened::default()
         })
     }
@@ -718,15 +800,18 @@ impl Filesystem for PassthroughFs {
 
     fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         let (_fd, path) = self.xattr_path(ino)?;
-        let name = xattr_name(name)?;
-        if size == 0 {
-            let n = rustix::fs::getxattr_query(path.as_c_str(), name.as_c_str())?;
-            return Ok(Xattr::Size(n as u32));
-        }
-        let mut buf = vec![0u8; size as usize];
-        let n = rustix::fs::getxattr(path.as_c_str(), name.as_c_str(), &mut buf[..])?;
-        buf.truncate(n);
-        Ok(Xattr::Data(buf))
+        let cname = xattr_name(name)?;
+        let res = if size == 0 {
+            rustix::fs::getxattr_query(path.as_c_str(), cname.as_c_str())
+                .map(|n| Xattr::Size(n as u32))
+        } else {
+            let mut buf = vec![0u8; size as usize];
+            rustix::fs::getxattr(path.as_c_str(), cname.as_c_str(), &mut buf[..]).map(|n| {
+                buf.truncate(n);
+                Xattr::Data(buf)
+            })
+        };
+        res.map_err(|e| crate::xattr::absent(name, e.into()))
     }
 
     fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
@@ -785,7 +870,7 @@ impl Filesystem for PassthroughFs {
     ) -> Result<(Entry, Opened)> {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
-        let perm = mode & 0o7777 & !umask;
+        let perm = self.create_perm(pfd.as_fd(), mode, umask);
         let oflags = Self::open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
         let fd = rustix::fs::openat(
             &*pfd,
@@ -796,9 +881,9 @@ impl Filesystem for PassthroughFs {
         let res = (|| {
             let st = rustix::fs::fstat(&fd)?;
             if self.chown_new(ctx, pfd.as_fd(), fd.as_fd(), c"", &st)?
-                && perm & (libc::S_ISUID | libc::S_ISGID) != 0
+                && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
             {
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(perm))?;
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(st.st_mode & 0o7777))?;
             }
             self.lookup_at(pfd.as_fd(), &name)
         })();
@@ -874,6 +959,88 @@ impl Filesystem for PassthroughFs {
             open_files: self.files.lock().len() as u64,
             open_dirs: self.dirs.lock().len() as u64,
             cached_fds: self.host.cached_fds() as u64,
+        }
+    }
+
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
+        self.ttl(self.cfg.negative_ttl, dev)
+    }
+
+    fn attach(&self, invalidator: Arc<dyn Invalidator>) {
+        let Some(watch) = self.watch.clone() else {
+            return;
+        };
+        let table = self.table.clone();
+        let spawned = std::thread::Builder::new()
+            .name("strata-watch".into())
+            .spawn(move || forward_host_changes(&watch, &table, &*invalidator));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the host watch thread: {e}");
+        }
+    }
+}
+
+/// Turns host change events into kernel cache invalidations, for as long as
+/// the process lives. Changes made by this daemon are skipped: the kernel
+/// learnt of them from the replies.
+fn forward_host_changes(
+    watch: &HostWatch,
+    table: &InodeTable<Key, HostNode>,
+    inval: &dyn Invalidator,
+) {
+    let own_pid = std::process::id() as i32;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut changes = Vec::new();
+    let known = |fid: &Fid| {
+        let id = watch.resolve(fid)?;
+        table.get_by_key(&(id.dev, id.ino)).map(|(id, _)| id)
+    };
+    loop {
+        changes.clear();
+        if let Err(e) = watch.read(&mut buf, &mut changes) {
+            tracing::error!(
+                "host watch stopped ({e}); outside changes now show only after cache timeouts"
+            );
+            return;
+        }
+        // One invalidation per name and per node for the whole batch.
+        let mut entries: HashSet<(u64, CString)> = HashSet::new();
+        let mut inodes: HashMap<u64, bool> = HashMap::new();
+        for change in changes.drain(..) {
+            let Change::Event {
+                mask,
+                pid,
+                dir,
+                object,
+            } = change
+            else {
+                tracing::warn!("host change events were lost; invalidating every cached node");
+                for id in table.ids() {
+                    inodes.insert(id, true);
+                }
+                continue;
+            };
+            if pid == own_pid {
+                continue;
+            }
+            if mask & watch::DIRENT != 0
+                && let Some((dfid, name)) = dir
+                && let Some(parent) = known(&dfid)
+            {
+                entries.insert((parent, name));
+                // Its mtime, link count and cached listing changed too.
+                inodes.insert(parent, true);
+            }
+            if let Some(id) = object.as_ref().and_then(known) {
+                *inodes.entry(id).or_default() |= mask & watch::MODIFY != 0;
+            }
+        }
+        for (parent, name) in &entries {
+            inval.entry(*parent, OsStr::from_bytes(name.to_bytes()));
+        }
+        for (id, data) in inodes {
+            inval.inode(id, data);
         }
     }
 }

@@ -39,7 +39,6 @@ pub struct MountConfig {
     pub allow_other: bool,
     pub read_only: bool,
     pub threads: usize,
-    pub negative_ttl: Duration,
     /// Try kernel passthrough for regular-file I/O (falls back per file).
     pub passthrough: bool,
     pub panic_probe: bool,
@@ -272,7 +271,12 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            // The kernel enforces host ACLs and caches them with the attributes,
+            // so `ls -l` does not ask for system.posix_acl_* per file.
+            | InitFlags::FUSE_POSIX_ACL
+            // The umask is ours to apply: not under a default ACL.
+            | InitFlags::FUSE_DONT_MASK;
         let have = config.capabilities();
         if let Err(missing) = config.add_capabilities(wanted & have) {
             tracing::warn!("kernel lacks {missing:?}");
@@ -299,8 +303,13 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
-            match self.fs.lookup(&ctx(req), parent.0, name) {
-                Err(e) if e == core::Errno::ENOENT && !self.cfg.negative_ttl.is_zero() => {
+            let res = self.fs.lookup(&ctx(req), parent.0, name);
+            let negative_ttl = match &res {
+                Err(e) if *e == core::Errno::ENOENT => self.fs.negative_ttl(parent.0),
+                _ => Duration::ZERO,
+            };
+            match res {
+                Err(_) if !negative_ttl.is_zero() => {
                     // Node id 0 with a timeout: the kernel caches the miss.
                     let mut a = attr(&core::Attr {
                         ino: 0,
@@ -318,12 +327,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                         blksize: 0,
                     });
                     a.ino = INodeNo(0);
-                    reply.entry_with_ttls(
-                        &Duration::ZERO,
-                        &self.cfg.negative_ttl,
-                        &a,
-                        Generation(0),
-                    );
+                    reply.entry_with_ttls(&Duration::ZERO, &negative_ttl, &a, Generation(0));
                 }
                 res => self.reply_entry(res, reply),
             }
@@ -842,5 +846,31 @@ pub fn mount<F: core::Filesystem>(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
-    Session::new(Adapter::new(fs, cfg.clone()), mountpoint, &config)
+    let session = Session::new(Adapter::new(fs.clone(), cfg.clone()), mountpoint, &config)?;
+    fs.attach(Arc::new(KernelInvalidator(session.notifier())));
+    Ok(session)
+}
+
+/// Reverse notifications to the kernel. A name or node the kernel does not
+/// cache answers ENOENT, which is fine: there was nothing to drop.
+struct KernelInvalidator(fuser::Notifier);
+
+impl core::Invalidator for KernelInvalidator {
+    fn entry(&self, parent: u64, name: &OsStr) {
+        if let Err(e) = self.0.inval_entry(INodeNo(parent), name)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(parent, ?name, "entry invalidation failed: {e}");
+        }
+    }
+
+    fn inode(&self, ino: u64, data: bool) {
+        // Offset -1: attributes only; 0 with length 0: attributes and all pages.
+        let offset = if data { 0 } else { -1 };
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), offset, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(ino, "inode invalidation failed: {e}");
+        }
+    }
 }

@@ -104,6 +104,8 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
         PassthroughConfig {
             entry_ttl: opts.entry_ttl,
             attr_ttl: opts.attr_ttl,
+            negative_ttl: opts.negative_ttl,
+            watch: opts.watch,
             fd_cache: opts.fd_cache,
             passthrough: opts.passthrough,
         },
@@ -120,7 +122,6 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
             allow_other: opts.allow_other.unwrap_or(is_root),
             read_only: opts.read_only || branch.mode == strata_core::source::BranchMode::RO,
             threads: opts.threads,
-            negative_ttl: opts.negative_ttl,
             passthrough: opts.passthrough,
             panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
         },

@@ -50,9 +50,13 @@ enum Command {
             ro | rw                   read-only / read-write mount (default rw)\n  \
             fsname=NAME               source name shown in the mount table (default: SOURCE)\n  \
             threads=N                 request worker threads (default: cores, at least 2)\n  \
-            cache.entry=SECS          kernel name cache timeout (default 1)\n  \
-            cache.attr=SECS           kernel attribute cache timeout (default 1)\n  \
-            cache.negative-entry=SECS kernel cache timeout for missing names (default 1)\n  \
+            cache.entry=SECS          kernel name cache timeout (default: 3600 on a watched\n  \
+                                      host filesystem, 1 otherwise)\n  \
+            cache.attr=SECS           kernel attribute cache timeout (default: as cache.entry)\n  \
+            cache.negative-entry=SECS kernel cache timeout for missing names (default: as cache.entry)\n  \
+            watch=true|false          watch the source for changes made outside the mount and drop\n  \
+                                      the kernel's stale entries at once (fanotify; needs root;\n  \
+                                      default true)\n  \
             cache.fds=N               bound on cached O_PATH descriptors (default 8192)\n  \
             passthrough=true|false    kernel passthrough for file I/O (default true)\n  \
             nonempty                  allow a non-empty mountpoint\n  \

@@ -8,9 +8,11 @@ pub struct MountOptions {
     pub read_only: bool,
     pub fsname: Option<String>,
     pub threads: usize,
-    pub entry_ttl: Duration,
-    pub attr_ttl: Duration,
-    pub negative_ttl: Duration,
+    /// Kernel cache timeouts; `None`: long on watched hosts, 1 s otherwise.
+    pub entry_ttl: Option<Duration>,
+    pub attr_ttl: Option<Duration>,
+    pub negative_ttl: Option<Duration>,
+    pub watch: bool,
     pub nonempty: bool,
     pub passthrough: bool,
     pub fd_cache: usize,
@@ -23,9 +25,10 @@ impl Default for MountOptions {
             read_only: false,
             fsname: None,
             threads: default_threads(),
-            entry_ttl: Duration::from_secs(1),
-            attr_ttl: Duration::from_secs(1),
-            negative_ttl: Duration::from_secs(1),
+            entry_ttl: None,
+            attr_ttl: None,
+            negative_ttl: None,
+            watch: true,
             nonempty: false,
             passthrough: true,
             fd_cache: strata_core::host::DEFAULT_FD_CACHE,
@@ -50,6 +53,7 @@ pub const KNOWN: &[&str] = &[
     "cache.entry=SECS",
     "cache.attr=SECS",
     "cache.negative-entry=SECS",
+    "watch=true|false",
     "nonempty",
     "default_permissions",
     "passthrough=true|false",
@@ -104,11 +108,12 @@ impl MountOptions {
                     "rw" => o.read_only = false,
                     "fsname" => o.fsname = Some(need()?.to_string()),
                     "threads" => o.threads = number(key, need()?, 1, 256)?,
-                    "cache.entry" => o.entry_ttl = seconds(key, need()?)?,
-                    "cache.attr" => o.attr_ttl = seconds(key, need()?)?,
+                    "cache.entry" => o.entry_ttl = Some(seconds(key, need()?)?),
+                    "cache.attr" => o.attr_ttl = Some(seconds(key, need()?)?),
                     "cache.negative-entry" | "cache.negative_entry" => {
-                        o.negative_ttl = seconds(key, need()?)?
+                        o.negative_ttl = Some(seconds(key, need()?)?)
                     }
+                    "watch" => o.watch = boolean(key, need()?)?,
                     "nonempty" => o.nonempty = true,
                     // Permission checks are always the kernel's.
                     "default_permissions" => {}
@@ -149,9 +154,9 @@ mod tests {
         assert!(o.read_only);
         assert_eq!(o.fsname.as_deref(), Some("pool"));
         assert_eq!(o.threads, 8);
-        assert_eq!(o.entry_ttl, Duration::from_millis(2500));
-        assert_eq!(o.attr_ttl, Duration::ZERO);
-        assert_eq!(o.negative_ttl, Duration::ZERO);
+        assert_eq!(o.entry_ttl, Some(Duration::from_millis(2500)));
+        assert_eq!(o.attr_ttl, Some(Duration::ZERO));
+        assert_eq!(o.negative_ttl, Some(Duration::ZERO));
     }
 
     #[test]

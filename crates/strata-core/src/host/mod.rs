@@ -12,6 +12,7 @@
 //! its fd instead.
 
 pub mod sys;
+pub mod watch;
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, OsStr};

@@ -27,6 +27,15 @@ pub struct FileHandle {
     bytes: Box<[u8]>,
 }
 
+impl FileHandle {
+    pub fn new(handle_type: i32, bytes: &[u8]) -> FileHandle {
+        FileHandle {
+            handle_type,
+            bytes: bytes.into(),
+        }
+    }
+}
+
 /// `name_to_handle_at(dirfd, name, flags)`: returns the handle and the mount id.
 /// `flags` may hold `AT_EMPTY_PATH`; symlinks are never followed.
 pub fn name_to_handle_at(
@@ -92,4 +101,34 @@ pub fn open_by_handle_at(
     }
     // SAFETY: `fd` is a freshly opened descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fanotify_init(flags, event_f_flags)`: a new notification group.
+pub fn fanotify_init(flags: u32, event_f_flags: u32) -> Result<OwnedFd> {
+    // SAFETY: plain integer arguments; on success the kernel returns a new fd.
+    let fd = unsafe { libc::fanotify_init(flags, event_f_flags) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fanotify_mark(group, flags, mask, AT_FDCWD, path)`.
+pub fn fanotify_mark(group: BorrowedFd<'_>, flags: u32, mask: u64, path: &CStr) -> Result<()> {
+    // SAFETY: `group` is a live fanotify fd and `path` is NUL-terminated; the
+    // kernel only reads the path.
+    let rc = unsafe {
+        libc::fanotify_mark(
+            group.as_raw_fd(),
+            flags,
+            mask,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }

@@ -1,0 +1,233 @@
+//! Kernel caching and its correctness: long cache timeouts are safe because
+//! changes made directly in the source are pushed to the kernel at once, and
+//! host ACLs are enforced for every caller.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use common::*;
+
+/// How long an outside change may take to show through the mount. The
+/// kernel's own timeouts are an hour here, so only the watch can meet this.
+const PROPAGATION: Duration = Duration::from_secs(3);
+
+/// Fills the kernel's caches for the names the test will change behind its back.
+fn warm(m: &Mounted) {
+    assert_eq!(fs::read(m.m("grow")).unwrap(), b"a");
+    assert_eq!(fs::metadata(m.m("mode")).unwrap().mode() & 0o777, 0o644);
+    assert!(fs::metadata(m.m("later")).is_err(), "not created yet");
+    assert!(fs::metadata(m.m("doomed")).is_ok());
+    assert!(fs::metadata(m.m("old")).is_ok());
+    assert_eq!(fs::read_dir(m.m("d")).unwrap().count(), 0);
+}
+
+fn change_source(m: &Mounted) {
+    fs::write(m.s("later"), b"new").unwrap();
+    fs::write(m.s("grow"), b"abc").unwrap();
+    fs::set_permissions(m.s("mode"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(m.s("doomed")).unwrap();
+    fs::rename(m.s("old"), m.s("new")).unwrap();
+    fs::write(m.s("d/inside"), b"").unwrap();
+}
+
+fn prepare(src: &std::path::Path) {
+    for name in ["grow", "mode", "doomed", "old"] {
+        fs::write(src.join(name), b"a").unwrap();
+    }
+    fs::set_permissions(src.join("mode"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::create_dir(src.join("d")).unwrap();
+}
+
+type Check<'a> = Box<dyn Fn() -> bool + 'a>;
+
+#[test]
+fn changes_made_in_the_source_show_through_the_mount_at_once() {
+    let m = Mounted::with_source(
+        &["cache.entry=3600,cache.attr=3600,cache.negative-entry=3600"],
+        prepare,
+    );
+    warm(&m);
+    change_source(&m);
+    let checks: [(&str, Check); 6] = [
+        (
+            "a new file appears (negative entry dropped)",
+            Box::new(|| fs::read(m.m("later")).is_ok_and(|d| d == b"new")),
+        ),
+        (
+            "a rewritten file shows its new size and data",
+            Box::new(|| fs::read(m.m("grow")).is_ok_and(|d| d == b"abc")),
+        ),
+        (
+            "a chmod shows",
+            Box::new(|| fs::metadata(m.m("mode")).is_ok_and(|md| md.mode() & 0o777 == 0o600)),
+        ),
+        (
+            "a deleted file is gone",
+            Box::new(|| fs::metadata(m.m("doomed")).is_err()),
+        ),
+        (
+            "a renamed file moves",
+            Box::new(|| fs::metadata(m.m("old")).is_err() && fs::metadata(m.m("new")).is_ok()),
+        ),
+        (
+            "a cached directory listing is refreshed",
+            Box::new(|| {
+                fs::read_dir(m.m("d"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .eq(["inside"])
+            }),
+        ),
+    ];
+    for (what, check) in &checks {
+        assert!(
+            wait_until(PROPAGATION, check),
+            "{what}: not visible through the mount after {PROPAGATION:?}\ndaemon log:\n{}",
+            m.log()
+        );
+    }
+}
+
+/// The contrast that proves the test above measures the watch: with it off,
+/// the same hour-long timeouts keep serving what the kernel cached.
+#[test]
+fn without_the_watch_long_timeouts_serve_stale_names() {
+    let m = Mounted::with_source(
+        &["watch=false,cache.entry=3600,cache.attr=3600,cache.negative-entry=3600"],
+        prepare,
+    );
+    warm(&m);
+    change_source(&m);
+    std::thread::sleep(PROPAGATION);
+    assert!(
+        fs::metadata(m.m("later")).is_err(),
+        "negative entry still cached"
+    );
+    assert_eq!(
+        fs::metadata(m.m("mode")).unwrap().mode() & 0o777,
+        0o644,
+        "attributes still cached"
+    );
+}
+
+/// `system.posix_acl_access` for a 0644 file with one named-user entry
+/// giving `uid` no permissions (Linux xattr ACL format, version 2).
+fn acl_denying(uid: u32) -> Vec<u8> {
+    const UNDEFINED_ID: u32 = u32::MAX;
+    let entries: [(u16, u16, u32); 5] = [
+        (0x01, 6, UNDEFINED_ID), // ACL_USER_OBJ rw-
+        (0x02, 0, uid),          // ACL_USER     ---
+        (0x04, 4, UNDEFINED_ID), // ACL_GROUP_OBJ r--
+        (0x10, 4, UNDEFINED_ID), // ACL_MASK     r--
+        (0x20, 4, UNDEFINED_ID), // ACL_OTHER    r--
+    ];
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn host_acls_are_enforced_for_other_users() {
+    let m = Mounted::with_source(&[], |src| {
+        fs::write(src.join("open"), b"for everyone").unwrap();
+        fs::write(src.join("denied"), b"not for nobody").unwrap();
+        for f in ["open", "denied"] {
+            fs::set_permissions(src.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        rustix::fs::setxattr(
+            src.join("denied").as_path(),
+            "system.posix_acl_access",
+            &acl_denying(65534),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("the test filesystem supports POSIX ACLs");
+    });
+    as_nobody_ok(&format!("cat {}", m.m("open").display()));
+    let out = as_nobody(&format!("cat {}", m.m("denied").display()));
+    assert!(
+        !out.status.success(),
+        "the ACL denies nobody, whatever the mode bits say"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The ACL is visible through the mount as it is on the host.
+    let mut buf = [0u8; 256];
+    let n =
+        rustix::fs::getxattr(m.m("denied").as_path(), "system.posix_acl_access", &mut buf).unwrap();
+    assert_eq!(&buf[..n], acl_denying(65534).as_slice());
+}
+
+#[test]
+fn a_missing_selinux_label_reads_as_unsupported_and_stored_ones_pass_through() {
+    let m = Mounted::with_source(&[], |src| {
+        fs::write(src.join("plain"), b"").unwrap();
+        fs::write(src.join("labelled"), b"").unwrap();
+        rustix::fs::setxattr(
+            src.join("labelled").as_path(),
+            "security.selinux",
+            b"system_u:object_r:etc_t:s0\0",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+    });
+    let mut buf = [0u8; 256];
+    // ls -l stops asking for labels on a device once it hears "not supported".
+    assert_eq!(
+        rustix::fs::lgetxattr(m.m("plain").as_path(), "security.selinux", &mut buf),
+        Err(rustix::io::Errno::OPNOTSUPP)
+    );
+    let n = rustix::fs::lgetxattr(m.m("labelled").as_path(), "security.selinux", &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"system_u:object_r:etc_t:s0\0");
+    // Other missing attributes stay "no such attribute".
+    assert_eq!(
+        rustix::fs::lgetxattr(m.m("plain").as_path(), "user.none", &mut buf),
+        Err(rustix::io::Errno::NODATA)
+    );
+}
+
+#[test]
+fn a_new_file_in_a_directory_with_a_default_acl_inherits_it() {
+    let m = Mounted::with_source(&[], |src| fs::create_dir(src.join("shared")).unwrap());
+    // setfacl -d -m u:nobody:rwx shared: default ACL entries, mask rwx.
+    let mut default = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 7u16, u32::MAX),
+        (0x02, 7, 65534),
+        (0x04, 5, u32::MAX),
+        (0x10, 7, u32::MAX),
+        (0x20, 5, u32::MAX),
+    ] {
+        default.extend(tag.to_le_bytes());
+        default.extend(perm.to_le_bytes());
+        default.extend(id.to_le_bytes());
+    }
+    rustix::fs::setxattr(
+        m.s("shared").as_path(),
+        "system.posix_acl_default",
+        &default,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    fs::write(m.m("shared/f"), b"x").unwrap();
+    let mut buf = [0u8; 256];
+    let n = rustix::fs::getxattr(
+        m.s("shared/f").as_path(),
+        "system.posix_acl_access",
+        &mut buf,
+    )
+    .expect("the new file got an access ACL from the default ACL");
+    assert!(n > 4);
+    // The umask is not applied over a default ACL: nobody's rw- survives (mask rw-).
+    as_nobody_ok(&format!("echo more >> {}", m.m("shared/f").display()));
+    assert_eq!(fs::metadata(m.s("shared/f")).unwrap().mode() & 0o070, 0o060);
+}
