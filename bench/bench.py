@@ -530,8 +530,10 @@ def markdown(meta, summary, errors, args, sizes):
              "`ls` and `dd` times include spawning the process (~1 ms); small-file phases are timed "
              "inside one Python process. Cold = fresh mount and `echo 3 > /proc/sys/vm/drop_caches` "
              "before each measurement (on tmpfs the data itself cannot be dropped). Warm = same mount, "
-             "after a warm-up pass; measurements of one target are seconds apart, so 1 s entry/attr "
-             "TTLs (the default of strata and mergerfs) have expired and names are revalidated.\n")
+             "after a warm-up pass; measurements of one target are seconds apart, so the 1 s "
+             "entry/attr timeouts of mergerfs (and of strata when it cannot watch the source) have "
+             "expired and names are revalidated; strata, run as root, watches the source and uses "
+             "hour-long timeouts.\n")
     for fs in args.fs:
         if fs not in summary:
             continue
