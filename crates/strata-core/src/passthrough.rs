@@ -15,14 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rustix::fs::{
-    AtFlags, FallocateFlags, Gid, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps,
-    Uid, XattrFlags,
-};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 
 use crate::fs::*;
+use crate::host::files::{OpenFiles, sync_fd};
 use crate::host::watch::{self, Change, Fid, HostWatch};
-use crate::host::{HostDir, HostNode, attr_from_stat, component};
+use crate::host::{HostDir, HostNode, attr_from_stat, component, ops};
 use crate::inode::InodeTable;
 use crate::{Errno, Result};
 
@@ -64,10 +62,6 @@ pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 
 type Key = (u64, u64);
 
-struct OpenFile {
-    fd: Arc<OwnedFd>,
-}
-
 struct DirEnt {
     name: CString,
     ino: u64,
@@ -84,44 +78,12 @@ struct OpenDir {
 pub struct PassthroughFs {
     host: HostDir,
     table: Arc<InodeTable<Key, HostNode>>,
-    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    files: OpenFiles,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
     cfg: PassthroughConfig,
     root_key: Key,
     watch: Option<Arc<HostWatch>>,
-}
-
-fn to_timespec(t: Option<SetTime>) -> Timespec {
-    match t {
-        None => Timespec {
-            tv_sec: 0,
-            tv_nsec: rustix::fs::UTIME_OMIT,
-        },
-        Some(SetTime::Now) => Timespec {
-            tv_sec: 0,
-            tv_nsec: rustix::fs::UTIME_NOW,
-        },
-        Some(SetTime::At(t)) => match t.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Timespec {
-                tv_sec: d.as_secs() as i64,
-                tv_nsec: d.subsec_nanos() as _,
-            },
-            Err(e) => {
-                let d = e.duration();
-                let mut sec = -(d.as_secs() as i64);
-                let mut nsec = d.subsec_nanos() as i64;
-                if nsec > 0 {
-                    sec -= 1;
-                    nsec = 1_000_000_000 - nsec;
-                }
-                Timespec {
-                    tv_sec: sec,
-                    tv_nsec: nsec as _,
-                }
-            }
-        },
-    }
 }
 
 impl PassthroughFs {
@@ -154,7 +116,7 @@ impl PassthroughFs {
             watch,
             host,
             table,
-            files: Mutex::new(HashMap::new()),
+            files: OpenFiles::default(),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cfg,
@@ -273,95 +235,14 @@ impl PassthroughFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
-        self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)
-    }
-
     fn dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
         self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
-    /// Gives a new object to the caller: the daemon creates as root, so the owner
-    /// is set afterwards. The group follows a setgid parent as the kernel would.
-    fn chown_new(
-        &self,
-        ctx: &Ctx,
-        parent_fd: BorrowedFd<'_>,
-        target: BorrowedFd<'_>,
-        name: &CStr,
-        st: &Stat,
-    ) -> Result<bool> {
-        let parent = self.host.stat_fd(parent_fd)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            parent.st_gid
-        } else {
-            ctx.gid
-        };
-        if st.st_uid == ctx.uid && st.st_gid == gid {
-            return Ok(false);
-        }
-        rustix::fs::chownat(
-            target,
-            name,
-            Some(Uid::from_raw(ctx.uid)),
-            Some(Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW
-                | if name.is_empty() {
-                    AtFlags::EMPTY_PATH
-                } else {
-                    AtFlags::empty()
-                },
-        )?;
-        Ok(true)
-    }
-
-    /// Permission bits to create with. The kernel leaves the umask to us
-    /// (FUSE_DONT_MASK) because it must not apply under a default ACL: there
-    /// the host derives the mode from the ACL.
-    fn create_perm(&self, parent_fd: BorrowedFd<'_>, mode: u32, umask: u32) -> u32 {
-        let perm = mode & 0o7777;
-        if umask & 0o777 == 0 || self.has_default_acl(parent_fd) {
-            perm
-        } else {
-            perm & !umask
-        }
-    }
-
-    fn has_default_acl(&self, dir: BorrowedFd<'_>) -> bool {
-        let path = self.host.proc_path(dir);
-        rustix::fs::getxattr_query(path.as_c_str(), c"system.posix_acl_default")
-            .is_ok_and(|n| n > 0)
-    }
-
     /// Shared tail of mknod/mkdir/symlink: hand the object to the caller and look it up.
     fn finish_create(&self, ctx: &Ctx, parent_fd: BorrowedFd<'_>, name: &CStr) -> Result<Entry> {
-        let st = self.host.stat_child(parent_fd, name)?;
-        let res = (|| {
-            if self.chown_new(ctx, parent_fd, parent_fd, name, &st)?
-                && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
-                && st.st_mode & libc::S_IFMT != libc::S_IFDIR
-                && st.st_mode & libc::S_IFMT != libc::S_IFLNK
-            {
-                // chown cleared setuid/setgid on a non-directory; put them back.
-                rustix::fs::chmodat(
-                    parent_fd,
-                    name,
-                    Mode::from_raw_mode(st.st_mode & 0o7777),
-                    AtFlags::empty(),
-                )?;
-            }
-            self.lookup_at(parent_fd, name)
-        })();
-        if res.is_err() {
-            // Do not leave a root-owned object behind.
-            let flags = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                AtFlags::REMOVEDIR
-            } else {
-                AtFlags::empty()
-            };
-            let _ = rustix::fs::unlinkat(parent_fd, name, flags);
-        }
-        res
+        ops::finish_new(&self.host, ctx, parent_fd, name)?;
+        self.lookup_at(parent_fd, name)
     }
 
     fn load_dir(&self, dir: &OpenDir) -> Result<Arc<Vec<DirEnt>>> {
@@ -415,50 +296,9 @@ impl PassthroughFs {
         }
     }
 
-    fn open_flags(flags: i32) -> OFlags {
-        let strip = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
-        OFlags::from_bits_retain(((flags & !strip) as u32) & !OFlags::PATH.bits())
-    }
-
-    fn opened_file(&self, fd: OwnedFd) -> Opened {
-        let fd = Arc::new(fd);
-        let fh = self.new_fh();
-        self.files
-            .lock()
-            .insert(fh, Arc::new(OpenFile { fd: fd.clone() }));
-        Opened {
-            fh,
-            keep_cache: false,
-            direct_io: false,
-            cache_dir: false,
-            // Locks are the kernel's, and host close-to-open needs nothing: skip FLUSH.
-            noflush: true,
-            passthrough: self.cfg.passthrough.then_some(fd),
-        }
-    }
-
-    fn xattr_path(&self, ino: u64) -> Result<(Arc<OwnedFd>, CString)> {
-        let fd = self.node_fd(ino)?;
-        let path = self.host.proc_path(fd.as_fd());
-        Ok((fd, path))
-    }
-
     pub fn source(&self) -> &Path {
         self.host.path()
     }
-}
-
-fn sync_fd(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
-    if datasync {
-        rustix::fs::fdatasync(fd)?
-    } else {
-        rustix::fs::fsync(fd)?
-    }
-    Ok(())
-}
-
-fn xattr_name(name: &OsStr) -> Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
 }
 
 impl Filesystem for PassthroughFs {
@@ -474,8 +314,8 @@ impl Filesystem for PassthroughFs {
     }
 
     fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
-        if let Some(file) = fh.and_then(|fh| self.file(fh).ok()) {
-            let st = rustix::fs::fstat(&*file.fd)?;
+        if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
+            let st = rustix::fs::fstat(&*file)?;
             return Ok(AttrOut {
                 attr: attr_from_stat(&st, ino),
                 ttl: self.attr_ttl(st.st_dev),
@@ -487,49 +327,18 @@ impl Filesystem for PassthroughFs {
 
     fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         let fd = self.node_fd(ino)?;
-        let file = fh.and_then(|fh| self.file(fh).ok());
-        if set.uid.is_some() || set.gid.is_some() {
-            rustix::fs::chownat(
-                &*fd,
-                c"",
-                set.uid.map(Uid::from_raw),
-                set.gid.map(Gid::from_raw),
-                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-            )?;
-        }
-        if let Some(mode) = set.mode {
-            match &file {
-                Some(f) => rustix::fs::fchmod(&*f.fd, Mode::from_raw_mode(mode & 0o7777))?,
-                None => self.host.chmod_fd(fd.as_fd(), mode)?,
-            }
-        }
-        if let Some(size) = set.size {
-            match &file {
-                Some(f) => rustix::fs::ftruncate(&*f.fd, size)?,
-                None => {
-                    let w = self.host.reopen(fd.as_fd(), OFlags::WRONLY)?;
-                    rustix::fs::ftruncate(&w, size)?
-                }
-            }
-        }
-        if set.atime.is_some() || set.mtime.is_some() {
-            let times = Timestamps {
-                last_access: to_timespec(set.atime),
-                last_modification: to_timespec(set.mtime),
-            };
-            rustix::fs::utimensat(
-                &*fd,
-                c"",
-                &times,
-                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-            )?;
-        }
+        let file = fh.and_then(|fh| self.files.get(fh).ok());
+        ops::set_attr(
+            &self.host,
+            fd.as_fd(),
+            file.as_deref().map(|f| f.as_fd()),
+            set,
+        )?;
         self.stat_attr(ino, fd.as_fd())
     }
 
     fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
-        let fd = self.node_fd(ino)?;
-        Ok(rustix::fs::readlinkat(&*fd, c"", Vec::new())?.into_bytes())
+        ops::readlink(self.node_fd(ino)?.as_fd())
     }
 
     fn mknod(
@@ -544,7 +353,7 @@ impl Filesystem for PassthroughFs {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
         let kind = rustix::fs::FileType::from_raw_mode(mode);
-        let perm = self.create_perm(pfd.as_fd(), mode, umask);
+        let perm = ops::create_perm(&self.host, pfd.as_fd(), mode, umask);
         rustix::fs::mknodat(&*pfd, &name, kind, Mode::from_raw_mode(perm), rdev as u64)?;
         self.finish_create(ctx, pfd.as_fd(), &name)
     }
@@ -552,7 +361,7 @@ impl Filesystem for PassthroughFs {
     fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
-        let perm = self.create_perm(pfd.as_fd(), mode, umask);
+        let perm = ops::create_perm(&self.host, pfd.as_fd(), mode, umask);
         rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(perm))?;
         self.finish_create(ctx, pfd.as_fd(), &name)
     }
@@ -605,65 +414,35 @@ impl Filesystem for PassthroughFs {
         let new_name = component(new_name)?;
         let fd = self.node_fd(ino)?;
         let npfd = self.node_fd(new_parent)?;
-        match rustix::fs::linkat(&*fd, c"", &*npfd, &new_name, AtFlags::EMPTY_PATH) {
-            Ok(()) => {}
-            // Without CAP_DAC_READ_SEARCH, AT_EMPTY_PATH is refused: go through /proc.
-            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::PERM) => {
-                let path = self.host.proc_path(fd.as_fd());
-                rustix::fs::linkat(
-                    rustix::fs::CWD,
-                    path.as_c_str(),
-                    &*npfd,
-                    &new_name,
-                    AtFlags::SYMLINK_FOLLOW,
-                )?;
-            }
-            Err(e) => return Err(e.into()),
-        }
+        ops::link_fd(&self.host, fd.as_fd(), npfd.as_fd(), &new_name)?;
         self.lookup_at(npfd.as_fd(), &new_name)
     }
 
     fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
         let fd = self.node_fd(ino)?;
-        let file = self.host.reopen(fd.as_fd(), Self::open_flags(flags))?;
-        Ok(self.opened_file(file))
+        let file = self.host.reopen(fd.as_fd(), ops::open_flags(flags))?;
+        Ok(self.files.insert(file, self.cfg.passthrough))
     }
 
     fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let file = self.file(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = rustix::io::pread(&*file.fd, &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        self.files.read(fh, offset, size)
     }
 
     fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let file = self.file(fh)?;
-        let n = rustix::io::pwrite(&*file.fd, data, offset)?;
-        Ok(n as u32)
+        self.files.write(fh, offset, data)
     }
 
     fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        // Like close(2) on the host file, without giving up our descriptor.
-        let file = self.file(fh)?;
-        drop(rustix::io::dup(&*file.fd)?);
-        Ok(())
+        self.files.flush(fh)
     }
 
     fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.files.lock().remove(&fh);
+        self.files.release(fh);
         Ok(())
     }
 
     fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        sync_fd(self.file(fh)?.fd.as_fd(), datasync)
+        self.files.fsync(fh, datasync)
     }
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
@@ -788,75 +567,23 @@ impl Filesystem for PassthroughFs {
     }
 
     fn setxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        let (_fd, path) = self.xattr_path(ino)?;
-        rustix::fs::setxattr(
-            path.as_c_str(),
-            xattr_name(name)?.as_c_str(),
-            value,
-            XattrFlags::from_bits_retain(flags as u32),
-        )?;
-        Ok(())
+        ops::setxattr(&self.host, self.node_fd(ino)?.as_fd(), name, value, flags)
     }
 
     fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
-        let (_fd, path) = self.xattr_path(ino)?;
-        let cname = xattr_name(name)?;
-        let res = if size == 0 {
-            rustix::fs::getxattr_query(path.as_c_str(), cname.as_c_str())
-                .map(|n| Xattr::Size(n as u32))
-        } else {
-            let mut buf = vec![0u8; size as usize];
-            rustix::fs::getxattr(path.as_c_str(), cname.as_c_str(), &mut buf[..]).map(|n| {
-                buf.truncate(n);
-                Xattr::Data(buf)
-            })
-        };
-        res.map_err(|e| crate::xattr::absent(name, e.into()))
+        ops::getxattr(&self.host, self.node_fd(ino)?.as_fd(), name, size)
     }
 
     fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
-        let (_fd, path) = self.xattr_path(ino)?;
-        if size == 0 {
-            let n = rustix::fs::listxattr_query(path.as_c_str())?;
-            return Ok(Xattr::Size(n as u32));
-        }
-        let mut buf = vec![0u8; size as usize];
-        let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..])?;
-        buf.truncate(n);
-        Ok(Xattr::Data(buf))
+        ops::listxattr(&self.host, self.node_fd(ino)?.as_fd(), size)
     }
 
     fn removexattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
-        let (_fd, path) = self.xattr_path(ino)?;
-        rustix::fs::removexattr(path.as_c_str(), xattr_name(name)?.as_c_str())?;
-        Ok(())
+        ops::removexattr(&self.host, self.node_fd(ino)?.as_fd(), name)
     }
 
     fn access(&self, ctx: &Ctx, ino: u64, mask: i32) -> Result<()> {
-        let fd = self.node_fd(ino)?;
-        let st = self.host.stat_fd(fd.as_fd())?;
-        let want = (mask & 0o7) as u32;
-        if want == 0 {
-            return Ok(());
-        }
-        let mode = st.st_mode;
-        if ctx.uid == 0 {
-            // root may do anything but execute a file nobody may execute.
-            let x_ok = want & 1 == 0 || mode & 0o111 != 0 || mode & libc::S_IFMT == libc::S_IFDIR;
-            return if x_ok { Ok(()) } else { Err(Errno::EACCES) };
-        }
-        let bits = if st.st_uid == ctx.uid {
-            (mode >> 6) & 7
-        } else if st.st_gid == ctx.gid {
-            (mode >> 3) & 7
-        } else {
-            mode & 7
-        };
-        if bits & want == want {
-            Ok(())
-        } else {
-            Err(Errno::EACCES)
-        }
+        ops::access(&self.host, ctx, self.node_fd(ino)?.as_fd(), mask)
     }
 
     fn create(
@@ -870,25 +597,17 @@ impl Filesystem for PassthroughFs {
     ) -> Result<(Entry, Opened)> {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
-        let perm = self.create_perm(pfd.as_fd(), mode, umask);
-        let oflags = Self::open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
-        let fd = rustix::fs::openat(
-            &*pfd,
+        let perm = ops::create_perm(&self.host, pfd.as_fd(), mode, umask);
+        let fd = ops::create_file(
+            &self.host,
+            ctx,
+            pfd.as_fd(),
             &name,
-            oflags | OFlags::CLOEXEC,
-            Mode::from_raw_mode(perm),
+            perm,
+            ops::open_flags(flags),
         )?;
-        let res = (|| {
-            let st = rustix::fs::fstat(&fd)?;
-            if self.chown_new(ctx, pfd.as_fd(), fd.as_fd(), c"", &st)?
-                && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
-            {
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(st.st_mode & 0o7777))?;
-            }
-            self.lookup_at(pfd.as_fd(), &name)
-        })();
-        match res {
-            Ok(entry) => Ok((entry, self.opened_file(fd))),
+        match self.lookup_at(pfd.as_fd(), &name) {
+            Ok(entry) => Ok((entry, self.files.insert(fd, self.cfg.passthrough))),
             Err(e) => {
                 let _ = rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty());
                 Err(e)
@@ -905,27 +624,11 @@ impl Filesystem for PassthroughFs {
         length: u64,
         mode: i32,
     ) -> Result<()> {
-        let file = self.file(fh)?;
-        rustix::fs::fallocate(
-            &*file.fd,
-            FallocateFlags::from_bits_retain(mode as u32),
-            offset,
-            length,
-        )?;
-        Ok(())
+        self.files.fallocate(fh, offset, length, mode)
     }
 
     fn lseek(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        let file = self.file(fh)?;
-        let pos = match whence {
-            libc::SEEK_SET => SeekFrom::Start(offset as u64),
-            libc::SEEK_CUR => SeekFrom::Current(offset),
-            libc::SEEK_END => SeekFrom::End(offset),
-            libc::SEEK_DATA => SeekFrom::Data(offset as u64),
-            libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
-            _ => return Err(Errno::EINVAL),
-        };
-        Ok(rustix::fs::seek(&*file.fd, pos)? as i64)
+        self.files.lseek(fh, offset, whence)
     }
 
     fn copy_file_range(
@@ -940,23 +643,14 @@ impl Filesystem for PassthroughFs {
         len: u64,
         _flags: u32,
     ) -> Result<u32> {
-        let fin = self.file(fh_in)?;
-        let fout = self.file(fh_out)?;
-        let (mut oi, mut oo) = (offset_in, offset_out);
-        let n = rustix::fs::copy_file_range(
-            &*fin.fd,
-            Some(&mut oi),
-            &*fout.fd,
-            Some(&mut oo),
-            len.min(u32::MAX as u64) as usize,
-        )?;
-        Ok(n as u32)
+        self.files
+            .copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
     }
 
     fn stats(&self) -> Stats {
         Stats {
             inodes: self.table.len() as u64,
-            open_files: self.files.lock().len() as u64,
+            open_files: self.files.len() as u64,
             open_dirs: self.dirs.lock().len() as u64,
             cached_fds: self.host.cached_fds() as u64,
         }

@@ -11,6 +11,8 @@
 //! available (not root, or a filesystem without export support) the node pins
 //! its fd instead.
 
+pub mod files;
+pub mod ops;
 pub mod sys;
 pub mod watch;
 

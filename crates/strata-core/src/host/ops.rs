@@ -1,0 +1,320 @@
+//! Operations on one host object through its descriptors, shared by every
+//! layer that stores data in host directories (passthrough, union branches,
+//! later the upper).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, Gid, Mode, OFlags, Stat, Timespec, Timestamps, Uid, XattrFlags};
+
+use super::HostDir;
+use crate::fs::{Ctx, SetAttr, SetTime, Xattr};
+use crate::{Errno, Result};
+
+fn to_timespec(t: Option<SetTime>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos() as i64;
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec as _,
+                }
+            }
+        },
+    }
+}
+
+/// Applies `set` to the object behind the O_PATH fd `fd`; `file` is an open
+/// descriptor of it when the kernel named one (ftruncate, fchmod).
+pub fn set_attr(
+    host: &HostDir,
+    fd: BorrowedFd<'_>,
+    file: Option<BorrowedFd<'_>>,
+    set: &SetAttr,
+) -> Result<()> {
+    if set.uid.is_some() || set.gid.is_some() {
+        rustix::fs::chownat(
+            fd,
+            c"",
+            set.uid.map(Uid::from_raw),
+            set.gid.map(Gid::from_raw),
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    if let Some(mode) = set.mode {
+        match file {
+            Some(f) => rustix::fs::fchmod(f, Mode::from_raw_mode(mode & 0o7777))?,
+            None => host.chmod_fd(fd, mode)?,
+        }
+    }
+    if let Some(size) = set.size {
+        match file {
+            Some(f) => rustix::fs::ftruncate(f, size)?,
+            None => {
+                let w = host.reopen(fd, OFlags::WRONLY)?;
+                rustix::fs::ftruncate(&w, size)?
+            }
+        }
+    }
+    if set.atime.is_some() || set.mtime.is_some() {
+        let times = Timestamps {
+            last_access: to_timespec(set.atime),
+            last_modification: to_timespec(set.mtime),
+        };
+        rustix::fs::utimensat(
+            fd,
+            c"",
+            &times,
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    Ok(())
+}
+
+/// Permission bits to create with. The kernel leaves the umask to us
+/// (FUSE_DONT_MASK) because it must not apply under a default ACL: there
+/// the host derives the mode from the ACL.
+pub fn create_perm(host: &HostDir, parent: BorrowedFd<'_>, mode: u32, umask: u32) -> u32 {
+    let perm = mode & 0o7777;
+    if umask & 0o777 == 0 || has_default_acl(host, parent) {
+        perm
+    } else {
+        perm & !umask
+    }
+}
+
+fn has_default_acl(host: &HostDir, dir: BorrowedFd<'_>) -> bool {
+    let path = host.proc_path(dir);
+    rustix::fs::getxattr_query(path.as_c_str(), c"system.posix_acl_default").is_ok_and(|n| n > 0)
+}
+
+/// Gives a new object to the caller: the daemon creates as root, so the owner
+/// is set afterwards, the group following a setgid parent as the kernel
+/// would. `target`+`name` name the object (`name` empty: `target` is it).
+/// `st` is its stat right after creation.
+pub fn give_to_caller(
+    host: &HostDir,
+    ctx: &Ctx,
+    parent: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    name: &CStr,
+    st: &Stat,
+) -> Result<()> {
+    let pst = host.stat_fd(parent)?;
+    let gid = if pst.st_mode & libc::S_ISGID != 0 {
+        pst.st_gid
+    } else {
+        ctx.gid
+    };
+    if st.st_uid == ctx.uid && st.st_gid == gid {
+        return Ok(());
+    }
+    let empty = if name.is_empty() {
+        AtFlags::EMPTY_PATH
+    } else {
+        AtFlags::empty()
+    };
+    rustix::fs::chownat(
+        target,
+        name,
+        Some(Uid::from_raw(ctx.uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW | empty,
+    )?;
+    let kind = st.st_mode & libc::S_IFMT;
+    if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        && kind != libc::S_IFDIR
+        && kind != libc::S_IFLNK
+    {
+        // chown cleared setuid/setgid on a non-directory; put them back.
+        rustix::fs::chmodat(
+            target,
+            name,
+            Mode::from_raw_mode(st.st_mode & 0o7777),
+            empty,
+        )?;
+    }
+    Ok(())
+}
+
+/// Creates a file `name` in `parent` and opens it with `flags`, owned by
+/// the caller. On failure nothing is left behind.
+pub fn create_file(
+    host: &HostDir,
+    ctx: &Ctx,
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    perm: u32,
+    flags: OFlags,
+) -> Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        parent,
+        name,
+        flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        Mode::from_raw_mode(perm),
+    )?;
+    let res = rustix::fs::fstat(&fd)
+        .map_err(Errno::from)
+        .and_then(|st| give_to_caller(host, ctx, parent, fd.as_fd(), c"", &st));
+    match res {
+        Ok(()) => Ok(fd),
+        Err(e) => {
+            let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
+            Err(e)
+        }
+    }
+}
+
+/// Hands a just-made directory, node or symlink `name` in `parent` to the
+/// caller; removes it if that fails, so no root-owned object is left.
+pub fn finish_new(host: &HostDir, ctx: &Ctx, parent: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+    let st = host.stat_child(parent, name)?;
+    let res = give_to_caller(host, ctx, parent, parent, name, &st);
+    if res.is_err() {
+        let flags = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        let _ = rustix::fs::unlinkat(parent, name, flags);
+    }
+    res
+}
+
+/// Open flags for reopening a node: creation flags are the kernel's business.
+pub fn open_flags(flags: i32) -> OFlags {
+    let strip = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
+    OFlags::from_bits_retain(((flags & !strip) as u32) & !OFlags::PATH.bits())
+}
+
+/// `link(2)` of the object behind the O_PATH fd `fd` to `name` in `new_parent`.
+pub fn link_fd(
+    host: &HostDir,
+    fd: BorrowedFd<'_>,
+    new_parent: BorrowedFd<'_>,
+    name: &CStr,
+) -> Result<()> {
+    match rustix::fs::linkat(fd, c"", new_parent, name, AtFlags::EMPTY_PATH) {
+        Ok(()) => Ok(()),
+        // Without CAP_DAC_READ_SEARCH, AT_EMPTY_PATH is refused: go through /proc.
+        Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::PERM) => {
+            let path = host.proc_path(fd);
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                path.as_c_str(),
+                new_parent,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn readlink(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
+    Ok(rustix::fs::readlinkat(fd, c"", Vec::new())?.into_bytes())
+}
+
+fn xattr_name(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+/// Extended attributes of an O_PATH fd, through its `/proc/self/fd` entry.
+pub fn getxattr(host: &HostDir, fd: BorrowedFd<'_>, name: &OsStr, size: u32) -> Result<Xattr> {
+    let path = host.proc_path(fd);
+    let cname = xattr_name(name)?;
+    let res = if size == 0 {
+        rustix::fs::getxattr_query(path.as_c_str(), cname.as_c_str()).map(|n| Xattr::Size(n as u32))
+    } else {
+        let mut buf = vec![0u8; size as usize];
+        rustix::fs::getxattr(path.as_c_str(), cname.as_c_str(), &mut buf[..]).map(|n| {
+            buf.truncate(n);
+            Xattr::Data(buf)
+        })
+    };
+    res.map_err(|e| crate::xattr::absent(name, e.into()))
+}
+
+pub fn listxattr(host: &HostDir, fd: BorrowedFd<'_>, size: u32) -> Result<Xattr> {
+    let path = host.proc_path(fd);
+    if size == 0 {
+        let n = rustix::fs::listxattr_query(path.as_c_str())?;
+        return Ok(Xattr::Size(n as u32));
+    }
+    let mut buf = vec![0u8; size as usize];
+    let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..])?;
+    buf.truncate(n);
+    Ok(Xattr::Data(buf))
+}
+
+pub fn setxattr(
+    host: &HostDir,
+    fd: BorrowedFd<'_>,
+    name: &OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Result<()> {
+    let path = host.proc_path(fd);
+    rustix::fs::setxattr(
+        path.as_c_str(),
+        xattr_name(name)?.as_c_str(),
+        value,
+        XattrFlags::from_bits_retain(flags as u32),
+    )?;
+    Ok(())
+}
+
+pub fn removexattr(host: &HostDir, fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let path = host.proc_path(fd);
+    rustix::fs::removexattr(path.as_c_str(), xattr_name(name)?.as_c_str())?;
+    Ok(())
+}
+
+/// `access(2)` as the kernel would answer it from the mode bits, for the
+/// cases `default_permissions` leaves to the filesystem.
+pub fn access(host: &HostDir, ctx: &Ctx, fd: BorrowedFd<'_>, mask: i32) -> Result<()> {
+    let st = host.stat_fd(fd)?;
+    let want = (mask & 0o7) as u32;
+    if want == 0 {
+        return Ok(());
+    }
+    let mode = st.st_mode;
+    if ctx.uid == 0 {
+        // root may do anything but execute a file nobody may execute.
+        let x_ok = want & 1 == 0 || mode & 0o111 != 0 || mode & libc::S_IFMT == libc::S_IFDIR;
+        return if x_ok { Ok(()) } else { Err(Errno::EACCES) };
+    }
+    let bits = if st.st_uid == ctx.uid {
+        (mode >> 6) & 7
+    } else if st.st_gid == ctx.gid {
+        (mode >> 3) & 7
+    } else {
+        mode & 7
+    };
+    if bits & want == want {
+        Ok(())
+    } else {
+        Err(Errno::EACCES)
+    }
+}
