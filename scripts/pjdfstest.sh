@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the POSIX suite (pjdfstest, Rust port) against `strata mount` of a scratch
 # directory. Exits non-zero on any failure; the mount is removed on every exit path.
+# `--union` mounts a 3-branch union instead: the scratch dir (RW), an empty NC
+# branch and a read-only branch with content; other arguments go to `strata mount`.
 set -euo pipefail
 
 STRATA=${STRATA:-$(cd "$(dirname "$0")/.." && pwd)/target/debug/strata}
@@ -43,12 +45,21 @@ entries = [
 ]
 TOML
 
-timeout 20 "$STRATA" mount "$src" "$mnt" "$@"
+source=$src label=""
+if [[ ${1:-} == --union ]]; then
+    shift
+    mkdir -p "$work/nc" "$work/ro/shared"
+    echo "lower" > "$work/ro/shared/file"
+    source="$src:$work/nc=NC:$work/ro=RO"
+    label=" on a union (RW, NC, RO)"
+    set -- -o minfreespace=16M "$@"
+fi
+timeout 20 "$STRATA" mount "$source" "$mnt" "$@"
 cd "$mnt"
 # The secondary filesystem (tmpfs) enables the EXDEV cases.
 timeout 900 pjdfstest -c "$work/pjdfstest.toml" -p "$mnt" -s "$second" > "$work/pjdfstest.log" 2>&1 || true
 # Show everything but the passing lines (failures carry their reason on the next lines).
 grep -v ' ok$' "$work/pjdfstest.log" | grep -v -A1 ' skipped$' | grep -v '^--$' || true
 summary=$(grep '^Summary:' "$work/pjdfstest.log" || true)
-echo "pjdfstest${*:+ ($*)}: ${summary:-no summary (crashed?)}"
+echo "pjdfstest$label${*:+ ($*)}: ${summary:-no summary (crashed?)}"
 [[ $summary =~ ^Summary:\ 0\ failed ]]

@@ -20,6 +20,7 @@ fi
 
 ./scripts/pjdfstest.sh
 ./scripts/pjdfstest.sh -o passthrough=false
+./scripts/pjdfstest.sh --union
 
 left=$(leftover_mounts)
 if [[ -n $left ]]; then

@@ -11,6 +11,7 @@ pub mod host;
 pub mod inode;
 pub mod passthrough;
 pub mod source;
+pub mod union;
 pub mod xattr;
 
 pub use errno::{Errno, Result};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
 
 use crate::options::MountOptions;
@@ -21,14 +22,14 @@ pub struct Failure {
     pub message: String,
 }
 
-fn usage(message: impl Into<String>) -> Failure {
+pub(crate) fn usage(message: impl Into<String>) -> Failure {
     Failure {
         code: EXIT_USAGE,
         message: message.into(),
     }
 }
 
-fn failure(message: impl Into<String>) -> Failure {
+pub(crate) fn failure(message: impl Into<String>) -> Failure {
     Failure {
         code: EXIT_FAILURE,
         message: message.into(),
@@ -82,50 +83,69 @@ fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failur
     Ok(())
 }
 
+/// The layer a SOURCE asks for: one directory, or a union of branches.
+enum Layer {
+    Passthrough(PassthroughFs),
+    Union(UnionFs),
+}
+
 struct Prepared {
-    fs: PassthroughFs,
+    fs: Layer,
     mount: MountConfig,
 }
 
 fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<Prepared, Failure> {
     let opts = MountOptions::parse(option_lists.iter().map(String::as_str)).map_err(usage)?;
-    let branches = strata_core::source::parse_branches(source).map_err(usage)?;
-    if branches.len() > 1 {
-        return Err(usage(format!(
-            "'{source}': {} branches given; this version serves one directory (union mode is not available yet)",
-            branches.len()
-        )));
+    let mut branches = strata_core::source::parse_branches(source).map_err(usage)?;
+    for b in &mut branches {
+        b.path = absolute(&b.path)?;
     }
-    let branch = &branches[0];
-    let branch_path = absolute(&branch.path)?;
     check_mountpoint(mountpoint, &opts)?;
-    let fs = PassthroughFs::new(
-        &branch_path,
-        PassthroughConfig {
-            entry_ttl: opts.entry_ttl,
-            attr_ttl: opts.attr_ttl,
-            negative_ttl: opts.negative_ttl,
-            watch: opts.watch,
-            fd_cache: opts.fd_cache,
-            passthrough: opts.passthrough,
-        },
-    )
-    .map_err(usage)?;
     let is_root = rustix::process::geteuid().is_root();
-    Ok(Prepared {
-        fs,
-        mount: MountConfig {
-            fsname: opts
-                .fsname
-                .clone()
-                .unwrap_or_else(|| branch_path.display().to_string()),
-            allow_other: opts.allow_other.unwrap_or(is_root),
-            read_only: opts.read_only || branch.mode == strata_core::source::BranchMode::RO,
-            threads: opts.threads,
-            passthrough: opts.passthrough,
-            panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
-        },
-    })
+    let all_ro = branches
+        .iter()
+        .all(|b| b.mode == strata_core::source::BranchMode::RO);
+    let mount = MountConfig {
+        fsname: opts.fsname.clone().unwrap_or_else(|| {
+            branches
+                .iter()
+                .map(|b| b.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        }),
+        allow_other: opts.allow_other.unwrap_or(is_root),
+        read_only: opts.read_only || all_ro,
+        threads: opts.threads,
+        passthrough: opts.passthrough,
+        panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
+    };
+    let fs = if branches.len() == 1 {
+        Layer::Passthrough(
+            PassthroughFs::new(
+                &branches[0].path,
+                PassthroughConfig {
+                    entry_ttl: opts.entry_ttl,
+                    attr_ttl: opts.attr_ttl,
+                    negative_ttl: opts.negative_ttl,
+                    watch: opts.watch,
+                    fd_cache: opts.fd_cache,
+                    passthrough: opts.passthrough,
+                },
+            )
+            .map_err(usage)?,
+        )
+    } else {
+        Layer::Union(
+            UnionFs::new(UnionConfig {
+                branches,
+                settings: opts.union.clone(),
+                fd_cache: opts.fd_cache,
+                passthrough: opts.passthrough,
+            })
+            .map_err(usage)?,
+        )
+    };
+    Ok(Prepared { fs, mount })
 }
 
 fn init_logging(default: &str) {
@@ -183,35 +203,62 @@ pub fn mount(
     // New objects get exactly the mode the kernel asks for.
     rustix::process::umask(rustix::fs::Mode::empty());
     raise_fd_limit();
-    let fs = Arc::new(prepared.fs);
-    let session = match strata_fuse::mount(fs, &mountpoint, &prepared.mount) {
-        Ok(s) => s,
-        Err(e) => {
-            let f = failure(format!("{}: mount failed: {e}", mountpoint.display()));
-            report(&format!("error {} {}", f.code, f.message));
-            return Err(f);
-        }
+    let ctx = Serving {
+        source,
+        mountpoint: &mountpoint,
+        daemon_child,
+        report: &report,
     };
-    let record = MountRecord {
-        mountpoint: mountpoint.clone(),
-        source: source.to_string(),
-        pid: std::process::id(),
-        started: state::now(),
-        log: if daemon_child {
-            state::log_path(&mountpoint)
-        } else {
-            PathBuf::new()
-        },
-    };
-    if let Err(e) = state::write_record(&record) {
-        tracing::warn!(
-            "cannot write mount record {}: {e}",
-            state::record_path(&mountpoint).display()
-        );
+    match prepared.fs {
+        Layer::Passthrough(fs) => ctx.run(Arc::new(fs), &prepared.mount),
+        Layer::Union(fs) => ctx.run(Arc::new(fs), &prepared.mount),
     }
-    tracing::info!(source, mountpoint = %mountpoint.display(), "mounted");
-    report("ready");
-    serve(session, &mountpoint)
+}
+
+/// What serving a mount needs besides the filesystem.
+struct Serving<'a> {
+    source: &'a str,
+    mountpoint: &'a Path,
+    daemon_child: bool,
+    report: &'a dyn Fn(&str),
+}
+
+impl Serving<'_> {
+    fn run<F: strata_core::Filesystem>(
+        &self,
+        fs: Arc<F>,
+        cfg: &MountConfig,
+    ) -> Result<(), Failure> {
+        let (source, mountpoint, report) = (self.source, self.mountpoint, self.report);
+        let session = match strata_fuse::mount(fs, mountpoint, cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                let f = failure(format!("{}: mount failed: {e}", mountpoint.display()));
+                report(&format!("error {} {}", f.code, f.message));
+                return Err(f);
+            }
+        };
+        let record = MountRecord {
+            mountpoint: mountpoint.to_path_buf(),
+            source: source.to_string(),
+            pid: std::process::id(),
+            started: state::now(),
+            log: if self.daemon_child {
+                state::log_path(mountpoint)
+            } else {
+                PathBuf::new()
+            },
+        };
+        if let Err(e) = state::write_record(&record) {
+            tracing::warn!(
+                "cannot write mount record {}: {e}",
+                state::record_path(mountpoint).display()
+            );
+        }
+        tracing::info!(source, mountpoint = %mountpoint.display(), "mounted");
+        report("ready");
+        serve(session, mountpoint)
+    }
 }
 
 fn serve<F: strata_core::Filesystem>(

@@ -1,6 +1,7 @@
 //! `strata`: mount layered namespaces through FUSE.
 
 mod commands;
+mod ctl;
 mod options;
 mod state;
 
@@ -41,7 +42,7 @@ enum Command {
     #[command(
         long_about = "Mount SOURCE on MOUNTPOINT.\n\n\
             SOURCE is a branch list in mergerfs syntax: PATH[=RW|RO|NC][,MINFREE] joined by ':'. \
-            This version serves a single host directory; several branches (union mode) come later.\n\n\
+            One branch is served as is; several make a mergerfs-style union (policies via -o or `strata ctl`).\n\n\
             Without -f the command starts a daemon and returns once the mount is ready; errors are \
             reported before it returns. With -f it serves in the foreground until unmounted or \
             interrupted (SIGINT/SIGTERM unmount cleanly).",
@@ -85,6 +86,19 @@ enum Command {
         lazy: bool,
         mountpoint: PathBuf,
     },
+    /// Read or change a union's runtime settings (the xattrs of MOUNTPOINT/.strata).
+    #[command(after_help = "EXAMPLES:\n  \
+        strata ctl /pool list\n  \
+        strata ctl /pool get category.create\n  \
+        strata ctl /pool set category.create=mfs func.getattr=newest\n  \
+        strata ctl /pool set branches=+>/disk4       (also +< - -< -> =)")]
+    Ctl {
+        mountpoint: PathBuf,
+        /// list, get or set
+        action: String,
+        /// KEY for get, KEY=VALUE pairs for set
+        args: Vec<String>,
+    },
     /// List strata mounts: mountpoint, source, pid, uptime.
     Status {
         /// Machine-readable output, with inode and handle counters.
@@ -112,6 +126,11 @@ fn main() -> ExitCode {
         } => commands::mount(&source, &mountpoint, &options, foreground, daemon_child),
         Command::Umount { lazy, mountpoint } => commands::umount(&mountpoint, lazy),
         Command::Status { json } => commands::status(json),
+        Command::Ctl {
+            mountpoint,
+            action,
+            args,
+        } => ctl::run(&mountpoint, &action, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,18 @@
 
 use std::time::Duration;
 
+use strata_core::union::Settings;
+
+/// Union options, handed to the union's own settings (which also serve the control file).
+fn is_union_key(key: &str) -> bool {
+    key.starts_with("category.")
+        || key.starts_with("func.")
+        || matches!(
+            key,
+            "minfreespace" | "inodecalc" | "statfs" | "statfs-ignore" | "statfs_ignore" | "xattr"
+        )
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
     pub allow_other: Option<bool>,
@@ -16,6 +28,8 @@ pub struct MountOptions {
     pub nonempty: bool,
     pub passthrough: bool,
     pub fd_cache: usize,
+    /// Union settings (policies, minfreespace, ...); used with several branches.
+    pub union: Settings,
 }
 
 impl Default for MountOptions {
@@ -32,6 +46,7 @@ impl Default for MountOptions {
             nonempty: false,
             passthrough: true,
             fd_cache: strata_core::host::DEFAULT_FD_CACHE,
+            union: Settings::default(),
         }
     }
 }
@@ -58,6 +73,13 @@ pub const KNOWN: &[&str] = &[
     "default_permissions",
     "passthrough=true|false",
     "cache.fds=N",
+    "category.create|action|search=POLICY",
+    "func.FUNCTION=POLICY",
+    "minfreespace=SIZE",
+    "inodecalc=MODE",
+    "statfs=base|full",
+    "statfs-ignore=none|ro|nc",
+    "xattr=passthrough|noattr|nosys",
 ];
 
 fn seconds(key: &str, v: &str) -> Result<Duration, String> {
@@ -119,6 +141,10 @@ impl MountOptions {
                     "default_permissions" => {}
                     "passthrough" => o.passthrough = value.map_or(Ok(true), |v| boolean(key, v))?,
                     "cache.fds" => o.fd_cache = number(key, need()?, 16, 1 << 24)?,
+                    k if is_union_key(k) => o
+                        .union
+                        .set(k, need()?)
+                        .map_err(|e| format!("option '{key}': {e}"))?,
                     _ => {
                         return Err(format!(
                             "unknown mount option '{item}' (known: {})",
@@ -127,6 +153,16 @@ impl MountOptions {
                     }
                 }
             }
+        }
+        // The cache timeouts apply to the union too.
+        if let Some(t) = o.entry_ttl {
+            o.union.entry_ttl = t;
+        }
+        if let Some(t) = o.attr_ttl {
+            o.union.attr_ttl = t;
+        }
+        if let Some(t) = o.negative_ttl {
+            o.union.negative_ttl = t;
         }
         Ok(o)
     }

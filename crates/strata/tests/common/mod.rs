@@ -55,22 +55,36 @@ impl Mounted {
     }
 
     fn build(opts: &[&str], env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Mounted {
+        Self::build_source(opts, env, |dir| {
+            let src = dir.join("src");
+            fs::create_dir(&src).unwrap();
+            prepare(&src);
+            src.display().to_string()
+        })
+    }
+
+    /// Mounts the SOURCE `make_source` returns; it gets the test's scratch
+    /// directory to make branches in (`src` is that directory's `src`).
+    pub fn build_source(
+        opts: &[&str],
+        env: &[(&str, &str)],
+        make_source: impl FnOnce(&Path) -> String,
+    ) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("strata-test")
             .tempdir_in("/tmp")
             .unwrap();
         let src = dir.path().join("src");
         let mnt = dir.path().join("mnt");
-        fs::create_dir(&src).unwrap();
         fs::create_dir(&mnt).unwrap();
-        prepare(&src);
+        let source = make_source(dir.path());
         let log = dir.path().join("daemon.log");
         let mut cmd = Command::new(STRATA);
         cmd.arg("mount").arg("-f");
         for o in opts {
             cmd.arg("-o").arg(o);
         }
-        cmd.arg(&src)
+        cmd.arg(&source)
             .arg(&mnt)
             .env("STRATA_STATE_DIR", dir.path().join("state"))
             .envs(env.iter().copied())

@@ -1,0 +1,789 @@
+//! A union of host branches with mergerfs semantics.
+//!
+//! A node is a name in the union: its parent and name (the path policies and
+//! path cloning need) and its instances, the host objects with that path on
+//! each branch, in branch order, refreshed at every lookup. Policies
+//! ([`policy`]) pick the instances an operation uses; the runtime options live
+//! in [`Settings`] and are read and changed through the control file.
+
+pub mod control;
+mod fs;
+pub mod policy;
+pub mod settings;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
+
+use crate::fs::*;
+use crate::host::files::OpenFiles;
+use crate::host::{HostDir, HostNode, attr_from_stat};
+use crate::inode::InodeTable;
+use crate::source::{self, BranchMode};
+use crate::{Errno, Result};
+use policy::{Candidate, Func, Policy, Want};
+pub use settings::Settings;
+use settings::{InodeCalc, StatfsIgnore, StatfsMode, XattrMode};
+
+/// Node id of the control file `/.strata`.
+pub const CONTROL_ID: u64 = u64::MAX - 1;
+/// Name of the control file in the root.
+pub const CONTROL_NAME: &str = ".strata";
+
+/// One host directory of the union.
+pub struct Branch {
+    pub id: u64,
+    pub path: PathBuf,
+    pub mode: BranchMode,
+    /// Per-branch `minfreespace`; the global setting applies when unset.
+    pub min_free: Option<u64>,
+    dir: HostDir,
+}
+
+impl Branch {
+    /// The branch as written in a branch list: `PATH=MODE[,MINFREE]`.
+    pub fn spec(&self) -> String {
+        match self.min_free {
+            Some(m) => format!("{}={},{m}", self.path.display(), self.mode),
+            None => format!("{}={}", self.path.display(), self.mode),
+        }
+    }
+}
+
+/// A host object holding a union node's path on one branch.
+#[derive(Clone)]
+struct Inst {
+    branch: Arc<Branch>,
+    node: Arc<HostNode>,
+}
+
+impl Inst {
+    fn fd(&self) -> Result<Arc<OwnedFd>> {
+        self.branch.dir.fd(&self.node)
+    }
+}
+
+struct UNode {
+    kind: FileKind,
+    /// Parent node id and name: where the node was last seen.
+    loc: Mutex<(u64, CString)>,
+    inst: RwLock<Vec<Inst>>,
+}
+
+struct UDirEnt {
+    name: CString,
+    ino: u64,
+    kind: FileKind,
+}
+
+struct UDir {
+    ino: u64,
+    entries: Mutex<Arc<Vec<UDirEnt>>>,
+}
+
+type Key = (u64, u64);
+
+pub struct UnionConfig {
+    pub branches: Vec<source::Branch>,
+    pub settings: Settings,
+    pub fd_cache: usize,
+    pub passthrough: bool,
+}
+
+pub struct UnionFs {
+    branches: RwLock<Arc<Vec<Arc<Branch>>>>,
+    next_branch: AtomicU64,
+    settings: RwLock<Settings>,
+    table: InodeTable<Key, UNode>,
+    files: OpenFiles,
+    dirs: Mutex<HashMap<u64, Arc<UDir>>>,
+    next_dh: AtomicU64,
+    fd_cache: usize,
+    passthrough: bool,
+    rng: Mutex<XorShift>,
+    invalidator: RwLock<Option<Arc<dyn Invalidator>>>,
+}
+
+/// xorshift64*: plenty for spreading files over branches.
+struct XorShift(u64);
+
+impl policy::Rng for XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// FNV-1a: a stable hash for `inodecalc`.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn is_dir(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn kind_of(st: &Stat) -> FileKind {
+    FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular)
+}
+
+/// Whether `e` only means "not on this branch".
+fn absent(e: Errno) -> bool {
+    e == Errno::ENOENT || e == Errno::ENOTDIR
+}
+
+impl UnionFs {
+    pub fn new(cfg: UnionConfig) -> std::result::Result<UnionFs, String> {
+        if cfg.branches.is_empty() {
+            return Err("no branches".into());
+        }
+        let fs = UnionFs {
+            branches: RwLock::new(Arc::new(Vec::new())),
+            next_branch: AtomicU64::new(1),
+            settings: RwLock::new(cfg.settings),
+            table: InodeTable::new(
+                (0, 0),
+                Arc::new(UNode {
+                    kind: FileKind::Directory,
+                    loc: Mutex::new((ROOT_ID, CString::default())),
+                    inst: RwLock::new(Vec::new()),
+                }),
+            ),
+            files: OpenFiles::default(),
+            dirs: Mutex::new(HashMap::new()),
+            next_dh: AtomicU64::new(1),
+            fd_cache: cfg.fd_cache,
+            passthrough: cfg.passthrough,
+            rng: Mutex::new(XorShift(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0x1234_5678, |d| d.as_nanos() as u64)
+                    | 1,
+            )),
+            invalidator: RwLock::new(None),
+        };
+        let branches = cfg
+            .branches
+            .iter()
+            .map(|b| fs.open_branch(b))
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        *fs.branches.write() = Arc::new(branches);
+        Ok(fs)
+    }
+
+    fn open_branch(&self, b: &source::Branch) -> std::result::Result<Arc<Branch>, String> {
+        let dir = HostDir::open(&b.path, self.fd_cache)?;
+        Ok(Arc::new(Branch {
+            id: self.next_branch.fetch_add(1, Ordering::Relaxed),
+            path: b.path.clone(),
+            mode: b.mode,
+            min_free: b.min_free,
+            dir,
+        }))
+    }
+
+    pub fn branches(&self) -> Arc<Vec<Arc<Branch>>> {
+        self.branches.read().clone()
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings.read().clone()
+    }
+
+    fn node(&self, ino: u64) -> Result<Arc<UNode>> {
+        self.table.get(ino).ok_or(Errno::ESTALE)
+    }
+
+    /// The node's instances on branches still in the union, in branch order.
+    /// The root is on every branch.
+    fn instances(&self, ino: u64) -> Result<Vec<Inst>> {
+        let branches = self.branches();
+        if ino == ROOT_ID {
+            return Ok(branches
+                .iter()
+                .map(|b| Inst {
+                    branch: b.clone(),
+                    node: b.dir.root().clone(),
+                })
+                .collect());
+        }
+        let node = self.node(ino)?;
+        let live: HashSet<u64> = branches.iter().map(|b| b.id).collect();
+        let inst: Vec<Inst> = node
+            .inst
+            .read()
+            .iter()
+            .filter(|i| live.contains(&i.branch.id))
+            .cloned()
+            .collect();
+        if inst.is_empty() {
+            return Err(Errno::ENOENT);
+        }
+        Ok(inst)
+    }
+
+    /// The node's path in the union, without a leading `/` (empty: the root).
+    fn rel_path(&self, ino: u64) -> Vec<u8> {
+        let mut parts: Vec<CString> = Vec::new();
+        let mut id = ino;
+        while id != ROOT_ID && parts.len() < 4096 {
+            let Some(node) = self.table.get(id) else {
+                break;
+            };
+            let (parent, name) = node.loc.lock().clone();
+            parts.push(name);
+            id = parent;
+        }
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                out.push(b'/');
+            }
+            out.extend_from_slice(p.to_bytes());
+        }
+        out
+    }
+
+    fn ancestors(&self, ino: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut id = ino;
+        while id != ROOT_ID && out.len() < 4096 {
+            let Some(node) = self.table.get(id) else {
+                break;
+            };
+            id = node.loc.lock().0;
+            out.push(id);
+        }
+        out
+    }
+
+    /// The node id `inodecalc` asks for.
+    fn calc_id(&self, path: &[u8], dir: bool, dev: u64, ino: u64) -> u64 {
+        let calc = self.settings.read().inodecalc;
+        let path_hash = || fnv(&[path]);
+        let devino_hash = || fnv(&[&dev.to_ne_bytes(), &ino.to_ne_bytes()]);
+        let h = match calc {
+            InodeCalc::Passthrough => ino,
+            InodeCalc::PathHash => path_hash(),
+            InodeCalc::PathHash32 => path_hash() & 0xFFFF_FFFF,
+            InodeCalc::DevinoHash => devino_hash(),
+            InodeCalc::DevinoHash32 => devino_hash() & 0xFFFF_FFFF,
+            InodeCalc::HybridHash if dir => path_hash(),
+            InodeCalc::HybridHash => devino_hash(),
+            InodeCalc::HybridHash32 if dir => path_hash() & 0xFFFF_FFFF,
+            InodeCalc::HybridHash32 => devino_hash() & 0xFFFF_FFFF,
+        };
+        // Keep clear of the root, the control file and the table's fallback range.
+        let h = h & !(1 << 63);
+        if h <= ROOT_ID { h + 2 } else { h }
+    }
+
+    fn ttl(&self) -> (Duration, Duration) {
+        let s = self.settings.read();
+        (s.entry_ttl, s.attr_ttl)
+    }
+
+    /// Policy view of `inst` (instances where the path exists) among all branches.
+    fn candidates(&self, policy: Policy, inst: &[Inst]) -> (Vec<Arc<Branch>>, Vec<Candidate>) {
+        let branches = self.branches();
+        let present: HashMap<u64, &Inst> = inst.iter().map(|i| (i.branch.id, i)).collect();
+        let mtime = policy == Policy::Newest;
+        let cands = branches
+            .iter()
+            .map(|b| {
+                let here = present.get(&b.id);
+                let mt = if mtime {
+                    here.and_then(|i| i.fd().ok())
+                        .and_then(|fd| b.dir.stat_fd(fd.as_fd()).ok())
+                        .map(|st| attr_from_stat(&st, 0).mtime)
+                } else {
+                    None
+                };
+                self.candidate(policy, false, b, here.map(|_| 0), mt)
+            })
+            .collect();
+        (branches.to_vec(), cands)
+    }
+
+    /// Policy view of branch `b`. Free space is read when the policy ranks by
+    /// it, and always for creates (`minfreespace` filters every create policy).
+    fn candidate(
+        &self,
+        policy: Policy,
+        creating: bool,
+        b: &Branch,
+        missing_levels: Option<u32>,
+        mtime: Option<SystemTime>,
+    ) -> Candidate {
+        let needs_space = creating
+            || !matches!(
+                policy,
+                Policy::Ff
+                    | Policy::EpFf
+                    | Policy::All
+                    | Policy::EpAll
+                    | Policy::Newest
+                    | Policy::Erofs
+                    | Policy::Rand
+                    | Policy::EpRand
+            );
+        let (avail, used, total) = if needs_space {
+            match b
+                .dir
+                .fd(b.dir.root())
+                .and_then(|fd| Ok(rustix::fs::fstatvfs(&*fd)?))
+            {
+                Ok(s) => (
+                    s.f_bavail * s.f_frsize,
+                    s.f_blocks.saturating_sub(s.f_bavail) * s.f_frsize,
+                    s.f_blocks * s.f_frsize,
+                ),
+                Err(_) => (0, 0, 0),
+            }
+        } else {
+            (u64::MAX / 4, 0, u64::MAX / 4)
+        };
+        Candidate {
+            mode: b.mode,
+            min_free: b.min_free.unwrap_or(self.settings.read().min_free),
+            avail,
+            used,
+            total,
+            missing_levels,
+            mtime,
+        }
+    }
+
+    /// Instances of `ino` chosen by the policy of `func`.
+    fn pick(&self, func: Func, want: Want, inst: &[Inst]) -> Result<Vec<Inst>> {
+        let policy = self.settings.read().policy(func);
+        let (branches, cands) = self.candidates(policy, inst);
+        let chosen = policy.select(want, &cands, &mut *self.rng.lock())?;
+        Ok(chosen
+            .into_iter()
+            .filter_map(|i| {
+                let b = &branches[i];
+                inst.iter().find(|x| x.branch.id == b.id).cloned()
+            })
+            .collect())
+    }
+
+    fn search(&self, func: Func, ino: u64) -> Result<Inst> {
+        let inst = self.instances(ino)?;
+        self.pick(func, Want::Search, &inst)?
+            .into_iter()
+            .next()
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn action(&self, func: Func, ino: u64) -> Result<Vec<Inst>> {
+        let inst = self.instances(ino)?;
+        self.pick(func, Want::Action, &inst)
+    }
+
+    /// Branches to create `parent/<new>` on, by the create policy of `func`.
+    fn place(&self, func: Func, parent: u64, many: bool) -> Result<Vec<Arc<Branch>>> {
+        let policy = self.settings.read().policy(func);
+        let pinst = self.instances(parent)?;
+        let ancestors = self.ancestors(parent);
+        let branches = self.branches();
+        let cands: Vec<Candidate> = branches
+            .iter()
+            .map(|b| {
+                let has = |ino: u64| {
+                    ino == ROOT_ID
+                        || self
+                            .table
+                            .get(ino)
+                            .is_some_and(|n| n.inst.read().iter().any(|i| i.branch.id == b.id))
+                };
+                let level = if pinst.iter().any(|i| i.branch.id == b.id) {
+                    Some(0)
+                } else {
+                    ancestors.iter().position(|a| has(*a)).map(|p| p as u32 + 1)
+                };
+                self.candidate(policy, true, b, level, None)
+            })
+            .collect();
+        let chosen = policy.select(Want::Create { many }, &cands, &mut *self.rng.lock())?;
+        Ok(chosen.into_iter().map(|i| branches[i].clone()).collect())
+    }
+
+    /// The fd of directory `ino` on `branch`, cloning its path there (mode,
+    /// owner and times copied from the first branch holding it) if missing.
+    fn dir_on(&self, ino: u64, branch: &Arc<Branch>) -> Result<Arc<OwnedFd>> {
+        let inst = self.instances(ino)?;
+        if let Some(i) = inst.iter().find(|i| i.branch.id == branch.id) {
+            return i.fd();
+        }
+        let node = self.node(ino)?;
+        let (parent, name) = node.loc.lock().clone();
+        let pfd = self.dir_on(parent, branch)?;
+        let from = inst.first().ok_or(Errno::ENOENT)?;
+        let st = from.branch.dir.stat_fd(from.fd()?.as_fd())?;
+        match rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(st.st_mode & 0o7777)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let _ = rustix::fs::chownat(
+            &*pfd,
+            &name,
+            Some(rustix::fs::Uid::from_raw(st.st_uid)),
+            Some(rustix::fs::Gid::from_raw(st.st_gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
+        // chown may clear setgid; restate the mode exactly.
+        let _ = rustix::fs::chmodat(
+            &*pfd,
+            &name,
+            Mode::from_raw_mode(st.st_mode & 0o7777),
+            AtFlags::empty(),
+        );
+        let nst = branch.dir.stat_child(pfd.as_fd(), &name)?;
+        if !is_dir(&nst) {
+            return Err(Errno::ENOTDIR);
+        }
+        let hn = Arc::new(branch.dir.make_node(pfd.as_fd(), &name, &nst)?);
+        let fd = branch.dir.fd(&hn)?;
+        let order: HashMap<u64, usize> = self
+            .branches()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.id, i))
+            .collect();
+        let mut list = node.inst.write();
+        list.retain(|i| i.branch.id != branch.id);
+        list.push(Inst {
+            branch: branch.clone(),
+            node: hn,
+        });
+        list.sort_by_key(|i| order.get(&i.branch.id).copied().unwrap_or(usize::MAX));
+        Ok(fd)
+    }
+
+    /// `name` in each instance of `parent`: the branch, the parent's fd there, the stat.
+    fn find(&self, parent: u64, name: &CStr) -> Result<Vec<(Inst, Arc<OwnedFd>, Stat)>> {
+        let mut found = Vec::new();
+        let mut err = None;
+        for pi in self.instances(parent)? {
+            let pfd = pi.fd()?;
+            match pi.branch.dir.stat_child(pfd.as_fd(), name) {
+                Ok(st) => found.push((pi, pfd, st)),
+                Err(e) if absent(e) => {}
+                Err(e) => err = Some(e),
+            }
+        }
+        if found.is_empty() {
+            return Err(err.unwrap_or(Errno::ENOENT));
+        }
+        // The first found decides what the name is; same-typed instances join it.
+        let dir = is_dir(&found[0].2);
+        found.retain(|(_, _, st)| is_dir(st) == dir);
+        Ok(found)
+    }
+
+    fn lookup_name(&self, parent: u64, name: &CStr) -> Result<Entry> {
+        let found = self.find(parent, name)?;
+        let first = &found[0].2;
+        let key = (first.st_dev, first.st_ino);
+        let kind = kind_of(first);
+        let mut path = self.rel_path(parent);
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.to_bytes());
+        let want_id = self.calc_id(&path, is_dir(first), first.st_dev, first.st_ino);
+        loop {
+            let existing = self.table.get_by_key(&key).filter(|(_, n)| n.kind == kind);
+            let old: Vec<Inst> = existing
+                .as_ref()
+                .map(|(_, n)| n.inst.read().clone())
+                .unwrap_or_default();
+            let mut inst = Vec::with_capacity(found.len());
+            for (pi, pfd, st) in &found {
+                let reuse = old.iter().find(|o| {
+                    o.branch.id == pi.branch.id
+                        && o.node.dev == st.st_dev
+                        && o.node.ino == st.st_ino
+                });
+                let node = match reuse {
+                    Some(o) => o.node.clone(),
+                    None => Arc::new(pi.branch.dir.make_node(pfd.as_fd(), name, st)?),
+                };
+                inst.push(Inst {
+                    branch: pi.branch.clone(),
+                    node,
+                });
+            }
+            let fresh = UNode {
+                kind,
+                loc: Mutex::new((parent, name.to_owned())),
+                inst: RwLock::new(inst.clone()),
+            };
+            let taken =
+                self.table
+                    .lookup(key, want_id, existing.is_none().then_some(fresh), |old| {
+                        old.kind != kind
+                    });
+            if let Some((id, node)) = taken {
+                if existing.is_some() {
+                    *node.inst.write() = inst;
+                    *node.loc.lock() = (parent, name.to_owned());
+                }
+                let st = self.getattr_stat(&node.inst.read())?;
+                let (entry_ttl, attr_ttl) = self.ttl();
+                return Ok(Entry {
+                    attr: attr_from_stat(&st, id),
+                    generation: 0,
+                    entry_ttl,
+                    attr_ttl,
+                });
+            }
+            // Forgotten between our check and the insert: go again.
+        }
+    }
+
+    /// Attributes by the getattr policy among `inst`.
+    fn getattr_stat(&self, inst: &[Inst]) -> Result<Stat> {
+        let chosen = self
+            .pick(Func::Getattr, Want::Search, inst)?
+            .into_iter()
+            .next()
+            .ok_or(Errno::ENOENT)?;
+        chosen.branch.dir.stat_fd(chosen.fd()?.as_fd())
+    }
+
+    fn attr_out(&self, ino: u64, st: &Stat) -> AttrOut {
+        AttrOut {
+            attr: attr_from_stat(st, ino),
+            ttl: self.ttl().1,
+        }
+    }
+
+    /// Runs `op` on every chosen instance; succeeds if any did, else the first error.
+    fn apply<T>(items: &[T], mut op: impl FnMut(&T) -> Result<()>) -> Result<()> {
+        let mut first_err = None;
+        let mut any = false;
+        for it in items {
+            match op(it) {
+                Ok(()) => any = true,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if !any => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops every node's kernel cache (`cmd.invalidate-all-nodes`).
+    pub fn invalidate_all(&self) {
+        if let Some(inval) = self.invalidator.read().clone() {
+            for id in self.table.ids() {
+                inval.inode(id, true);
+            }
+        }
+    }
+
+    /// Replaces the branch list (runtime edits from the control file).
+    pub fn set_branches(&self, specs: &[source::Branch]) -> std::result::Result<(), String> {
+        if specs.is_empty() {
+            return Err("a union needs at least one branch".into());
+        }
+        let current = self.branches();
+        let mut next = Vec::new();
+        for s in specs {
+            let same = current.iter().find(|b| b.path == s.path);
+            next.push(match same {
+                Some(b) if b.mode == s.mode && b.min_free == s.min_free => b.clone(),
+                Some(b) => Arc::new(Branch {
+                    id: b.id,
+                    path: b.path.clone(),
+                    mode: s.mode,
+                    min_free: s.min_free,
+                    dir: HostDir::open(&s.path, self.fd_cache)?,
+                }),
+                None => self.open_branch(s)?,
+            });
+        }
+        *self.branches.write() = Arc::new(next);
+        self.invalidate_all();
+        Ok(())
+    }
+
+    fn new_entry_on(&self, parent: u64, name: &CStr) -> Result<Entry> {
+        self.lookup_name(parent, name)
+    }
+
+    fn read_only_err(inst: &Inst) -> Result<()> {
+        if inst.branch.mode == BranchMode::RO {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn load_dir(&self, dir: &UDir) -> Result<Arc<Vec<UDirEnt>>> {
+        let parent = if dir.ino == ROOT_ID {
+            ROOT_ID
+        } else {
+            self.node(dir.ino)?.loc.lock().0
+        };
+        let mut out = vec![
+            UDirEnt {
+                name: c".".to_owned(),
+                ino: dir.ino,
+                kind: FileKind::Directory,
+            },
+            UDirEnt {
+                name: c"..".to_owned(),
+                ino: parent,
+                kind: FileKind::Directory,
+            },
+        ];
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let base = self.rel_path(dir.ino);
+        for inst in self.instances(dir.ino)? {
+            let fd = inst.fd()?;
+            let Ok(dfd) = rustix::fs::openat(
+                &*fd,
+                c".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                continue;
+            };
+            let dev = inst.node.dev;
+            let mut reader = rustix::fs::Dir::read_from(&dfd)?;
+            for ent in &mut reader {
+                let Ok(ent) = ent else { break };
+                let name = ent.file_name();
+                let bytes = name.to_bytes();
+                if bytes == b"." || bytes == b".." {
+                    continue;
+                }
+                if dir.ino == ROOT_ID && bytes == CONTROL_NAME.as_bytes() {
+                    continue;
+                }
+                if !seen.insert(bytes.to_vec()) {
+                    continue;
+                }
+                let kind = match ent.file_type() {
+                    rustix::fs::FileType::Directory => FileKind::Directory,
+                    rustix::fs::FileType::Symlink => FileKind::Symlink,
+                    rustix::fs::FileType::Fifo => FileKind::Fifo,
+                    rustix::fs::FileType::Socket => FileKind::Socket,
+                    rustix::fs::FileType::CharacterDevice => FileKind::CharDevice,
+                    rustix::fs::FileType::BlockDevice => FileKind::BlockDevice,
+                    _ => FileKind::Regular,
+                };
+                // What lookup will most likely answer (d_ino is advisory).
+                let mut path = base.clone();
+                if !path.is_empty() {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(bytes);
+                out.push(UDirEnt {
+                    name: name.to_owned(),
+                    ino: self.calc_id(&path, kind == FileKind::Directory, dev, ent.ino()),
+                    kind,
+                });
+            }
+        }
+        let out = Arc::new(out);
+        *dir.entries.lock() = out.clone();
+        Ok(out)
+    }
+
+    fn dir_entries(&self, dh: u64, offset: u64) -> Result<Arc<Vec<UDirEnt>>> {
+        let dir = self.dirs.lock().get(&dh).cloned().ok_or(Errno::EBADF)?;
+        if offset == 0 {
+            self.load_dir(&dir)
+        } else {
+            Ok(dir.entries.lock().clone())
+        }
+    }
+
+    /// Statfs over the branches the settings count, each filesystem once.
+    fn statfs_sum(&self, only: Option<&[Inst]>) -> Result<StatFs> {
+        let (mode, ignore) = {
+            let s = self.settings.read();
+            (s.statfs, s.statfs_ignore)
+        };
+        let branches: Vec<Arc<Branch>> = match (mode, only) {
+            (StatfsMode::Full, Some(inst)) => inst.iter().map(|i| i.branch.clone()).collect(),
+            _ => self.branches().to_vec(),
+        };
+        let mut seen = HashSet::new();
+        let mut out: Option<StatFs> = None;
+        for b in branches {
+            let skip = match ignore {
+                StatfsIgnore::None => false,
+                StatfsIgnore::Ro => b.mode == BranchMode::RO,
+                StatfsIgnore::Nc => b.mode != BranchMode::RW,
+            };
+            if skip {
+                continue;
+            }
+            let root = b.dir.fd(b.dir.root())?;
+            let st = b.dir.stat_fd(root.as_fd())?;
+            if !seen.insert(st.st_dev) {
+                continue;
+            }
+            let s = rustix::fs::fstatvfs(&*root)?;
+            let o = out.get_or_insert(StatFs {
+                blocks: 0,
+                bfree: 0,
+                bavail: 0,
+                files: 0,
+                ffree: 0,
+                bsize: s.f_bsize as u32,
+                namelen: s.f_namemax as u32,
+                frsize: s.f_frsize as u32,
+            });
+            // Express every branch in the first one's fragment size.
+            let scale = |n: u64| n.saturating_mul(s.f_frsize) / (o.frsize.max(1) as u64);
+            o.blocks += scale(s.f_blocks);
+            o.bfree += scale(s.f_bfree);
+            o.bavail += scale(s.f_bavail);
+            o.files += s.f_files;
+            o.ffree += s.f_ffree;
+        }
+        out.ok_or(Errno::ENOENT)
+    }
+
+    fn xattr_mode(&self) -> XattrMode {
+        self.settings.read().xattr
+    }
+
+    /// Full host paths of the node on every branch holding it.
+    pub fn all_paths(&self, ino: u64) -> Result<Vec<PathBuf>> {
+        let rel = self.rel_path(ino);
+        Ok(self
+            .instances(ino)?
+            .iter()
+            .map(|i| i.branch.path.join(OsStr::from_bytes(&rel)))
+            .collect())
+    }
+}

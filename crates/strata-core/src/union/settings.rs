@@ -1,0 +1,307 @@
+//! Union options that can change at runtime: one table of keys shared by the
+//! `-o` mount options and the control file's `user.strata.*` xattrs, so both
+//! accept and reject exactly the same things.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::policy::{Category, Func, Policy};
+use crate::source::parse_size;
+
+/// How node ids (and so `st_ino`) are computed, as mergerfs's `inodecalc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InodeCalc {
+    Passthrough,
+    PathHash,
+    PathHash32,
+    DevinoHash,
+    DevinoHash32,
+    HybridHash,
+    HybridHash32,
+}
+
+/// `statfs=`: sum the branches' filesystems, or only those holding the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatfsMode {
+    Base,
+    Full,
+}
+
+/// `statfs-ignore=`: branches left out of statfs sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatfsIgnore {
+    None,
+    Ro,
+    Nc,
+}
+
+/// `xattr=`: pass extended attributes through, report none, or tell the
+/// kernel they are unsupported (it then stops asking: no round trips).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    Passthrough,
+    NoAttr,
+    NoSys,
+}
+
+macro_rules! names {
+    ($ty:ident { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $ty {
+            const NAMES: &'static [($ty, &'static str)] = &[$(($ty::$v, $s)),*];
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let name = $ty::NAMES.iter().find(|(v, _)| v == self).map(|(_, s)| *s);
+                f.write_str(name.unwrap_or("?"))
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<$ty, String> {
+                $ty::NAMES.iter().find(|(_, n)| *n == s).map(|(v, _)| *v).ok_or_else(|| {
+                    let valid: Vec<&str> = $ty::NAMES.iter().map(|(_, n)| *n).collect();
+                    format!("'{s}' is not one of {}", valid.join(", "))
+                })
+            }
+        }
+    };
+}
+
+names!(InodeCalc {
+    Passthrough => "passthrough",
+    PathHash => "path-hash",
+    PathHash32 => "path-hash32",
+    DevinoHash => "devino-hash",
+    DevinoHash32 => "devino-hash32",
+    HybridHash => "hybrid-hash",
+    HybridHash32 => "hybrid-hash32",
+});
+names!(StatfsMode { Base => "base", Full => "full" });
+names!(StatfsIgnore { None => "none", Ro => "ro", Nc => "nc" });
+names!(XattrMode { Passthrough => "passthrough", NoAttr => "noattr", NoSys => "nosys" });
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub create: Policy,
+    pub action: Policy,
+    pub search: Policy,
+    /// `func.NAME=` overrides of the category policy.
+    pub func: BTreeMap<&'static str, Policy>,
+    /// Default minimum free space for new files on a branch (mergerfs: 4G).
+    pub min_free: u64,
+    pub inodecalc: InodeCalc,
+    pub statfs: StatfsMode,
+    pub statfs_ignore: StatfsIgnore,
+    pub xattr: XattrMode,
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+    pub negative_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            create: Category::Create.default_policy(),
+            action: Category::Action.default_policy(),
+            search: Category::Search.default_policy(),
+            func: BTreeMap::new(),
+            min_free: 4 << 30,
+            inodecalc: InodeCalc::HybridHash,
+            statfs: StatfsMode::Base,
+            statfs_ignore: StatfsIgnore::None,
+            xattr: XattrMode::Passthrough,
+            // mergerfs's defaults: branches change behind the mount's back.
+            entry_ttl: Duration::from_secs(1),
+            attr_ttl: Duration::from_secs(1),
+            negative_ttl: Duration::ZERO,
+        }
+    }
+}
+
+/// Keys that [`Settings::set`] accepts besides `func.NAME`.
+pub const KEYS: &[&str] = &[
+    "category.create",
+    "category.action",
+    "category.search",
+    "minfreespace",
+    "inodecalc",
+    "statfs",
+    "statfs-ignore",
+    "xattr",
+    "cache.entry",
+    "cache.attr",
+    "cache.negative-entry",
+];
+
+fn seconds(v: &str) -> Result<Duration, String> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| format!("'{v}' is not a number of seconds"))?;
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{v} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn policy_for(category: Category, v: &str) -> Result<Policy, String> {
+    let p: Policy = v.parse()?;
+    if !p.valid_for(category) {
+        return Err(format!(
+            "policy '{p}' is not valid for the {} category",
+            category.name()
+        ));
+    }
+    Ok(p)
+}
+
+impl Settings {
+    /// The policy for function `f`: its override, else its category's.
+    pub fn policy(&self, f: Func) -> Policy {
+        self.func
+            .get(f.name())
+            .copied()
+            .unwrap_or(match f.category() {
+                Category::Create => self.create,
+                Category::Action => self.action,
+                Category::Search => self.search,
+            })
+    }
+
+    /// Sets `key` (mergerfs spelling; `_` and `-` both accepted) from text.
+    /// Errors name what is wrong with the value.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let key = key.replace('_', "-");
+        let v = value.trim();
+        match key.as_str() {
+            "category.create" => self.create = policy_for(Category::Create, v)?,
+            "category.action" => self.action = policy_for(Category::Action, v)?,
+            "category.search" => self.search = policy_for(Category::Search, v)?,
+            "minfreespace" => self.min_free = parse_size(v)?,
+            "inodecalc" => self.inodecalc = v.parse()?,
+            "statfs" => self.statfs = v.parse()?,
+            "statfs-ignore" => self.statfs_ignore = v.parse()?,
+            "xattr" => self.xattr = v.parse()?,
+            "cache.entry" => self.entry_ttl = seconds(v)?,
+            "cache.attr" => self.attr_ttl = seconds(v)?,
+            "cache.negative-entry" => self.negative_ttl = seconds(v)?,
+            k => {
+                let Some(name) = k.strip_prefix("func.") else {
+                    return Err(format!("unknown option '{k}'"));
+                };
+                let f =
+                    Func::from_name(name).ok_or_else(|| format!("unknown function '{name}'"))?;
+                let p = policy_for(f.category(), v)?;
+                self.func.insert(f.name(), p);
+            }
+        }
+        Ok(())
+    }
+
+    /// The value of `key` as text, `None` for an unknown key.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let key = key.replace('_', "-");
+        Some(match key.as_str() {
+            "category.create" => self.create.to_string(),
+            "category.action" => self.action.to_string(),
+            "category.search" => self.search.to_string(),
+            "minfreespace" => self.min_free.to_string(),
+            "inodecalc" => self.inodecalc.to_string(),
+            "statfs" => self.statfs.to_string(),
+            "statfs-ignore" => self.statfs_ignore.to_string(),
+            "xattr" => self.xattr.to_string(),
+            "cache.entry" => self.entry_ttl.as_secs_f64().to_string(),
+            "cache.attr" => self.attr_ttl.as_secs_f64().to_string(),
+            "cache.negative-entry" => self.negative_ttl.as_secs_f64().to_string(),
+            k => {
+                let f = Func::from_name(k.strip_prefix("func.")?)?;
+                self.policy(f).to_string()
+            }
+        })
+    }
+
+    /// Every key [`get`](Self::get) answers, in a stable order.
+    pub fn keys() -> Vec<String> {
+        let mut keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
+        keys.extend(Func::ALL.iter().map(|f| format!("func.{}", f.name())));
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_mergerfs_defaults() {
+        let s = Settings::default();
+        assert_eq!(s.get("category.create").unwrap(), "pfrd");
+        assert_eq!(s.get("category.action").unwrap(), "epall");
+        assert_eq!(s.get("category.search").unwrap(), "ff");
+        assert_eq!(s.get("func.getattr").unwrap(), "ff");
+        assert_eq!(s.get("func.unlink").unwrap(), "epall");
+        assert_eq!(s.get("minfreespace").unwrap(), (4u64 << 30).to_string());
+        assert_eq!(s.get("inodecalc").unwrap(), "hybrid-hash");
+    }
+
+    #[test]
+    fn func_overrides_beat_the_category() {
+        let mut s = Settings::default();
+        s.set("category.search", "newest").unwrap();
+        s.set("func.getattr", "ff").unwrap();
+        assert_eq!(s.policy(Func::Getattr), Policy::Ff);
+        assert_eq!(s.policy(Func::Open), Policy::Newest);
+        s.set("category.create", "epmfs").unwrap();
+        assert_eq!(s.policy(Func::Mkdir), Policy::EpMfs);
+        // mergerfs spells some keys with `_`.
+        s.set("statfs_ignore", "ro").unwrap();
+        assert_eq!(s.get("statfs-ignore").unwrap(), "ro");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason_and_nothing_changes() {
+        let mut s = Settings::default();
+        let before = s.clone();
+        assert!(
+            s.set("category.create", "bogus")
+                .unwrap_err()
+                .contains("bogus")
+        );
+        assert!(s.set("func.nothing", "ff").unwrap_err().contains("nothing"));
+        assert!(s.set("minfreespace", "12Q").unwrap_err().contains("12Q"));
+        assert!(
+            s.set("inodecalc", "md5")
+                .unwrap_err()
+                .contains("hybrid-hash")
+        );
+        assert!(
+            s.set("no.such.key", "1")
+                .unwrap_err()
+                .contains("no.such.key")
+        );
+        assert_eq!(s, before);
+        assert_eq!(s.get("no.such.key"), None);
+    }
+
+    #[test]
+    fn every_listed_key_reads_back_what_was_set() {
+        let mut s = Settings::default();
+        for k in Settings::keys() {
+            let v = s.get(&k).unwrap_or_else(|| panic!("{k} has no value"));
+            s.set(&k, &v).unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        assert_eq!(s, Settings::default().clone_with_funcs(&s));
+    }
+
+    impl Settings {
+        /// Default settings with `other`'s explicit func overrides (setting a
+        /// func key to its current value makes it explicit).
+        fn clone_with_funcs(&self, other: &Settings) -> Settings {
+            Settings {
+                func: other.func.clone(),
+                ..self.clone()
+            }
+        }
+    }
+}

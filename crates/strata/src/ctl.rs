@@ -1,0 +1,93 @@
+//! `strata ctl`: the union's runtime settings without knowing xattrs. It
+//! reads and writes the `user.strata.*` xattrs of `MOUNTPOINT/.strata`, and
+//! checks values first with the daemon's own parser so errors say why.
+
+use std::path::Path;
+
+use strata_core::union::control::edit_branches;
+use strata_core::union::{CONTROL_NAME, Settings};
+
+use crate::commands::{Failure, failure, usage};
+
+const PREFIX: &str = "user.strata.";
+
+fn get(control: &Path, key: &str) -> Result<String, Failure> {
+    let name = format!("{PREFIX}{key}");
+    let mut buf = vec![0u8; 64 * 1024];
+    match rustix::fs::getxattr(control, name.as_str(), &mut buf) {
+        Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(rustix::io::Errno::NODATA) => Err(usage(format!("unknown key '{key}'"))),
+        Err(e) => Err(failure(format!("{}: {key}: {e}", control.display()))),
+    }
+}
+
+fn keys(control: &Path) -> Result<Vec<String>, Failure> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = rustix::fs::listxattr(control, &mut buf)
+        .map_err(|e| failure(format!("{}: {e}", control.display())))?;
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter_map(|k| std::str::from_utf8(k).ok()?.strip_prefix(PREFIX))
+        .map(str::to_string)
+        .collect())
+}
+
+fn set(control: &Path, key: &str, value: &str) -> Result<(), Failure> {
+    // Same checks as the daemon, so a refusal comes with its reason.
+    if key == "branches" {
+        let current = strata_core::source::parse_branches(&get(control, "branches")?)
+            .map_err(|e| failure(format!("daemon reported bad branches: {e}")))?;
+        edit_branches(&current, value).map_err(|e| usage(format!("branches: {e}")))?;
+    } else if Settings::default().get(key).is_some() {
+        Settings::default()
+            .set(key, value)
+            .map_err(|e| usage(format!("{key}: {e}")))?;
+    }
+    let name = format!("{PREFIX}{key}");
+    rustix::fs::setxattr(
+        control,
+        name.as_str(),
+        value.as_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NODATA => usage(format!("unknown key '{key}'")),
+        rustix::io::Errno::INVAL => usage(format!(
+            "{key}={value} refused (read-only key, or see the daemon log)"
+        )),
+        rustix::io::Errno::PERM => failure(format!("{key}: only root may change settings")),
+        e => failure(format!("{}: {key}: {e}", control.display())),
+    })
+}
+
+pub fn run(mountpoint: &Path, action: &str, args: &[String]) -> Result<(), Failure> {
+    let control = mountpoint.join(CONTROL_NAME);
+    if !control.exists() {
+        return Err(usage(format!(
+            "{}: not a strata union mount (no {CONTROL_NAME})",
+            mountpoint.display()
+        )));
+    }
+    match (action, args) {
+        ("list", []) => {
+            for k in keys(&control)? {
+                println!("{k}={}", get(&control, &k)?);
+            }
+        }
+        ("get", [key]) => println!("{}", get(&control, key)?),
+        ("set", pairs) if !pairs.is_empty() => {
+            for pair in pairs {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| usage(format!("'{pair}': expected KEY=VALUE")))?;
+                set(&control, k, v)?;
+            }
+        }
+        _ => {
+            return Err(usage(
+                "usage: strata ctl MOUNTPOINT list | get KEY | set KEY=VALUE...",
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! Union mode on real mounts: which branch a file lands on under each policy
+//! (branches are small tmpfs mounts with controlled free space), branch
+//! modes, path preservation, merged listings, and the runtime control file.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// tmpfs branches of given sizes, unmounted on drop. Declare it before the
+/// [`Mounted`] so the union goes first.
+struct Branches {
+    dir: tempfile::TempDir,
+    n: usize,
+}
+
+impl Branches {
+    /// `sizes_mib[i]`: size of branch i; `used_mib[i]`: MiB filled up front.
+    fn new(sizes_mib: &[u64], used_mib: &[u64]) -> Branches {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test-branches")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let b = Branches {
+            dir,
+            n: sizes_mib.len(),
+        };
+        for (i, size) in sizes_mib.iter().enumerate() {
+            let p = b.path(i);
+            fs::create_dir(&p).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}m"), "tmpfs"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "mount tmpfs: {out:?}");
+            if let Some(used) = used_mib.get(i).filter(|u| **u > 0) {
+                fs::write(p.join(".fill"), vec![1u8; (*used << 20) as usize]).unwrap();
+            }
+        }
+        b
+    }
+
+    fn path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("b{i}"))
+    }
+
+    /// `b0:b1=NC:...` with the given modes.
+    fn spec(&self, modes: &[&str]) -> String {
+        (0..self.n)
+            .map(|i| {
+                let m = modes.get(i).copied().unwrap_or("RW");
+                format!("{}={m}", self.path(i).display())
+            })
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// Which branches hold `rel`.
+    fn holders(&self, rel: &str) -> Vec<usize> {
+        (0..self.n)
+            .filter(|i| fs::symlink_metadata(self.path(*i).join(rel)).is_ok())
+            .collect()
+    }
+}
+
+impl Drop for Branches {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            let _ = rustix::mount::unmount(self.path(i), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+fn union(b: &Branches, modes: &[&str], opts: &[&str]) -> Mounted {
+    let spec = b.spec(modes);
+    Mounted::build_source(opts, &[], |_| spec)
+}
+
+fn ctl(m: &Mounted, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["ctl", m.mnt.to_str().unwrap()];
+    all.extend_from_slice(args);
+    strata(&all, &m.dir.path().join("state"))
+}
+
+fn set_policy(m: &Mounted, policy: &str) {
+    let out = ctl(m, &["set", &format!("category.create={policy}")]);
+    assert!(out.status.success(), "ctl set {policy}: {out:?}");
+}
+
+#[test]
+fn create_policies_choose_branches_by_space_and_existing_paths() {
+    // Free space: b0 ~12 MiB, b1 ~32 MiB, b2 ~24 MiB.
+    let b = Branches::new(&[32, 32, 32], &[20, 0, 8]);
+    let m = union(&b, &[], &["minfreespace=4M"]);
+    for (policy, expected) in [("ff", 0), ("mfs", 1), ("lfs", 0), ("lus", 1)] {
+        set_policy(&m, policy);
+        let name = format!("{policy}.txt");
+        fs::write(m.m(&name), b"x").unwrap();
+        assert_eq!(b.holders(&name), [expected], "policy {policy}");
+    }
+    // "d" exists on b1 and b2 only: the ep* policies stay on those.
+    fs::create_dir(b.path(1).join("d")).unwrap();
+    fs::create_dir(b.path(2).join("d")).unwrap();
+    for (policy, expected) in [("epff", 1), ("eplfs", 2), ("epmfs", 1)] {
+        set_policy(&m, policy);
+        let name = format!("d/{policy}.txt");
+        fs::write(m.m(&name), b"x").unwrap();
+        assert_eq!(b.holders(&name), [expected], "policy {policy}");
+    }
+    // minfreespace takes b0 (12 MiB free) out of the running.
+    assert!(ctl(&m, &["set", "minfreespace=16M"]).status.success());
+    set_policy(&m, "lfs");
+    fs::write(m.m("lfs16.txt"), b"x").unwrap();
+    assert_eq!(b.holders("lfs16.txt"), [2]);
+    // Random policies spread over eligible branches only.
+    for policy in ["rand", "pfrd"] {
+        set_policy(&m, policy);
+        for i in 0..20 {
+            let name = format!("{policy}{i}");
+            fs::write(m.m(&name), b"x").unwrap();
+            let h = b.holders(&name);
+            assert!(h == [1] || h == [2], "{policy}: {name} on {h:?}");
+        }
+    }
+    // Nowhere with enough room: ENOSPC, as mergerfs says.
+    assert!(ctl(&m, &["set", "minfreespace=1G"]).status.success());
+    let err = fs::write(m.m("nospace"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+}
+
+#[test]
+fn branch_modes_are_enforced() {
+    let b = Branches::new(&[16, 64, 64], &[]);
+    fs::write(b.path(1).join("on-nc"), b"nc").unwrap();
+    fs::write(b.path(2).join("on-ro"), b"ro").unwrap();
+    let m = union(
+        &b,
+        &["RW", "NC", "RO"],
+        &["minfreespace=1M,category.create=mfs"],
+    );
+    // mfs would pick the big NC or RO branch; only RW may get new files.
+    fs::write(m.m("new"), b"x").unwrap();
+    fs::create_dir(m.m("newdir")).unwrap();
+    assert_eq!(b.holders("new"), [0]);
+    assert_eq!(b.holders("newdir"), [0]);
+    // Existing files on NC stay writable and removable.
+    fs::write(m.m("on-nc"), b"changed").unwrap();
+    assert_eq!(fs::read(b.path(1).join("on-nc")).unwrap(), b"changed");
+    // RO is never written.
+    assert_eq!(fs::read(m.m("on-ro")).unwrap(), b"ro");
+    for res in [
+        fs::write(m.m("on-ro"), b"no"),
+        fs::remove_file(m.m("on-ro")),
+        fs::set_permissions(m.m("on-ro"), fs::Permissions::from_mode(0o600)),
+    ] {
+        assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    }
+    assert_eq!(fs::read(b.path(2).join("on-ro")).unwrap(), b"ro");
+    fs::remove_file(m.m("on-nc")).unwrap();
+    assert!(b.holders("on-nc").is_empty());
+}
+
+#[test]
+fn non_preserving_policies_clone_the_parent_path_with_its_metadata() {
+    let b = Branches::new(&[16, 16], &[]);
+    let deep = b.path(1).join("deep/er");
+    fs::create_dir_all(&deep).unwrap();
+    fs::set_permissions(&deep, fs::Permissions::from_mode(0o750)).unwrap();
+    rustix::fs::chown(
+        &deep,
+        Some(rustix::fs::Uid::from_raw(65534)),
+        Some(rustix::fs::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    let m = union(&b, &[], &["minfreespace=1M,category.create=ff"]);
+    fs::write(m.m("deep/er/f"), b"x").unwrap();
+    assert_eq!(b.holders("deep/er/f"), [0], "ff: first branch, path cloned");
+    let cloned = fs::metadata(b.path(0).join("deep/er")).unwrap();
+    assert_eq!(cloned.mode() & 0o7777, 0o750);
+    assert_eq!((cloned.uid(), cloned.gid()), (65534, 65534));
+    // A path-preserving policy keeps to the branch that has the path.
+    set_policy(&m, "epff");
+    fs::create_dir(b.path(1).join("only1")).unwrap();
+    fs::write(m.m("only1/g"), b"x").unwrap();
+    assert_eq!(b.holders("only1/g"), [1]);
+    // ... and refuses to rename into a directory its branch lacks, as mergerfs.
+    fs::write(b.path(0).join("top"), b"x").unwrap();
+    let err = fs::rename(m.m("top"), m.m("only1/top")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+}
+
+#[test]
+fn listings_merge_branches_and_the_first_found_wins() {
+    let b = Branches::new(&[16, 16], &[]);
+    fs::write(b.path(0).join("dup"), b"zero").unwrap();
+    fs::write(b.path(1).join("dup"), b"one").unwrap();
+    fs::write(b.path(1).join("only1"), b"1").unwrap();
+    fs::create_dir(b.path(0).join("d")).unwrap();
+    fs::create_dir(b.path(1).join("d")).unwrap();
+    fs::write(b.path(0).join("d/a"), b"").unwrap();
+    fs::write(b.path(1).join("d/b"), b"").unwrap();
+    let m = union(&b, &[], &["minfreespace=1M"]);
+    let names = |p: &Path| {
+        let mut v: Vec<String> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&m.mnt),
+        ["d", "dup", "only1"],
+        "no duplicates, no .strata"
+    );
+    assert_eq!(names(&m.m("d")), ["a", "b"]);
+    assert_eq!(fs::read(m.m("dup")).unwrap(), b"zero");
+    assert!(
+        fs::metadata(m.m(".strata")).is_ok(),
+        "control file reachable"
+    );
+    // unlink acts on every branch (epall), so the name is really gone.
+    fs::remove_file(m.m("dup")).unwrap();
+    assert!(b.holders("dup").is_empty());
+    assert!(fs::metadata(m.m("dup")).is_err());
+}
+
+fn xattr(path: &Path, name: &str) -> Result<String, rustix::io::Errno> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::getxattr(path, name, &mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn control_file_and_ctl_read_and_change_settings_and_branches() {
+    let b = Branches::new(&[16, 16, 16], &[]);
+    fs::write(b.path(2).join("from-new-branch"), b"hello").unwrap();
+    let spec = format!("{}:{}", b.path(0).display(), b.path(1).display());
+    let m = Mounted::build_source(&["minfreespace=1M"], &[], |_| spec);
+    let control = m.m(".strata");
+    assert_eq!(
+        xattr(&control, "user.strata.category.create").unwrap(),
+        "pfrd"
+    );
+    assert_eq!(
+        xattr(&control, "user.mergerfs.category.search").unwrap(),
+        "ff"
+    );
+    assert_eq!(
+        xattr(&control, "user.strata.no.such.key"),
+        Err(rustix::io::Errno::NODATA)
+    );
+
+    let out = ctl(&m, &["get", "func.getattr"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ff\n");
+    let out = ctl(&m, &["set", "func.getattr=newest"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        xattr(&control, "user.strata.func.getattr").unwrap(),
+        "newest"
+    );
+    let out = ctl(&m, &["list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("category.action=epall\n"), "{list}");
+
+    // Bad values: one clear line, exit 2, nothing changed.
+    let out = ctl(&m, &["set", "category.create=bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bogus") && err.lines().count() == 1, "{err}");
+    assert_eq!(
+        xattr(&control, "user.strata.category.create").unwrap(),
+        "pfrd"
+    );
+    let set_raw = |name: &str, value: &str| {
+        rustix::fs::setxattr(
+            &control,
+            name,
+            value.as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+    };
+    assert_eq!(
+        set_raw("user.strata.category.create", "bogus"),
+        Err(rustix::io::Errno::INVAL)
+    );
+    assert_eq!(
+        set_raw("user.strata.version", "9"),
+        Err(rustix::io::Errno::INVAL)
+    );
+    assert_eq!(
+        set_raw("user.strata.nope", "1"),
+        Err(rustix::io::Errno::NODATA)
+    );
+    let out = as_nobody(&format!(
+        "setfattr -n user.strata.category.create -v ff {} 2>&1 || echo refused",
+        control.display()
+    ));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("refused"),
+        "only root changes settings"
+    );
+
+    // Branches at runtime.
+    assert!(!m.m("from-new-branch").exists());
+    let add = format!("branches=+>{}=RO", b.path(2).display());
+    assert!(ctl(&m, &["set", &add]).status.success());
+    assert_eq!(fs::read(m.m("from-new-branch")).unwrap(), b"hello");
+    assert!(
+        xattr(&control, "user.strata.branches")
+            .unwrap()
+            .ends_with(&format!("{}=RO", b.path(2).display()))
+    );
+    let remove = format!("branches=-{}", b.path(2).display());
+    assert!(ctl(&m, &["set", &remove]).status.success());
+    assert!(!m.m("from-new-branch").exists());
+    let out = ctl(&m, &["set", "branches=-/not/a/branch"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // Where does a file live?
+    fs::create_dir(b.path(1).join("sub")).unwrap();
+    fs::write(b.path(1).join("sub/f"), b"").unwrap();
+    let f = m.m("sub/f");
+    let full = b.path(1).join("sub/f");
+    assert_eq!(xattr(&f, "user.strata.relpath").unwrap(), "/sub/f");
+    assert_eq!(
+        xattr(&f, "user.strata.basepath").unwrap(),
+        b.path(1).display().to_string()
+    );
+    assert_eq!(
+        xattr(&f, "user.mergerfs.fullpath").unwrap(),
+        full.display().to_string()
+    );
+    assert_eq!(
+        xattr(&f, "user.strata.allpaths").unwrap(),
+        full.display().to_string()
+    );
+}
+
+#[test]
+fn bad_union_options_fail_with_one_line_and_mount_nothing() {
+    let b = Branches::new(&[8, 8], &[]);
+    let mnt = b.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let state = b.dir.path().join("state");
+    let good = b.spec(&[]);
+    let cases = [
+        (good.clone(), "category.create=bogus", "bogus"),
+        (good.clone(), "func.nothing=ff", "nothing"),
+        (good.clone(), "minfreespace=lots", "lots"),
+        (format!("{}=XX", b.path(0).display()), "rw", "XX"),
+        (format!("{good}:/no/such/branch"), "rw", "/no/such/branch"),
+    ];
+    for (source, opt, needle) in cases {
+        let out = strata(
+            &["mount", "-o", opt, &source, mnt.to_str().unwrap()],
+            &state,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{source} -o {opt}: {err}");
+        assert!(err.contains(needle) && err.lines().count() == 1, "{err}");
+        assert!(!is_mounted(&mnt));
+    }
+}
