@@ -18,9 +18,9 @@ use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 
 use crate::fs::*;
-use crate::host::files::{OpenFiles, sync_fd};
+use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
 use crate::host::watch::{self, Change, Fid, HostWatch};
-use crate::host::{HostDir, HostNode, attr_from_stat, component, ops};
+use crate::host::{HostDir, HostNode, attr_from_stat, component, dirent_kind, ops};
 use crate::inode::InodeTable;
 use crate::{Errno, Result};
 
@@ -262,18 +262,8 @@ impl PassthroughFs {
             } else {
                 self.node_id(dir.dev, ent.ino())
             };
-            let kind = match ent.file_type() {
-                rustix::fs::FileType::RegularFile => FileKind::Regular,
-                rustix::fs::FileType::Directory => FileKind::Directory,
-                rustix::fs::FileType::Symlink => FileKind::Symlink,
-                rustix::fs::FileType::Fifo => FileKind::Fifo,
-                rustix::fs::FileType::Socket => FileKind::Socket,
-                rustix::fs::FileType::CharacterDevice => FileKind::CharDevice,
-                rustix::fs::FileType::BlockDevice => FileKind::BlockDevice,
-                _ => match self.host.stat_child(dir.fd.as_fd(), name) {
-                    Ok(st) => FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular),
-                    Err(_) => continue,
-                },
+            let Some(kind) = dirent_kind(dir.fd.as_fd(), &ent) else {
+                continue;
             };
             out.push(DirEnt {
                 name: name.to_owned(),
@@ -422,27 +412,6 @@ impl Filesystem for PassthroughFs {
         let fd = self.node_fd(ino)?;
         let file = self.host.reopen(fd.as_fd(), ops::open_flags(flags))?;
         Ok(self.files.insert(file, self.cfg.passthrough))
-    }
-
-    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        self.files.read(fh, offset, size)
-    }
-
-    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        self.files.write(fh, offset, data)
-    }
-
-    fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.files.flush(fh)
-    }
-
-    fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.files.release(fh);
-        Ok(())
-    }
-
-    fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        self.files.fsync(fh, datasync)
     }
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
@@ -615,37 +584,7 @@ impl Filesystem for PassthroughFs {
         }
     }
 
-    fn fallocate(
-        &self,
-        _ctx: &Ctx,
-        _ino: u64,
-        fh: u64,
-        offset: u64,
-        length: u64,
-        mode: i32,
-    ) -> Result<()> {
-        self.files.fallocate(fh, offset, length, mode)
-    }
-
-    fn lseek(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        self.files.lseek(fh, offset, whence)
-    }
-
-    fn copy_file_range(
-        &self,
-        _ctx: &Ctx,
-        _ino_in: u64,
-        fh_in: u64,
-        offset_in: u64,
-        _ino_out: u64,
-        fh_out: u64,
-        offset_out: u64,
-        len: u64,
-        _flags: u32,
-    ) -> Result<u32> {
-        self.files
-            .copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
-    }
+    open_file_methods!(files);
 
     fn stats(&self) -> Stats {
         Stats {

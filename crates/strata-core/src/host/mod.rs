@@ -88,6 +88,25 @@ fn system_time(sec: i64, nsec: u64) -> SystemTime {
     }
 }
 
+/// The type of a directory entry; filesystems that leave `d_type` unknown
+/// are asked with `fstatat`. `None`: the entry is gone.
+pub fn dirent_kind(dir: BorrowedFd<'_>, ent: &rustix::fs::DirEntry) -> Option<FileKind> {
+    use rustix::fs::FileType as T;
+    Some(match ent.file_type() {
+        T::RegularFile => FileKind::Regular,
+        T::Directory => FileKind::Directory,
+        T::Symlink => FileKind::Symlink,
+        T::Fifo => FileKind::Fifo,
+        T::Socket => FileKind::Socket,
+        T::CharacterDevice => FileKind::CharDevice,
+        T::BlockDevice => FileKind::BlockDevice,
+        _ => {
+            let st = rustix::fs::statat(dir, ent.file_name(), AtFlags::SYMLINK_NOFOLLOW).ok()?;
+            FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular)
+        }
+    })
+}
+
 /// Converts a host `stat` into attributes with node id `ino`.
 pub fn attr_from_stat(st: &Stat, ino: u64) -> Attr {
     Attr {

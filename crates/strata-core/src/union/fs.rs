@@ -15,7 +15,7 @@ use super::policy::{Func, Want};
 use super::settings::XattrMode;
 use super::{CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs};
 use crate::fs::*;
-use crate::host::files::sync_fd;
+use crate::host::files::{open_file_methods, sync_fd};
 use crate::host::{attr_from_stat, component, ops};
 use crate::{Errno, Result};
 
@@ -257,27 +257,6 @@ impl Filesystem for UnionFs {
         Ok(self.files.insert(file, self.passthrough))
     }
 
-    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        self.files.read(fh, offset, size)
-    }
-
-    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        self.files.write(fh, offset, data)
-    }
-
-    fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.files.flush(fh)
-    }
-
-    fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.files.release(fh);
-        Ok(())
-    }
-
-    fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        self.files.fsync(fh, datasync)
-    }
-
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
         self.instances(ino)?;
         let fh = self
@@ -484,37 +463,7 @@ impl Filesystem for UnionFs {
         }
     }
 
-    fn fallocate(
-        &self,
-        _ctx: &Ctx,
-        _ino: u64,
-        fh: u64,
-        offset: u64,
-        length: u64,
-        mode: i32,
-    ) -> Result<()> {
-        self.files.fallocate(fh, offset, length, mode)
-    }
-
-    fn lseek(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        self.files.lseek(fh, offset, whence)
-    }
-
-    fn copy_file_range(
-        &self,
-        _ctx: &Ctx,
-        _ino_in: u64,
-        fh_in: u64,
-        offset_in: u64,
-        _ino_out: u64,
-        fh_out: u64,
-        offset_out: u64,
-        len: u64,
-        _flags: u32,
-    ) -> Result<u32> {
-        self.files
-            .copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
-    }
+    open_file_methods!(files);
 
     fn stats(&self) -> Stats {
         Stats {

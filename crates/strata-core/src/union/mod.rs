@@ -25,7 +25,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
-use crate::host::{HostDir, HostNode, attr_from_stat};
+use crate::host::{HostDir, HostNode, attr_from_stat, dirent_kind};
 use crate::inode::InodeTable;
 use crate::source::{self, BranchMode};
 use crate::{Errno, Result};
@@ -686,18 +686,13 @@ impl UnionFs {
                 if dir.ino == ROOT_ID && bytes == CONTROL_NAME.as_bytes() {
                     continue;
                 }
-                if !seen.insert(bytes.to_vec()) {
+                if seen.contains(bytes) {
                     continue;
                 }
-                let kind = match ent.file_type() {
-                    rustix::fs::FileType::Directory => FileKind::Directory,
-                    rustix::fs::FileType::Symlink => FileKind::Symlink,
-                    rustix::fs::FileType::Fifo => FileKind::Fifo,
-                    rustix::fs::FileType::Socket => FileKind::Socket,
-                    rustix::fs::FileType::CharacterDevice => FileKind::CharDevice,
-                    rustix::fs::FileType::BlockDevice => FileKind::BlockDevice,
-                    _ => FileKind::Regular,
+                let Some(kind) = dirent_kind(dfd.as_fd(), &ent) else {
+                    continue;
                 };
+                seen.insert(bytes.to_vec());
                 // What lookup will most likely answer (d_ino is advisory).
                 let mut path = base.clone();
                 if !path.is_empty() {
