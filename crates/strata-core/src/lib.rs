@@ -9,6 +9,7 @@ pub mod errno;
 pub mod fs;
 pub mod host;
 pub mod inode;
+pub mod listing;
 pub mod passthrough;
 pub mod source;
 pub mod union;

@@ -22,6 +22,7 @@ use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
 use crate::host::watch::{self, Change, Fid, HostWatch};
 use crate::host::{HostDir, HostNode, attr_from_stat, component, dirent_kind, ops};
 use crate::inode::InodeTable;
+use crate::listing::{self, DirEnt};
 use crate::{Errno, Result};
 
 /// Kernel cache settings and behaviour switches.
@@ -61,12 +62,6 @@ pub const UNWATCHED_TTL: Duration = Duration::from_secs(1);
 pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 
 type Key = (u64, u64);
-
-struct DirEnt {
-    name: CString,
-    ino: u64,
-    kind: FileKind,
-}
 
 struct OpenDir {
     fd: OwnedFd,
@@ -450,17 +445,7 @@ impl Filesystem for PassthroughFs {
         sink: &mut dyn DirSink,
     ) -> Result<()> {
         let dir = self.dir(fh)?;
-        let entries = self.dir_entries(&dir, offset)?;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if !sink.add(
-                e.ino,
-                i as u64 + 1,
-                e.kind,
-                OsStr::from_bytes(e.name.to_bytes()),
-            ) {
-                break;
-            }
-        }
+        listing::fill(&self.dir_entries(&dir, offset)?, offset, sink);
         Ok(())
     }
 
@@ -473,42 +458,16 @@ impl Filesystem for PassthroughFs {
         sink: &mut dyn DirPlusSink,
     ) -> Result<()> {
         let dir = self.dir(fh)?;
-        let entries = self.dir_entries(&dir, offset)?;
-        let dir_attr = self.stat_attr(ino, dir.fd.as_fd())?.attr;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let name = OsStr::from_bytes(e.name.to_bytes());
-            let next = i as u64 + 1;
-            if name == "." || name == ".." {
-                // The kernel takes no reference for these; only the dirent matters.
-                let attr = Attr {
-                    ino: e.ino,
-                    kind: FileKind::Directory,
-                    ..dir_attr
-                };
-                let entry = Entry {
-                    attr,
-                    generation: 0,
-                    entry_ttl: Duration::ZERO,
-                    attr_ttl: Duration::ZERO,
-                };
-                if !sink.add(next, name, &entry) {
-                    break;
-                }
-                continue;
-            }
-            let entry = match self.lookup_at(dir.fd.as_fd(), &e.name) {
-                Ok(entry) => entry,
-                // Gone since the listing was read.
-                Err(Errno::ENOENT) => continue,
-                Err(err) => return Err(err),
-            };
-            if !sink.add(next, name, &entry) {
-                // Not sent: give back the reference the lookup took.
-                self.table.forget(entry.attr.ino, 1);
-                break;
-            }
-        }
-        Ok(())
+        listing::fill_plus(
+            &self.dir_entries(&dir, offset)?,
+            offset,
+            sink,
+            || Ok(self.stat_attr(ino, dir.fd.as_fd())?.attr),
+            |e| self.lookup_at(dir.fd.as_fd(), &e.name),
+            |id| {
+                self.table.forget(id, 1);
+            },
+        )
     }
 
     fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
@@ -566,22 +525,17 @@ impl Filesystem for PassthroughFs {
     ) -> Result<(Entry, Opened)> {
         let name = component(name)?;
         let pfd = self.node_fd(parent)?;
-        let perm = ops::create_perm(&self.host, pfd.as_fd(), mode, umask);
-        let fd = ops::create_file(
+        let (entry, fd) = ops::create_file(
             &self.host,
             ctx,
             pfd.as_fd(),
             &name,
-            perm,
-            ops::open_flags(flags),
+            mode,
+            umask,
+            flags,
+            || self.lookup_at(pfd.as_fd(), &name),
         )?;
-        match self.lookup_at(pfd.as_fd(), &name) {
-            Ok(entry) => Ok((entry, self.files.insert(fd, self.cfg.passthrough))),
-            Err(e) => {
-                let _ = rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty());
-                Err(e)
-            }
-        }
+        Ok((entry, self.files.insert(fd, self.cfg.passthrough)))
     }
 
     open_file_methods!(files);

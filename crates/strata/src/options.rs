@@ -83,13 +83,7 @@ pub const KNOWN: &[&str] = &[
 ];
 
 fn seconds(key: &str, v: &str) -> Result<Duration, String> {
-    let secs: f64 = v
-        .parse()
-        .map_err(|_| format!("option '{key}': '{v}' is not a number of seconds"))?;
-    if !(0.0..=1e9).contains(&secs) {
-        return Err(format!("option '{key}': {v} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    strata_core::union::settings::seconds(v).map_err(|e| format!("option '{key}': {e}"))
 }
 
 fn boolean(key: &str, v: &str) -> Result<bool, String> {

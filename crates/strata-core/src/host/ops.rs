@@ -157,27 +157,34 @@ pub fn give_to_caller(
     Ok(())
 }
 
-/// Creates a file `name` in `parent` and opens it with `flags`, owned by
-/// the caller. On failure nothing is left behind.
-pub fn create_file(
+/// create(2) for a layer: makes the file `name` in `parent` with the
+/// kernel's `mode`, `umask` and open `flags`, gives it to the caller, and
+/// runs `register` (the layer's lookup of the new name). If any step fails,
+/// nothing is left behind.
+#[allow(clippy::too_many_arguments)]
+pub fn create_file<T>(
     host: &HostDir,
     ctx: &Ctx,
     parent: BorrowedFd<'_>,
     name: &CStr,
-    perm: u32,
-    flags: OFlags,
-) -> Result<OwnedFd> {
+    mode: u32,
+    umask: u32,
+    flags: i32,
+    register: impl FnOnce() -> Result<T>,
+) -> Result<(T, OwnedFd)> {
+    let perm = create_perm(host, parent, mode, umask);
     let fd = rustix::fs::openat(
         parent,
         name,
-        flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        open_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
         Mode::from_raw_mode(perm),
     )?;
     let res = rustix::fs::fstat(&fd)
         .map_err(Errno::from)
-        .and_then(|st| give_to_caller(host, ctx, parent, fd.as_fd(), c"", &st));
+        .and_then(|st| give_to_caller(host, ctx, parent, fd.as_fd(), c"", &st))
+        .and_then(|()| register());
     match res {
-        Ok(()) => Ok(fd),
+        Ok(registered) => Ok((registered, fd)),
         Err(e) => {
             let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
             Err(e)

@@ -1,9 +1,8 @@
 //! The protocol operations of the union: each picks instances by its policy
 //! and runs the same host operations as the passthrough layer on them.
 
-use std::ffi::OsStr;
-use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +12,11 @@ use rustix::fs::{AtFlags, Mode, RenameFlags};
 use super::control;
 use super::policy::{Func, Want};
 use super::settings::XattrMode;
-use super::{CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs};
+use super::{Branch, CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs};
 use crate::fs::*;
 use crate::host::files::{open_file_methods, sync_fd};
 use crate::host::{attr_from_stat, component, ops};
+use crate::listing;
 use crate::{Errno, Result};
 
 fn write_flags(flags: i32) -> bool {
@@ -97,28 +97,24 @@ impl Filesystem for UnionFs {
         umask: u32,
         rdev: u32,
     ) -> Result<Entry> {
-        let name = component(name)?;
         let kind = rustix::fs::FileType::from_raw_mode(mode);
-        let targets = self.place(Func::Mknod, parent, true)?;
-        Self::apply(&targets, |b| {
-            let pfd = self.dir_on(parent, b)?;
-            let perm = ops::create_perm(&b.dir, pfd.as_fd(), mode, umask);
-            rustix::fs::mknodat(&*pfd, &name, kind, Mode::from_raw_mode(perm), rdev as u64)?;
-            ops::finish_new(&b.dir, ctx, pfd.as_fd(), &name)
-        })?;
-        self.new_entry_on(parent, &name)
+        self.make_node(ctx, Func::Mknod, parent, name, |b, pfd, name| {
+            let perm = ops::create_perm(&b.dir, pfd, mode, umask);
+            Ok(rustix::fs::mknodat(
+                pfd,
+                name,
+                kind,
+                Mode::from_raw_mode(perm),
+                rdev as u64,
+            )?)
+        })
     }
 
     fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
-        let name = component(name)?;
-        let targets = self.place(Func::Mkdir, parent, true)?;
-        Self::apply(&targets, |b| {
-            let pfd = self.dir_on(parent, b)?;
-            let perm = ops::create_perm(&b.dir, pfd.as_fd(), mode, umask);
-            rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(perm))?;
-            ops::finish_new(&b.dir, ctx, pfd.as_fd(), &name)
-        })?;
-        self.new_entry_on(parent, &name)
+        self.make_node(ctx, Func::Mkdir, parent, name, |b, pfd, name| {
+            let perm = ops::create_perm(&b.dir, pfd, mode, umask);
+            Ok(rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(perm))?)
+        })
     }
 
     fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
@@ -130,14 +126,9 @@ impl Filesystem for UnionFs {
     }
 
     fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
-        let name = component(name)?;
-        let targets = self.place(Func::Symlink, parent, true)?;
-        Self::apply(&targets, |b| {
-            let pfd = self.dir_on(parent, b)?;
-            rustix::fs::symlinkat(target, &*pfd, &name)?;
-            ops::finish_new(&b.dir, ctx, pfd.as_fd(), &name)
-        })?;
-        self.new_entry_on(parent, &name)
+        self.make_node(ctx, Func::Symlink, parent, name, |_, pfd, name| {
+            Ok(rustix::fs::symlinkat(target, pfd, name)?)
+        })
     }
 
     fn rename(
@@ -239,7 +230,7 @@ impl Filesystem for UnionFs {
             };
             ops::link_fd(&b.dir, i.fd()?.as_fd(), npfd.as_fd(), &new_name)
         })?;
-        self.new_entry_on(new_parent, &new_name)
+        self.lookup_name(new_parent, &new_name)
     }
 
     fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
@@ -283,17 +274,7 @@ impl Filesystem for UnionFs {
         offset: u64,
         sink: &mut dyn DirSink,
     ) -> Result<()> {
-        let entries = self.dir_entries(fh, offset)?;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if !sink.add(
-                e.ino,
-                i as u64 + 1,
-                e.kind,
-                OsStr::from_bytes(e.name.to_bytes()),
-            ) {
-                break;
-            }
-        }
+        listing::fill(&self.dir_entries(fh, offset)?, offset, sink);
         Ok(())
     }
 
@@ -305,35 +286,21 @@ impl Filesystem for UnionFs {
         offset: u64,
         sink: &mut dyn DirPlusSink,
     ) -> Result<()> {
-        let entries = self.dir_entries(fh, offset)?;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let name = OsStr::from_bytes(e.name.to_bytes());
-            let next = i as u64 + 1;
-            if name == "." || name == ".." {
-                // The kernel takes no reference for these; only the dirent matters.
-                let st = self.getattr_stat(&self.instances(ino)?)?;
-                let entry = Entry {
-                    attr: attr_from_stat(&st, e.ino),
-                    generation: 0,
-                    entry_ttl: Duration::ZERO,
-                    attr_ttl: Duration::ZERO,
-                };
-                if !sink.add(next, name, &entry) {
-                    break;
-                }
-                continue;
-            }
-            let entry = match self.lookup_name(ino, &e.name) {
-                Ok(entry) => entry,
-                Err(err) if super::absent(err) => continue,
-                Err(err) => return Err(err),
-            };
-            if !sink.add(next, name, &entry) {
-                self.table.forget(entry.attr.ino, 1);
-                break;
-            }
-        }
-        Ok(())
+        listing::fill_plus(
+            &self.dir_entries(fh, offset)?,
+            offset,
+            sink,
+            || {
+                Ok(attr_from_stat(
+                    &self.getattr_stat(&self.instances(ino)?)?,
+                    ino,
+                ))
+            },
+            |e| self.lookup_name(ino, &e.name),
+            |id| {
+                self.table.forget(id, 1);
+            },
+        )
     }
 
     fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
@@ -366,11 +333,7 @@ impl Filesystem for UnionFs {
         if ino == CONTROL_ID {
             return control::set(self, ctx, name, value);
         }
-        match self.xattr_mode() {
-            XattrMode::NoSys => return Err(Errno::ENOSYS),
-            XattrMode::NoAttr => return Err(Errno::ENOTSUP),
-            XattrMode::Passthrough => {}
-        }
+        self.xattr_writes()?;
         let chosen = self.action(Func::Setxattr, ino)?;
         Self::apply(&chosen, |i| {
             ops::setxattr(&i.branch.dir, i.fd()?.as_fd(), name, value, flags)
@@ -410,11 +373,7 @@ impl Filesystem for UnionFs {
         if ino == CONTROL_ID {
             return Err(Errno::ENOTSUP);
         }
-        match self.xattr_mode() {
-            XattrMode::NoSys => return Err(Errno::ENOSYS),
-            XattrMode::NoAttr => return Err(Errno::ENOTSUP),
-            XattrMode::Passthrough => {}
-        }
+        self.xattr_writes()?;
         let chosen = self.action(Func::Removexattr, ino)?;
         Self::apply(&chosen, |i| {
             ops::removexattr(&i.branch.dir, i.fd()?.as_fd(), name)
@@ -445,22 +404,11 @@ impl Filesystem for UnionFs {
             .next()
             .ok_or(Errno::EROFS)?;
         let pfd = self.dir_on(parent, &b)?;
-        let perm = ops::create_perm(&b.dir, pfd.as_fd(), mode, umask);
-        let fd = ops::create_file(
-            &b.dir,
-            ctx,
-            pfd.as_fd(),
-            &name,
-            perm,
-            ops::open_flags(flags),
-        )?;
-        match self.new_entry_on(parent, &name) {
-            Ok(entry) => Ok((entry, self.files.insert(fd, self.passthrough))),
-            Err(e) => {
-                let _ = rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty());
-                Err(e)
-            }
-        }
+        let (entry, fd) =
+            ops::create_file(&b.dir, ctx, pfd.as_fd(), &name, mode, umask, flags, || {
+                self.lookup_name(parent, &name)
+            })?;
+        Ok((entry, self.files.insert(fd, self.passthrough)))
     }
 
     open_file_methods!(files);
@@ -488,6 +436,36 @@ impl Filesystem for UnionFs {
 }
 
 impl UnionFs {
+    /// Whether xattr changes reach the branches under the `xattr=` mode.
+    fn xattr_writes(&self) -> Result<()> {
+        match self.xattr_mode() {
+            XattrMode::NoSys => Err(Errno::ENOSYS),
+            XattrMode::NoAttr => Err(Errno::ENOTSUP),
+            XattrMode::Passthrough => Ok(()),
+        }
+    }
+
+    /// mkdir/mknod/symlink: `make` creates `name` in the parent's directory
+    /// on each branch the create policy picks (all of them for `all`/`epall`);
+    /// the caller owns what was made.
+    fn make_node(
+        &self,
+        ctx: &Ctx,
+        func: Func,
+        parent: u64,
+        name: &OsStr,
+        make: impl Fn(&Branch, BorrowedFd<'_>, &CStr) -> Result<()>,
+    ) -> Result<Entry> {
+        let name = component(name)?;
+        let targets = self.place(func, parent, true)?;
+        Self::apply(&targets, |b| {
+            let pfd = self.dir_on(parent, b)?;
+            make(b, pfd.as_fd(), &name)?;
+            ops::finish_new(&b.dir, ctx, pfd.as_fd(), &name)
+        })?;
+        self.lookup_name(parent, &name)
+    }
+
     /// unlink/rmdir: on every instance the action policy picks.
     fn remove(&self, parent: u64, name: &OsStr, func: Func, how: AtFlags) -> Result<()> {
         let name = component(name)?;

@@ -27,6 +27,7 @@ use crate::fs::*;
 use crate::host::files::OpenFiles;
 use crate::host::{HostDir, HostNode, attr_from_stat, dirent_kind};
 use crate::inode::InodeTable;
+use crate::listing::DirEnt;
 use crate::source::{self, BranchMode};
 use crate::{Errno, Result};
 use policy::{Candidate, Func, Policy, Want};
@@ -78,15 +79,9 @@ struct UNode {
     inst: RwLock<Vec<Inst>>,
 }
 
-struct UDirEnt {
-    name: CString,
-    ino: u64,
-    kind: FileKind,
-}
-
 struct UDir {
     ino: u64,
-    entries: Mutex<Arc<Vec<UDirEnt>>>,
+    entries: Mutex<Arc<Vec<DirEnt>>>,
 }
 
 type Key = (u64, u64);
@@ -227,12 +222,11 @@ impl UnionFs {
                 .collect());
         }
         let node = self.node(ino)?;
-        let live: HashSet<u64> = branches.iter().map(|b| b.id).collect();
         let inst: Vec<Inst> = node
             .inst
             .read()
             .iter()
-            .filter(|i| live.contains(&i.branch.id))
+            .filter(|i| branches.iter().any(|b| b.id == i.branch.id))
             .cloned()
             .collect();
         if inst.is_empty() {
@@ -534,6 +528,20 @@ impl UnionFs {
                     node,
                 });
             }
+            // Attributes of the instance the getattr policy picks, from the
+            // stats just taken (`inst` follows `found` one to one), and before
+            // the reference is taken so no error can leak it.
+            let branch = self
+                .pick(Func::Getattr, Want::Search, &inst)?
+                .first()
+                .ok_or(Errno::ENOENT)?
+                .branch
+                .id;
+            let st = found
+                .iter()
+                .find(|(i, _, _)| i.branch.id == branch)
+                .map(|(_, _, st)| *st)
+                .ok_or(Errno::ENOENT)?;
             let fresh = UNode {
                 kind,
                 loc: Mutex::new((parent, name.to_owned())),
@@ -549,7 +557,6 @@ impl UnionFs {
                     *node.inst.write() = inst;
                     *node.loc.lock() = (parent, name.to_owned());
                 }
-                let st = self.getattr_stat(&node.inst.read())?;
                 let (entry_ttl, attr_ttl) = self.ttl();
                 return Ok(Entry {
                     attr: attr_from_stat(&st, id),
@@ -632,10 +639,6 @@ impl UnionFs {
         Ok(())
     }
 
-    fn new_entry_on(&self, parent: u64, name: &CStr) -> Result<Entry> {
-        self.lookup_name(parent, name)
-    }
-
     fn read_only_err(inst: &Inst) -> Result<()> {
         if inst.branch.mode == BranchMode::RO {
             Err(Errno::EROFS)
@@ -644,19 +647,19 @@ impl UnionFs {
         }
     }
 
-    fn load_dir(&self, dir: &UDir) -> Result<Arc<Vec<UDirEnt>>> {
+    fn load_dir(&self, dir: &UDir) -> Result<Arc<Vec<DirEnt>>> {
         let parent = if dir.ino == ROOT_ID {
             ROOT_ID
         } else {
             self.node(dir.ino)?.loc.lock().0
         };
         let mut out = vec![
-            UDirEnt {
+            DirEnt {
                 name: c".".to_owned(),
                 ino: dir.ino,
                 kind: FileKind::Directory,
             },
-            UDirEnt {
+            DirEnt {
                 name: c"..".to_owned(),
                 ino: parent,
                 kind: FileKind::Directory,
@@ -699,7 +702,7 @@ impl UnionFs {
                     path.push(b'/');
                 }
                 path.extend_from_slice(bytes);
-                out.push(UDirEnt {
+                out.push(DirEnt {
                     name: name.to_owned(),
                     ino: self.calc_id(&path, kind == FileKind::Directory, dev, ent.ino()),
                     kind,
@@ -711,7 +714,7 @@ impl UnionFs {
         Ok(out)
     }
 
-    fn dir_entries(&self, dh: u64, offset: u64) -> Result<Arc<Vec<UDirEnt>>> {
+    fn dir_entries(&self, dh: u64, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
         let dir = self.dirs.lock().get(&dh).cloned().ok_or(Errno::EBADF)?;
         if offset == 0 {
             self.load_dir(&dir)

@@ -135,7 +135,8 @@ pub const KEYS: &[&str] = &[
     "cache.negative-entry",
 ];
 
-fn seconds(v: &str) -> Result<Duration, String> {
+/// A cache timeout in (fractional) seconds, 0 to 1e9.
+pub fn seconds(v: &str) -> Result<Duration, String> {
     let secs: f64 = v
         .parse()
         .map_err(|_| format!("'{v}' is not a number of seconds"))?;

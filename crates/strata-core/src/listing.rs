@@ -1,0 +1,79 @@
+//! Directory listings as every layer serves them: a snapshot read at offset 0
+//! (so rewinddir sees new names), offsets that index into it, and readdirplus
+//! entries that take lookup references only for what reaches the kernel.
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use crate::fs::{Attr, DirPlusSink, DirSink, Entry, FileKind};
+use crate::{Errno, Result};
+
+/// One name of a listing snapshot.
+pub struct DirEnt {
+    pub name: CString,
+    pub ino: u64,
+    pub kind: FileKind,
+}
+
+/// Sends `entries` from `offset` until the reply is full.
+pub fn fill(entries: &[DirEnt], offset: u64, sink: &mut dyn DirSink) {
+    for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        let name = OsStr::from_bytes(e.name.to_bytes());
+        if !sink.add(e.ino, i as u64 + 1, e.kind, name) {
+            break;
+        }
+    }
+}
+
+/// Sends `entries` from `offset` with their attributes. `.` and `..` carry
+/// the directory's own attributes (`dir_attr`, read at most once) and take no
+/// reference; other names go through `lookup`, which takes one, given back
+/// with `forget` when the reply is full. Names gone since the snapshot are
+/// skipped.
+pub fn fill_plus(
+    entries: &[DirEnt],
+    offset: u64,
+    sink: &mut dyn DirPlusSink,
+    dir_attr: impl FnOnce() -> Result<Attr>,
+    mut lookup: impl FnMut(&DirEnt) -> Result<Entry>,
+    mut forget: impl FnMut(u64),
+) -> Result<()> {
+    let mut dir_attr = Some(dir_attr);
+    let mut cached: Option<Attr> = None;
+    for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        let name = OsStr::from_bytes(e.name.to_bytes());
+        let next = i as u64 + 1;
+        if name == "." || name == ".." {
+            let base = match (cached, dir_attr.take()) {
+                (Some(a), _) => a,
+                (None, Some(read)) => *cached.insert(read()?),
+                (None, None) => unreachable!("the attributes are cached once read"),
+            };
+            let entry = Entry {
+                attr: Attr {
+                    ino: e.ino,
+                    kind: FileKind::Directory,
+                    ..base
+                },
+                generation: 0,
+                entry_ttl: Duration::ZERO,
+                attr_ttl: Duration::ZERO,
+            };
+            if !sink.add(next, name, &entry) {
+                break;
+            }
+            continue;
+        }
+        let entry = match lookup(e) {
+            Ok(entry) => entry,
+            Err(Errno::ENOENT) => continue,
+            Err(err) => return Err(err),
+        };
+        if !sink.add(next, name, &entry) {
+            forget(entry.attr.ino);
+            break;
+        }
+    }
+    Ok(())
+}
