@@ -7,6 +7,7 @@ command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v flock >/dev/null || need_apt+=(util-linux)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v mergerfs >/dev/null || need_apt+=(mergerfs)
 if ((${#need_apt[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -5,10 +5,9 @@
 //! checks are the kernel's (`default_permissions`); ownership of new objects is
 //! the caller's.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString, OsStr};
+use std::collections::HashMap;
+use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +18,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
-use crate::host::watch::{self, Change, Fid, HostWatch};
+use crate::host::watch::{self, HostWatch};
 use crate::host::{HostDir, HostNode, attr_from_stat, component, dirent_kind, ops};
 use crate::inode::InodeTable;
 use crate::listing::{self, DirEnt};
@@ -54,12 +53,7 @@ impl Default for PassthroughConfig {
     }
 }
 
-/// Cache timeout on a host filesystem whose changes are not watched: outside
-/// changes show within this long.
-pub const UNWATCHED_TTL: Duration = Duration::from_secs(1);
-/// Cache timeout on a watched host filesystem: changes are pushed to the
-/// kernel as they happen; the timeout only bounds the damage of a lost event.
-pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
+pub use crate::host::watch::{UNWATCHED_TTL, WATCHED_TTL};
 
 type Key = (u64, u64);
 
@@ -561,73 +555,16 @@ impl Filesystem for PassthroughFs {
         let table = self.table.clone();
         let spawned = std::thread::Builder::new()
             .name("strata-watch".into())
-            .spawn(move || forward_host_changes(&watch, &table, &*invalidator));
+            .spawn(move || {
+                watch::forward_changes(
+                    &watch,
+                    |id| table.get_by_key(&(id.dev, id.ino)).map(|(id, _)| id),
+                    || table.ids(),
+                    &*invalidator,
+                )
+            });
         if let Err(e) = spawned {
             tracing::error!("cannot start the host watch thread: {e}");
-        }
-    }
-}
-
-/// Turns host change events into kernel cache invalidations, for as long as
-/// the process lives. Changes made by this daemon are skipped: the kernel
-/// learnt of them from the replies.
-fn forward_host_changes(
-    watch: &HostWatch,
-    table: &InodeTable<Key, HostNode>,
-    inval: &dyn Invalidator,
-) {
-    let own_pid = std::process::id() as i32;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut changes = Vec::new();
-    let known = |fid: &Fid| {
-        let id = watch.resolve(fid)?;
-        table.get_by_key(&(id.dev, id.ino)).map(|(id, _)| id)
-    };
-    loop {
-        changes.clear();
-        if let Err(e) = watch.read(&mut buf, &mut changes) {
-            tracing::error!(
-                "host watch stopped ({e}); outside changes now show only after cache timeouts"
-            );
-            return;
-        }
-        // One invalidation per name and per node for the whole batch.
-        let mut entries: HashSet<(u64, CString)> = HashSet::new();
-        let mut inodes: HashMap<u64, bool> = HashMap::new();
-        for change in changes.drain(..) {
-            let Change::Event {
-                mask,
-                pid,
-                dir,
-                object,
-            } = change
-            else {
-                tracing::warn!("host change events were lost; invalidating every cached node");
-                for id in table.ids() {
-                    inodes.insert(id, true);
-                }
-                continue;
-            };
-            if pid == own_pid {
-                continue;
-            }
-            if mask & watch::DIRENT != 0
-                && let Some((dfid, name)) = dir
-                && let Some(parent) = known(&dfid)
-            {
-                entries.insert((parent, name));
-                // Its mtime, link count and cached listing changed too.
-                inodes.insert(parent, true);
-            }
-            if let Some(id) = object.as_ref().and_then(known) {
-                *inodes.entry(id).or_default() |= mask & watch::MODIFY != 0;
-            }
-        }
-        for (parent, name) in &entries {
-            inval.entry(*parent, OsStr::from_bytes(name.to_bytes()));
-        }
-        for (id, data) in inodes {
-            inval.inode(id, data);
         }
     }
 }

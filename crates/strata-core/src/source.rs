@@ -102,14 +102,60 @@ pub fn parse_branches(spec: &str) -> Result<Vec<Branch>, String> {
                         Some(parse_size(f).map_err(|e| format!("branch '{path}': {e}"))?);
                 }
             }
-            Ok(branch)
+            expand(branch)
         })
-        .collect()
+        .collect::<Result<Vec<Vec<Branch>>, String>>()
+        .map(|v| v.into_iter().flatten().collect())
+}
+
+/// A branch whose path is a glob (`/mnt/disk*`) becomes one branch per
+/// matching directory, in name order, each with the pattern's mode and
+/// minimum free space. A pattern that matches no directory is an error.
+fn expand(branch: Branch) -> Result<Vec<Branch>, String> {
+    let pattern = branch.path.to_string_lossy().into_owned();
+    if !pattern.contains(['*', '?', '[']) {
+        return Ok(vec![branch]);
+    }
+    let paths = glob::glob(&pattern).map_err(|e| format!("branch pattern '{pattern}': {e}"))?;
+    let found: Vec<Branch> = paths
+        .filter_map(|p| p.ok())
+        .filter(|p| p.is_dir())
+        .map(|path| Branch {
+            path,
+            ..branch.clone()
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(format!("branch pattern '{pattern}' matches no directory"));
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs_expand_to_matching_directories_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["disk2", "disk1", "other"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("disk3"), b"a file, not a branch").unwrap();
+        let spec = format!("{0}/disk*=NC,1G:{0}/other", dir.path().display());
+        let b = parse_branches(&spec).unwrap();
+        let names: Vec<_> = b.iter().map(|b| b.path.file_name().unwrap()).collect();
+        assert_eq!(names, ["disk1", "disk2", "other"]);
+        assert_eq!(b[1].mode, BranchMode::NC);
+        assert_eq!(b[1].min_free, Some(1 << 30));
+        assert_eq!(b[2].mode, BranchMode::RW);
+        let none = format!("{}/nothing*", dir.path().display());
+        assert!(
+            parse_branches(&none)
+                .unwrap_err()
+                .contains("matches no directory")
+        );
+    }
 
     #[test]
     fn single_directory() {

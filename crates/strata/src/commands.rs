@@ -139,6 +139,8 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
             UnionFs::new(UnionConfig {
                 branches,
                 settings: opts.union.clone(),
+                watch: opts.watch,
+                mountpoint: mountpoint.to_path_buf(),
                 fd_cache: opts.fd_cache,
                 passthrough: opts.passthrough,
             })

@@ -4,14 +4,10 @@ use std::time::Duration;
 
 use strata_core::union::Settings;
 
-/// Union options, handed to the union's own settings (which also serve the control file).
+/// Union options, handed to the union's own settings (which also serve the
+/// control file). The cache timeouts are common options, handled here.
 fn is_union_key(key: &str) -> bool {
-    key.starts_with("category.")
-        || key.starts_with("func.")
-        || matches!(
-            key,
-            "minfreespace" | "inodecalc" | "statfs" | "statfs-ignore" | "statfs_ignore" | "xattr"
-        )
+    Settings::is_key(key) && !key.starts_with("cache.")
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -80,6 +76,15 @@ pub const KNOWN: &[&str] = &[
     "statfs=base|full",
     "statfs-ignore=none|ro|nc",
     "xattr=passthrough|noattr|nosys",
+    "moveonenospc=true|false|POLICY",
+    "link-cow=BOOL",
+    "symlinkify=BOOL",
+    "symlinkify-timeout=SECS",
+    "nullrw=BOOL",
+    "dropcacheonclose=BOOL",
+    "follow-symlinks=never|directory|regular|all",
+    "link-exdev=passthrough|rel-symlink|abs-base-symlink|abs-pool-symlink",
+    "rename-exdev=passthrough|rel-symlink|abs-symlink",
 ];
 
 fn seconds(key: &str, v: &str) -> Result<Duration, String> {
@@ -87,11 +92,7 @@ fn seconds(key: &str, v: &str) -> Result<Duration, String> {
 }
 
 fn boolean(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(format!("option '{key}': '{v}' is not true or false")),
-    }
+    strata_core::union::settings::boolean(v).map_err(|e| format!("option '{key}': {e}"))
 }
 
 fn number(key: &str, v: &str, min: usize, max: usize) -> Result<usize, String> {
@@ -149,15 +150,9 @@ impl MountOptions {
             }
         }
         // The cache timeouts apply to the union too.
-        if let Some(t) = o.entry_ttl {
-            o.union.entry_ttl = t;
-        }
-        if let Some(t) = o.attr_ttl {
-            o.union.attr_ttl = t;
-        }
-        if let Some(t) = o.negative_ttl {
-            o.union.negative_ttl = t;
-        }
+        o.union.entry_ttl = o.entry_ttl;
+        o.union.attr_ttl = o.attr_ttl;
+        o.union.negative_ttl = o.negative_ttl;
         Ok(o)
     }
 }

@@ -366,3 +366,76 @@ fn bad_union_options_fail_with_one_line_and_mount_nothing() {
         assert!(!is_mounted(&mnt));
     }
 }
+
+/// With every branch watched the union may cache for an hour (its default
+/// when watched; mergerfs: 1 s) and still show changes made on any branch
+/// behind its back at once.
+#[test]
+fn changes_on_any_branch_show_through_the_union_at_once() {
+    let b = Branches::new(&[16, 16, 16], &[]);
+    fs::write(b.path(0).join("grow"), b"a").unwrap();
+    fs::write(b.path(2).join("shadowed"), b"low").unwrap();
+    fs::write(b.path(2).join("doomed"), b"x").unwrap();
+    for i in 0..3 {
+        fs::create_dir(b.path(i).join("d")).unwrap();
+    }
+    fs::write(b.path(1).join("d/one"), b"").unwrap();
+    // Timeouts spelled out: only the watch can make the changes show.
+    let m = union(
+        &b,
+        &[],
+        &["cache.entry=3600,cache.attr=3600,cache.negative-entry=3600"],
+    );
+
+    // Fill the kernel's caches: names, a negative entry, data, a listing.
+    assert_eq!(fs::read(m.m("grow")).unwrap(), b"a");
+    assert_eq!(fs::read(m.m("shadowed")).unwrap(), b"low");
+    assert!(fs::metadata(m.m("later")).is_err());
+    assert!(fs::metadata(m.m("doomed")).is_ok());
+    let list = |rel: &str| {
+        let mut v: Vec<String> = fs::read_dir(m.m(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list("d"), ["one"]);
+
+    fs::write(b.path(1).join("later"), b"new").unwrap();
+    fs::write(b.path(0).join("grow"), b"abc").unwrap();
+    fs::write(b.path(0).join("shadowed"), b"high").unwrap();
+    fs::remove_file(b.path(2).join("doomed")).unwrap();
+    fs::write(b.path(2).join("d/two"), b"").unwrap();
+
+    type Check<'a> = Box<dyn Fn() -> bool + 'a>;
+    let checks: [(&str, Check); 5] = [
+        (
+            "a file created on branch 1 appears",
+            Box::new(|| fs::read(m.m("later")).is_ok_and(|d| d == b"new")),
+        ),
+        (
+            "a file rewritten on branch 0 shows its new data",
+            Box::new(|| fs::read(m.m("grow")).is_ok_and(|d| d == b"abc")),
+        ),
+        (
+            "a name created on a higher branch takes over",
+            Box::new(|| fs::read(m.m("shadowed")).is_ok_and(|d| d == b"high")),
+        ),
+        (
+            "a file deleted on branch 2 is gone",
+            Box::new(|| fs::metadata(m.m("doomed")).is_err()),
+        ),
+        (
+            "a merged listing picks up a file added on branch 2",
+            Box::new(|| list("d") == ["one", "two"]),
+        ),
+    ];
+    for (what, check) in &checks {
+        assert!(
+            wait_until(std::time::Duration::from_secs(3), check),
+            "{what}: not visible through the union\ndaemon log:\n{}",
+            m.log()
+        );
+    }
+}

@@ -48,8 +48,16 @@ impl OpenFiles {
         self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
-    pub fn release(&self, fh: u64) {
-        self.files.lock().remove(&fh);
+    /// Forgets an open file; returns its descriptor (closed when the last user drops it).
+    pub fn release(&self, fh: u64) -> Option<Arc<OwnedFd>> {
+        self.files.lock().remove(&fh)
+    }
+
+    /// Points `fh` at another descriptor (the file moved); later requests use it.
+    pub fn replace(&self, fh: u64, fd: OwnedFd) {
+        if let Some(slot) = self.files.lock().get_mut(&fh) {
+            *slot = Arc::new(fd);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -147,13 +155,21 @@ macro_rules! open_file_methods {
             self.$files.write(fh, offset, data)
         }
 
-        fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-            self.$files.flush(fh)
-        }
-
         fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
             self.$files.release(fh);
             Ok(())
+        }
+
+        $crate::host::files::open_file_sync_methods!($files);
+    };
+}
+
+/// The open-file methods besides read, write and release, for layers that
+/// handle those three themselves.
+macro_rules! open_file_sync_methods {
+    ($files:ident) => {
+        fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+            self.$files.flush(fh)
         }
 
         fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
@@ -193,4 +209,4 @@ macro_rules! open_file_methods {
         }
     };
 }
-pub(crate) use open_file_methods;
+pub(crate) use {open_file_methods, open_file_sync_methods};

@@ -324,6 +324,18 @@ impl HostDir {
         })
     }
 
+    /// A node for an object reached other than by its name in a directory
+    /// (a followed symlink's target): its fd stays open for the node's life.
+    pub fn node_from_fd(&self, fd: OwnedFd, st: &Stat) -> Result<HostNode> {
+        Ok(HostNode {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            kind: FileKind::from_mode(st.st_mode).ok_or(Errno::EIO)?,
+            handle: None,
+            fd: Mutex::new(Some(Arc::new(fd))),
+        })
+    }
+
     fn open_path(&self, parent: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
         Ok(rustix::fs::openat(
             parent,

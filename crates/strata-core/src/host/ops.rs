@@ -325,3 +325,115 @@ pub fn access(host: &HostDir, ctx: &Ctx, fd: BorrowedFd<'_>, mask: i32) -> Resul
         Err(Errno::EACCES)
     }
 }
+
+/// Copies the regular file behind the O_PATH fd `src` (of `src_host`) to
+/// `name` in the directory `dst_dir`: data, owner, mode, extended attributes
+/// and times. The copy is written and synced under a temporary name and
+/// renamed into place, so `name` is never seen half-written and survives a
+/// crash once this returns (callers unlink the original afterwards).
+pub fn copy_file(
+    src_host: &HostDir,
+    src: BorrowedFd<'_>,
+    dst_dir: BorrowedFd<'_>,
+    name: &CStr,
+) -> Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let st = src_host.stat_fd(src)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Errno::EINVAL);
+    }
+    let input = src_host.reopen(src, OFlags::RDONLY)?;
+    let tmp = CString::new(format!(
+        ".strata-copy.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
+    .expect("no NUL");
+    let out = rustix::fs::openat(
+        dst_dir,
+        tmp.as_c_str(),
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let res = copy_data(&input, &out)
+        .and_then(|()| copy_metadata(&input, &out, &st))
+        .and_then(|()| Ok(rustix::fs::fsync(&out)?))
+        .and_then(|()| {
+            Ok(rustix::fs::renameat(
+                dst_dir,
+                tmp.as_c_str(),
+                dst_dir,
+                name,
+            )?)
+        });
+    if res.is_err() {
+        let _ = rustix::fs::unlinkat(dst_dir, tmp.as_c_str(), AtFlags::empty());
+    }
+    res
+}
+
+fn copy_data(input: &OwnedFd, out: &OwnedFd) -> Result<()> {
+    loop {
+        match rustix::fs::copy_file_range(input, None, out, None, 1 << 30) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // Across filesystems some kernels refuse: copy by hand.
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP,
+            ) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = rustix::io::read(input, &mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < n {
+            done += rustix::io::write(out, &buf[done..n])?;
+        }
+    }
+}
+
+fn copy_metadata(input: &OwnedFd, out: &OwnedFd, st: &Stat) -> Result<()> {
+    let mut names = vec![0u8; 64 * 1024];
+    let len = rustix::fs::flistxattr(input, &mut names).unwrap_or(0);
+    let mut value = vec![0u8; 64 * 1024];
+    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = CString::new(name).expect("split at NUL");
+        let Ok(n) = rustix::fs::fgetxattr(input, name.as_c_str(), &mut value) else {
+            continue;
+        };
+        match rustix::fs::fsetxattr(out, name.as_c_str(), &value[..n], XattrFlags::empty()) {
+            // Namespaces the target does not have (e.g. security.* on tmpfs).
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::PERM) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    rustix::fs::fchown(
+        out,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+    )?;
+    // After chown, which clears setuid/setgid.
+    rustix::fs::fchmod(out, Mode::from_raw_mode(st.st_mode & 0o7777))?;
+    rustix::fs::futimens(
+        out,
+        &Timestamps {
+            last_access: Timespec {
+                tv_sec: st.st_atime,
+                tv_nsec: st.st_atime_nsec as _,
+            },
+            last_modification: Timespec {
+                tv_sec: st.st_mtime,
+                tv_nsec: st.st_mtime_nsec as _,
+            },
+        },
+    )?;
+    Ok(())
+}

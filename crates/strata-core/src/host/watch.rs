@@ -12,16 +12,26 @@
 //! file handles: the directory and name of a directory-entry change, and the
 //! object whose attributes or data changed.
 
-use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 use rustix::fs::{Mode, OFlags};
 
 use super::sys::{self, FileHandle};
+use crate::fs::Invalidator;
 use crate::{Errno, Result};
+
+/// Cache timeout on a host filesystem whose changes are not watched: outside
+/// changes show within this long.
+pub const UNWATCHED_TTL: Duration = Duration::from_secs(1);
+/// Cache timeout on a watched host filesystem: changes are pushed to the
+/// kernel as they happen; the timeout only bounds the damage of a lost event.
+pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 
 /// Directory-entry events: the named child of a directory appeared or went.
 pub const DIRENT: u64 =
@@ -98,6 +108,11 @@ impl HostWatch {
         self.devs.read().contains_key(&dev)
     }
 
+    /// Remembers `dev` as not watched (its changes cannot be mapped back).
+    pub fn skip(&self, dev: u64) {
+        self.devs.write().entry(dev).or_insert(false);
+    }
+
     /// Starts watching the filesystem holding the directory `dir` (an O_PATH
     /// fd on device `dev`). Returns whether that filesystem is now watched; a
     /// filesystem that cannot be watched (no file handles, no fsid) is
@@ -158,6 +173,70 @@ impl HostWatch {
             dev: st.st_dev,
             ino: st.st_ino,
         })
+    }
+}
+
+/// Turns host change events into kernel cache invalidations, for as long as
+/// the process lives. `node_of` maps a host object to the node id the kernel
+/// knows it by (if it knows it); `all_nodes` lists every node, for when events
+/// were lost. Changes made by this daemon are skipped: the kernel learnt of
+/// them from the replies.
+pub fn forward_changes(
+    watch: &HostWatch,
+    node_of: impl Fn(HostId) -> Option<u64>,
+    all_nodes: impl Fn() -> Vec<u64>,
+    inval: &dyn Invalidator,
+) {
+    let own_pid = std::process::id() as i32;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut changes = Vec::new();
+    let known = |fid: &Fid| node_of(watch.resolve(fid)?);
+    loop {
+        changes.clear();
+        if let Err(e) = watch.read(&mut buf, &mut changes) {
+            tracing::error!(
+                "host watch stopped ({e}); outside changes now show only after cache timeouts"
+            );
+            return;
+        }
+        // One invalidation per name and per node for the whole batch.
+        let mut entries: HashSet<(u64, CString)> = HashSet::new();
+        let mut inodes: HashMap<u64, bool> = HashMap::new();
+        for change in changes.drain(..) {
+            let Change::Event {
+                mask,
+                pid,
+                dir,
+                object,
+            } = change
+            else {
+                tracing::warn!("host change events were lost; invalidating every cached node");
+                for id in all_nodes() {
+                    inodes.insert(id, true);
+                }
+                continue;
+            };
+            if pid == own_pid {
+                continue;
+            }
+            if mask & DIRENT != 0
+                && let Some((dfid, name)) = dir
+                && let Some(parent) = known(&dfid)
+            {
+                entries.insert((parent, name));
+                // Its mtime, link count and cached listing changed too.
+                inodes.insert(parent, true);
+            }
+            if let Some(id) = object.as_ref().and_then(known) {
+                *inodes.entry(id).or_default() |= mask & MODIFY != 0;
+            }
+        }
+        for (parent, name) in &entries {
+            inval.entry(*parent, OsStr::from_bytes(name.to_bytes()));
+        }
+        for (id, data) in inodes {
+            inval.inode(id, data);
+        }
     }
 }
 

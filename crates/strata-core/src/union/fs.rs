@@ -3,6 +3,7 @@
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,18 +11,15 @@ use std::time::Duration;
 use rustix::fs::{AtFlags, Mode, RenameFlags};
 
 use super::control;
+use super::files::write_flags;
 use super::policy::{Func, Want};
-use super::settings::XattrMode;
-use super::{Branch, CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs};
+use super::settings::{LinkExdev, RenameExdev, XattrMode};
+use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs, WATCHED_TTL};
 use crate::fs::*;
-use crate::host::files::{open_file_methods, sync_fd};
+use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::{attr_from_stat, component, ops};
 use crate::listing;
 use crate::{Errno, Result};
-
-fn write_flags(flags: i32) -> bool {
-    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
-}
 
 /// The function whose policy governs a setattr: the first thing it changes.
 fn setattr_func(set: &SetAttr) -> Func {
@@ -39,7 +37,7 @@ fn setattr_func(set: &SetAttr) -> Func {
 impl Filesystem for UnionFs {
     fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
         if parent == ROOT_ID && name == CONTROL_NAME {
-            return Ok(control::entry(self.ttl()));
+            return Ok(control::entry(self.ttl(&[])));
         }
         let name =
             component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })?;
@@ -54,14 +52,16 @@ impl Filesystem for UnionFs {
 
     fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
         if ino == CONTROL_ID {
-            return Ok(control::attr_out(self.ttl()));
+            return Ok(control::attr_out(self.ttl(&[])));
         }
         if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
             let st = rustix::fs::fstat(&*file)?;
-            return Ok(self.attr_out(ino, &st));
+            // Open files outlive their names: no instances is no error here.
+            return Ok(self.attr_out(ino, &st, &self.instances(ino).unwrap_or_default()));
         }
-        let st = self.getattr_stat(&self.instances(ino)?)?;
-        Ok(self.attr_out(ino, &st))
+        let inst = self.instances(ino)?;
+        let st = self.getattr_stat(&inst)?;
+        Ok(self.attr_out(ino, &st, &inst))
     }
 
     fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
@@ -85,7 +85,21 @@ impl Filesystem for UnionFs {
     }
 
     fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
-        ops::readlink(self.search(Func::Readlink, ino)?.fd()?.as_fd())
+        let inst = self.search(Func::Readlink, ino)?;
+        let fd = inst.fd()?;
+        if inst.node.kind != FileKind::Symlink {
+            // `symlinkify`: the file shows as a link to itself on its branch.
+            let st = inst.branch.dir.stat_fd(fd.as_fd())?;
+            if self.symlinkified(&st) {
+                let path = inst
+                    .branch
+                    .path
+                    .join(OsStr::from_bytes(&self.rel_path(ino)));
+                return Ok(path.into_os_string().into_vec());
+            }
+            return Err(Errno::EINVAL);
+        }
+        ops::readlink(fd.as_fd())
     }
 
     fn mknod(
@@ -192,32 +206,49 @@ impl Filesystem for UnionFs {
             }
         }
         if renamed.is_empty() {
+            let how = self.settings.read().rename_exdev;
+            if first_err == Some(Errno::EXDEV) && how != RenameExdev::Passthrough {
+                let moved: Vec<Inst> = source
+                    .iter()
+                    .filter(|(i, _, _)| chosen.iter().any(|c| c.branch.id == i.branch.id))
+                    .map(|(i, _, _)| i.clone())
+                    .collect();
+                return self
+                    .rename_as_symlink(_ctx, parent, &name, &moved, how, new_parent, &new_name);
+            }
             return Err(first_err.unwrap_or(Errno::EROFS));
+        }
+        if !flags.contains(RenameFlags::EXCHANGE) {
+            // mergerfs: the source goes from branches where its rename failed,
+            // or the old name would live on there.
+            for (inst, pfd, st) in &source {
+                let tried = chosen.iter().any(|c| c.branch.id == inst.branch.id);
+                if tried && !renamed.contains(&inst.branch.id) && inst.branch.mode != BranchMode::RO
+                {
+                    let _ = rustix::fs::unlinkat(&**pfd, &name, remove_flags(st));
+                }
+            }
+            self.moved(&source, &renamed, new_parent, &new_name);
         }
         // The target on other branches would shadow the renamed file: remove it.
         if !flags.contains(RenameFlags::EXCHANGE)
             && let Some(tgt) = target
         {
             for (inst, pfd, st) in tgt {
-                if renamed.contains(&inst.branch.id) || inst.branch.mode == super::BranchMode::RO {
+                if renamed.contains(&inst.branch.id) || inst.branch.mode == BranchMode::RO {
                     continue;
                 }
-                let how = if super::is_dir(&st) {
-                    AtFlags::REMOVEDIR
-                } else {
-                    AtFlags::empty()
-                };
-                let _ = rustix::fs::unlinkat(&*pfd, &new_name, how);
+                let _ = rustix::fs::unlinkat(&*pfd, &new_name, remove_flags(&st));
             }
         }
         Ok(())
     }
 
-    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
+    fn link(&self, ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
         let new_name = component(new_name)?;
         let chosen = self.action(Func::Link, ino)?;
         let preserve = self.settings.read().policy(Func::Create).preserves_paths();
-        Self::apply(&chosen, |i| {
+        let linked = Self::apply(&chosen, |i| {
             let b = &i.branch;
             let npfd = match self
                 .instances(new_parent)?
@@ -229,27 +260,37 @@ impl Filesystem for UnionFs {
                 None => self.dir_on(new_parent, b)?,
             };
             ops::link_fd(&b.dir, i.fd()?.as_fd(), npfd.as_fd(), &new_name)
-        })?;
-        self.lookup_name(new_parent, &new_name)
+        });
+        let how = self.settings.read().link_exdev;
+        match linked {
+            Err(e) if e == Errno::EXDEV && how != LinkExdev::Passthrough => {
+                self.link_as_symlink(ctx, ino, &chosen[0], how, new_parent, &new_name)
+            }
+            Err(e) => Err(e),
+            Ok(()) => self.lookup_name(new_parent, &new_name),
+        }
     }
 
     fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
         if ino == CONTROL_ID {
             return Ok(self.files.insert(control::open()?, false));
         }
-        let inst = self.search(Func::Open, ino)?;
+        let mut inst = self.search(Func::Open, ino)?;
         if write_flags(flags) {
             Self::read_only_err(&inst)?;
+            if self.settings.read().link_cow {
+                inst = self.break_link(ino, &inst)?;
+            }
         }
         let file = inst
             .branch
             .dir
             .reopen(inst.fd()?.as_fd(), ops::open_flags(flags))?;
-        Ok(self.files.insert(file, self.passthrough))
+        Ok(self.register_open(ino, inst.branch.id, flags, file))
     }
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
-        self.instances(ino)?;
+        let watched = self.watched(&self.instances(ino)?);
         let fh = self
             .next_dh
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -260,8 +301,11 @@ impl Filesystem for UnionFs {
                 entries: parking_lot::Mutex::new(Arc::new(Vec::new())),
             }),
         );
+        // Listings stay valid until the watch says otherwise.
         Ok(Opened {
             fh,
+            cache_dir: watched,
+            keep_cache: watched,
             ..Opened::default()
         })
     }
@@ -408,10 +452,24 @@ impl Filesystem for UnionFs {
             ops::create_file(&b.dir, ctx, pfd.as_fd(), &name, mode, umask, flags, || {
                 self.lookup_name(parent, &name)
             })?;
-        Ok((entry, self.files.insert(fd, self.passthrough)))
+        let opened = self.register_open(entry.attr.ino, b.id, flags, fd);
+        Ok((entry, opened))
     }
 
-    open_file_methods!(files);
+    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.read_file(fh, offset, size)
+    }
+
+    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.write_file(fh, offset, data)
+    }
+
+    fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+        self.release_file(fh);
+        Ok(())
+    }
+
+    open_file_sync_methods!(files);
 
     fn stats(&self) -> Stats {
         Stats {
@@ -426,16 +484,50 @@ impl Filesystem for UnionFs {
         }
     }
 
-    fn negative_ttl(&self, _parent: u64) -> Duration {
-        self.settings.read().negative_ttl
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
+        // mergerfs caches no negative entries; with the watch they are safe.
+        let auto = if watched { WATCHED_TTL } else { Duration::ZERO };
+        self.settings.read().negative_ttl.unwrap_or(auto)
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
-        *self.invalidator.write() = Some(invalidator);
+        *self.invalidator.write() = Some(invalidator.clone());
+        self.start_watch(invalidator);
+    }
+}
+
+/// unlinkat flags that remove an object with stat `st`.
+fn remove_flags(st: &rustix::fs::Stat) -> AtFlags {
+    if super::is_dir(st) {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
     }
 }
 
 impl UnionFs {
+    /// After a rename: the node found as `source` (parent instances and the
+    /// name's stats) now lives at `new_name` in
+    /// `new_parent`, on the branches in `renamed` only. The kernel moved its
+    /// name without asking, so the node must know where it is now (paths of
+    /// its children, path cloning) and read from where it went.
+    fn moved(
+        &self,
+        source: &[(Inst, Arc<std::os::fd::OwnedFd>, rustix::fs::Stat)],
+        renamed: &[u64],
+        new_parent: u64,
+        new_name: &CStr,
+    ) {
+        let st = &source[0].2;
+        let Some((_, node)) = self.table.get_by_key(&(st.st_dev, st.st_ino)) else {
+            return;
+        };
+        // Its host objects moved with it (same inodes), those left behind are gone.
+        node.inst.write().retain(|i| renamed.contains(&i.branch.id));
+        *node.loc.lock() = (new_parent, new_name.to_owned());
+    }
+
     /// Whether xattr changes reach the branches under the `xattr=` mode.
     fn xattr_writes(&self) -> Result<()> {
         match self.xattr_mode() {
@@ -448,7 +540,7 @@ impl UnionFs {
     /// mkdir/mknod/symlink: `make` creates `name` in the parent's directory
     /// on each branch the create policy picks (all of them for `all`/`epall`);
     /// the caller owns what was made.
-    fn make_node(
+    pub(super) fn make_node(
         &self,
         ctx: &Ctx,
         func: Func,
@@ -476,8 +568,40 @@ impl UnionFs {
             .iter()
             .filter(|(i, _, _)| chosen.iter().any(|c| c.branch.id == i.branch.id))
             .collect();
-        Self::apply(&targets, |(_, pfd, _)| {
-            Ok(rustix::fs::unlinkat(&**pfd, &name, how)?)
-        })
+        // Every picked instance is tried; as mergerfs, the first error is the
+        // answer even when others went (an rmdir that left the name showing
+        // on another branch must not report success).
+        let mut first_err = None;
+        let mut removed = false;
+        for (_, pfd, st) in targets {
+            // rmdir of a directory shown through `follow-symlinks` removes the link.
+            let how = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                AtFlags::empty()
+            } else {
+                how
+            };
+            match rustix::fs::unlinkat(&**pfd, &name, how) {
+                Ok(()) => removed = true,
+                Err(e) => {
+                    first_err.get_or_insert(Errno::from(e));
+                }
+            }
+        }
+        match first_err {
+            None => Ok(()),
+            Some(e) => {
+                if removed {
+                    // The error reply tells the kernel nothing changed, yet
+                    // some copies went: make it look again.
+                    let node = self.lookup_name(parent, &name).ok().map(|e| e.attr.ino);
+                    if let Some(id) = node {
+                        self.table.forget(id, 1);
+                    }
+                    let nodes: Vec<u64> = std::iter::once(parent).chain(node).collect();
+                    self.invalidate_later(Some((parent, name)), &nodes);
+                }
+                Err(e)
+            }
+        }
     }
 }

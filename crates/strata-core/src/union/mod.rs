@@ -7,6 +7,8 @@
 //! in [`Settings`] and are read and changed through the control file.
 
 pub mod control;
+mod exdev;
+mod files;
 mod fs;
 pub mod policy;
 pub mod settings;
@@ -25,6 +27,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
+use crate::host::watch::{self, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
 use crate::host::{HostDir, HostNode, attr_from_stat, dirent_kind};
 use crate::inode::InodeTable;
 use crate::listing::DirEnt;
@@ -32,7 +35,7 @@ use crate::source::{self, BranchMode};
 use crate::{Errno, Result};
 use policy::{Candidate, Func, Policy, Want};
 pub use settings::Settings;
-use settings::{InodeCalc, StatfsIgnore, StatfsMode, XattrMode};
+use settings::{FollowSymlinks, InodeCalc, StatfsIgnore, StatfsMode, XattrMode};
 
 /// Node id of the control file `/.strata`.
 pub const CONTROL_ID: u64 = u64::MAX - 1;
@@ -79,6 +82,19 @@ struct UNode {
     inst: RwLock<Vec<Inst>>,
 }
 
+/// What the union keeps about an open file besides its descriptor.
+#[derive(Clone, Copy)]
+struct UFile {
+    ino: u64,
+    /// The branch the file is open on (it changes when `moveonenospc` moves it).
+    branch: u64,
+    flags: i32,
+    /// `nullrw` when opened: reads and writes touch nothing.
+    null: bool,
+    /// Served by the kernel (passthrough): the daemon never sees its I/O.
+    passthrough: bool,
+}
+
 struct UDir {
     ino: u64,
     entries: Mutex<Arc<Vec<DirEnt>>>,
@@ -89,16 +105,31 @@ type Key = (u64, u64);
 pub struct UnionConfig {
     pub branches: Vec<source::Branch>,
     pub settings: Settings,
+    /// Watch the branches for outside changes (and so cache for long).
+    pub watch: bool,
+    /// Where the union is mounted (`link-exdev`/`rename-exdev` symlinks may point there).
+    pub mountpoint: PathBuf,
     pub fd_cache: usize,
     pub passthrough: bool,
 }
 
+type BranchList = RwLock<Arc<Vec<Arc<Branch>>>>;
+
 pub struct UnionFs {
-    branches: RwLock<Arc<Vec<Arc<Branch>>>>,
+    branches: Arc<BranchList>,
     next_branch: AtomicU64,
     settings: RwLock<Settings>,
-    table: InodeTable<Key, UNode>,
+    table: Arc<InodeTable<Key, UNode>>,
+    /// Every instance of every node, by host object: how a host change event
+    /// finds the node (the table's key is only the first instance). Entries
+    /// of forgotten nodes are checked on use and pruned in bulk.
+    aliases: Arc<Mutex<HashMap<Key, u64>>>,
+    watch: Option<Arc<HostWatch>>,
+    mountpoint: PathBuf,
     files: OpenFiles,
+    open: Mutex<HashMap<u64, UFile>>,
+    /// Serialises `moveonenospc` moves.
+    moving: Mutex<()>,
     dirs: Mutex<HashMap<u64, Arc<UDir>>>,
     next_dh: AtomicU64,
     fd_cache: usize,
@@ -141,6 +172,16 @@ fn kind_of(st: &Stat) -> FileKind {
     FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular)
 }
 
+/// Whether node `id` still has an instance that is host object `key`.
+fn node_has(table: &InodeTable<Key, UNode>, id: u64, key: Key) -> bool {
+    table.get(id).is_some_and(|n| {
+        n.inst
+            .read()
+            .iter()
+            .any(|i| (i.node.dev, i.node.ino) == key)
+    })
+}
+
 /// Whether `e` only means "not on this branch".
 fn absent(e: Errno) -> bool {
     e == Errno::ENOENT || e == Errno::ENOTDIR
@@ -151,19 +192,38 @@ impl UnionFs {
         if cfg.branches.is_empty() {
             return Err("no branches".into());
         }
+        let watch = if cfg.watch {
+            match HostWatch::new() {
+                Ok(w) => Some(Arc::new(w)),
+                Err(e) => {
+                    tracing::info!(
+                        "branch changes are not watched ({e}); kernel caches time out after {}s",
+                        UNWATCHED_TTL.as_secs()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let fs = UnionFs {
-            branches: RwLock::new(Arc::new(Vec::new())),
+            branches: Arc::new(RwLock::new(Arc::new(Vec::new()))),
             next_branch: AtomicU64::new(1),
             settings: RwLock::new(cfg.settings),
-            table: InodeTable::new(
+            aliases: Arc::new(Mutex::new(HashMap::new())),
+            watch,
+            mountpoint: cfg.mountpoint,
+            table: Arc::new(InodeTable::new(
                 (0, 0),
                 Arc::new(UNode {
                     kind: FileKind::Directory,
                     loc: Mutex::new((ROOT_ID, CString::default())),
                     inst: RwLock::new(Vec::new()),
                 }),
-            ),
+            )),
             files: OpenFiles::default(),
+            open: Mutex::new(HashMap::new()),
+            moving: Mutex::new(()),
             dirs: Mutex::new(HashMap::new()),
             next_dh: AtomicU64::new(1),
             fd_cache: cfg.fd_cache,
@@ -187,6 +247,7 @@ impl UnionFs {
 
     fn open_branch(&self, b: &source::Branch) -> std::result::Result<Arc<Branch>, String> {
         let dir = HostDir::open(&b.path, self.fd_cache)?;
+        self.watch_dir(&dir, dir.root());
         Ok(Arc::new(Branch {
             id: self.next_branch.fetch_add(1, Ordering::Relaxed),
             path: b.path.clone(),
@@ -291,9 +352,94 @@ impl UnionFs {
         if h <= ROOT_ID { h + 2 } else { h }
     }
 
-    fn ttl(&self) -> (Duration, Duration) {
+    /// Starts watching the filesystem of directory `node` if it is new to
+    /// the watch (a branch, or a mount below one).
+    fn watch_dir(&self, dir: &HostDir, node: &Arc<HostNode>) {
+        if let Some(w) = &self.watch
+            && node.kind == FileKind::Directory
+            && !w.knows(node.dev)
+        {
+            if !dir.handles_usable() {
+                // Events could not be mapped back to nodes.
+                tracing::info!(path = %dir.path().display(), "no file handles: changes there are not watched");
+                w.skip(node.dev);
+                return;
+            }
+            if let Ok(fd) = dir.fd(node) {
+                w.watch(node.dev, fd.as_fd());
+            }
+        }
+    }
+
+    /// Whether outside changes to all of `inst` reach the kernel as they
+    /// happen (and its caches may keep them long).
+    fn watched(&self, inst: &[Inst]) -> bool {
+        let Some(w) = &self.watch else { return false };
+        inst.iter().all(|i| {
+            if !w.knows(i.node.dev) {
+                self.watch_dir(&i.branch.dir, &i.node);
+            }
+            w.is_watched(i.node.dev)
+        }) && self
+            .branches()
+            .iter()
+            .all(|b| w.is_watched(b.dir.root().dev))
+    }
+
+    /// Entry and attribute timeouts for a node with instances `inst`.
+    fn ttl(&self, inst: &[Inst]) -> (Duration, Duration) {
+        let auto = if self.watched(inst) {
+            WATCHED_TTL
+        } else {
+            UNWATCHED_TTL
+        };
         let s = self.settings.read();
-        (s.entry_ttl, s.attr_ttl)
+        (s.entry_ttl.unwrap_or(auto), s.attr_ttl.unwrap_or(auto))
+    }
+
+    /// Records where the instances of node `id` live, for the host watch.
+    fn remember(&self, id: u64, inst: &[Inst]) {
+        if self.watch.is_none() {
+            return;
+        }
+        let mut aliases = self.aliases.lock();
+        for i in inst {
+            aliases.insert((i.node.dev, i.node.ino), id);
+        }
+        // Keep the map proportional to the nodes the kernel knows.
+        let live = self.table.len();
+        if aliases.len() > 2 * live + 4096 {
+            aliases.retain(|key, id| node_has(&self.table, *id, *key));
+        }
+    }
+
+    /// Forwards outside changes on the branches to the kernel, on a thread of its own.
+    fn start_watch(&self, inval: Arc<dyn Invalidator>) {
+        let Some(w) = self.watch.clone() else { return };
+        let (table, aliases, branches) = (
+            self.table.clone(),
+            self.aliases.clone(),
+            self.branches.clone(),
+        );
+        let node_of = move |id: HostId| {
+            let key = (id.dev, id.ino);
+            let is_root = branches
+                .read()
+                .iter()
+                .any(|b| (b.dir.root().dev, b.dir.root().ino) == key);
+            if is_root {
+                return Some(ROOT_ID);
+            }
+            let node = *aliases.lock().get(&key)?;
+            node_has(&table, node, key).then_some(node)
+        };
+        let all = self.table.clone();
+        let spawned = std::thread::Builder::new()
+            .name("strata-watch".into())
+            .spawn(move || watch::forward_changes(&w, node_of, || all.ids(), &*inval));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the branch watch thread: {e}");
+        }
     }
 
     /// Policy view of `inst` (instances where the path exists) among all branches.
@@ -397,6 +543,17 @@ impl UnionFs {
     /// Branches to create `parent/<new>` on, by the create policy of `func`.
     fn place(&self, func: Func, parent: u64, many: bool) -> Result<Vec<Arc<Branch>>> {
         let policy = self.settings.read().policy(func);
+        self.place_by(policy, parent, many, None)
+    }
+
+    /// Branches `policy` picks for a new name in `parent`, never `exclude`.
+    fn place_by(
+        &self,
+        policy: Policy,
+        parent: u64,
+        many: bool,
+        exclude: Option<u64>,
+    ) -> Result<Vec<Arc<Branch>>> {
         let pinst = self.instances(parent)?;
         let ancestors = self.ancestors(parent);
         let branches = self.branches();
@@ -415,7 +572,12 @@ impl UnionFs {
                 } else {
                     ancestors.iter().position(|a| has(*a)).map(|p| p as u32 + 1)
                 };
-                self.candidate(policy, true, b, level, None)
+                let mut c = self.candidate(policy, true, b, level, None);
+                if exclude == Some(b.id) {
+                    // Policies never create on read-only branches.
+                    c.mode = BranchMode::RO;
+                }
+                c
             })
             .collect();
         let chosen = policy.select(Want::Create { many }, &cands, &mut *self.rng.lock())?;
@@ -458,20 +620,33 @@ impl UnionFs {
         }
         let hn = Arc::new(branch.dir.make_node(pfd.as_fd(), &name, &nst)?);
         let fd = branch.dir.fd(&hn)?;
+        self.add_instance(
+            ino,
+            Inst {
+                branch: branch.clone(),
+                node: hn,
+            },
+            None,
+        )?;
+        Ok(fd)
+    }
+
+    /// Adds `new` to node `ino`'s instances in branch order, in place of any
+    /// it had on the same branch or on branch `drop`.
+    fn add_instance(&self, ino: u64, new: Inst, drop: Option<u64>) -> Result<()> {
+        let node = self.node(ino)?;
         let order: HashMap<u64, usize> = self
             .branches()
             .iter()
             .enumerate()
             .map(|(i, b)| (b.id, i))
             .collect();
+        self.remember(ino, std::slice::from_ref(&new));
         let mut list = node.inst.write();
-        list.retain(|i| i.branch.id != branch.id);
-        list.push(Inst {
-            branch: branch.clone(),
-            node: hn,
-        });
+        list.retain(|i| i.branch.id != new.branch.id && Some(i.branch.id) != drop);
+        list.push(new);
         list.sort_by_key(|i| order.get(&i.branch.id).copied().unwrap_or(usize::MAX));
-        Ok(fd)
+        Ok(())
     }
 
     /// `name` in each instance of `parent`: the branch, the parent's fd there, the stat.
@@ -495,10 +670,66 @@ impl UnionFs {
         Ok(found)
     }
 
+    /// `follow-symlinks`: the target of symlink `name` in `parent` on
+    /// `inst`'s branch, if the setting follows its kind. Targets resolve
+    /// inside the branch (an absolute one from the branch's root), so a link
+    /// never leads out of its branch nor back into the mount.
+    fn follow(&self, parent: u64, name: &CStr, inst: &Inst, st: &Stat) -> Option<(OwnedFd, Stat)> {
+        let mode = self.settings.read().follow_symlinks;
+        if mode == FollowSymlinks::Never || st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            return None;
+        }
+        let mut path = self.rel_path(parent);
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.to_bytes());
+        let root = inst.branch.dir.fd(inst.branch.dir.root()).ok()?;
+        let fd = rustix::fs::openat2(
+            &*root,
+            OsStr::from_bytes(&path),
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            rustix::fs::ResolveFlags::IN_ROOT,
+        )
+        .ok()?;
+        let tst = inst.branch.dir.stat_fd(fd.as_fd()).ok()?;
+        let wanted = match mode {
+            FollowSymlinks::Never => false,
+            FollowSymlinks::Directory => is_dir(&tst),
+            FollowSymlinks::Regular => tst.st_mode & libc::S_IFMT == libc::S_IFREG,
+            FollowSymlinks::All => true,
+        };
+        wanted.then_some((fd, tst))
+    }
+
     fn lookup_name(&self, parent: u64, name: &CStr) -> Result<Entry> {
-        let found = self.find(parent, name)?;
+        let mut found = self.find(parent, name)?;
+        // Followed symlinks stand for their targets; each keeps its own fd.
+        let mut targets: Vec<Option<OwnedFd>> = Vec::with_capacity(found.len());
+        for (inst, _, st) in found.iter_mut() {
+            let t = self.follow(parent, name, inst, st);
+            targets.push(t.map(|(fd, tst)| {
+                *st = tst;
+                fd
+            }));
+        }
+        let followed = targets[0].is_some();
+        let first_dir = is_dir(&found[0].2);
+        // The first found decides what the name is; same-typed instances join it.
+        let (found, mut kept_targets): (Vec<_>, Vec<_>) = found
+            .into_iter()
+            .zip(targets)
+            .filter(|((_, _, st), _)| is_dir(st) == first_dir)
+            .unzip();
         let first = &found[0].2;
-        let key = (first.st_dev, first.st_ino);
+        // A followed link is its own node, never an alias of the target's
+        // (a directory reachable by two names would confuse the kernel).
+        const FOLLOWED: u64 = 1 << 63;
+        let key = (
+            first.st_dev | if followed { FOLLOWED } else { 0 },
+            first.st_ino,
+        );
         let kind = kind_of(first);
         let mut path = self.rel_path(parent);
         if !path.is_empty() {
@@ -513,15 +744,16 @@ impl UnionFs {
                 .map(|(_, n)| n.inst.read().clone())
                 .unwrap_or_default();
             let mut inst = Vec::with_capacity(found.len());
-            for (pi, pfd, st) in &found {
+            for ((pi, pfd, st), target) in found.iter().zip(kept_targets.iter_mut()) {
                 let reuse = old.iter().find(|o| {
                     o.branch.id == pi.branch.id
                         && o.node.dev == st.st_dev
                         && o.node.ino == st.st_ino
                 });
-                let node = match reuse {
-                    Some(o) => o.node.clone(),
-                    None => Arc::new(pi.branch.dir.make_node(pfd.as_fd(), name, st)?),
+                let node = match (reuse, target.take()) {
+                    (Some(o), _) => o.node.clone(),
+                    (None, Some(fd)) => Arc::new(pi.branch.dir.node_from_fd(fd, st)?),
+                    (None, None) => Arc::new(pi.branch.dir.make_node(pfd.as_fd(), name, st)?),
                 };
                 inst.push(Inst {
                     branch: pi.branch.clone(),
@@ -553,13 +785,14 @@ impl UnionFs {
                         old.kind != kind
                     });
             if let Some((id, node)) = taken {
+                self.remember(id, &inst);
+                let (entry_ttl, attr_ttl) = self.ttl(&inst);
                 if existing.is_some() {
                     *node.inst.write() = inst;
                     *node.loc.lock() = (parent, name.to_owned());
                 }
-                let (entry_ttl, attr_ttl) = self.ttl();
                 return Ok(Entry {
-                    attr: attr_from_stat(&st, id),
+                    attr: self.shown(&st, id),
                     generation: 0,
                     entry_ttl,
                     attr_ttl,
@@ -579,10 +812,38 @@ impl UnionFs {
         chosen.branch.dir.stat_fd(chosen.fd()?.as_fd())
     }
 
-    fn attr_out(&self, ino: u64, st: &Stat) -> AttrOut {
+    /// `symlinkify`: a file nobody can write whose data and metadata have not
+    /// changed for the timeout shows as a symlink to its host path, so
+    /// readers go straight to the branch.
+    fn symlinkified(&self, st: &Stat) -> bool {
+        let s = self.settings.read();
+        if !s.symlinkify {
+            return false;
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR || kind == libc::S_IFLNK || st.st_mode & 0o222 != 0 {
+            return false;
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let limit = s.symlinkify_timeout.as_secs() as i64;
+        now - st.st_mtime > limit && now - st.st_ctime > limit
+    }
+
+    /// Attributes as the union shows them.
+    fn shown(&self, st: &Stat, ino: u64) -> crate::fs::Attr {
+        let mut attr = attr_from_stat(st, ino);
+        if self.symlinkified(st) {
+            attr.kind = FileKind::Symlink;
+        }
+        attr
+    }
+
+    fn attr_out(&self, ino: u64, st: &Stat, inst: &[Inst]) -> AttrOut {
         AttrOut {
-            attr: attr_from_stat(st, ino),
-            ttl: self.ttl().1,
+            attr: self.shown(st, ino),
+            ttl: self.ttl(inst).1,
         }
     }
 
@@ -601,6 +862,29 @@ impl UnionFs {
         match first_err {
             Some(e) if !any => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    /// Drops the kernel's `entry` and the attributes of `inodes` once the
+    /// current request is done: invalidating from inside a request waits
+    /// for the directory lock that very request holds.
+    fn invalidate_later(&self, entry: Option<(u64, CString)>, inodes: &[u64]) {
+        let Some(inval) = self.invalidator.read().clone() else {
+            return;
+        };
+        let inodes = inodes.to_vec();
+        let spawned = std::thread::Builder::new()
+            .name("strata-inval".into())
+            .spawn(move || {
+                if let Some((parent, name)) = entry {
+                    inval.entry(parent, OsStr::from_bytes(name.to_bytes()));
+                }
+                for ino in inodes {
+                    inval.inode(ino, true);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot schedule a cache invalidation: {e}");
         }
     }
 
@@ -634,9 +918,72 @@ impl UnionFs {
                 None => self.open_branch(s)?,
             });
         }
+        let changed: Vec<Arc<Branch>> = next
+            .iter()
+            .filter(|n| !current.iter().any(|c| c.id == n.id))
+            .chain(
+                current
+                    .iter()
+                    .filter(|c| !next.iter().any(|n| n.id == c.id)),
+            )
+            .cloned()
+            .collect();
         *self.branches.write() = Arc::new(next);
         self.invalidate_all();
+        for b in changed {
+            self.drop_names_on(&b);
+        }
         Ok(())
+    }
+
+    /// Drops the kernel's names (negative ones included) that branch `b`
+    /// holds in every directory the kernel knows: they appear or vanish as
+    /// the branch joins or leaves the union.
+    fn drop_names_on(&self, b: &Branch) {
+        let Some(inval) = self.invalidator.read().clone() else {
+            return;
+        };
+        let root = match b.dir.fd(b.dir.root()) {
+            Ok(fd) => fd,
+            Err(_) => return,
+        };
+        for id in self.table.ids() {
+            if self
+                .table
+                .get(id)
+                .is_none_or(|n| n.kind != FileKind::Directory)
+            {
+                continue;
+            }
+            // Walk the directory's path on the branch, never following a symlink.
+            let rel = self.rel_path(id);
+            let mut dir = rustix::fs::openat(
+                &*root,
+                c".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            );
+            for part in rel.split(|c| *c == b'/').filter(|p| !p.is_empty()) {
+                dir = dir.and_then(|d| {
+                    rustix::fs::openat(
+                        &d,
+                        OsStr::from_bytes(part),
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                });
+            }
+            let Ok(dir) = dir else { continue };
+            let Ok(reader) = rustix::fs::Dir::read_from(&dir) else {
+                continue;
+            };
+            for ent in reader.flatten() {
+                let name = ent.file_name().to_bytes();
+                if name != b"." && name != b".." {
+                    inval.entry(id, OsStr::from_bytes(name));
+                }
+            }
+        }
     }
 
     fn read_only_err(inst: &Inst) -> Result<()> {
@@ -668,7 +1015,8 @@ impl UnionFs {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let base = self.rel_path(dir.ino);
         for inst in self.instances(dir.ino)? {
-            let fd = inst.fd()?;
+            // Gone from this branch since the lookup: nothing to list there.
+            let Ok(fd) = inst.fd() else { continue };
             let Ok(dfd) = rustix::fs::openat(
                 &*fd,
                 c".",

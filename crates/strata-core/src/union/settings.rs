@@ -69,6 +69,32 @@ macro_rules! names {
     };
 }
 
+/// `follow-symlinks=`: which symlinks the union shows as what they point to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FollowSymlinks {
+    Never,
+    Directory,
+    Regular,
+    All,
+}
+
+/// `link-exdev=`: what a link that would cross branches makes instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkExdev {
+    Passthrough,
+    RelSymlink,
+    AbsBaseSymlink,
+    AbsPoolSymlink,
+}
+
+/// `rename-exdev=`: what a rename that would cross branches does instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameExdev {
+    Passthrough,
+    RelSymlink,
+    AbsSymlink,
+}
+
 names!(InodeCalc {
     Passthrough => "passthrough",
     PathHash => "path-hash",
@@ -81,6 +107,18 @@ names!(InodeCalc {
 names!(StatfsMode { Base => "base", Full => "full" });
 names!(StatfsIgnore { None => "none", Ro => "ro", Nc => "nc" });
 names!(XattrMode { Passthrough => "passthrough", NoAttr => "noattr", NoSys => "nosys" });
+names!(FollowSymlinks { Never => "never", Directory => "directory", Regular => "regular", All => "all" });
+names!(LinkExdev {
+    Passthrough => "passthrough",
+    RelSymlink => "rel-symlink",
+    AbsBaseSymlink => "abs-base-symlink",
+    AbsPoolSymlink => "abs-pool-symlink",
+});
+names!(RenameExdev {
+    Passthrough => "passthrough",
+    RelSymlink => "rel-symlink",
+    AbsSymlink => "abs-symlink",
+});
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -95,9 +133,25 @@ pub struct Settings {
     pub statfs: StatfsMode,
     pub statfs_ignore: StatfsIgnore,
     pub xattr: XattrMode,
-    pub entry_ttl: Duration,
-    pub attr_ttl: Duration,
-    pub negative_ttl: Duration,
+    /// `moveonenospc`: where a file that hit ENOSPC/EDQUOT on write moves to.
+    pub move_on_enospc: Option<Policy>,
+    /// `link-cow`: opening a hard-linked file for writing breaks the link first.
+    pub link_cow: bool,
+    /// `symlinkify`: old read-only files show as symlinks to their host path.
+    pub symlinkify: bool,
+    pub symlinkify_timeout: Duration,
+    /// `nullrw`: reads and writes succeed without touching the data.
+    pub nullrw: bool,
+    /// `dropcacheonclose`: drop a file's host page cache when it is closed.
+    pub drop_cache_on_close: bool,
+    pub follow_symlinks: FollowSymlinks,
+    pub link_exdev: LinkExdev,
+    pub rename_exdev: RenameExdev,
+    /// Kernel cache timeouts; `None` ("auto"): long while every branch is
+    /// watched for outside changes, mergerfs's defaults otherwise.
+    pub entry_ttl: Option<Duration>,
+    pub attr_ttl: Option<Duration>,
+    pub negative_ttl: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -112,10 +166,18 @@ impl Default for Settings {
             statfs: StatfsMode::Base,
             statfs_ignore: StatfsIgnore::None,
             xattr: XattrMode::Passthrough,
-            // mergerfs's defaults: branches change behind the mount's back.
-            entry_ttl: Duration::from_secs(1),
-            attr_ttl: Duration::from_secs(1),
-            negative_ttl: Duration::ZERO,
+            move_on_enospc: None,
+            link_cow: false,
+            symlinkify: false,
+            symlinkify_timeout: Duration::from_secs(3600),
+            nullrw: false,
+            drop_cache_on_close: false,
+            follow_symlinks: FollowSymlinks::Never,
+            link_exdev: LinkExdev::Passthrough,
+            rename_exdev: RenameExdev::Passthrough,
+            entry_ttl: None,
+            attr_ttl: None,
+            negative_ttl: None,
         }
     }
 }
@@ -130,6 +192,15 @@ pub const KEYS: &[&str] = &[
     "statfs",
     "statfs-ignore",
     "xattr",
+    "moveonenospc",
+    "link-cow",
+    "symlinkify",
+    "symlinkify-timeout",
+    "nullrw",
+    "dropcacheonclose",
+    "follow-symlinks",
+    "link-exdev",
+    "rename-exdev",
     "cache.entry",
     "cache.attr",
     "cache.negative-entry",
@@ -144,6 +215,28 @@ pub fn seconds(v: &str) -> Result<Duration, String> {
         return Err(format!("{v} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `auto` or a number of seconds.
+fn timeout(v: &str) -> Result<Option<Duration>, String> {
+    if v == "auto" {
+        Ok(None)
+    } else {
+        seconds(v).map(Some)
+    }
+}
+
+fn show_timeout(t: Option<Duration>) -> String {
+    t.map_or("auto".into(), |d| d.as_secs_f64().to_string())
+}
+
+/// mergerfs's booleans.
+pub fn boolean(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("'{v}' is not true or false")),
+    }
 }
 
 fn policy_for(category: Category, v: &str) -> Result<Policy, String> {
@@ -176,17 +269,42 @@ impl Settings {
         let key = key.replace('_', "-");
         let v = value.trim();
         match key.as_str() {
-            "category.create" => self.create = policy_for(Category::Create, v)?,
-            "category.action" => self.action = policy_for(Category::Action, v)?,
-            "category.search" => self.search = policy_for(Category::Search, v)?,
+            // As mergerfs: a category setting overrides its functions' own.
+            "category.create" => {
+                self.create = policy_for(Category::Create, v)?;
+                self.clear_funcs(Category::Create);
+            }
+            "category.action" => {
+                self.action = policy_for(Category::Action, v)?;
+                self.clear_funcs(Category::Action);
+            }
+            "category.search" => {
+                self.search = policy_for(Category::Search, v)?;
+                self.clear_funcs(Category::Search);
+            }
             "minfreespace" => self.min_free = parse_size(v)?,
             "inodecalc" => self.inodecalc = v.parse()?,
             "statfs" => self.statfs = v.parse()?,
             "statfs-ignore" => self.statfs_ignore = v.parse()?,
             "xattr" => self.xattr = v.parse()?,
-            "cache.entry" => self.entry_ttl = seconds(v)?,
-            "cache.attr" => self.attr_ttl = seconds(v)?,
-            "cache.negative-entry" => self.negative_ttl = seconds(v)?,
+            // mergerfs: `true` picks mfs.
+            "moveonenospc" => {
+                self.move_on_enospc = match boolean(v) {
+                    Ok(on) => on.then_some(Policy::Mfs),
+                    Err(_) => Some(policy_for(Category::Create, v)?),
+                }
+            }
+            "link-cow" => self.link_cow = boolean(v)?,
+            "symlinkify" => self.symlinkify = boolean(v)?,
+            "symlinkify-timeout" => self.symlinkify_timeout = seconds(v)?,
+            "nullrw" => self.nullrw = boolean(v)?,
+            "dropcacheonclose" => self.drop_cache_on_close = boolean(v)?,
+            "follow-symlinks" => self.follow_symlinks = v.parse()?,
+            "link-exdev" => self.link_exdev = v.parse()?,
+            "rename-exdev" => self.rename_exdev = v.parse()?,
+            "cache.entry" => self.entry_ttl = timeout(v)?,
+            "cache.attr" => self.attr_ttl = timeout(v)?,
+            "cache.negative-entry" => self.negative_ttl = timeout(v)?,
             k => {
                 let Some(name) = k.strip_prefix("func.") else {
                     return Err(format!("unknown option '{k}'"));
@@ -212,14 +330,39 @@ impl Settings {
             "statfs" => self.statfs.to_string(),
             "statfs-ignore" => self.statfs_ignore.to_string(),
             "xattr" => self.xattr.to_string(),
-            "cache.entry" => self.entry_ttl.as_secs_f64().to_string(),
-            "cache.attr" => self.attr_ttl.as_secs_f64().to_string(),
-            "cache.negative-entry" => self.negative_ttl.as_secs_f64().to_string(),
+            "moveonenospc" => self
+                .move_on_enospc
+                .map_or("false".into(), |p| p.to_string()),
+            "link-cow" => self.link_cow.to_string(),
+            "symlinkify" => self.symlinkify.to_string(),
+            "symlinkify-timeout" => self.symlinkify_timeout.as_secs_f64().to_string(),
+            "nullrw" => self.nullrw.to_string(),
+            "dropcacheonclose" => self.drop_cache_on_close.to_string(),
+            "follow-symlinks" => self.follow_symlinks.to_string(),
+            "link-exdev" => self.link_exdev.to_string(),
+            "rename-exdev" => self.rename_exdev.to_string(),
+            "cache.entry" => show_timeout(self.entry_ttl),
+            "cache.attr" => show_timeout(self.attr_ttl),
+            "cache.negative-entry" => show_timeout(self.negative_ttl),
             k => {
                 let f = Func::from_name(k.strip_prefix("func.")?)?;
                 self.policy(f).to_string()
             }
         })
+    }
+
+    fn clear_funcs(&mut self, category: Category) {
+        self.func
+            .retain(|name, _| Func::from_name(name).is_none_or(|f| f.category() != category));
+    }
+
+    /// Whether `key` is one of the settings (a `-o` option of the union).
+    pub fn is_key(key: &str) -> bool {
+        let key = key.replace('_', "-");
+        KEYS.contains(&key.as_str())
+            || key
+                .strip_prefix("func.")
+                .is_some_and(|f| Func::from_name(f).is_some())
     }
 
     /// Every key [`get`](Self::get) answers, in a stable order.
@@ -244,6 +387,9 @@ mod tests {
         assert_eq!(s.get("func.unlink").unwrap(), "epall");
         assert_eq!(s.get("minfreespace").unwrap(), (4u64 << 30).to_string());
         assert_eq!(s.get("inodecalc").unwrap(), "hybrid-hash");
+        assert_eq!(s.get("moveonenospc").unwrap(), "false");
+        // Long while the branches are watched, mergerfs's otherwise.
+        assert_eq!(s.get("cache.entry").unwrap(), "auto");
     }
 
     #[test]
@@ -255,6 +401,12 @@ mod tests {
         assert_eq!(s.policy(Func::Open), Policy::Newest);
         s.set("category.create", "epmfs").unwrap();
         assert_eq!(s.policy(Func::Mkdir), Policy::EpMfs);
+        // Setting a category again resets its functions (mergerfs does).
+        s.set("category.search", "ff").unwrap();
+        assert_eq!(s.policy(Func::Getattr), Policy::Ff);
+        s.set("func.getattr", "newest").unwrap();
+        s.set("category.search", "ff").unwrap();
+        assert_eq!(s.policy(Func::Getattr), Policy::Ff);
         // mergerfs spells some keys with `_`.
         s.set("statfs_ignore", "ro").unwrap();
         assert_eq!(s.get("statfs-ignore").unwrap(), "ro");

@@ -214,3 +214,198 @@ pub fn as_nobody_ok(script: &str) {
 pub fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
+
+/// Runs `cmd` to completion, killing it after `limit`; `None` on timeout or
+/// when it cannot start.
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Option<std::process::ExitStatus> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Whether a FUSE filesystem of type `fuse.FSTYPE` is mounted at `mnt`.
+pub fn is_fuse_mounted(mnt: &Path, fstype: &str) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let needle = format!(" {} ", mnt.display());
+    let kind = format!(" - fuse.{fstype} ");
+    info.lines()
+        .any(|l| l.contains(&needle) && l.contains(&kind))
+}
+
+/// The installed `mergerfs`. Panics when it is missing: tests comparing
+/// strata with mergerfs must fail, not pass vacuously (CI installs it with
+/// scripts/install-deps.sh).
+pub fn mergerfs_bin() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join("mergerfs"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "mergerfs is not installed: this test compares strata with it; \
+                 run scripts/install-deps.sh (or apt-get install mergerfs)"
+            )
+        })
+}
+
+/// A foreground `mergerfs -f` of `branches` (mergerfs syntax) on a fresh
+/// mountpoint; unmounted (fusermount3 -u, then a lazy unmount) on drop, and
+/// the daemon killed if it does not exit in time.
+pub struct MergerfsMount {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl MergerfsMount {
+    pub fn new(branches: &str, opts: &[&str]) -> MergerfsMount {
+        let bin = mergerfs_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test-mergerfs")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let log = dir.path().join("mergerfs.log");
+        let out = fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.arg("-f");
+        for o in opts {
+            cmd.arg("-o").arg(o);
+        }
+        cmd.arg(branches)
+            .arg(&mnt)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().expect("start mergerfs");
+        let m = MergerfsMount {
+            dir,
+            mnt,
+            child: Some(child),
+            log,
+        };
+        let mnt = m.mnt.clone();
+        if !wait_until(READY, || is_fuse_mounted(&mnt, "mergerfs")) {
+            let log = m.log();
+            drop(m);
+            panic!("mergerfs did not mount within {READY:?}; its output:\n{log}");
+        }
+        m
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path inside the mount.
+    pub fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for MergerfsMount {
+    fn drop(&mut self) {
+        if is_fuse_mounted(&self.mnt, "mergerfs") {
+            run_with_timeout(Command::new("fusermount3").arg("-u").arg(&self.mnt), EXIT);
+        }
+        if is_fuse_mounted(&self.mnt, "mergerfs") {
+            let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + EXIT;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+}
+
+/// Branch directories `b0`, `b1`, ... each a tmpfs of a given size (so
+/// free-space policies are deterministic), unmounted on drop. Declare it
+/// before the mounts that use it so they go first.
+pub struct TmpfsBranches {
+    pub dir: tempfile::TempDir,
+    n: usize,
+}
+
+impl TmpfsBranches {
+    pub fn new(sizes_mib: &[u64]) -> TmpfsBranches {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test-tmpfs")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let b = TmpfsBranches {
+            dir,
+            n: sizes_mib.len(),
+        };
+        for (i, size) in sizes_mib.iter().enumerate() {
+            let p = b.path(i);
+            fs::create_dir(&p).unwrap();
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}m"), "tmpfs"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "mount tmpfs on {}: {out:?}",
+                p.display()
+            );
+        }
+        b
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("b{i}"))
+    }
+
+    /// `b0=MODE0:b1=MODE1:...`, RW where `modes` has no entry.
+    pub fn spec(&self, modes: &[&str]) -> String {
+        (0..self.n)
+            .map(|i| {
+                let m = modes.get(i).copied().unwrap_or("RW");
+                format!("{}={m}", self.path(i).display())
+            })
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+}
+
+impl Drop for TmpfsBranches {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            let _ = rustix::mount::unmount(self.path(i), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
