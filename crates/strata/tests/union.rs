@@ -6,73 +6,27 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
-/// tmpfs branches of given sizes, unmounted on drop. Declare it before the
-/// [`Mounted`] so the union goes first.
-struct Branches {
-    dir: tempfile::TempDir,
-    n: usize,
+type Branches = TmpfsBranches;
+
+/// tmpfs branches of given sizes (MiB), `used_mib[i]` MiB filled up front.
+/// Declare it before the [`Mounted`] so the union goes first.
+fn branches(sizes_mib: &[u64], used_mib: &[u64]) -> Branches {
+    let b = TmpfsBranches::new(sizes_mib);
+    for (i, used) in used_mib.iter().enumerate().filter(|(_, u)| **u > 0) {
+        fs::write(b.path(i).join(".fill"), vec![1u8; (*used << 20) as usize]).unwrap();
+    }
+    b
 }
 
-impl Branches {
-    /// `sizes_mib[i]`: size of branch i; `used_mib[i]`: MiB filled up front.
-    fn new(sizes_mib: &[u64], used_mib: &[u64]) -> Branches {
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test-branches")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let b = Branches {
-            dir,
-            n: sizes_mib.len(),
-        };
-        for (i, size) in sizes_mib.iter().enumerate() {
-            let p = b.path(i);
-            fs::create_dir(&p).unwrap();
-            let out = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}m"), "tmpfs"])
-                .arg(&p)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "mount tmpfs: {out:?}");
-            if let Some(used) = used_mib.get(i).filter(|u| **u > 0) {
-                fs::write(p.join(".fill"), vec![1u8; (*used << 20) as usize]).unwrap();
-            }
-        }
-        b
-    }
-
-    fn path(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("b{i}"))
-    }
-
-    /// `b0:b1=NC:...` with the given modes.
-    fn spec(&self, modes: &[&str]) -> String {
-        (0..self.n)
-            .map(|i| {
-                let m = modes.get(i).copied().unwrap_or("RW");
-                format!("{}={m}", self.path(i).display())
-            })
-            .collect::<Vec<_>>()
-            .join(":")
-    }
-
-    /// Which branches hold `rel`.
-    fn holders(&self, rel: &str) -> Vec<usize> {
-        (0..self.n)
-            .filter(|i| fs::symlink_metadata(self.path(*i).join(rel)).is_ok())
-            .collect()
-    }
-}
-
-impl Drop for Branches {
-    fn drop(&mut self) {
-        for i in 0..self.n {
-            let _ = rustix::mount::unmount(self.path(i), rustix::mount::UnmountFlags::DETACH);
-        }
-    }
+/// Which branches hold `rel`.
+fn holders(b: &Branches, rel: &str) -> Vec<usize> {
+    (0..b.len())
+        .filter(|i| fs::symlink_metadata(b.path(*i).join(rel)).is_ok())
+        .collect()
 }
 
 fn union(b: &Branches, modes: &[&str], opts: &[&str]) -> Mounted {
@@ -94,13 +48,13 @@ fn set_policy(m: &Mounted, policy: &str) {
 #[test]
 fn create_policies_choose_branches_by_space_and_existing_paths() {
     // Free space: b0 ~12 MiB, b1 ~32 MiB, b2 ~24 MiB.
-    let b = Branches::new(&[32, 32, 32], &[20, 0, 8]);
+    let b = branches(&[32, 32, 32], &[20, 0, 8]);
     let m = union(&b, &[], &["minfreespace=4M"]);
     for (policy, expected) in [("ff", 0), ("mfs", 1), ("lfs", 0), ("lus", 1)] {
         set_policy(&m, policy);
         let name = format!("{policy}.txt");
         fs::write(m.m(&name), b"x").unwrap();
-        assert_eq!(b.holders(&name), [expected], "policy {policy}");
+        assert_eq!(holders(&b, &name), [expected], "policy {policy}");
     }
     // "d" exists on b1 and b2 only: the ep* policies stay on those.
     fs::create_dir(b.path(1).join("d")).unwrap();
@@ -109,20 +63,20 @@ fn create_policies_choose_branches_by_space_and_existing_paths() {
         set_policy(&m, policy);
         let name = format!("d/{policy}.txt");
         fs::write(m.m(&name), b"x").unwrap();
-        assert_eq!(b.holders(&name), [expected], "policy {policy}");
+        assert_eq!(holders(&b, &name), [expected], "policy {policy}");
     }
     // minfreespace takes b0 (12 MiB free) out of the running.
     assert!(ctl(&m, &["set", "minfreespace=16M"]).status.success());
     set_policy(&m, "lfs");
     fs::write(m.m("lfs16.txt"), b"x").unwrap();
-    assert_eq!(b.holders("lfs16.txt"), [2]);
+    assert_eq!(holders(&b, "lfs16.txt"), [2]);
     // Random policies spread over eligible branches only.
     for policy in ["rand", "pfrd"] {
         set_policy(&m, policy);
         for i in 0..20 {
             let name = format!("{policy}{i}");
             fs::write(m.m(&name), b"x").unwrap();
-            let h = b.holders(&name);
+            let h = holders(&b, &name);
             assert!(h == [1] || h == [2], "{policy}: {name} on {h:?}");
         }
     }
@@ -134,7 +88,7 @@ fn create_policies_choose_branches_by_space_and_existing_paths() {
 
 #[test]
 fn branch_modes_are_enforced() {
-    let b = Branches::new(&[16, 64, 64], &[]);
+    let b = branches(&[16, 64, 64], &[]);
     fs::write(b.path(1).join("on-nc"), b"nc").unwrap();
     fs::write(b.path(2).join("on-ro"), b"ro").unwrap();
     let m = union(
@@ -145,8 +99,8 @@ fn branch_modes_are_enforced() {
     // mfs would pick the big NC or RO branch; only RW may get new files.
     fs::write(m.m("new"), b"x").unwrap();
     fs::create_dir(m.m("newdir")).unwrap();
-    assert_eq!(b.holders("new"), [0]);
-    assert_eq!(b.holders("newdir"), [0]);
+    assert_eq!(holders(&b, "new"), [0]);
+    assert_eq!(holders(&b, "newdir"), [0]);
     // Existing files on NC stay writable and removable.
     fs::write(m.m("on-nc"), b"changed").unwrap();
     assert_eq!(fs::read(b.path(1).join("on-nc")).unwrap(), b"changed");
@@ -161,12 +115,12 @@ fn branch_modes_are_enforced() {
     }
     assert_eq!(fs::read(b.path(2).join("on-ro")).unwrap(), b"ro");
     fs::remove_file(m.m("on-nc")).unwrap();
-    assert!(b.holders("on-nc").is_empty());
+    assert!(holders(&b, "on-nc").is_empty());
 }
 
 #[test]
 fn non_preserving_policies_clone_the_parent_path_with_its_metadata() {
-    let b = Branches::new(&[16, 16], &[]);
+    let b = branches(&[16, 16], &[]);
     let deep = b.path(1).join("deep/er");
     fs::create_dir_all(&deep).unwrap();
     fs::set_permissions(&deep, fs::Permissions::from_mode(0o750)).unwrap();
@@ -178,7 +132,11 @@ fn non_preserving_policies_clone_the_parent_path_with_its_metadata() {
     .unwrap();
     let m = union(&b, &[], &["minfreespace=1M,category.create=ff"]);
     fs::write(m.m("deep/er/f"), b"x").unwrap();
-    assert_eq!(b.holders("deep/er/f"), [0], "ff: first branch, path cloned");
+    assert_eq!(
+        holders(&b, "deep/er/f"),
+        [0],
+        "ff: first branch, path cloned"
+    );
     let cloned = fs::metadata(b.path(0).join("deep/er")).unwrap();
     assert_eq!(cloned.mode() & 0o7777, 0o750);
     assert_eq!((cloned.uid(), cloned.gid()), (65534, 65534));
@@ -186,7 +144,7 @@ fn non_preserving_policies_clone_the_parent_path_with_its_metadata() {
     set_policy(&m, "epff");
     fs::create_dir(b.path(1).join("only1")).unwrap();
     fs::write(m.m("only1/g"), b"x").unwrap();
-    assert_eq!(b.holders("only1/g"), [1]);
+    assert_eq!(holders(&b, "only1/g"), [1]);
     // ... and refuses to rename into a directory its branch lacks, as mergerfs.
     fs::write(b.path(0).join("top"), b"x").unwrap();
     let err = fs::rename(m.m("top"), m.m("only1/top")).unwrap_err();
@@ -195,7 +153,7 @@ fn non_preserving_policies_clone_the_parent_path_with_its_metadata() {
 
 #[test]
 fn listings_merge_branches_and_the_first_found_wins() {
-    let b = Branches::new(&[16, 16], &[]);
+    let b = branches(&[16, 16], &[]);
     fs::write(b.path(0).join("dup"), b"zero").unwrap();
     fs::write(b.path(1).join("dup"), b"one").unwrap();
     fs::write(b.path(1).join("only1"), b"1").unwrap();
@@ -225,7 +183,7 @@ fn listings_merge_branches_and_the_first_found_wins() {
     );
     // unlink acts on every branch (epall), so the name is really gone.
     fs::remove_file(m.m("dup")).unwrap();
-    assert!(b.holders("dup").is_empty());
+    assert!(holders(&b, "dup").is_empty());
     assert!(fs::metadata(m.m("dup")).is_err());
 }
 
@@ -237,7 +195,7 @@ fn xattr(path: &Path, name: &str) -> Result<String, rustix::io::Errno> {
 
 #[test]
 fn control_file_and_ctl_read_and_change_settings_and_branches() {
-    let b = Branches::new(&[16, 16, 16], &[]);
+    let b = branches(&[16, 16, 16], &[]);
     fs::write(b.path(2).join("from-new-branch"), b"hello").unwrap();
     let spec = format!("{}:{}", b.path(0).display(), b.path(1).display());
     let m = Mounted::build_source(&["minfreespace=1M"], &[], |_| spec);
@@ -343,7 +301,7 @@ fn control_file_and_ctl_read_and_change_settings_and_branches() {
 
 #[test]
 fn bad_union_options_fail_with_one_line_and_mount_nothing() {
-    let b = Branches::new(&[8, 8], &[]);
+    let b = branches(&[8, 8], &[]);
     let mnt = b.dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let state = b.dir.path().join("state");
@@ -372,7 +330,7 @@ fn bad_union_options_fail_with_one_line_and_mount_nothing() {
 /// behind its back at once.
 #[test]
 fn changes_on_any_branch_show_through_the_union_at_once() {
-    let b = Branches::new(&[16, 16, 16], &[]);
+    let b = branches(&[16, 16, 16], &[]);
     fs::write(b.path(0).join("grow"), b"a").unwrap();
     fs::write(b.path(2).join("shadowed"), b"low").unwrap();
     fs::write(b.path(2).join("doomed"), b"x").unwrap();

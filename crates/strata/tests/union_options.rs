@@ -35,40 +35,12 @@ fn union_of_dirs(
     (m, paths)
 }
 
-/// A tmpfs of `mib` MiB at `path`, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn new(path: PathBuf, mib: u64) -> Tmpfs {
-        fs::create_dir_all(&path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "mount tmpfs: {out:?}");
-        Tmpfs(path)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
-fn small_and_large_branches(opts: &[&str]) -> (Vec<Tmpfs>, Mounted, Vec<PathBuf>) {
-    let scratch = tempfile::Builder::new()
-        .prefix("strata-test-enospc")
-        .tempdir_in("/tmp")
-        .unwrap()
-        .keep();
-    let small = Tmpfs::new(scratch.join("small"), 4);
-    let large = Tmpfs::new(scratch.join("large"), 64);
-    let paths = vec![small.0.clone(), large.0.clone()];
-    let spec = format!("{}:{}", paths[0].display(), paths[1].display());
+fn small_and_large_branches(opts: &[&str]) -> (TmpfsBranches, Mounted, Vec<PathBuf>) {
+    let b = TmpfsBranches::new(&[4, 64]);
+    let spec = b.spec(&[]);
     let m = Mounted::build_source(opts, &[], |_| spec);
-    (vec![small, large], m, paths)
+    let paths = vec![b.path(0), b.path(1)];
+    (b, m, paths)
 }
 
 /// Writes 12 MiB in 1 MiB pieces to `path`, created with mode 0640.

@@ -159,19 +159,24 @@ impl Drop for Mounted {
         if is_mounted(&self.mnt) {
             let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
         }
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + EXIT;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    _ if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(10)),
-                }
+        if let Some(child) = self.child.take() {
+            reap(child);
+        }
+    }
+}
+
+/// Waits for a daemon that was told to unmount; kills it after [`EXIT`].
+fn reap(mut child: Child) {
+    let deadline = Instant::now() + EXIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            _ if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
             }
+            _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }
@@ -330,19 +335,8 @@ impl Drop for MergerfsMount {
         if is_fuse_mounted(&self.mnt, "mergerfs") {
             let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
         }
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + EXIT;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    _ if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        if let Some(child) = self.child.take() {
+            reap(child);
         }
     }
 }
