@@ -397,3 +397,25 @@ fn changes_on_any_branch_show_through_the_union_at_once() {
         );
     }
 }
+
+/// Action policies rank a name's copies by the copies' own attributes:
+/// `newest` unlinks the most recently modified copy, not the one whose
+/// directory changed last.
+#[test]
+fn newest_picks_the_newest_copy_of_a_name() {
+    let b = branches(&[16, 16], &[]);
+    fs::write(b.path(0).join("n"), b"new").unwrap();
+    fs::write(b.path(1).join("n"), b"old").unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(b.path(1).join("n"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    // b1's directory is the one touched last.
+    fs::write(b.path(1).join("touch"), b"").unwrap();
+    let m = union(&b, &[], &["func.unlink=newest"]);
+    fs::remove_file(m.m("n")).unwrap();
+    assert_eq!(holders(&b, "n"), [1], "the newer copy on b0 went");
+}

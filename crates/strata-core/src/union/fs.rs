@@ -162,8 +162,7 @@ impl Filesystem for UnionFs {
         if flags.contains(RenameFlags::NOREPLACE) && target.is_some() {
             return Err(Errno::EEXIST);
         }
-        let src_inst: Vec<Inst> = source.iter().map(|(i, _, _)| i.clone()).collect();
-        let chosen = self.pick(Func::Rename, Want::Action, &src_inst)?;
+        let chosen = self.pick_found(Func::Rename, Want::Action, &source)?;
         if flags.contains(RenameFlags::EXCHANGE) {
             // Both names must sit on exactly the same single branch.
             let tgt = target.as_ref().ok_or(Errno::ENOENT)?;
@@ -512,13 +511,7 @@ impl UnionFs {
     /// `new_parent`, on the branches in `renamed` only. The kernel moved its
     /// name without asking, so the node must know where it is now (paths of
     /// its children, path cloning) and read from where it went.
-    fn moved(
-        &self,
-        source: &[(Inst, Arc<std::os::fd::OwnedFd>, rustix::fs::Stat)],
-        renamed: &[u64],
-        new_parent: u64,
-        new_name: &CStr,
-    ) {
+    fn moved(&self, source: &[super::Found], renamed: &[u64], new_parent: u64, new_name: &CStr) {
         let st = &source[0].2;
         let Some((_, node)) = self.table.get_by_key(&(st.st_dev, st.st_ino)) else {
             return;
@@ -562,8 +555,7 @@ impl UnionFs {
     fn remove(&self, parent: u64, name: &OsStr, func: Func, how: AtFlags) -> Result<()> {
         let name = component(name)?;
         let found = self.find(parent, &name)?;
-        let inst: Vec<Inst> = found.iter().map(|(i, _, _)| i.clone()).collect();
-        let chosen = self.pick(func, Want::Action, &inst)?;
+        let chosen = self.pick_found(func, Want::Action, &found)?;
         let targets: Vec<_> = found
             .iter()
             .filter(|(i, _, _)| chosen.iter().any(|c| c.branch.id == i.branch.id))

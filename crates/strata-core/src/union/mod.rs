@@ -102,6 +102,9 @@ struct UDir {
 
 type Key = (u64, u64);
 
+/// A name on one branch: the parent's instance there, its fd, the name's stat.
+type Found = (Inst, Arc<OwnedFd>, Stat);
+
 pub struct UnionConfig {
     pub branches: Vec<source::Branch>,
     pub settings: Settings,
@@ -442,23 +445,19 @@ impl UnionFs {
         }
     }
 
-    /// Policy view of `inst` (instances where the path exists) among all branches.
-    fn candidates(&self, policy: Policy, inst: &[Inst]) -> (Vec<Arc<Branch>>, Vec<Candidate>) {
+    /// Policy view of all branches; `present` holds those where the path
+    /// exists, with its mtime when the policy is `newest`.
+    fn candidates(
+        &self,
+        policy: Policy,
+        present: &HashMap<u64, Option<SystemTime>>,
+    ) -> (Vec<Arc<Branch>>, Vec<Candidate>) {
         let branches = self.branches();
-        let present: HashMap<u64, &Inst> = inst.iter().map(|i| (i.branch.id, i)).collect();
-        let mtime = policy == Policy::Newest;
         let cands = branches
             .iter()
             .map(|b| {
                 let here = present.get(&b.id);
-                let mt = if mtime {
-                    here.and_then(|i| i.fd().ok())
-                        .and_then(|fd| b.dir.stat_fd(fd.as_fd()).ok())
-                        .map(|st| attr_from_stat(&st, 0).mtime)
-                } else {
-                    None
-                };
-                self.candidate(policy, false, b, here.map(|_| 0), mt)
+                self.candidate(policy, false, b, here.map(|_| 0), here.copied().flatten())
             })
             .collect();
         (branches.to_vec(), cands)
@@ -513,17 +512,52 @@ impl UnionFs {
         }
     }
 
-    /// Instances of `ino` chosen by the policy of `func`.
-    fn pick(&self, func: Func, want: Want, inst: &[Inst]) -> Result<Vec<Inst>> {
+    /// Branch ids the policy of `func` chooses among `present` (see [`Self::candidates`]).
+    fn choose(
+        &self,
+        func: Func,
+        want: Want,
+        present: &HashMap<u64, Option<SystemTime>>,
+    ) -> Result<Vec<u64>> {
         let policy = self.settings.read().policy(func);
-        let (branches, cands) = self.candidates(policy, inst);
+        let (branches, cands) = self.candidates(policy, present);
         let chosen = policy.select(want, &cands, &mut *self.rng.lock())?;
-        Ok(chosen
-            .into_iter()
-            .filter_map(|i| {
-                let b = &branches[i];
-                inst.iter().find(|x| x.branch.id == b.id).cloned()
+        Ok(chosen.into_iter().map(|i| branches[i].id).collect())
+    }
+
+    /// Instances of a node chosen by the policy of `func`.
+    fn pick(&self, func: Func, want: Want, inst: &[Inst]) -> Result<Vec<Inst>> {
+        let newest = self.settings.read().policy(func) == Policy::Newest;
+        let present = inst
+            .iter()
+            .map(|i| {
+                let mtime = newest
+                    .then(|| i.fd().ok())
+                    .flatten()
+                    .and_then(|fd| i.branch.dir.stat_fd(fd.as_fd()).ok())
+                    .map(|st| attr_from_stat(&st, 0).mtime);
+                (i.branch.id, mtime)
             })
+            .collect();
+        let chosen = self.choose(func, want, &present)?;
+        Ok(chosen
+            .iter()
+            .filter_map(|id| inst.iter().find(|x| x.branch.id == *id).cloned())
+            .collect())
+    }
+
+    /// Like [`Self::pick`] for a name as [`Self::find`] returns it: the
+    /// chosen entries' parent instances, ranked by the name's own stats.
+    fn pick_found(&self, func: Func, want: Want, found: &[Found]) -> Result<Vec<Inst>> {
+        let present = found
+            .iter()
+            .map(|(i, _, st)| (i.branch.id, Some(attr_from_stat(st, 0).mtime)))
+            .collect();
+        let chosen = self.choose(func, want, &present)?;
+        Ok(chosen
+            .iter()
+            .filter_map(|id| found.iter().find(|(x, _, _)| x.branch.id == *id))
+            .map(|(i, _, _)| i.clone())
             .collect())
     }
 
@@ -650,7 +684,7 @@ impl UnionFs {
     }
 
     /// `name` in each instance of `parent`: the branch, the parent's fd there, the stat.
-    fn find(&self, parent: u64, name: &CStr) -> Result<Vec<(Inst, Arc<OwnedFd>, Stat)>> {
+    fn find(&self, parent: u64, name: &CStr) -> Result<Vec<Found>> {
         let mut found = Vec::new();
         let mut err = None;
         for pi in self.instances(parent)? {
