@@ -1,0 +1,661 @@
+use crate::manifest::{ManifestBuilder, NO_XATTRS, RawEntry};
+use crate::*;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Instant;
+
+fn store() -> (tempfile::TempDir, Store) {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(&d.path().join("store")).unwrap();
+    (d, s)
+}
+
+fn noprog(_: &Progress) {}
+
+/// Pseudo-random, incompressible bytes (xorshift).
+fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A source tree with every kind of entry the format covers.
+fn make_tree(root: &Path) -> bool {
+    fs::create_dir_all(root.join("a/b/c")).unwrap();
+    fs::create_dir(root.join("empty_dir")).unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    fs::write(root.join("small.txt"), b"hello strata\n").unwrap();
+    fs::write(root.join("a/random.bin"), random_bytes(1 << 20, 42)).unwrap();
+    fs::write(root.join("a/b/zeros"), vec![b'z'; 3 << 20]).unwrap();
+    fs::write(root.join("a/b/c/deep"), b"deep file").unwrap();
+    fs::write(root.join("a/b/c/dup_of_small"), b"hello strata\n").unwrap();
+    std::os::unix::fs::symlink("../small.txt", root.join("a/link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::hard_link(root.join("small.txt"), root.join("a/b/hardlink")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        0o640.into(),
+        0,
+    )
+    .unwrap();
+    if rustix::process::geteuid().is_root() {
+        let dev = rustix::fs::makedev(1, 3);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("null"),
+            rustix::fs::FileType::CharacterDevice,
+            0o666.into(),
+            dev,
+        )
+        .unwrap();
+    }
+    fs::set_permissions(root.join("a/b/c/deep"), fs::Permissions::from_mode(0o4751)).unwrap();
+    fs::set_permissions(root.join("a/b"), fs::Permissions::from_mode(0o1707)).unwrap();
+    fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    let xattr_ok = rustix::fs::lsetxattr(
+        root.join("small.txt"),
+        "user.strata.test",
+        b"value\0bin",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .is_ok()
+        && rustix::fs::lsetxattr(
+            root.join("a"),
+            "user.dir",
+            b"d",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .is_ok();
+    // Fixed mtimes with nanoseconds (after all writes into the directories).
+    for (p, ns) in [
+        ("small.txt", 123_456_789),
+        ("a/b/c", 1),
+        ("a/b/zeros", 999_999_999),
+    ] {
+        let ts = rustix::fs::Timespec {
+            tv_sec: 1_600_000_000,
+            tv_nsec: ns,
+        };
+        let t = rustix::fs::Timestamps {
+            last_access: ts,
+            last_modification: ts,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            root.join(p),
+            &t,
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
+    }
+    xattr_ok
+}
+
+fn host_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(p, &mut names[..]).unwrap_or(0);
+    let mut out: Vec<_> = names[..n]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            let mut v = vec![0u8; 4096];
+            let l = rustix::fs::lgetxattr(
+                p,
+                std::ffi::OsStr::new(std::str::from_utf8(n).unwrap()),
+                &mut v[..],
+            )
+            .unwrap();
+            v.truncate(l);
+            (n.to_vec(), v)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Compares an image entry (recursively) with the host tree.
+fn compare(store: &Store, img: &Image, e: &Entry, host: &Path, count: &mut u32) {
+    *count += 1;
+    let md = fs::symlink_metadata(host).unwrap();
+    assert_eq!(e.mode, md.mode(), "{host:?} mode");
+    assert_eq!((e.uid, e.gid), (md.uid(), md.gid()), "{host:?} owner");
+    assert_eq!(
+        (e.mtime_sec, e.mtime_nsec as i64),
+        (md.mtime(), md.mtime_nsec()),
+        "{host:?} mtime"
+    );
+    let xs: Vec<(Vec<u8>, Vec<u8>)> = img
+        .xattrs(e)
+        .unwrap()
+        .into_iter()
+        .map(|(n, v)| (n.to_vec(), v.to_vec()))
+        .collect();
+    assert_eq!(xs, host_xattrs(host), "{host:?} xattrs");
+    match e.kind {
+        Kind::Dir => {
+            let mut names: Vec<Vec<u8>> = fs::read_dir(host)
+                .unwrap()
+                .map(|d| d.unwrap().file_name().into_encoded_bytes())
+                .collect();
+            names.sort();
+            let kids: Vec<Entry> = img.children(e).map(|c| c.unwrap()).collect();
+            let knames: Vec<Vec<u8>> = kids.iter().map(|k| img.entry_name(k).to_vec()).collect();
+            assert_eq!(knames, names, "{host:?} children");
+            assert_eq!(e.nlink as u64, md.nlink(), "{host:?} dir nlink");
+            for k in kids {
+                let name = std::str::from_utf8(img.entry_name(&k)).unwrap().to_owned();
+                assert_eq!(img.lookup(e, name.as_bytes()).unwrap(), Some(k));
+                assert_eq!(k.parent, e.index);
+                compare(store, img, &k, &host.join(&name), count);
+            }
+            assert_eq!(img.lookup(e, b"no-such-name").unwrap(), None);
+        }
+        Kind::File => {
+            assert_eq!(e.size, md.len());
+            let data = store.read_blob(&img.blob(e).unwrap()).unwrap();
+            assert_eq!(data, fs::read(host).unwrap(), "{host:?} content");
+            assert_eq!(e.nlink as u64, md.nlink(), "{host:?} nlink");
+        }
+        Kind::Symlink => {
+            assert_eq!(
+                img.symlink_target(e).unwrap(),
+                fs::read_link(host).unwrap().as_os_str().as_encoded_bytes()
+            );
+            assert_eq!(img.blob(e), None);
+        }
+        Kind::CharDevice | Kind::BlockDevice => assert_eq!(e.rdev(), md.rdev()),
+        Kind::Fifo | Kind::Socket => {}
+    }
+}
+
+#[test]
+fn build_and_read_back_everything() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    let xattr_ok = make_tree(&src);
+    let mut calls = 0;
+    let stats = build(
+        &s,
+        &src,
+        "img",
+        BuildOptions::default(),
+        &mut |p: &Progress| {
+            calls += 1;
+            assert!(p.files_done <= p.files_total);
+        },
+    )
+    .unwrap();
+    assert_eq!(stats.files, 7); // empty small random zeros deep dup hardlink
+    assert_eq!(stats.hardlinks, 1);
+    assert_eq!(stats.symlinks, 2);
+    assert_eq!(stats.dirs, 5);
+    assert_eq!(calls, 6); // one per distinct inode
+    assert_eq!(stats.dedup_hits, 1); // dup_of_small
+    let img = Image::open(&s, "img").unwrap();
+    let mut n = 0;
+    compare(&s, &img, &img.root().unwrap(), &src, &mut n);
+    assert_eq!(n, img.len());
+    // Hard links share the inode index and the blob.
+    let a = img.lookup_path("small.txt").unwrap().unwrap();
+    let b = img.lookup_path("a/b/hardlink").unwrap().unwrap();
+    assert_eq!(a.inode, b.inode);
+    assert_eq!(img.blob(&a), img.blob(&b));
+    assert_eq!(a.nlink, 2);
+    // Symlink not followed.
+    assert_eq!(
+        img.lookup_path("a/link").unwrap().unwrap().kind,
+        Kind::Symlink
+    );
+    assert_eq!(img.lookup_path("fifo").unwrap().unwrap().kind, Kind::Fifo);
+    if xattr_ok {
+        assert_eq!(
+            img.xattrs(&a).unwrap(),
+            vec![(&b"user.strata.test"[..], &b"value\0bin"[..])]
+        );
+    }
+    // Compression: the zeros compress, the random data is stored raw.
+    let zeros = img
+        .blob(&img.lookup_path("a/b/zeros").unwrap().unwrap())
+        .unwrap();
+    assert!(fs::metadata(s.blob_path(&zeros)).unwrap().len() < 10_000);
+    let rnd = img
+        .blob(&img.lookup_path("a/random.bin").unwrap().unwrap())
+        .unwrap();
+    assert_eq!(
+        fs::metadata(s.blob_path(&rnd)).unwrap().len(),
+        (1 << 20) + 16
+    );
+    assert!(stats.stored_bytes < stats.bytes);
+    // list
+    let list = list_images(&s).unwrap();
+    assert_eq!(list.len(), 1);
+    let info = list[0].1.as_ref().unwrap();
+    assert_eq!(
+        (info.entries, info.total_size),
+        (img.len() as u64, stats.bytes)
+    );
+    assert!(verify_image(&s, "img").unwrap().is_empty());
+}
+
+#[test]
+fn large_file_streams_and_dedups_across_images() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    // Larger than the in-memory threshold: both streaming paths (zstd, raw).
+    fs::write(src.join("big_random"), random_bytes(3 << 20, 7)).unwrap();
+    let mut compressible = random_bytes(1 << 20, 9);
+    compressible.extend(vec![0u8; 4 << 20]);
+    fs::write(src.join("big_zeros"), &compressible).unwrap();
+    fs::write(src.join("x"), b"x").unwrap();
+    let s1 = build(&s, &src, "one", BuildOptions::default(), &mut noprog).unwrap();
+    assert_eq!(s1.dedup_hits, 0);
+    assert!(s1.stored_bytes > 0);
+    let blobs_before = count_blobs(&s);
+    let s2 = build(&s, &src, "two", BuildOptions::default(), &mut noprog).unwrap();
+    assert_eq!(s2.stored_bytes, 0, "second build writes no blob");
+    assert_eq!(s2.dedup_hits, 3);
+    assert_eq!(count_blobs(&s), blobs_before);
+    let img = Image::open(&s, "two").unwrap();
+    for name in ["big_random", "big_zeros", "x"] {
+        let e = img.lookup_path(name).unwrap().unwrap();
+        assert_eq!(
+            s.read_blob(&img.blob(&e).unwrap()).unwrap(),
+            fs::read(src.join(name)).unwrap()
+        );
+    }
+    let zr = img
+        .blob(&img.lookup_path("big_random").unwrap().unwrap())
+        .unwrap();
+    assert_eq!(
+        fs::metadata(s.blob_path(&zr)).unwrap().len(),
+        (3 << 20) + 16
+    );
+    // Existing name refused, replace allowed.
+    assert!(matches!(
+        build(&s, &src, "one", BuildOptions::default(), &mut noprog),
+        Err(Error::ImageExists(_))
+    ));
+    build(&s, &src, "one", BuildOptions { replace: true }, &mut noprog).unwrap();
+    for bad in ["", ".hidden", "a/b"] {
+        assert!(matches!(
+            build(&s, &src, bad, BuildOptions::default(), &mut noprog),
+            Err(Error::InvalidName(_))
+        ));
+    }
+}
+
+fn count_blobs(s: &Store) -> usize {
+    fs::read_dir(s.root().join("blobs"))
+        .unwrap()
+        .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum()
+}
+
+#[test]
+fn corrupt_and_missing_blobs_are_named() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("good"), b"good content").unwrap();
+    fs::write(src.join("bad"), vec![b'q'; 100_000]).unwrap();
+    fs::write(src.join("raw"), random_bytes(5000, 1)).unwrap();
+    build(&s, &src, "img", BuildOptions::default(), &mut noprog).unwrap();
+    let img = Image::open(&s, "img").unwrap();
+    let dg = |n: &str| img.blob(&img.lookup_path(n).unwrap().unwrap()).unwrap();
+    let flip = |digest: &Digest, at: u64| {
+        let p = s.blob_path(digest);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut data = fs::read(&p).unwrap();
+        let i = (at as usize).min(data.len() - 1);
+        data[i] ^= 0x55;
+        fs::write(&p, data).unwrap();
+    };
+    flip(&dg("bad"), 30);
+    flip(&dg("raw"), 100);
+    for name in ["bad", "raw"] {
+        let digest = dg(name);
+        let err = s.read_blob(&digest).unwrap_err();
+        assert!(err.to_string().contains(&digest.to_hex()), "{err}");
+        assert!(s.verify(&digest).is_err());
+    }
+    s.verify(&dg("good")).unwrap();
+    let failures = verify_image(&s, "img").unwrap();
+    let mut names: Vec<Digest> = failures.iter().map(|f| f.0).collect();
+    names.sort();
+    let mut want = vec![dg("bad"), dg("raw")];
+    want.sort();
+    assert_eq!(names, want);
+    // Missing blob.
+    fs::remove_file(s.blob_path(&dg("good"))).unwrap();
+    let err = s.open_blob(&dg("good")).err().unwrap();
+    assert!(matches!(err, Error::MissingBlob(_)));
+    assert!(err.to_string().contains(&dg("good").to_hex()));
+    // Truncated blob.
+    let p = s.blob_path(&dg("raw"));
+    fs::write(&p, &fs::read(&p).unwrap()[..100]).unwrap();
+    assert!(
+        s.verify(&dg("raw"))
+            .unwrap_err()
+            .to_string()
+            .contains(&dg("raw").to_hex())
+    );
+}
+
+#[test]
+fn bad_manifests_give_clean_errors() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    make_tree(&src);
+    build(&s, &src, "img", BuildOptions::default(), &mut noprog).unwrap();
+    let good = fs::read(s.root().join("images/img")).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        (
+            "garbage",
+            b"this is not a manifest at all, not even close".repeat(10),
+        ),
+        ("truncated", good[..good.len() - 7].to_vec()),
+        ("header only", good[..160].to_vec()),
+        ("bad version", {
+            let mut v = good.clone();
+            v[8] = 9;
+            v
+        }),
+        ("flipped body byte", {
+            let mut v = good.clone();
+            let n = v.len();
+            v[n / 2] ^= 1;
+            v
+        }),
+    ];
+    for (what, bytes) in cases {
+        fs::write(s.root().join("images/x"), &bytes).unwrap();
+        let err = Image::open(&s, "x").unwrap_err();
+        assert!(matches!(err, Error::BadManifest { .. }), "{what}: {err}");
+        assert!(!err.to_string().contains('\n'));
+        eprintln!("{what}: {err}");
+    }
+    // gc refuses to run with an unreadable manifest rather than deleting blobs.
+    assert!(gc(&s).is_err());
+    fs::write(s.root().join("images/x"), b"garbage").unwrap();
+    let listed = list_images(&s).unwrap();
+    assert!(listed.iter().any(|(n, r)| n == "x" && r.is_err()));
+    assert!(matches!(
+        Image::open(&s, "nope"),
+        Err(Error::NoSuchImage(_))
+    ));
+}
+
+/// Garbage records with a valid checksum: every accessor errors or returns
+/// in-bounds data, never panics.
+#[test]
+fn fuzzed_entries_never_panic() {
+    for round in 0..300u64 {
+        let mut m = synthetic(50, 3);
+        let junk = random_bytes(64, round * 7919 + 1);
+        let victim = 1 + (round as usize % 49);
+        let mut e = m.entries[victim];
+        let field = round as usize % 8;
+        let v = u32::from_le_bytes(junk[..4].try_into().unwrap());
+        match field {
+            0 => e.name_off = v,
+            1 => e.name_len = v,
+            2 => e.parent = v,
+            3 => e.mode = v,
+            4 => e.a = v,
+            5 => e.b = v,
+            6 => e.xattrs = v % 64,
+            _ => e.inode = v,
+        }
+        m.entries[victim] = e;
+        let (d, s) = store();
+        crate::build::write_manifest(&s, "f", &m.finish(0), false).unwrap();
+        let img = Image::open(&s, "f").unwrap();
+        walk_all(&img);
+        drop(d);
+    }
+}
+
+fn walk_all(img: &Image) {
+    for i in 0..img.len() + 2 {
+        if let Ok(e) = img.entry(i) {
+            let _ = img.entry_name(&e);
+            let _ = img.symlink_target(&e);
+            let _ = img.blob(&e);
+            let _ = img.xattrs(&e);
+            for c in img.children(&e) {
+                let _ = c;
+            }
+            let _ = img.lookup(&e, b"f1");
+        }
+    }
+}
+
+/// A flat synthetic manifest: root with `dirs` directories holding the rest
+/// of `n` entries as files.
+fn synthetic(n: u32, dirs: u32) -> ManifestBuilder {
+    let mut m = ManifestBuilder::default();
+    let d0 = m.digest(Digest::of(b"content")).unwrap();
+    let xa = m.xattrs(&[(b"user.k".to_vec(), b"v".to_vec())]).unwrap();
+    m.entries.push(RawEntry {
+        mode: 0o040755,
+        nlink: 2 + dirs,
+        a: 1,
+        b: dirs,
+        xattrs: NO_XATTRS,
+        ..Default::default()
+    });
+    let files = n - 1 - dirs;
+    let per = files.div_ceil(dirs);
+    let mut next = 1 + dirs;
+    for d in 0..dirs {
+        let (off, len) = m.string(format!("d{d:04}").as_bytes()).unwrap();
+        let cnt = per.min(1 + dirs + files - next);
+        m.entries.push(RawEntry {
+            name_off: off,
+            name_len: len,
+            mode: 0o040755,
+            nlink: 2,
+            inode: 1 + d,
+            a: next,
+            b: cnt,
+            xattrs: NO_XATTRS,
+            ..Default::default()
+        });
+        next += cnt;
+    }
+    let mut idx = 1 + dirs;
+    for d in 0..dirs {
+        let cnt = m.entries[1 + d as usize].b;
+        for f in 0..cnt {
+            let (off, len) = m.string(format!("f{f:07}").as_bytes()).unwrap();
+            m.entries.push(RawEntry {
+                name_off: off,
+                name_len: len,
+                parent: 1 + d,
+                mode: 0o100644,
+                size: 7,
+                nlink: 1,
+                inode: idx,
+                a: d0,
+                xattrs: if f == 0 { xa } else { NO_XATTRS },
+                ..Default::default()
+            });
+            idx += 1;
+        }
+    }
+    assert_eq!(m.entries.len() as u32, n);
+    m
+}
+
+/// Open does not decode entries: an entry corrupted behind a valid checksum
+/// is only reported when it is accessed, and lookups elsewhere work.
+#[test]
+fn open_is_lazy() {
+    let (_d, s) = store();
+    let mut m = synthetic(12_000, 12);
+    m.entries[9000].name_off = u32::MAX - 3;
+    crate::build::write_manifest(&s, "lazy", &m.finish(0), false).unwrap();
+    let img = Image::open(&s, "lazy").unwrap();
+    assert_eq!(img.len(), 12_000);
+    let f = img.lookup_path("d0003/f0000042").unwrap().unwrap();
+    assert_eq!(f.size, 7);
+    assert_eq!(
+        img.xattrs(&img.lookup_path("d0000/f0000000").unwrap().unwrap())
+            .unwrap()
+            .len(),
+        1
+    );
+    let err = img.entry(9000).unwrap_err();
+    assert!(err.to_string().contains("entry 9000"), "{err}");
+}
+
+/// Prints open times (not asserted): `cargo test -p strata-image --release -- --ignored --nocapture open_time`
+#[test]
+#[ignore]
+fn open_time() {
+    let (_d, s) = store();
+    for (n, dirs) in [(12_000u32, 200u32), (1_000_000, 2_000)] {
+        let bytes = synthetic(n, dirs).finish(0);
+        let name = format!("s{n}");
+        crate::build::write_manifest(&s, &name, &bytes, false).unwrap();
+        drop(Image::open(&s, &name).unwrap()); // warm the page cache
+        let t = Instant::now();
+        let img = Image::open(&s, &name).unwrap();
+        let e = img.lookup_path("d0001/f0000003").unwrap().unwrap();
+        let el = t.elapsed();
+        assert_eq!(e.size, 7);
+        eprintln!("open+lookup {n} entries ({} bytes): {el:?}", bytes.len());
+    }
+}
+
+#[test]
+fn gc_keeps_referenced_and_pinned_blobs() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("shared"), b"shared by both").unwrap();
+    fs::write(src.join("only_a"), b"only in a").unwrap();
+    build(&s, &src, "a", BuildOptions::default(), &mut noprog).unwrap();
+    fs::remove_file(src.join("only_a")).unwrap();
+    fs::write(src.join("only_b"), b"only in b").unwrap();
+    build(&s, &src, "b", BuildOptions::default(), &mut noprog).unwrap();
+    let orphan = s.put_bytes(b"referenced by nobody").unwrap().digest;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    let st = gc(&s).unwrap();
+    assert_eq!((st.blobs_removed, st.blobs_kept), (1, 3));
+    assert!(!s.has_blob(&orphan));
+
+    let shared = Digest::of(b"shared by both");
+    let only_a = Digest::of(b"only in a");
+    let only_b = Digest::of(b"only in b");
+
+    // Pin "a" as a mount would, remove it: deferred, blobs kept.
+    let pinned = Image::open(&s, "a").unwrap();
+    assert_eq!(remove_image(&s, "a").unwrap(), RemoveOutcome::Deferred);
+    assert!(list_images(&s).unwrap().iter().all(|(n, _)| n != "a"));
+    assert!(matches!(Image::open(&s, "a"), Err(Error::NoSuchImage(_))));
+    let st = gc(&s).unwrap();
+    assert_eq!((st.blobs_removed, st.manifests_pinned), (0, 1));
+    assert!(s.has_blob(&only_a));
+    // The pinned image still reads.
+    let e = pinned.lookup_path("only_a").unwrap().unwrap();
+    assert_eq!(
+        s.read_blob(&pinned.blob(&e).unwrap()).unwrap(),
+        b"only in a"
+    );
+    drop(pinned);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let st = gc(&s).unwrap();
+    assert_eq!(
+        (st.blobs_removed, st.manifests_removed, st.manifests_pinned),
+        (1, 1, 0)
+    );
+    assert!(!s.has_blob(&only_a) && s.has_blob(&shared) && s.has_blob(&only_b));
+
+    // Unpinned removal is immediate.
+    assert_eq!(remove_image(&s, "b").unwrap(), RemoveOutcome::Removed);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(gc(&s).unwrap().blobs_removed, 2);
+    assert_eq!(count_blobs(&s), 0);
+    assert!(matches!(remove_image(&s, "b"), Err(Error::NoSuchImage(_))));
+}
+
+#[test]
+fn fresh_blobs_survive_gc() {
+    let (_d, s) = store();
+    // A blob whose mtime is not older than the gc start (as written by a
+    // concurrent build whose manifest does not exist yet) is kept.
+    let p = s.put_bytes(b"in flight").unwrap().digest;
+    let future = rustix::fs::Timespec {
+        tv_sec: i64::MAX / 4,
+        tv_nsec: 0,
+    };
+    let t = rustix::fs::Timestamps {
+        last_access: future,
+        last_modification: future,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        s.blob_path(&p),
+        &t,
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(gc(&s).unwrap().blobs_removed, 0);
+    assert!(s.has_blob(&p));
+}
+
+#[test]
+fn digest_hex_roundtrip_and_default_root() {
+    let d = Digest::of(b"abc");
+    assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+    assert_eq!(Digest::from_hex("zz"), None);
+    assert!(Store::default_root().is_absolute() || std::env::var_os("STRATA_STORE").is_some());
+}
+
+/// Builds an image of `$STRATA_IMAGE_SRC` and prints the stats (not asserted):
+/// `STRATA_IMAGE_SRC=/usr/lib/python3 cargo test -p strata-image --release -- --ignored --nocapture real_tree`
+#[test]
+#[ignore]
+fn real_tree() {
+    let Some(src) = std::env::var_os("STRATA_IMAGE_SRC") else {
+        return;
+    };
+    let (_d, s) = store();
+    let st = build(
+        &s,
+        Path::new(&src),
+        "real",
+        BuildOptions::default(),
+        &mut noprog,
+    )
+    .unwrap();
+    eprintln!("first build: {st:?}");
+    let st = build(
+        &s,
+        Path::new(&src),
+        "again",
+        BuildOptions::default(),
+        &mut noprog,
+    )
+    .unwrap();
+    eprintln!("second build: {st:?}");
+    let t = Instant::now();
+    let img = Image::open(&s, "real").unwrap();
+    eprintln!("open {} entries: {:?}", img.len(), t.elapsed());
+    let t = Instant::now();
+    assert!(verify_image(&s, "real").unwrap().is_empty());
+    eprintln!("verify: {:?}", t.elapsed());
+}
