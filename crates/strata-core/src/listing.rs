@@ -4,7 +4,10 @@
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use crate::fs::{Attr, DirPlusSink, DirSink, Entry, FileKind};
 use crate::{Errno, Result};
@@ -14,6 +17,25 @@ pub struct DirEnt {
     pub name: CString,
     pub ino: u64,
     pub kind: FileKind,
+}
+
+/// The snapshot an open directory serves from `offset`: a fresh one at
+/// offset 0 (rewinddir sees new names) and whenever the handle has none yet,
+/// since the kernel may finish on the daemon a listing it began from its own
+/// cache (dropped midway), on a handle that never asked for offset 0. A
+/// loaded snapshot is never empty: it holds `.` and `..`.
+pub fn snapshot(
+    cached: &Mutex<Arc<Vec<DirEnt>>>,
+    offset: u64,
+    load: impl FnOnce() -> Result<Arc<Vec<DirEnt>>>,
+) -> Result<Arc<Vec<DirEnt>>> {
+    if offset != 0 {
+        let have = cached.lock().clone();
+        if !have.is_empty() {
+            return Ok(have);
+        }
+    }
+    load()
 }
 
 /// Sends `entries` from `offset` until the reply is full.

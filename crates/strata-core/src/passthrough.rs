@@ -265,14 +265,8 @@ impl PassthroughFs {
         Ok(entries)
     }
 
-    /// The listing to serve from `offset`: a fresh read at offset 0 (rewinddir
-    /// sees new entries), the same snapshot afterwards so offsets stay valid.
     fn dir_entries(&self, dir: &OpenDir, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
-        if offset == 0 {
-            self.load_dir(dir)
-        } else {
-            Ok(dir.entries.lock().clone())
-        }
+        listing::snapshot(&dir.entries, offset, || self.load_dir(dir))
     }
 
     pub fn source(&self) -> &Path {

@@ -231,3 +231,44 @@ fn a_new_file_in_a_directory_with_a_default_acl_inherits_it() {
     as_nobody_ok(&format!("echo more >> {}", m.m("shared/f").display()));
     assert_eq!(fs::metadata(m.s("shared/f")).unwrap().mode() & 0o070, 0o060);
 }
+
+/// A listing the kernel began from its directory cache and must finish by
+/// asking the daemon (here: the cache is dropped midway because the source
+/// changed) still returns every name, on every layer.
+#[test]
+fn a_listing_resumed_after_the_kernel_cache_is_dropped_is_complete() {
+    const N: usize = 5000;
+    let fill = |dir: &std::path::Path| {
+        for i in 0..N {
+            fs::write(dir.join(format!("f{i:05}")), b"").unwrap();
+        }
+    };
+    let single = Mounted::with_source(&[], fill);
+    let union = Mounted::build_source(&[], &[], |dir| {
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fill(&a);
+        format!("{}:{}", a.display(), b.display())
+    });
+    for (m, src) in [
+        (&single, single.src.clone()),
+        (&union, union.dir.path().join("a")),
+    ] {
+        // A full listing fills the kernel's cache of the directory.
+        assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), N);
+        // A second handle starts from that cache (the daemon never sees offset 0)...
+        let mut it = fs::read_dir(&m.mnt).unwrap();
+        let mut seen = 1;
+        it.next().unwrap().unwrap();
+        // ...until an outside change drops the cache and the kernel asks the daemon.
+        fs::write(src.join("outside"), b"").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        seen += it.count();
+        assert!(
+            seen >= N,
+            "the listing stopped after {seen} of {N} names\n{}",
+            m.log()
+        );
+    }
+}

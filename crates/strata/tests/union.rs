@@ -419,3 +419,22 @@ fn newest_picks_the_newest_copy_of_a_name() {
     fs::remove_file(m.m("n")).unwrap();
     assert_eq!(holders(&b, "n"), [1], "the newer copy on b0 went");
 }
+
+/// `cache.fds` bounds the descriptors of the whole union, not of each branch.
+#[test]
+fn the_fd_cache_bound_covers_all_branches_together() {
+    let b = branches(&[16, 16, 16], &[]);
+    for i in 0..3 {
+        for j in 0..400 {
+            fs::write(b.path(i).join(format!("f{i}-{j}")), b"").unwrap();
+        }
+    }
+    let m = union(&b, &[], &["cache.fds=300"]);
+    assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), 1200);
+    for e in fs::read_dir(&m.mnt).unwrap() {
+        fs::metadata(e.unwrap().path()).unwrap();
+    }
+    let cached = m.stats()["cached_fds"].as_u64().unwrap();
+    // Roots and the share rounding may add a few.
+    assert!(cached <= 300 + 3, "{cached} descriptors cached");
+}

@@ -136,6 +136,9 @@ pub struct UnionFs {
     dirs: Mutex<HashMap<u64, Arc<UDir>>>,
     next_dh: AtomicU64,
     fd_cache: usize,
+    /// Branches at mount, to share `fd_cache` among (runtime additions get
+    /// the same share; the bound is not exact, only never far off).
+    branch_count: usize,
     passthrough: bool,
     rng: Mutex<XorShift>,
     invalidator: RwLock<Option<Arc<dyn Invalidator>>>,
@@ -209,7 +212,8 @@ impl UnionFs {
         } else {
             None
         };
-        let fs = UnionFs {
+        let mut fs = UnionFs {
+            branch_count: 1,
             branches: Arc::new(RwLock::new(Arc::new(Vec::new()))),
             next_branch: AtomicU64::new(1),
             settings: RwLock::new(cfg.settings),
@@ -239,6 +243,7 @@ impl UnionFs {
             )),
             invalidator: RwLock::new(None),
         };
+        fs.branch_count = cfg.branches.len();
         let branches = cfg
             .branches
             .iter()
@@ -249,7 +254,7 @@ impl UnionFs {
     }
 
     fn open_branch(&self, b: &source::Branch) -> std::result::Result<Arc<Branch>, String> {
-        let dir = HostDir::open(&b.path, self.fd_cache)?;
+        let dir = HostDir::open(&b.path, self.fd_cache_per_branch())?;
         self.watch_dir(&dir, dir.root());
         Ok(Arc::new(Branch {
             id: self.next_branch.fetch_add(1, Ordering::Relaxed),
@@ -258,6 +263,12 @@ impl UnionFs {
             min_free: b.min_free,
             dir,
         }))
+    }
+
+    /// `cache.fds` bounds the whole union: each branch gets a share, so
+    /// many branches never run the daemon out of descriptors.
+    fn fd_cache_per_branch(&self) -> usize {
+        (self.fd_cache / self.branch_count.max(1)).max(64)
     }
 
     pub fn branches(&self) -> Arc<Vec<Arc<Branch>>> {
@@ -947,7 +958,7 @@ impl UnionFs {
                     path: b.path.clone(),
                     mode: s.mode,
                     min_free: s.min_free,
-                    dir: HostDir::open(&s.path, self.fd_cache)?,
+                    dir: HostDir::open(&s.path, self.fd_cache_per_branch())?,
                 }),
                 None => self.open_branch(s)?,
             });
@@ -1098,11 +1109,7 @@ impl UnionFs {
 
     fn dir_entries(&self, dh: u64, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
         let dir = self.dirs.lock().get(&dh).cloned().ok_or(Errno::EBADF)?;
-        if offset == 0 {
-            self.load_dir(&dir)
-        } else {
-            Ok(dir.entries.lock().clone())
-        }
+        crate::listing::snapshot(&dir.entries, offset, || self.load_dir(&dir))
     }
 
     /// Statfs over the branches the settings count, each filesystem once.
