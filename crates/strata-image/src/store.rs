@@ -261,14 +261,7 @@ impl Store {
             .and_then(|_| f.write_all(body))
             .ctx("write", &tmp)?;
         let stored = BLOB_HEADER_LEN + body.len() as u64;
-        std::mem::forget(guard);
-        self.stage(f, &tmp, &digest, batch);
-        Ok(BlobRef {
-            digest,
-            size,
-            stored,
-            existed: false,
-        })
+        Ok(stage(guard, f, digest, size, stored, batch))
     }
 
     pub(crate) fn put_file_batched(&self, path: &Path, batch: &mut Batch) -> Result<BlobRef> {
@@ -335,20 +328,7 @@ impl Store {
             }
             stored = BLOB_HEADER_LEN + size;
         }
-        std::mem::forget(guard);
-        self.stage(f, &tmp, &digest, batch);
-        Ok(BlobRef {
-            digest,
-            size,
-            stored,
-            existed: false,
-        })
-    }
-
-    /// Queues a written staging file for [`Store::commit`].
-    fn stage(&self, f: File, tmp: &Path, digest: &Digest, batch: &mut Batch) {
-        drop(f);
-        batch.pending.insert(*digest, tmp.to_owned());
+        Ok(stage(guard, f, digest, size, stored, batch))
     }
 
     /// Opens a blob for reading its uncompressed content. The reader verifies
@@ -551,5 +531,26 @@ pub(crate) struct TmpGuard<'a>(pub(crate) &'a Path);
 impl Drop for TmpGuard<'_> {
     fn drop(&mut self) {
         let _ = fs::remove_file(self.0);
+    }
+}
+
+/// Queues a fully written staging file for [`Store::commit`] (it is no longer
+/// removed on drop) and describes the new blob.
+fn stage(
+    guard: TmpGuard<'_>,
+    f: File,
+    digest: Digest,
+    size: u64,
+    stored: u64,
+    batch: &mut Batch,
+) -> BlobRef {
+    drop(f);
+    batch.pending.insert(digest, guard.0.to_owned());
+    std::mem::forget(guard);
+    BlobRef {
+        digest,
+        size,
+        stored,
+        existed: false,
     }
 }

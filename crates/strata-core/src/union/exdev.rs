@@ -2,12 +2,11 @@
 //! rename across branches (EXDEV), mergerfs can leave a symlink to the file
 //! instead. Applications that cannot handle EXDEV then see the new name work.
 
-use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::AsFd;
+use std::ffi::{CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use rustix::fs::{AtFlags, Mode};
+use rustix::fs::AtFlags;
 
 use super::policy::Func;
 use super::settings::{LinkExdev, RenameExdev};
@@ -118,21 +117,8 @@ impl UnionFs {
                 continue;
             };
             // mkdir -p of the parking directory, never following a symlink.
-            let mut dir = b.dir.fd(b.dir.root())?;
-            for part in parked.split(|c| *c == b'/') {
-                let part = CString::new(part).map_err(|_| Errno::EINVAL)?;
-                match rustix::fs::mkdirat(&*dir, part.as_c_str(), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                let st = b.dir.stat_child(dir.as_fd(), &part)?;
-                let node = std::sync::Arc::new(b.dir.make_node(dir.as_fd(), &part, &st)?);
-                if node.kind != crate::fs::FileKind::Directory {
-                    return Err(Errno::ENOTDIR);
-                }
-                dir = b.dir.fd(&node)?;
-            }
-            rustix::fs::renameat(&*pdir.fd()?, name, &*dir, name)?;
+            let dir = b.walk(&parked, true)?;
+            rustix::fs::renameat(&*pdir.fd()?, name, &dir, name)?;
             done = true;
         }
         if !done {

@@ -53,6 +53,34 @@ pub struct Branch {
 }
 
 impl Branch {
+    /// A directory by its union path (`a/b`, empty: the branch root) on this
+    /// branch, walked one component at a time and never through a symlink;
+    /// with `mkdir`, missing components are created (mode 0755).
+    fn walk(&self, rel: &[u8], mkdir: bool) -> Result<OwnedFd> {
+        let mut dir = rustix::fs::openat(
+            &*self.dir.fd(self.dir.root())?,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        for part in rel.split(|c| *c == b'/').filter(|p| !p.is_empty()) {
+            let part = OsStr::from_bytes(part);
+            if mkdir {
+                match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            dir = rustix::fs::openat(
+                &dir,
+                part,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+        }
+        Ok(dir)
+    }
+
     /// The branch as written in a branch list: `PATH=MODE[,MINFREE]`.
     pub fn spec(&self) -> String {
         match self.min_free {
@@ -988,10 +1016,6 @@ impl UnionFs {
         let Some(inval) = self.invalidator.read().clone() else {
             return;
         };
-        let root = match b.dir.fd(b.dir.root()) {
-            Ok(fd) => fd,
-            Err(_) => return,
-        };
         for id in self.table.ids() {
             if self
                 .table
@@ -1000,25 +1024,9 @@ impl UnionFs {
             {
                 continue;
             }
-            // Walk the directory's path on the branch, never following a symlink.
-            let rel = self.rel_path(id);
-            let mut dir = rustix::fs::openat(
-                &*root,
-                c".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            );
-            for part in rel.split(|c| *c == b'/').filter(|p| !p.is_empty()) {
-                dir = dir.and_then(|d| {
-                    rustix::fs::openat(
-                        &d,
-                        OsStr::from_bytes(part),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                });
-            }
-            let Ok(dir) = dir else { continue };
+            let Ok(dir) = b.walk(&self.rel_path(id), false) else {
+                continue;
+            };
             let Ok(reader) = rustix::fs::Dir::read_from(&dir) else {
                 continue;
             };
