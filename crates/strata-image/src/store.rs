@@ -394,9 +394,15 @@ impl Store {
 /// Converts an error from [`BlobReader`] into a crate error naming the digest.
 pub(crate) fn blob_read_error(digest: &Digest, e: io::Error) -> Error {
     match e.get_ref().and_then(|i| i.downcast_ref::<BlobMismatch>()) {
+        // The mismatch names the digest for bare `BlobReader` users; the
+        // error names it already.
         Some(m) => Error::CorruptBlob {
             digest: *digest,
-            reason: m.0.clone(),
+            reason: m
+                .0
+                .strip_prefix(&format!("blob {digest}: "))
+                .unwrap_or(&m.0)
+                .to_owned(),
         },
         None => Error::CorruptBlob {
             digest: *digest,
