@@ -159,6 +159,14 @@ pub struct GcStats {
     pub manifests_pinned: u64,
     /// Stale staging files removed from `tmp/`.
     pub tmp_removed: u64,
+    /// Files removed from `cache/`: every file of other boots' directories,
+    /// this boot's cached copies of blobs no live manifest references, and
+    /// stale staging files.
+    pub cache_removed: u64,
+    /// Bytes freed by `cache_removed`.
+    pub cache_bytes_removed: u64,
+    /// Cached copies kept (their blob is live).
+    pub cache_kept: u64,
 }
 
 /// Deletes blobs referenced by no manifest in `images/` or `images/.removed/`.
@@ -168,6 +176,10 @@ pub struct GcStats {
 /// anything is deleted; retired manifests still locked by a mount keep their
 /// blobs; and only blobs whose mtime is older than the start of gc are
 /// deleted (a build refreshes the mtime of blobs it deduplicates against).
+///
+/// It also cleans the uncompressed cache of [`Store::materialize`]: other
+/// boots' directories entirely, and in this boot's the copies of blobs that
+/// are not live.
 pub fn gc(store: &Store) -> Result<GcStats> {
     let start = SystemTime::now();
     let _lock = store.lock_gc(true)?;
@@ -218,6 +230,8 @@ pub fn gc(store: &Store) -> Result<GcStats> {
         }
     }
 
+    clean_cache(store, &live, start, &mut stats)?;
+
     // Staging files: no build runs now (we hold the lock exclusively), but
     // plain put_file callers do not take it, so only old files go.
     let tmp = store.tmp_dir();
@@ -233,4 +247,108 @@ pub fn gc(store: &Store) -> Result<GcStats> {
         }
     }
     Ok(stats)
+}
+
+/// Cleans `cache/`: other boots' directories go whole (their files were never
+/// fsynced and may be torn); in this boot's, copies of blobs that are not live
+/// go, and so do staging files (`.`-names) older than an hour. Shard
+/// directories of this boot stay: a concurrent `materialize` may be about to
+/// rename into one (it takes no lock, so that a mount's reads never wait for
+/// gc). Deleting a cached file is always safe: an open descriptor keeps
+/// working, and the next `materialize` writes it again.
+fn clean_cache(
+    store: &Store,
+    live: &HashSet<Digest>,
+    start: SystemTime,
+    stats: &mut GcStats,
+) -> Result<()> {
+    let root = store.cache_root();
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read directory", &root, e)),
+    };
+    let boot = crate::store::boot_id();
+    for de in entries {
+        let de = de.ctx("read directory", &root)?;
+        if de.file_name() != boot {
+            remove_tree(&de.path(), stats)?;
+        }
+    }
+    let dir = store.boot_cache_dir();
+    let shards = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read directory", &dir, e)),
+    };
+    let stale = start - Duration::from_secs(3600);
+    for shard in shards {
+        let shard = shard.ctx("read directory", &dir)?;
+        let sp = shard.path();
+        if !shard.file_type().ctx("stat", &sp)?.is_dir() {
+            remove_counted(&sp, stats)?;
+            continue;
+        }
+        for de in fs::read_dir(&sp).ctx("read directory", &sp)? {
+            let de = de.ctx("read directory", &sp)?;
+            let name = de.file_name();
+            let p = de.path();
+            let staging = name.as_encoded_bytes().starts_with(b".");
+            let digest = name.to_str().and_then(Digest::from_hex);
+            if digest.is_some_and(|d| live.contains(&d)) {
+                stats.cache_kept += 1;
+                continue;
+            }
+            if staging {
+                // Possibly being written right now.
+                let old = fs::symlink_metadata(&p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < stale);
+                if !old {
+                    continue;
+                }
+            }
+            remove_counted(&p, stats)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file (counting it in the cache stats); gone already is fine.
+fn remove_counted(p: &Path, stats: &mut GcStats) -> Result<()> {
+    let len = match fs::symlink_metadata(p) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("stat", p, e)),
+    };
+    match fs::remove_file(p) {
+        Ok(()) => {
+            stats.cache_removed += 1;
+            stats.cache_bytes_removed += len;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", p, e)),
+    }
+}
+
+/// Removes a file or a whole directory tree (never following symlinks),
+/// counting the files.
+fn remove_tree(p: &Path, stats: &mut GcStats) -> Result<()> {
+    let md = match fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("stat", p, e)),
+    };
+    if !md.is_dir() {
+        return remove_counted(p, stats);
+    }
+    for de in fs::read_dir(p).ctx("read directory", p)? {
+        remove_tree(&de.ctx("read directory", p)?.path(), stats)?;
+    }
+    match fs::remove_dir(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove directory", p, e)),
+    }
 }

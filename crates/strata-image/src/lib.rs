@@ -3,7 +3,8 @@
 //! * [`Store`]: a directory holding `blobs/` (file contents keyed by the
 //!   BLAKE3 digest of the uncompressed bytes, zstd-compressed when that pays),
 //!   `images/` (one manifest file per image) and `tmp/` (staging for atomic
-//!   writes).
+//!   writes). [`Store::materialize`] gives a blob's uncompressed content as a
+//!   plain file (cached per boot in `cache/`), as kernel passthrough needs.
 //! * [`build`]: walks a host directory (never following symlinks) and writes
 //!   its contents as blobs and its tree as a manifest.
 //! * [`Image`]: a manifest opened for reading. Opening maps the file and checks

@@ -8,6 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(crate) const BLOB_MAGIC: &[u8; 4] = b"STRB";
@@ -114,6 +115,23 @@ impl Store {
 
     pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// `cache/`: one directory per boot, see [`Store::materialize`].
+    pub(crate) fn cache_root(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    /// `cache/<boot-id>/`: the only cache directory this boot trusts.
+    pub(crate) fn boot_cache_dir(&self) -> PathBuf {
+        self.cache_root().join(boot_id())
+    }
+
+    /// Path of a blob's uncompressed copy in this boot's cache (which may not
+    /// exist): `cache/<boot-id>/ab/<64 hex>`.
+    pub fn cache_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.boot_cache_dir().join(&hex[..2]).join(hex)
     }
 
     /// Path of a blob file (which may not exist).
@@ -381,6 +399,86 @@ impl Store {
         Ok(())
     }
 
+    /// A read-only `File` holding the uncompressed content of `digest`.
+    /// The first call decompresses the blob (verifying size and BLAKE3 digest
+    /// while it writes) into the cache; later calls just open the cached file.
+    ///
+    /// The cache lives in `cache/<boot-id>/ab/<64 hex>`. Its files are never
+    /// fsynced (a first read must not wait for the disk), so a crash could
+    /// leave one torn under its name: that is why each boot has its own
+    /// directory and trusts no other boot's (gc deletes them). Within a boot a
+    /// name only ever appears by `rename` of a fully written, verified staging
+    /// file, so it is complete. Concurrent calls for one digest (threads or
+    /// processes) each write their own staging file; the first rename wins and
+    /// the others open the winner's file, so all share one inode (and its page
+    /// cache). A missing blob is [`Error::MissingBlob`], a corrupt one
+    /// [`Error::CorruptBlob`], and neither leaves a cache file.
+    pub fn materialize(&self, digest: &Digest) -> Result<File> {
+        let dest = self.cache_path(digest);
+        match File::open(&dest) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("open cached blob", &dest, e)),
+        }
+        // Open the blob first: a missing blob creates nothing.
+        let mut src = self.open_blob(digest)?;
+        let shard = dest.parent().expect("cache path has a parent");
+        fs::create_dir_all(shard).ctx("create cache directory", shard)?;
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let staging = shard.join(format!(
+            ".{}.{}-{n}-{nanos}",
+            digest.to_hex(),
+            std::process::id()
+        ));
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&staging)
+            .ctx("create", &staging)?;
+        let guard = TmpGuard(&staging);
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let k = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(blob_read_error(digest, e)),
+            };
+            out.write_all(&buf[..k]).ctx("write", &staging)?;
+        }
+        drop(out);
+        // A read-only descriptor of the verified file, taken before it is
+        // published (gc may delete the published name at any time).
+        let ro = File::open(&staging).ctx("open", &staging)?;
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &staging,
+            rustix::fs::CWD,
+            &dest,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                std::mem::forget(guard);
+                Ok(ro)
+            }
+            // Another writer won: its file has the same (verified) content.
+            Err(rustix::io::Errno::EXIST) => Ok(File::open(&dest).unwrap_or(ro)),
+            // No RENAME_NOREPLACE on this filesystem: a plain rename replaces
+            // an identical file, which is just as correct.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                fs::rename(&staging, &dest).ctx("rename into cache", &dest)?;
+                std::mem::forget(guard);
+                Ok(ro)
+            }
+            Err(e) => Err(Error::io("rename into cache", &dest, e)),
+        }
+    }
+
     /// Reads a whole blob into memory (verified).
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         let mut r = self.open_blob(digest)?;
@@ -389,6 +487,19 @@ impl Store {
             .map_err(|e| blob_read_error(digest, e))?;
         Ok(v)
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id` without hyphens), or
+/// `noboot` when it cannot be read. Names the cache directory of this boot.
+pub(crate) fn boot_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().replace('-', ""))
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .unwrap_or_else(|| "noboot".to_owned())
+    })
 }
 
 /// Converts an error from [`BlobReader`] into a crate error naming the digest.

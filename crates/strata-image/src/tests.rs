@@ -659,3 +659,233 @@ fn real_tree() {
     assert!(verify_image(&s, "real").unwrap().is_empty());
     eprintln!("verify: {:?}", t.elapsed());
 }
+
+/// Staging files (`.`-names) left in this boot's cache shards.
+fn cache_staging(s: &Store) -> Vec<std::path::PathBuf> {
+    let dir = s.boot_cache_dir();
+    let Ok(shards) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    shards
+        .flat_map(|sh| fs::read_dir(sh.unwrap().path()).unwrap())
+        .map(|d| d.unwrap().path())
+        .filter(|p| p.file_name().unwrap().as_encoded_bytes().starts_with(b"."))
+        .collect()
+}
+
+#[test]
+fn materialize_gives_content_once() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let mut big = random_bytes(1 << 20, 3);
+    big.extend(vec![7u8; 2 << 20]); // streamed, zstd
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("small", b"small content".to_vec()),
+        ("raw", random_bytes(200_000, 5)),
+        ("zeros", vec![0u8; 500_000]),
+        ("big", big),
+    ];
+    for (n, c) in &files {
+        fs::write(src.join(n), c).unwrap();
+    }
+    build(&s, &src, "img", BuildOptions::default(), &mut noprog).unwrap();
+    let img = Image::open(&s, "img").unwrap();
+    for (n, want) in &files {
+        let e = img.lookup_path(n).unwrap().unwrap();
+        // Empty files have a blob too (the digest of no bytes).
+        let digest = img.blob(&e).unwrap();
+        assert_eq!(digest, Digest::of(want), "{n}");
+        assert!(!s.cache_path(&digest).exists());
+        let mut f = s.materialize(&digest).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+        assert!(got == *want, "{n}: content");
+        // Read-only descriptor, mode 0444, under this boot's cache dir.
+        assert!(
+            std::io::Write::write(&mut f, b"x").is_err(),
+            "{n}: writable"
+        );
+        let md = f.metadata().unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o444, "{n}: mode");
+        let cached = fs::metadata(s.cache_path(&digest)).unwrap();
+        assert_eq!((cached.ino(), cached.len()), (md.ino(), want.len() as u64));
+        let hex = digest.to_hex();
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().replace('-', ""))
+            .unwrap_or_else(|_| "noboot".into());
+        assert_eq!(
+            s.cache_path(&digest),
+            s.root().join("cache").join(boot).join(&hex[..2]).join(&hex)
+        );
+        // A second call opens the cached file: no rewrite, same inode.
+        let again = s.materialize(&digest).unwrap();
+        assert_eq!(again.metadata().unwrap().ino(), md.ino(), "{n}: rewritten");
+    }
+    assert!(cache_staging(&s).is_empty());
+}
+
+#[test]
+fn materialize_refuses_corrupt_and_missing_blobs() {
+    let (_d, s) = store();
+    let good = vec![b'g'; 100_000];
+    let bad = s.put_bytes(&vec![b'b'; 100_000]).unwrap().digest;
+    let raw = s.put_bytes(&random_bytes(5000, 11)).unwrap().digest;
+    let short = s.put_bytes(&random_bytes(5000, 12)).unwrap().digest;
+    let g = s.put_bytes(&good).unwrap().digest;
+    let rewrite = |digest: &Digest, f: &dyn Fn(&mut Vec<u8>)| {
+        let p = s.blob_path(digest);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut data = fs::read(&p).unwrap();
+        f(&mut data);
+        fs::write(&p, data).unwrap();
+    };
+    rewrite(&bad, &|d| {
+        let n = d.len();
+        d[16 + (n - 16) / 2] ^= 0x55 // inside the zstd frame
+    });
+    rewrite(&raw, &|d| d[2000] ^= 1); // raw content
+    rewrite(&short, &|d| d.truncate(3000)); // shorter than its header says
+    for digest in [bad, raw, short] {
+        let err = s.materialize(&digest).unwrap_err();
+        match &err {
+            Error::CorruptBlob { digest: d, .. } => assert_eq!(*d, digest),
+            other => panic!("expected CorruptBlob, got {other}"),
+        }
+        // The digest is named once, not twice.
+        assert_eq!(
+            err.to_string().matches(&digest.to_hex()).count(),
+            1,
+            "{err}"
+        );
+        assert!(!s.cache_path(&digest).exists(), "{err}");
+    }
+    assert!(cache_staging(&s).is_empty());
+    let missing = Digest::of(b"never stored");
+    assert!(matches!(
+        s.materialize(&missing),
+        Err(Error::MissingBlob(d)) if d == missing
+    ));
+    assert!(!s.cache_path(&missing).exists());
+    // The intact blob still materializes; repairing is not our business.
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut s.materialize(&g).unwrap(), &mut got).unwrap();
+    assert!(got == good);
+}
+
+#[test]
+fn materialize_concurrently() {
+    let (_d, s) = store();
+    let mut data = random_bytes(1 << 20, 21);
+    data.extend(vec![1u8; 3 << 20]);
+    let digest = s.put_bytes(&data).unwrap().digest;
+    let inodes: Vec<u64> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut f = s.materialize(&digest).unwrap();
+                    let mut got = Vec::new();
+                    std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+                    assert!(got == data);
+                    f.metadata().unwrap().ino()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(cache_staging(&s).is_empty());
+    let shard = s.cache_path(&digest).parent().unwrap().to_owned();
+    assert_eq!(fs::read_dir(&shard).unwrap().count(), 1);
+    let cached = fs::metadata(s.cache_path(&digest)).unwrap().ino();
+    // With RENAME_NOREPLACE (ext4, tmpfs, xfs, btrfs) everyone shares the
+    // first writer's file; losers open it.
+    if inodes.iter().any(|&i| i != cached) {
+        eprintln!(
+            "note: concurrent writers got different inodes {inodes:?} (no RENAME_NOREPLACE?)"
+        );
+    }
+}
+
+#[test]
+fn gc_cleans_the_cache() {
+    let (d, s) = store();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("shared"), b"shared by both").unwrap();
+    fs::write(src.join("only_a"), b"only in a").unwrap();
+    build(&s, &src, "a", BuildOptions::default(), &mut noprog).unwrap();
+    fs::remove_file(src.join("only_a")).unwrap();
+    fs::write(src.join("only_b"), b"only in b").unwrap();
+    build(&s, &src, "b", BuildOptions::default(), &mut noprog).unwrap();
+    let shared = Digest::of(b"shared by both");
+    let only_a = Digest::of(b"only in a");
+    let only_b = Digest::of(b"only in b");
+    for dg in [shared, only_a, only_b] {
+        s.materialize(&dg).unwrap();
+    }
+    // Another boot's cache (possibly torn files) and a stray file in cache/.
+    let other = s.root().join("cache/0123456789abcdef0123456789abcdef");
+    let hex = shared.to_hex();
+    fs::create_dir_all(other.join(&hex[..2])).unwrap();
+    fs::write(other.join(&hex[..2]).join(&hex), b"torn").unwrap();
+    fs::write(s.root().join("cache/stray"), b"xy").unwrap();
+    // Staging files in this boot's cache: a crashed writer's, an active one's.
+    let shard = s.cache_path(&shared).parent().unwrap().to_owned();
+    let crashed = shard.join(format!(".{hex}.1-0-0"));
+    let active = shard.join(format!(".{hex}.2-0-0"));
+    fs::write(&crashed, b"crashed").unwrap();
+    fs::write(&active, b"active").unwrap();
+    let two_hours_ago = rustix::fs::Timespec {
+        tv_sec: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            - 7200,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        &crashed,
+        &rustix::fs::Timestamps {
+            last_access: two_hours_ago,
+            last_modification: two_hours_ago,
+        },
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+
+    // Everything referenced: only other boots, the stray file and the
+    // crashed staging file go.
+    let st = gc(&s).unwrap();
+    assert_eq!((st.cache_removed, st.cache_kept), (3, 3), "{st:?}");
+    assert_eq!(st.cache_bytes_removed, 4 + 2 + 7);
+    assert!(!other.exists() && !crashed.exists() && active.exists());
+    assert_eq!(st.blobs_removed, 0);
+
+    // b removed while pinned: its cached copy stays with its blob.
+    let pinned = Image::open(&s, "b").unwrap();
+    assert_eq!(remove_image(&s, "b").unwrap(), RemoveOutcome::Deferred);
+    let st = gc(&s).unwrap();
+    assert_eq!((st.cache_removed, st.cache_kept), (0, 3), "{st:?}");
+    drop(pinned);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let st = gc(&s).unwrap();
+    assert_eq!(
+        (st.blobs_removed, st.cache_removed, st.cache_kept),
+        (1, 1, 2)
+    );
+    assert!(!s.cache_path(&only_b).exists());
+    assert!(s.cache_path(&shared).exists() && s.cache_path(&only_a).exists());
+    // A descriptor taken before gc removed the copy keeps working, and the
+    // next materialize writes it again from the blob.
+    let f = s.materialize(&only_a).unwrap();
+    assert_eq!(remove_image(&s, "a").unwrap(), RemoveOutcome::Removed);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let st = gc(&s).unwrap();
+    assert_eq!((st.cache_removed, st.cache_kept), (2, 0), "{st:?}"); // shared too
+    assert!(active.exists());
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut got).unwrap();
+    assert_eq!(got, b"only in a");
+}
