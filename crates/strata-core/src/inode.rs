@@ -139,6 +139,20 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         true
     }
 
+    /// Gives a known node a new key (its object changed identity, e.g. was
+    /// copied up); its id and lookup count stay.
+    pub fn rekey(&self, id: u64, key: K) {
+        let mut inner = self.inner.lock();
+        let Some(slot) = inner.nodes.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut slot.key, key.clone());
+        if inner.by_key.get(&old) == Some(&id) {
+            inner.by_key.remove(&old);
+        }
+        inner.by_key.insert(key, id);
+    }
+
     /// The lookup count of a node (0 if unknown).
     pub fn lookup_count(&self, id: u64) -> u64 {
         self.inner.lock().nodes.get(&id).map_or(0, |s| s.nlookup)

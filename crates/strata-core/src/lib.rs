@@ -10,6 +10,7 @@ pub mod fs;
 pub mod host;
 pub mod inode;
 pub mod listing;
+pub mod overlay;
 pub mod passthrough;
 pub mod source;
 pub mod union;

@@ -49,11 +49,29 @@ pub struct Adapter<F: core::Filesystem> {
     fs: Arc<F>,
     cfg: MountConfig,
     passthrough: AtomicBool,
-    /// One backing id per inode, shared by its open handles (the kernel
-    /// requires the same backing file for every open of an inode).
-    backing: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
-    /// Handles that hold a reference in `backing`.
-    backed_handles: Mutex<HashMap<u64, u64>>,
+    io_modes: Mutex<IoModes>,
+}
+
+/// How each inode's open handles do I/O. The kernel puts an inode in one
+/// mode at a time: passthrough to one backing file, or the page cache through
+/// the daemon; an open in the other mode fails with EIO. Handles that cannot
+/// join the inode's current mode (another backing file, e.g. an overlay's
+/// upper copy while the lower is open; or no backing while one is active) get
+/// direct I/O, which is compatible with both.
+#[derive(Default)]
+struct IoModes {
+    backed: HashMap<u64, Backed>,
+    /// Inode → its open handles doing cached I/O through the daemon.
+    cached: HashMap<u64, usize>,
+    /// Handle → its inode, and whether it counts in `backed`.
+    handles: HashMap<u64, (u64, bool)>,
+}
+
+struct Backed {
+    id: Arc<BackingId>,
+    /// (st_dev, st_ino) of the backing file.
+    file: (u64, u64),
+    handles: usize,
 }
 
 fn errno(e: core::Errno) -> Errno {
@@ -165,8 +183,7 @@ impl<F: core::Filesystem> Adapter<F> {
             fs,
             passthrough: AtomicBool::new(cfg.passthrough),
             cfg,
-            backing: Mutex::new(HashMap::new()),
-            backed_handles: Mutex::new(HashMap::new()),
+            io_modes: Mutex::new(IoModes::default()),
         }
     }
 
@@ -182,56 +199,86 @@ impl<F: core::Filesystem> Adapter<F> {
         }
     }
 
-    /// A backing id for `ino`, shared with its other open handles; `None`
-    /// when passthrough is off or the kernel refuses this file.
+    /// Picks the I/O mode of a new handle (see [`IoModes`]): a backing id
+    /// for `ino`, shared with its other passthrough handles, or `None` (then
+    /// `opened.direct_io` may have been set).
     fn backing_for(
         &self,
         ino: u64,
         fh: u64,
-        opened: &Opened,
+        opened: &mut Opened,
         open: impl FnOnce(&std::os::fd::OwnedFd) -> io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
-        if !self.passthrough.load(Ordering::Relaxed) {
+        if opened.direct_io {
             return None;
         }
-        let fd = opened.passthrough.as_ref()?;
-        let mut backing = self.backing.lock();
-        let id = match backing.get_mut(&ino) {
-            Some((id, refs)) => {
-                *refs += 1;
-                id.clone()
-            }
-            None => match open(fd) {
-                Ok(id) => {
-                    let id = Arc::new(id);
-                    backing.insert(ino, (id.clone(), 1));
-                    id
+        let mut m = self.io_modes.lock();
+        let offered = opened
+            .passthrough
+            .as_ref()
+            .filter(|_| self.passthrough.load(Ordering::Relaxed) && !m.cached.contains_key(&ino))
+            .and_then(|fd| Some((fd, rustix::fs::fstat(&**fd).ok()?)));
+        if let Some((fd, st)) = offered {
+            let file = (st.st_dev, st.st_ino);
+            match m.backed.get_mut(&ino) {
+                Some(b) if b.file == file => {
+                    b.handles += 1;
+                    let id = b.id.clone();
+                    m.handles.insert(fh, (ino, true));
+                    return Some(id);
                 }
-                Err(e) => {
-                    tracing::debug!(ino, "no passthrough for this file: {e}");
-                    if e.raw_os_error() == Some(libc::EPERM) {
-                        tracing::warn!(
-                            "kernel passthrough needs CAP_SYS_ADMIN; serving I/O through the daemon"
+                Some(_) => {}
+                None => match open(fd) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        m.backed.insert(
+                            ino,
+                            Backed {
+                                id: id.clone(),
+                                file,
+                                handles: 1,
+                            },
                         );
-                        self.passthrough.store(false, Ordering::Relaxed);
+                        m.handles.insert(fh, (ino, true));
+                        return Some(id);
                     }
-                    return None;
-                }
-            },
-        };
-        self.backed_handles.lock().insert(fh, ino);
-        Some(id)
+                    Err(e) => {
+                        tracing::debug!(ino, "no passthrough for this file: {e}");
+                        if e.raw_os_error() == Some(libc::EPERM) {
+                            tracing::warn!(
+                                "kernel passthrough needs CAP_SYS_ADMIN; serving I/O through the daemon"
+                            );
+                            self.passthrough.store(false, Ordering::Relaxed);
+                        }
+                    }
+                },
+            }
+        }
+        if m.backed.contains_key(&ino) {
+            opened.direct_io = true;
+            return None;
+        }
+        *m.cached.entry(ino).or_default() += 1;
+        m.handles.insert(fh, (ino, false));
+        None
     }
 
     fn release_backing(&self, fh: u64) {
-        let Some(ino) = self.backed_handles.lock().remove(&fh) else {
+        let mut m = self.io_modes.lock();
+        let Some((ino, backed)) = m.handles.remove(&fh) else {
             return;
         };
-        let mut backing = self.backing.lock();
-        if let Some((_, refs)) = backing.get_mut(&ino) {
-            *refs -= 1;
-            if *refs == 0 {
-                backing.remove(&ino);
+        if backed {
+            if let Some(b) = m.backed.get_mut(&ino) {
+                b.handles -= 1;
+                if b.handles == 0 {
+                    m.backed.remove(&ino);
+                }
+            }
+        } else if let Some(n) = m.cached.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                m.cached.remove(&ino);
             }
         }
     }
@@ -244,7 +291,7 @@ impl<F: core::Filesystem> Adapter<F> {
             s.open_files,
             s.open_dirs,
             s.cached_fds,
-            self.backing.lock().len()
+            self.io_modes.lock().backed.len()
         )
         .into_bytes()
     }
@@ -488,7 +535,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || match self.fs.open(&ctx(req), ino.0, flags.0) {
-            Ok(o) => match self.backing_for(ino.0, o.fh, &o, |fd| reply.open_backing(fd)) {
+            Ok(mut o) => match self.backing_for(ino.0, o.fh, &mut o, |fd| reply.open_backing(fd)) {
                 Some(id) => reply.opened_passthrough(FileHandle(o.fh), fopen_flags(&o), &id),
                 None => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
             },
@@ -725,10 +772,10 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                 .fs
                 .create(&ctx(req), parent.0, name, mode, umask, flags)
             {
-                Ok((e, o)) => {
+                Ok((e, mut o)) => {
                     let a = attr(&e.attr);
                     let generation = Generation(e.generation);
-                    match self.backing_for(e.attr.ino, o.fh, &o, |fd| reply.open_backing(fd)) {
+                    match self.backing_for(e.attr.ino, o.fh, &mut o, |fd| reply.open_backing(fd)) {
                         Some(id) => reply.created_passthrough(
                             &e.entry_ttl,
                             &a,

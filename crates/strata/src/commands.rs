@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
 use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
 
@@ -83,10 +84,47 @@ fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failur
     Ok(())
 }
 
-/// The layer a SOURCE asks for: one directory, or a union of branches.
+/// The layer a SOURCE asks for: one directory, a union of branches, or an
+/// overlay (images and directories, with or without a writable upper).
 enum Layer {
     Passthrough(PassthroughFs),
     Union(UnionFs),
+    Overlay(OverlayFs),
+}
+
+/// Whether SOURCE names overlay lowers (an `image:NAME` among them) rather
+/// than union branches.
+fn has_image_layer(source: &str) -> bool {
+    source.split(':').any(|t| t == "image")
+}
+
+/// Overlay lowers from SOURCE: `image:NAME` and host directories joined by
+/// ':', topmost first.
+fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure> {
+    let mut out = Vec::new();
+    let mut tokens = source.split(':');
+    while let Some(tok) = tokens.next() {
+        match tok {
+            "image" => {
+                let name = tokens
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| usage(format!("{source}: 'image:' needs an image name")))?;
+                out.push(LowerSpec::Image {
+                    store: store.to_path_buf(),
+                    name: name.to_string(),
+                });
+            }
+            "" => return Err(usage(format!("{source}: empty layer between ':'"))),
+            path if path.contains('=') => {
+                return Err(usage(format!(
+                    "{path}: branch modes (=RW/RO/NC) belong to unions; overlay layers are read-only"
+                )));
+            }
+            path => out.push(LowerSpec::Host(absolute(Path::new(path))?)),
+        }
+    }
+    Ok(out)
 }
 
 struct Prepared {
@@ -96,29 +134,23 @@ struct Prepared {
 
 fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<Prepared, Failure> {
     let opts = MountOptions::parse(option_lists.iter().map(String::as_str)).map_err(usage)?;
+    if opts.upper.is_some() || has_image_layer(source) {
+        return prepare_overlay(source, mountpoint, &opts);
+    }
     let mut branches = strata_core::source::parse_branches(source).map_err(usage)?;
     for b in &mut branches {
         b.path = absolute(&b.path)?;
     }
     check_mountpoint(mountpoint, &opts)?;
-    let is_root = rustix::process::geteuid().is_root();
     let all_ro = branches
         .iter()
         .all(|b| b.mode == strata_core::source::BranchMode::RO);
-    let mount = MountConfig {
-        fsname: opts.fsname.clone().unwrap_or_else(|| {
-            branches
-                .iter()
-                .map(|b| b.path.display().to_string())
-                .collect::<Vec<_>>()
-                .join(":")
-        }),
-        allow_other: opts.allow_other.unwrap_or(is_root),
-        read_only: opts.read_only || all_ro,
-        threads: opts.threads,
-        passthrough: opts.passthrough,
-        panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
-    };
+    let paths = branches
+        .iter()
+        .map(|b| b.path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let mount = mount_config(&opts, &paths, all_ro);
     let fs = if branches.len() == 1 {
         Layer::Passthrough(
             PassthroughFs::new(
@@ -150,6 +182,47 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
     Ok(Prepared { fs, mount })
 }
 
+fn mount_config(opts: &MountOptions, source: &str, read_only: bool) -> MountConfig {
+    let is_root = rustix::process::geteuid().is_root();
+    MountConfig {
+        fsname: opts.fsname.clone().unwrap_or_else(|| source.to_string()),
+        allow_other: opts.allow_other.unwrap_or(is_root),
+        read_only: opts.read_only || read_only,
+        threads: opts.threads,
+        passthrough: opts.passthrough,
+        panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
+    }
+}
+
+fn prepare_overlay(
+    source: &str,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Prepared, Failure> {
+    let store = match &opts.store {
+        Some(s) => absolute(s)?,
+        None => strata_image::Store::default_root(),
+    };
+    let lowers = overlay_lowers(source, &store)?;
+    let upper = opts.upper.as_deref().map(absolute).transpose()?;
+    check_mountpoint(mountpoint, opts)?;
+    let fs = OverlayFs::new(OverlayConfig {
+        lowers,
+        upper: upper.clone(),
+        entry_ttl: opts.entry_ttl,
+        attr_ttl: opts.attr_ttl,
+        negative_ttl: opts.negative_ttl,
+        fd_cache: opts.fd_cache,
+        passthrough: opts.passthrough,
+    })
+    .map_err(usage)?;
+    tracing::info!(layers = fs.describe(), "overlay");
+    Ok(Prepared {
+        fs: Layer::Overlay(fs),
+        mount: mount_config(opts, source, upper.is_none()),
+    })
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -171,6 +244,27 @@ fn raise_fd_limit() {
         lim.current = lim.maximum;
         let _ = setrlimit(Resource::Nofile, lim);
     }
+}
+
+/// `mount --upper DIR`: the same as `-o upper=DIR`.
+pub fn mount_with_upper(
+    source: &str,
+    mountpoint: &Path,
+    option_lists: &[String],
+    upper: Option<&Path>,
+    foreground: bool,
+    daemon_child: bool,
+) -> Result<(), Failure> {
+    let mut lists = option_lists.to_vec();
+    if let Some(dir) = upper {
+        let dir = absolute(dir)?;
+        let text = dir
+            .to_str()
+            .filter(|t| !t.contains(','))
+            .ok_or_else(|| usage(format!("{}: upper path must be UTF-8 without ','", dir.display())))?;
+        lists.push(format!("upper={text}"));
+    }
+    mount(source, mountpoint, &lists, foreground, daemon_child)
 }
 
 pub fn mount(
@@ -214,6 +308,7 @@ pub fn mount(
     match prepared.fs {
         Layer::Passthrough(fs) => ctx.run(Arc::new(fs), &prepared.mount),
         Layer::Union(fs) => ctx.run(Arc::new(fs), &prepared.mount),
+        Layer::Overlay(fs) => ctx.run(Arc::new(fs), &prepared.mount),
     }
 }
 

@@ -43,6 +43,9 @@ enum Command {
         long_about = "Mount SOURCE on MOUNTPOINT.\n\n\
             SOURCE is a branch list in mergerfs syntax: PATH[=RW|RO|NC][,MINFREE] joined by ':'. \
             One branch is served as is; several make a mergerfs-style union (policies via -o or `strata ctl`).\n\n\
+            With image layers (image:NAME) or --upper, SOURCE lists overlay lowers instead, topmost first \
+            (e.g. image:app:image:base:/srv/extra): read-only without --upper; with --upper DIR every change \
+            is copied up into DIR, in kernel overlayfs format (whiteouts, opaque directories).\n\n\
             Without -f the command starts a daemon and returns once the mount is ready; errors are \
             reported before it returns. With -f it serves in the foreground until unmounted or \
             interrupted (SIGINT/SIGTERM unmount cleanly).",
@@ -59,6 +62,9 @@ enum Command {
                                       the kernel's stale entries at once (fanotify; needs root;\n  \
                                       default true)\n  \
             cache.fds=N               bound on cached O_PATH descriptors (default 8192)\n  \
+            upper=DIR                 writable upper directory (as --upper)\n  \
+            store=DIR                 image store for image:NAME layers (default $STRATA_STORE,\n  \
+                                      else /var/lib/strata for root)\n  \
             passthrough=true|false    kernel passthrough for file I/O (default true)\n  \
             nonempty                  allow a non-empty mountpoint\n  \
             default_permissions       accepted; permission checks are always the kernel's\n\n\
@@ -71,10 +77,15 @@ enum Command {
         /// Mount options (see below).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
+        /// Writable upper directory: copy-on-write over the layers of SOURCE
+        /// (same as -o upper=DIR).
+        #[arg(long, value_name = "DIR")]
+        upper: Option<PathBuf>,
         /// Internal: run as the daemon child of a background mount.
         #[arg(long, hide = true)]
         daemon_child: bool,
-        /// Branch list: PATH[=RW|RO|NC][,MINFREE] joined by ':'.
+        /// Branch list PATH[=RW|RO|NC][,MINFREE] joined by ':', or overlay
+        /// layers (image:NAME or PATH) joined by ':', topmost first.
         source: String,
         /// Where to mount.
         mountpoint: PathBuf,
@@ -121,9 +132,17 @@ fn main() -> ExitCode {
             foreground,
             options,
             daemon_child,
+            upper,
             source,
             mountpoint,
-        } => commands::mount(&source, &mountpoint, &options, foreground, daemon_child),
+        } => commands::mount_with_upper(
+            &source,
+            &mountpoint,
+            &options,
+            upper.as_deref(),
+            foreground,
+            daemon_child,
+        ),
         Command::Umount { lazy, mountpoint } => commands::umount(&mountpoint, lazy),
         Command::Status { json } => commands::status(json),
         Command::Ctl {

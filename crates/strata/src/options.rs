@@ -1,5 +1,6 @@
 //! `-o key=value,...` mount options, parsed like mount(8) and mergerfs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use strata_core::union::Settings;
@@ -26,6 +27,10 @@ pub struct MountOptions {
     pub fd_cache: usize,
     /// Union settings (policies, minfreespace, ...); used with several branches.
     pub union: Settings,
+    /// Writable upper directory over the lowers (copy-on-write overlay).
+    pub upper: Option<PathBuf>,
+    /// Image store for `image:NAME` layers (default: `$STRATA_STORE`, ...).
+    pub store: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -43,6 +48,8 @@ impl Default for MountOptions {
             passthrough: true,
             fd_cache: strata_core::host::DEFAULT_FD_CACHE,
             union: Settings::default(),
+            upper: None,
+            store: None,
         }
     }
 }
@@ -69,6 +76,8 @@ pub const KNOWN: &[&str] = &[
     "default_permissions",
     "passthrough=true|false",
     "cache.fds=N",
+    "upper=DIR",
+    "store=DIR",
     "category.create|action|search=POLICY",
     "func.FUNCTION=POLICY",
     "minfreespace=SIZE",
@@ -136,6 +145,8 @@ impl MountOptions {
                     "default_permissions" => {}
                     "passthrough" => o.passthrough = value.map_or(Ok(true), |v| boolean(key, v))?,
                     "cache.fds" => o.fd_cache = number(key, need()?, 16, 1 << 24)?,
+                    "upper" => o.upper = Some(PathBuf::from(need()?)),
+                    "store" => o.store = Some(PathBuf::from(need()?)),
                     k if is_union_key(k) => o
                         .union
                         .set(k, need()?)

@@ -302,19 +302,23 @@ pub fn removexattr(host: &HostDir, fd: BorrowedFd<'_>, name: &OsStr) -> Result<(
 /// cases `default_permissions` leaves to the filesystem.
 pub fn access(host: &HostDir, ctx: &Ctx, fd: BorrowedFd<'_>, mask: i32) -> Result<()> {
     let st = host.stat_fd(fd)?;
+    check_access(ctx, st.st_mode, st.st_uid, st.st_gid, mask)
+}
+
+/// The mode-bit check behind [`access`], for objects known by their metadata.
+pub fn check_access(ctx: &Ctx, mode: u32, uid: u32, gid: u32, mask: i32) -> Result<()> {
     let want = (mask & 0o7) as u32;
     if want == 0 {
         return Ok(());
     }
-    let mode = st.st_mode;
     if ctx.uid == 0 {
         // root may do anything but execute a file nobody may execute.
         let x_ok = want & 1 == 0 || mode & 0o111 != 0 || mode & libc::S_IFMT == libc::S_IFDIR;
         return if x_ok { Ok(()) } else { Err(Errno::EACCES) };
     }
-    let bits = if st.st_uid == ctx.uid {
+    let bits = if uid == ctx.uid {
         (mode >> 6) & 7
-    } else if st.st_gid == ctx.gid {
+    } else if gid == ctx.gid {
         (mode >> 3) & 7
     } else {
         mode & 7
@@ -372,7 +376,8 @@ pub fn copy_file(
     res
 }
 
-fn copy_data(input: &OwnedFd, out: &OwnedFd) -> Result<()> {
+/// Copies all of `input` (from its offset) to `out`, in the kernel where it can.
+pub fn copy_data(input: &OwnedFd, out: &OwnedFd) -> Result<()> {
     loop {
         match rustix::fs::copy_file_range(input, None, out, None, 1 << 30) {
             Ok(0) => return Ok(()),

@@ -1,0 +1,609 @@
+//! The protocol for the overlay: each request resolved against the upper and
+//! the lowers, copy-up before any change to a lower object.
+
+use std::ffi::{CStr, OsStr};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+
+use super::layer::host_xattrs;
+use super::{Found, ONode, OpenDir, OverlayFs, is_private_xattr, tmp_name};
+use crate::fs::*;
+use crate::host::component;
+use crate::host::files::{open_file_methods, sync_fd};
+use crate::host::ops;
+use crate::listing;
+use crate::{Errno, Result};
+
+fn lookup_name(name: &OsStr) -> Result<std::ffi::CString> {
+    component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })
+}
+
+impl OverlayFs {
+    /// A node for a resolved name that is not registered in the table (for
+    /// checks such as emptiness).
+    fn transient(&self, dir: &ONode, name: &CStr, found: &Found) -> Result<ONode> {
+        let upper = match &found.upper {
+            Some(st) => {
+                let h = self.upper_dir()?;
+                let pfd = h.fd(&dir.upper().ok_or(Errno::EIO)?)?;
+                Some(Arc::new(h.make_node(pfd.as_fd(), name, st)?))
+            }
+            None => None,
+        };
+        Ok(ONode {
+            kind: found.kind,
+            place: Mutex::new((0, name.to_owned())),
+            upper: RwLock::new(upper),
+            lowers: RwLock::new(found.lowers.iter().map(|(r, _)| r.clone()).collect()),
+        })
+    }
+
+    /// Shared head of mknod/mkdir/symlink/create: the name must not show
+    /// yet; returns the parent's upper descriptor. Caller holds `ns_lock`.
+    fn new_name_dir(&self, parent: u64, name: &CStr) -> Result<Arc<std::os::fd::OwnedFd>> {
+        let h = self.upper_dir()?;
+        let dir = self.node(parent)?;
+        if dir.kind != FileKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        if self.resolve(&dir, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let pup = self.copy_up(parent)?;
+        h.fd(&pup)
+    }
+
+    fn make_entry(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        is_dir: bool,
+        make: impl FnOnce(std::os::fd::BorrowedFd<'_>, &CStr) -> Result<()>,
+    ) -> Result<Entry> {
+        let name = component(name)?;
+        let _ns = self.ns_lock.lock();
+        let pfd = self.new_name_dir(parent, &name)?;
+        self.place_new(Some(ctx), pfd.as_fd(), &name, is_dir, |n| make(pfd.as_fd(), n))?;
+        self.lookup_in(parent, &name)
+    }
+
+    /// Removes `name` (unlink or rmdir): the upper's object goes, and a
+    /// whiteout stays where a lower provides the name.
+    fn remove(&self, parent: u64, name: &OsStr, dir_wanted: bool) -> Result<()> {
+        let name = component(name)?;
+        let _ns = self.ns_lock.lock();
+        let h = self.upper_dir()?;
+        let dir = self.node(parent)?;
+        let found = self.resolve(&dir, &name)?.ok_or(Errno::ENOENT)?;
+        let is_dir = found.kind == FileKind::Directory;
+        match (dir_wanted, is_dir) {
+            (true, false) => return Err(Errno::ENOTDIR),
+            (false, true) => return Err(Errno::EISDIR),
+            _ => {}
+        }
+        if is_dir && !self.is_empty_dir(0, &self.transient(&dir, &name, &found)?)? {
+            return Err(Errno::ENOTEMPTY);
+        }
+        let whiteout = self.lower_has(&dir, &name)?;
+        let pup = self.copy_up(parent)?;
+        let pfd = h.fd(&pup)?;
+        if found.upper.is_none() {
+            return Self::make_whiteout(pfd.as_fd(), &name);
+        }
+        if !whiteout && !is_dir {
+            rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty())?;
+            return Ok(());
+        }
+        // Move it aside (leaving the whiteout in one step), then delete it.
+        let tmp = tmp_name();
+        Self::rename_upper(
+            pfd.as_fd(),
+            &name,
+            pfd.as_fd(),
+            &tmp,
+            RenameFlags::NOREPLACE,
+            whiteout,
+        )?;
+        if is_dir {
+            let dfd = rustix::fs::openat(
+                &*pfd,
+                tmp.as_c_str(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Self::clear_whiteouts(dfd.as_fd())?;
+            rustix::fs::unlinkat(&*pfd, tmp.as_c_str(), AtFlags::REMOVEDIR)?;
+        } else {
+            rustix::fs::unlinkat(&*pfd, tmp.as_c_str(), AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// The node id behind a visible name, without keeping a reference.
+    fn id_of(&self, parent: u64, name: &CStr) -> Result<u64> {
+        let id = self.lookup_in(parent, name)?.attr.ino;
+        self.table.forget(id, 1);
+        Ok(id)
+    }
+
+    /// Copies a node up for a rename: a directory that lowers provide moves
+    /// with its whole tree.
+    fn copy_up_for_move(&self, id: u64) -> Result<()> {
+        let node = self.node(id)?;
+        if node.kind == FileKind::Directory && !node.lowers().is_empty() {
+            self.copy_up_tree(id)
+        } else {
+            self.copy_up(id).map(drop)
+        }
+    }
+
+    fn exchange(
+        &self,
+        parent: u64,
+        name: &CStr,
+        new_parent: u64,
+        new_name: &CStr,
+    ) -> Result<()> {
+        let h = self.upper_dir()?;
+        let a = self.id_of(parent, name)?;
+        let b = self.id_of(new_parent, new_name)?;
+        self.copy_up_for_move(a)?;
+        self.copy_up_for_move(b)?;
+        let pfd = h.fd(&self.copy_up(parent)?)?;
+        let npfd = h.fd(&self.copy_up(new_parent)?)?;
+        // Each directory lands where a lower may hold another: stop merging.
+        for id in [a, b] {
+            let node = self.node(id)?;
+            if node.kind == FileKind::Directory {
+                let up = node.upper().ok_or(Errno::EIO)?;
+                self.set_opaque(h.fd(&up)?.as_fd())?;
+                *node.lowers.write() = Arc::from(Vec::new());
+            }
+        }
+        rustix::fs::renameat_with(&*pfd, name, &*npfd, new_name, RenameFlags::EXCHANGE)?;
+        let (na, nb) = (self.node(a)?, self.node(b)?);
+        let pa = na.place();
+        *na.place.lock() = nb.place();
+        *nb.place.lock() = pa;
+        Ok(())
+    }
+}
+
+impl Filesystem for OverlayFs {
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
+        self.lookup_in(parent, &lookup_name(name)?)
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.table.forget(ino, nlookup);
+    }
+
+    fn getattr(&self, _ctx: &Ctx, ino: u64, _fh: Option<u64>) -> Result<AttrOut> {
+        self.attr(ino, &*self.node(ino)?)
+    }
+
+    fn setattr(&self, _ctx: &Ctx, ino: u64, _fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+        let h = self.upper_dir()?;
+        let up = {
+            let _ns = self.ns_lock.lock();
+            self.copy_up(ino)?
+        };
+        // Never the open descriptor: for a lower file it is the lower's.
+        ops::set_attr(h, h.fd(&up)?.as_fd(), None, set)?;
+        self.attr(ino, &*self.node(ino)?)
+    }
+
+    fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        match node.upper() {
+            Some(up) => ops::readlink(self.upper_dir()?.fd(&up)?.as_fd()),
+            None => {
+                let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
+                self.layer(&top).readlink(&top.obj)
+            }
+        }
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<Entry> {
+        let h = self.upper_dir()?;
+        self.make_entry(ctx, parent, name, false, |pfd, n| {
+            let perm = ops::create_perm(h, pfd, mode, umask);
+            let kind = rustix::fs::FileType::from_raw_mode(mode);
+            rustix::fs::mknodat(pfd, n, kind, Mode::from_raw_mode(perm), rdev as u64)?;
+            Ok(())
+        })
+    }
+
+    fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
+        let h = self.upper_dir()?;
+        self.make_entry(ctx, parent, name, true, |pfd, n| {
+            let perm = ops::create_perm(h, pfd, mode, umask);
+            rustix::fs::mkdirat(pfd, n, Mode::from_raw_mode(perm))?;
+            Ok(())
+        })
+    }
+
+    fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
+        self.make_entry(ctx, parent, name, false, |pfd, n| {
+            rustix::fs::symlinkat(target, pfd, n)?;
+            Ok(())
+        })
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        let name = component(name)?;
+        let new_name = component(new_name)?;
+        let flags = RenameFlags::from_bits(flags).ok_or(Errno::EINVAL)?;
+        if flags.contains(RenameFlags::WHITEOUT) {
+            return Err(Errno::EINVAL);
+        }
+        let h = self.upper_dir()?;
+        let _ns = self.ns_lock.lock();
+        if flags.contains(RenameFlags::EXCHANGE) {
+            return self.exchange(parent, &name, new_parent, &new_name);
+        }
+        let src_dir = self.node(parent)?;
+        let dst_dir = self.node(new_parent)?;
+        let sid = self.id_of(parent, &name)?;
+        if parent == new_parent && name == new_name {
+            return Ok(());
+        }
+        let src = self.node(sid)?;
+        let src_is_dir = src.kind == FileKind::Directory;
+        let dst = self.resolve(&dst_dir, &new_name)?;
+        let mut opaque = false;
+        if let Some(d) = &dst {
+            if flags.contains(RenameFlags::NOREPLACE) {
+                return Err(Errno::EEXIST);
+            }
+            match (src_is_dir, d.kind == FileKind::Directory) {
+                (false, true) => return Err(Errno::EISDIR),
+                (true, false) => return Err(Errno::ENOTDIR),
+                (true, true) => {
+                    if !self.is_empty_dir(0, &self.transient(&dst_dir, &new_name, d)?)? {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                    opaque = !d.lowers.is_empty();
+                }
+                (false, false) => {}
+            }
+        }
+        self.copy_up_for_move(sid)?;
+        let pfd = h.fd(&self.copy_up(parent)?)?;
+        let npfd = h.fd(&self.copy_up(new_parent)?)?;
+        let over_whiteout = dst.is_none()
+            && h.stat_child(npfd.as_fd(), &new_name)
+                .is_ok_and(|st| super::is_whiteout(st.st_mode, st.st_rdev));
+        if let Some(d) = &dst
+            && d.kind == FileKind::Directory
+            && d.upper.is_some()
+        {
+            let dfd = rustix::fs::openat(
+                &*npfd,
+                new_name.as_c_str(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Self::clear_whiteouts(dfd.as_fd())?;
+        }
+        if src_is_dir && (opaque || over_whiteout) {
+            let up = src.upper().ok_or(Errno::EIO)?;
+            self.set_opaque(h.fd(&up)?.as_fd())?;
+            *src.lowers.write() = Arc::from(Vec::new());
+        }
+        let whiteout = self.lower_has(&src_dir, &name)?;
+        if src_is_dir && over_whiteout {
+            // A directory cannot replace the whiteout (a device): swap them,
+            // which leaves the whiteout at the old name.
+            rustix::fs::renameat_with(&*pfd, &name, &*npfd, &new_name, RenameFlags::EXCHANGE)?;
+            if !whiteout {
+                rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty())?;
+            }
+        } else {
+            Self::rename_upper(
+                pfd.as_fd(),
+                &name,
+                npfd.as_fd(),
+                &new_name,
+                RenameFlags::empty(),
+                whiteout,
+            )?;
+        }
+        *src.place.lock() = (new_parent, new_name);
+        Ok(())
+    }
+
+    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
+        let new_name = component(new_name)?;
+        let h = self.upper_dir()?;
+        let _ns = self.ns_lock.lock();
+        let up = self.copy_up(ino)?;
+        let npfd = self.new_name_dir(new_parent, &new_name)?;
+        let fd = h.fd(&up)?;
+        self.place_new(None, npfd.as_fd(), &new_name, false, |n| {
+            ops::link_fd(h, fd.as_fd(), npfd.as_fd(), n)
+        })?;
+        self.lookup_in(new_parent, &new_name)
+    }
+
+    fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
+        let node = self.node(ino)?;
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let upper = if writes {
+            let _ns = self.ns_lock.lock();
+            Some(self.copy_up(ino)?)
+        } else {
+            node.upper()
+        };
+        if let Some(up) = upper {
+            let h = self.upper_dir()?;
+            let file = h.reopen(h.fd(&up)?.as_fd(), ops::open_flags(flags))?;
+            return Ok(self.files.insert(file, self.cfg.passthrough));
+        }
+        let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
+        let layer = self.layer(&top);
+        let file = layer.open(&top.obj)?;
+        let mut opened = self.files.insert(file, self.cfg.passthrough);
+        // An image never changes: the page cache stays valid across opens.
+        opened.keep_cache = !layer.is_host();
+        Ok(opened)
+    }
+
+    open_file_methods!(files);
+
+    fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
+        let node = self.node(ino)?;
+        if node.kind != FileKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        let fh = self.new_fh();
+        self.dirs.lock().insert(
+            fh,
+            Arc::new(OpenDir {
+                ino,
+                entries: Mutex::new(Arc::new(Vec::new())),
+            }),
+        );
+        Ok(Opened {
+            fh,
+            cache_dir: true,
+            keep_cache: true,
+            ..Opened::default()
+        })
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Ctx,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut dyn DirSink,
+    ) -> Result<()> {
+        let dir = self.open_dir(fh)?;
+        let entries = self.dir_snapshot(&dir, ino, offset)?;
+        listing::fill(&entries, offset, sink);
+        Ok(())
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Ctx,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut dyn DirPlusSink,
+    ) -> Result<()> {
+        let dir = self.open_dir(fh)?;
+        let entries = self.dir_snapshot(&dir, ino, offset)?;
+        let node = self.node(ino)?;
+        listing::fill_plus(
+            &entries,
+            offset,
+            sink,
+            || Ok(self.attr(ino, &node)?.attr),
+            |e| self.lookup_in(ino, &e.name),
+            |id| {
+                self.table.forget(id, 1);
+            },
+        )
+    }
+
+    fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+        self.dirs.lock().remove(&fh);
+        Ok(())
+    }
+
+    fn fsyncdir(&self, _ctx: &Ctx, ino: u64, _fh: u64, datasync: bool) -> Result<()> {
+        match self.node(ino)?.upper() {
+            Some(up) => sync_fd(self.upper_dir()?.fd(&up)?.as_fd(), datasync),
+            None => Ok(()),
+        }
+    }
+
+    fn statfs(&self, _ctx: &Ctx, _ino: u64) -> Result<StatFs> {
+        let s = match &self.upper {
+            Some(h) => rustix::fs::fstatvfs(&*h.fd(h.root())?)?,
+            None => rustix::fs::statvfs(self.layers[0].path())?,
+        };
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    fn setxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if is_private_xattr(name.as_encoded_bytes()) {
+            return Err(Errno::EPERM);
+        }
+        let h = self.upper_dir()?;
+        let up = {
+            let _ns = self.ns_lock.lock();
+            self.copy_up(ino)?
+        };
+        ops::setxattr(h, h.fd(&up)?.as_fd(), name, value, flags)
+    }
+
+    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+        if is_private_xattr(name.as_encoded_bytes()) {
+            return Err(Errno::ENODATA);
+        }
+        let node = self.node(ino)?;
+        if let Some(up) = node.upper() {
+            let h = self.upper_dir()?;
+            return ops::getxattr(h, h.fd(&up)?.as_fd(), name, size);
+        }
+        let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
+        let value = self
+            .layer(&top)
+            .xattrs(&top.obj)?
+            .into_iter()
+            .find(|(n, _)| n.as_slice() == name.as_encoded_bytes())
+            .map(|(_, v)| v)
+            .ok_or_else(|| crate::xattr::absent(name, Errno::ENODATA))?;
+        Xattr::reply(value, size)
+    }
+
+    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
+        let node = self.node(ino)?;
+        let all = match node.upper() {
+            Some(up) => {
+                let h = self.upper_dir()?;
+                host_xattrs(h, h.fd(&up)?.as_fd())?
+            }
+            None => {
+                let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
+                self.layer(&top).xattrs(&top.obj)?
+            }
+        };
+        let mut list = Vec::new();
+        for (n, _) in all.iter().filter(|(n, _)| !is_private_xattr(n)) {
+            list.extend_from_slice(n);
+            list.push(0);
+        }
+        Xattr::reply(list, size)
+    }
+
+    fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
+        if is_private_xattr(name.as_encoded_bytes()) {
+            return Err(Errno::EPERM);
+        }
+        // Nothing to remove: no copy-up for that.
+        self.getxattr(ctx, ino, name, 0)?;
+        let h = self.upper_dir()?;
+        let up = {
+            let _ns = self.ns_lock.lock();
+            self.copy_up(ino)?
+        };
+        ops::removexattr(h, h.fd(&up)?.as_fd(), name)
+    }
+
+    fn access(&self, ctx: &Ctx, ino: u64, mask: i32) -> Result<()> {
+        let a = self.attr(ino, &*self.node(ino)?)?.attr;
+        let kind = match a.kind {
+            FileKind::Directory => libc::S_IFDIR,
+            _ => libc::S_IFREG,
+        };
+        ops::check_access(ctx, kind | a.perm as u32, a.uid, a.gid, mask)
+    }
+
+    fn create(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(Entry, Opened)> {
+        let name = component(name)?;
+        let h = self.upper_dir()?;
+        let _ns = self.ns_lock.lock();
+        let pfd = self.new_name_dir(parent, &name)?;
+        let perm = ops::create_perm(h, pfd.as_fd(), mode, umask);
+        let file = self.place_new(Some(ctx), pfd.as_fd(), &name, false, |n| {
+            Ok(rustix::fs::openat(
+                &*pfd,
+                n,
+                ops::open_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                Mode::from_raw_mode(perm),
+            )?)
+        })?;
+        let entry = self.lookup_in(parent, &name).inspect_err(|_| {
+            let _ = rustix::fs::unlinkat(&*pfd, name.as_c_str(), AtFlags::empty());
+        })?;
+        Ok((entry, self.files.insert(file, self.cfg.passthrough)))
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            inodes: self.table.len() as u64,
+            open_files: self.files.len() as u64,
+            open_dirs: self.dirs.lock().len() as u64,
+            cached_fds: (self.upper.as_ref().map_or(0, |h| h.cached_fds())
+                + self.layers.iter().map(|l| l.cached_fds()).sum::<usize>())
+                as u64,
+        }
+    }
+
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let host = self
+            .table
+            .get(parent)
+            .is_some_and(|n| self.has_host_lower(&n.lowers()));
+        self.ttl(self.cfg.negative_ttl, host)
+    }
+}
+
+impl OverlayFs {
+    fn dir_snapshot(
+        &self,
+        dir: &OpenDir,
+        ino: u64,
+        offset: u64,
+    ) -> Result<Arc<Vec<listing::DirEnt>>> {
+        debug_assert_eq!(dir.ino, ino);
+        listing::snapshot(&dir.entries, offset, || {
+            let node = self.node(ino)?;
+            let entries = Arc::new(self.load_dir(ino, &node)?);
+            *dir.entries.lock() = entries.clone();
+            Ok(entries)
+        })
+    }
+}

@@ -1,0 +1,968 @@
+//! Copy-on-write overlay: a writable upper host directory over read-only
+//! lowers (images and host directories), with kernel-overlayfs semantics and
+//! on-disk format.
+//!
+//! * A name resolves top-down: the upper, then each lower in order. A whiteout
+//!   (0/0 character device) hides the name below it; a directory merges with
+//!   the directories of the same name below it until one is opaque
+//!   (`trusted.overlay.opaque=y`, or the `user.` variant); a non-directory
+//!   ends the search.
+//! * Changing a lower object first copies it up: its parents are created in
+//!   the upper, then the object itself (data, owner, mode, times, xattrs)
+//!   under a temporary name, renamed into place once complete.
+//! * Removing a name that a lower provides leaves a whiteout; a directory made
+//!   where a whiteout was is opaque; renaming a directory that lowers provide
+//!   copies its whole tree up first (overlayfs without `redirect_dir` refuses
+//!   with EXDEV instead).
+//! * Node ids stay the same across copy-up: a copied-up object records its
+//!   origin (`trusted.strata.origin`) and keeps the lower object's id.
+//!
+//! Without an upper the mount is read-only: one or more images served as is.
+
+mod fs;
+mod layer;
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{AtFlags, Gid, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps, Uid};
+
+use crate::fs::*;
+use crate::host::files::OpenFiles;
+use crate::host::{HostDir, HostNode, ops};
+use crate::inode::InodeTable;
+use crate::listing::DirEnt;
+use crate::{Errno, Result};
+use layer::{LName, LObj, LStat, Layer, OPAQUE_XATTRS, host_opaque, is_whiteout};
+
+/// Where a lower layer comes from.
+#[derive(Clone, Debug)]
+pub enum LowerSpec {
+    Host(PathBuf),
+    Image { store: PathBuf, name: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct OverlayConfig {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<LowerSpec>,
+    /// The writable upper directory; `None` serves the lowers read-only.
+    pub upper: Option<PathBuf>,
+    /// Kernel cache timeouts; `None`: an hour where strata owns every layer
+    /// involved (images, the upper), a second where a host lower is involved.
+    pub entry_ttl: Option<Duration>,
+    pub attr_ttl: Option<Duration>,
+    pub negative_ttl: Option<Duration>,
+    pub fd_cache: usize,
+    pub passthrough: bool,
+}
+
+/// Timeout for what only strata changes.
+const OWNED_TTL: Duration = Duration::from_secs(3600);
+/// Timeout where a host lower may change behind the mount.
+const HOST_TTL: Duration = Duration::from_secs(1);
+
+/// Identity of an overlay object, from which its node id derives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// An object only the upper has (or a directory the upper made opaque).
+    Upper(u64, u64),
+    /// A lower object (layer, identity in the layer); merged directories too.
+    Lower(u32, u64, u64),
+    /// An upper object copied up from that lower object.
+    Origin(u32, u64, u64),
+}
+
+impl Key {
+    /// The key of an upper copy of this lower object.
+    fn copied_up(self) -> Key {
+        match self {
+            Key::Lower(l, a, b) => Key::Origin(l, a, b),
+            k => k,
+        }
+    }
+}
+
+/// A lower object seen through one layer.
+#[derive(Clone)]
+struct LRef {
+    layer: u32,
+    obj: LObj,
+}
+
+struct ONode {
+    kind: FileKind,
+    /// Parent node and name: where a copy-up goes.
+    place: Mutex<(u64, CString)>,
+    upper: RwLock<Option<Arc<HostNode>>>,
+    /// Non-directories: the lower object shown (at most one). Directories:
+    /// every lower directory merged into this one, topmost first.
+    lowers: RwLock<Arc<[LRef]>>,
+}
+
+impl ONode {
+    fn upper(&self) -> Option<Arc<HostNode>> {
+        self.upper.read().clone()
+    }
+
+    fn lowers(&self) -> Arc<[LRef]> {
+        self.lowers.read().clone()
+    }
+
+    fn place(&self) -> (u64, CString) {
+        self.place.lock().clone()
+    }
+}
+
+/// What a name resolves to, before it becomes a node.
+struct Found {
+    kind: FileKind,
+    upper: Option<Stat>,
+    lowers: Vec<(LRef, LStat)>,
+}
+
+struct OpenDir {
+    ino: u64,
+    entries: Mutex<Arc<Vec<DirEnt>>>,
+}
+
+pub struct OverlayFs {
+    layers: Vec<Layer>,
+    upper: Option<HostDir>,
+    table: InodeTable<Key, ONode>,
+    files: OpenFiles,
+    dirs: Mutex<std::collections::HashMap<u64, Arc<OpenDir>>>,
+    next_fh: AtomicU64,
+    cfg: OverlayConfig,
+    /// Serializes changes to the upper's namespace (copy-up, create, remove,
+    /// rename): their whiteout and opaque bookkeeping spans several syscalls.
+    ns_lock: Mutex<()>,
+    /// Private xattr names written to the upper.
+    origin_xattr: &'static CStr,
+    opaque_xattr: &'static CStr,
+    any_host_lower: bool,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary name in an upper directory, for objects built before they
+/// appear under their real name. Hidden from listings.
+fn tmp_name() -> CString {
+    CString::new(format!(
+        "{TMP_PREFIX}{}.{}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
+    .expect("no NUL")
+}
+
+const TMP_PREFIX: &str = ".strata-tmp.";
+
+/// xattr names the overlay keeps for itself: never shown, never settable.
+fn is_private_xattr(name: &[u8]) -> bool {
+    [
+        &b"trusted.overlay."[..],
+        b"user.overlay.",
+        b"trusted.strata.",
+        b"user.strata.",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+fn timespec((sec, nsec): (i64, u32)) -> Timespec {
+    Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    }
+}
+
+fn system_time((sec, nsec): (i64, u32)) -> std::time::SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn attr_of(st: &LStat, ino: u64) -> Attr {
+    Attr {
+        ino,
+        size: st.size,
+        blocks: st.blocks,
+        atime: system_time(st.atime),
+        mtime: system_time(st.mtime),
+        ctime: system_time(st.ctime),
+        kind: st.kind().unwrap_or(FileKind::Regular),
+        perm: (st.mode & 0o7777) as u16,
+        nlink: st.nlink,
+        uid: st.uid,
+        gid: st.gid,
+        rdev: st.rdev as u32,
+        blksize: 4096,
+    }
+}
+
+impl OverlayFs {
+    pub fn new(cfg: OverlayConfig) -> std::result::Result<Self, String> {
+        if cfg.lowers.is_empty() {
+            return Err("an overlay needs at least one lower layer".into());
+        }
+        let mut layers = Vec::new();
+        for spec in &cfg.lowers {
+            layers.push(match spec {
+                LowerSpec::Host(p) => Layer::open_host(p, cfg.fd_cache)?,
+                LowerSpec::Image { store, name } => Layer::open_image(store, name)?,
+            });
+        }
+        for l in &layers {
+            let root = l.stat(&l.root()).map_err(|e| format!("{}: {e}", l.describe()))?;
+            if !root.is_dir() {
+                return Err(format!("{}: root is not a directory", l.describe()));
+            }
+        }
+        let upper = match &cfg.upper {
+            Some(p) => {
+                let h = HostDir::open(p, cfg.fd_cache)?;
+                check_upper(&h)?;
+                Some(h)
+            }
+            None => None,
+        };
+        let root_lowers: Arc<[LRef]> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LRef {
+                layer: i as u32,
+                obj: l.root(),
+            })
+            .collect();
+        let root_key = match &upper {
+            Some(h) => Key::Upper(h.root().dev, h.root().ino),
+            None => Key::Lower(0, 0, 0),
+        };
+        let root = ONode {
+            kind: FileKind::Directory,
+            place: Mutex::new((ROOT_ID, CString::default())),
+            upper: RwLock::new(upper.as_ref().map(|h| h.root().clone())),
+            lowers: RwLock::new(root_lowers),
+        };
+        let root_user = rustix::process::geteuid().is_root();
+        Ok(OverlayFs {
+            any_host_lower: layers.iter().any(Layer::is_host),
+            layers,
+            upper,
+            table: InodeTable::new(root_key, Arc::new(root)),
+            files: OpenFiles::default(),
+            dirs: Mutex::new(Default::default()),
+            next_fh: AtomicU64::new(1),
+            cfg,
+            ns_lock: Mutex::new(()),
+            origin_xattr: if root_user {
+                c"trusted.strata.origin"
+            } else {
+                c"user.strata.origin"
+            },
+            opaque_xattr: OPAQUE_XATTRS[if root_user { 0 } else { 1 }],
+        })
+    }
+
+    /// Which layers serve this mount, top first, for logs and status.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.layers.iter().map(Layer::describe).collect();
+        if let Some(u) = &self.upper {
+            parts.insert(0, format!("upper {}", u.path().display()));
+        }
+        parts.join(" > ")
+    }
+
+    fn node(&self, id: u64) -> Result<Arc<ONode>> {
+        self.table.get(id).ok_or(Errno::ESTALE)
+    }
+
+    fn upper_dir(&self) -> Result<&HostDir> {
+        self.upper.as_ref().ok_or(Errno::EROFS)
+    }
+
+    fn layer(&self, r: &LRef) -> &Layer {
+        &self.layers[r.layer as usize]
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Node id for a key: the upper's inode number for upper-only objects,
+    /// a hash with bit 62 set for the rest (the table resolves collisions).
+    fn node_id(key: &Key) -> u64 {
+        let (tag, a, b) = match *key {
+            Key::Upper(_, ino) if ino > 1 && ino < 1 << 62 => return ino,
+            Key::Upper(dev, ino) => (0u64, dev, ino),
+            Key::Lower(l, a, b) | Key::Origin(l, a, b) => (l as u64 + 1, a, b),
+        };
+        let mut h = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ a.rotate_left(23) ^ b;
+        h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 29;
+        (h & ((1 << 62) - 1)) | (1 << 62)
+    }
+
+    fn ttl(&self, set: Option<Duration>, host_lower: bool) -> Duration {
+        set.unwrap_or(if host_lower { HOST_TTL } else { OWNED_TTL })
+    }
+
+    fn has_host_lower(&self, lowers: &[LRef]) -> bool {
+        self.any_host_lower && lowers.iter().any(|r| self.layer(r).is_host())
+    }
+
+    // ---- resolution ------------------------------------------------------
+
+    /// Resolves `name` in the directory `dir` (upper first, then the merged
+    /// lowers). `None`: no such name, or a whiteout hides it.
+    fn resolve(&self, dir: &ONode, name: &CStr) -> Result<Option<Found>> {
+        let mut upper = None;
+        let mut search_lowers = true;
+        if let Some(up) = dir.upper() {
+            let h = self.upper_dir()?;
+            let fd = h.fd(&up)?;
+            match h.stat_child(fd.as_fd(), name) {
+                Ok(st) if is_whiteout(st.st_mode, st.st_rdev) => return Ok(None),
+                Ok(st) => {
+                    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    search_lowers = is_dir && !self.upper_opaque(fd.as_fd(), name);
+                    upper = Some(st);
+                }
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut lowers: Vec<(LRef, LStat)> = Vec::new();
+        if search_lowers {
+            for r in dir.lowers().iter() {
+                let layer = self.layer(r);
+                let Some((obj, st)) = layer.lookup(&r.obj, name)? else {
+                    continue;
+                };
+                if st.is_whiteout() {
+                    break;
+                }
+                let have_dir = upper.is_some() || !lowers.is_empty();
+                if have_dir && !st.is_dir() {
+                    // A non-directory below a directory ends the merge.
+                    break;
+                }
+                let is_dir = st.is_dir();
+                let opaque = is_dir && layer.is_opaque(&obj);
+                lowers.push((LRef { layer: r.layer, obj }, st));
+                if !is_dir || opaque {
+                    break;
+                }
+            }
+        }
+        let kind = match (&upper, lowers.first()) {
+            (Some(st), _) => FileKind::from_mode(st.st_mode),
+            (None, Some((_, st))) => st.kind(),
+            (None, None) => return Ok(None),
+        }
+        .ok_or(Errno::EIO)?;
+        Ok(Some(Found {
+            kind,
+            upper,
+            lowers,
+        }))
+    }
+
+    /// Whether a lower provides `name` in `dir` (so removing or moving the
+    /// upper's copy must leave a whiteout).
+    fn lower_has(&self, dir: &ONode, name: &CStr) -> Result<bool> {
+        for r in dir.lowers().iter() {
+            if let Some((_, st)) = self.layer(r).lookup(&r.obj, name)? {
+                return Ok(!st.is_whiteout());
+            }
+        }
+        Ok(false)
+    }
+
+    fn upper_opaque(&self, parent: BorrowedFd<'_>, name: &CStr) -> bool {
+        let h = self.upper.as_ref().expect("called with an upper");
+        match rustix::fs::openat(
+            parent,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => host_opaque(h, fd.as_fd()),
+            Err(_) => false,
+        }
+    }
+
+    /// The upper object's recorded origin, if it was copied up.
+    fn origin(&self, fd: BorrowedFd<'_>) -> Option<Key> {
+        let h = self.upper.as_ref()?;
+        let path = h.proc_path(fd);
+        let mut v = [0u8; 64];
+        let n = rustix::fs::getxattr(path.as_c_str(), self.origin_xattr, &mut v[..]).ok()?;
+        let s = std::str::from_utf8(&v[..n]).ok()?;
+        let mut it = s.split(':').map(str::parse::<u64>);
+        let (l, a, b) = (it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?);
+        (l < self.layers.len() as u64).then_some(Key::Origin(l as u32, a, b))
+    }
+
+    /// Takes a lookup reference on what `name` in `parent` resolved to.
+    fn register(&self, parent: u64, dir: &ONode, name: &CStr, found: Found) -> Result<Entry> {
+        let upper_node = match &found.upper {
+            Some(st) => {
+                let h = self.upper_dir()?;
+                let pfd = h.fd(&dir.upper().ok_or(Errno::EIO)?)?;
+                Some(Arc::new(h.make_node(pfd.as_fd(), name, st)?))
+            }
+            None => None,
+        };
+        let lower_key = |(r, st): &(LRef, LStat)| Key::Lower(r.layer, st.key.0, st.key.1);
+        let key = match (&upper_node, found.lowers.first()) {
+            (None, Some(top)) => lower_key(top),
+            (Some(_), Some(top)) if found.kind == FileKind::Directory => lower_key(top),
+            (Some(u), _) => {
+                let ukey = Key::Upper(u.dev, u.ino);
+                let fd = self.upper_dir()?.fd(u)?;
+                match self.origin(fd.as_fd()) {
+                    // A forged or stale origin must not merge two objects.
+                    Some(k) => match self.table.get_by_key(&k) {
+                        Some((_, n)) if n.upper().is_none_or(|x| (x.dev, x.ino) != (u.dev, u.ino)) => {
+                            ukey
+                        }
+                        _ => k,
+                    },
+                    None => ukey,
+                }
+            }
+            (None, None) => return Err(Errno::ENOENT),
+        };
+        let host_lower = self.has_host_lower(
+            &found.lowers.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
+        );
+        let attr_st = match &found.upper {
+            Some(st) => LStat::from_stat(st),
+            None => found.lowers[0].1,
+        };
+        let merged = found.kind == FileKind::Directory
+            && !found.lowers.is_empty()
+            && (found.upper.is_some() || found.lowers.len() > 1);
+        let node = ONode {
+            kind: found.kind,
+            place: Mutex::new((parent, name.to_owned())),
+            upper: RwLock::new(upper_node),
+            lowers: RwLock::new(found.lowers.into_iter().map(|(r, _)| r).collect()),
+        };
+        let (id, _) = self
+            .table
+            .lookup(key, Self::node_id(&key), Some(node), |old| {
+                old.kind != found.kind
+            })
+            .expect("a fresh node was given");
+        let mut attr = attr_of(&attr_st, id);
+        if merged {
+            // Like overlayfs: a merged directory's link count is unknown.
+            attr.nlink = 1;
+        }
+        Ok(Entry {
+            attr,
+            generation: 0,
+            entry_ttl: self.ttl(self.cfg.entry_ttl, host_lower),
+            attr_ttl: self.ttl(self.cfg.attr_ttl, host_lower),
+        })
+    }
+
+    fn lookup_in(&self, parent: u64, name: &CStr) -> Result<Entry> {
+        let dir = self.node(parent)?;
+        match self.resolve(&dir, name)? {
+            Some(found) => self.register(parent, &dir, name, found),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// Attributes of a node: the upper object's, else the top lower's.
+    fn attr(&self, id: u64, node: &ONode) -> Result<AttrOut> {
+        let lowers = node.lowers();
+        let host_lower = self.has_host_lower(&lowers);
+        let (st, merged) = match node.upper() {
+            Some(u) => {
+                let h = self.upper_dir()?;
+                (LStat::from_stat(&h.stat_fd(h.fd(&u)?.as_fd())?), !lowers.is_empty())
+            }
+            None => {
+                let top = lowers.first().ok_or(Errno::ESTALE)?;
+                (self.layer(top).stat(&top.obj)?, lowers.len() > 1)
+            }
+        };
+        let mut attr = attr_of(&st, id);
+        if merged && node.kind == FileKind::Directory {
+            attr.nlink = 1;
+        }
+        Ok(AttrOut {
+            attr,
+            ttl: self.ttl(self.cfg.attr_ttl, host_lower),
+        })
+    }
+
+    // ---- listings --------------------------------------------------------
+
+    /// The merged listing of a directory: upper names first, then each
+    /// lower's names not already seen, whiteouts hiding what lies below.
+    fn load_dir(&self, id: u64, node: &ONode) -> Result<Vec<DirEnt>> {
+        let parent = if id == ROOT_ID { ROOT_ID } else { node.place().0 };
+        let mut out = vec![
+            DirEnt {
+                name: c".".to_owned(),
+                ino: id,
+                kind: FileKind::Directory,
+            },
+            DirEnt {
+                name: c"..".to_owned(),
+                ino: parent,
+                kind: FileKind::Directory,
+            },
+        ];
+        let mut seen: HashSet<CString> = HashSet::new();
+        let mut names = Vec::new();
+        if let Some(up) = node.upper() {
+            let h = self.upper_dir()?;
+            layer::list_host(h, &up, &mut names)?;
+            let dev = up.dev;
+            self.merge_names(&mut names, &mut seen, &mut out, |n| {
+                let ino = rustix::fs::statat(&*h.fd(&up).ok()?, n, AtFlags::SYMLINK_NOFOLLOW)
+                    .ok()?
+                    .st_ino;
+                Some(Self::node_id(&Key::Upper(dev, ino)))
+            });
+        }
+        for r in node.lowers().iter() {
+            let layer = self.layer(r);
+            layer.list(&r.obj, &mut names)?;
+            self.merge_names(&mut names, &mut seen, &mut out, |n| {
+                let (_, st) = layer.lookup(&r.obj, n).ok()??;
+                Some(Self::node_id(&Key::Lower(r.layer, st.key.0, st.key.1)))
+            });
+        }
+        Ok(out)
+    }
+
+    /// Moves `names` (one layer's) into the listing `out`: names already seen
+    /// in a higher layer are skipped, whiteouts only recorded as seen. Node
+    /// ids are found only for names that reach the listing (a plain readdir
+    /// shows them; readdirplus replaces them with the looked-up ones).
+    fn merge_names(
+        &self,
+        names: &mut Vec<LName>,
+        seen: &mut HashSet<CString>,
+        out: &mut Vec<DirEnt>,
+        ino_of: impl Fn(&CStr) -> Option<u64>,
+    ) {
+        for n in names.drain(..) {
+            if n.name.to_bytes().starts_with(TMP_PREFIX.as_bytes()) || seen.contains(&n.name) {
+                continue;
+            }
+            if !n.whiteout {
+                let ino = ino_of(&n.name).unwrap_or(u64::MAX);
+                out.push(DirEnt {
+                    name: n.name.clone(),
+                    ino,
+                    kind: n.kind,
+                });
+            }
+            seen.insert(n.name);
+        }
+    }
+
+    fn open_dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
+        self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Whether a directory shows no names (whiteouts and temporaries aside).
+    fn is_empty_dir(&self, id: u64, node: &ONode) -> Result<bool> {
+        Ok(self.load_dir(id, node)?.len() <= 2)
+    }
+
+    // ---- the upper -------------------------------------------------------
+
+    /// The node's upper object, copying the node (and the directories above
+    /// it) up first if needed. Caller holds `ns_lock`.
+    fn copy_up(&self, id: u64) -> Result<Arc<HostNode>> {
+        let node = self.node(id)?;
+        if let Some(u) = node.upper() {
+            return Ok(u);
+        }
+        self.upper_dir()?;
+        let mut chain = vec![(id, node)];
+        loop {
+            let (pid, _) = chain.last().expect("non-empty").1.place();
+            let parent = self.node(pid)?;
+            if parent.upper().is_some() {
+                break;
+            }
+            if pid == ROOT_ID {
+                return Err(Errno::EIO);
+            }
+            chain.push((pid, parent));
+        }
+        for (id, n) in chain.iter().rev() {
+            self.copy_up_one(*id, n)?;
+        }
+        chain[0].1.upper().ok_or(Errno::EIO)
+    }
+
+    /// Copies one node up into its parent's upper directory (which exists).
+    fn copy_up_one(&self, id: u64, node: &ONode) -> Result<()> {
+        if node.upper().is_some() {
+            return Ok(());
+        }
+        let h = self.upper_dir()?;
+        let (pid, name) = node.place();
+        let parent = self.node(pid)?;
+        let pup = parent.upper().ok_or(Errno::EIO)?;
+        let pfd = h.fd(&pup)?;
+        let lowers = node.lowers();
+        let top = lowers.first().ok_or(Errno::EIO)?;
+        let st = self.copy_object(pfd.as_fd(), &name, top)?;
+        let up = Arc::new(h.make_node(pfd.as_fd(), &name, &st)?);
+        *node.upper.write() = Some(up);
+        if node.kind != FileKind::Directory {
+            let lst = self.layer(top).stat(&top.obj)?;
+            self.table
+                .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
+        }
+        Ok(())
+    }
+
+    /// Creates `name` in the upper directory `pfd` as a copy of the lower
+    /// object `src`; an object already there (copied up before, e.g. by a
+    /// directory rename) is kept as is. Returns the upper object's stat.
+    fn copy_object(&self, pfd: BorrowedFd<'_>, name: &CStr, src: &LRef) -> Result<Stat> {
+        let h = self.upper_dir()?;
+        match h.stat_child(pfd, name) {
+            Ok(st) if !is_whiteout(st.st_mode, st.st_rdev) => return Ok(st),
+            Ok(_) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let layer = self.layer(src);
+        let lst = layer.stat(&src.obj)?;
+        let tmp = tmp_name();
+        let made = self.build_copy(pfd, &tmp, src, &lst);
+        let placed = made.and_then(|()| {
+            Ok(rustix::fs::renameat(pfd, tmp.as_c_str(), pfd, name)?)
+        });
+        if let Err(e) = placed {
+            let flags = if lst.is_dir() {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            let _ = rustix::fs::unlinkat(pfd, tmp.as_c_str(), flags);
+            tracing::warn!(
+                "copy-up of {:?} from {} failed: {e}",
+                name,
+                layer.describe()
+            );
+            return Err(e);
+        }
+        h.stat_child(pfd, name)
+    }
+
+    /// Builds the copy of `src` at `tmp`: the object, then xattrs, owner,
+    /// mode and times (mode after owner: chown clears setuid/setgid).
+    fn build_copy(&self, pfd: BorrowedFd<'_>, tmp: &CStr, src: &LRef, lst: &LStat) -> Result<()> {
+        let layer = self.layer(src);
+        let perm = Mode::from_raw_mode(lst.mode & 0o7777);
+        let kind = lst.kind().ok_or(Errno::EIO)?;
+        let mut file: Option<OwnedFd> = None;
+        match kind {
+            FileKind::Directory => rustix::fs::mkdirat(pfd, tmp, Mode::from_raw_mode(0o700))?,
+            FileKind::Regular => {
+                let input = layer.open(&src.obj)?;
+                let out = rustix::fs::openat(
+                    pfd,
+                    tmp,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )?;
+                ops::copy_data(&input, &out)?;
+                file = Some(out);
+            }
+            FileKind::Symlink => {
+                let target = layer.readlink(&src.obj)?;
+                rustix::fs::symlinkat(target.as_slice(), pfd, tmp)?;
+            }
+            _ => rustix::fs::mknodat(
+                pfd,
+                tmp,
+                rustix::fs::FileType::from_raw_mode(lst.mode),
+                perm,
+                lst.rdev,
+            )?,
+        }
+        let h = self.upper_dir()?;
+        if kind != FileKind::Symlink {
+            let target = rustix::fs::openat(
+                pfd,
+                tmp,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let path = h.proc_path(target.as_fd());
+            for (n, v) in layer.xattrs(&src.obj)? {
+                if is_private_xattr(&n) {
+                    continue;
+                }
+                let Ok(n) = CString::new(n) else { continue };
+                match rustix::fs::setxattr(
+                    path.as_c_str(),
+                    n.as_c_str(),
+                    &v,
+                    rustix::fs::XattrFlags::empty(),
+                ) {
+                    // Namespaces the upper does not have (e.g. security.* on tmpfs).
+                    Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::PERM) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if kind != FileKind::Directory {
+                let origin = format!("{}:{}:{}", src.layer, lst.key.0, lst.key.1);
+                rustix::fs::setxattr(
+                    path.as_c_str(),
+                    self.origin_xattr,
+                    origin.as_bytes(),
+                    rustix::fs::XattrFlags::empty(),
+                )?;
+            }
+        }
+        rustix::fs::chownat(
+            pfd,
+            tmp,
+            Some(Uid::from_raw(lst.uid)),
+            Some(Gid::from_raw(lst.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if kind != FileKind::Symlink {
+            rustix::fs::chmodat(pfd, tmp, perm, AtFlags::empty())?;
+        }
+        rustix::fs::utimensat(
+            pfd,
+            tmp,
+            &Timestamps {
+                last_access: timespec(lst.atime),
+                last_modification: timespec(lst.mtime),
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if let Some(f) = file {
+            rustix::fs::fsync(&f)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a whole directory tree up (for a rename of a directory that
+    /// lowers provide) and marks each copied directory opaque: afterwards the
+    /// upper holds everything it shows, so it can move anywhere.
+    fn copy_up_tree(&self, id: u64) -> Result<()> {
+        let up = self.copy_up(id)?;
+        let node = self.node(id)?;
+        self.copy_dir_contents(&up, &node.lowers())?;
+        *node.lowers.write() = Arc::from(Vec::new());
+        Ok(())
+    }
+
+    fn copy_dir_contents(&self, up: &Arc<HostNode>, lowers: &[LRef]) -> Result<()> {
+        let h = self.upper_dir()?;
+        let fd = h.fd(up)?;
+        let dir = ONode {
+            kind: FileKind::Directory,
+            place: Mutex::new((0, CString::default())),
+            upper: RwLock::new(Some(up.clone())),
+            lowers: RwLock::new(Arc::from(lowers.to_vec())),
+        };
+        let mut names = Vec::new();
+        for r in lowers {
+            self.layer(r).list(&r.obj, &mut names)?;
+        }
+        let mut done = HashSet::new();
+        for n in names {
+            if n.whiteout || !done.insert(n.name.clone()) {
+                continue;
+            }
+            let Some(found) = self.resolve(&dir, &n.name)? else {
+                continue;
+            };
+            let Some((top, _)) = found.lowers.first() else {
+                continue; // the upper's own
+            };
+            let st = self.copy_object(fd.as_fd(), &n.name, top)?;
+            let child_lowers: Vec<LRef> = found.lowers.iter().map(|(r, _)| r.clone()).collect();
+            // A node the kernel knows for the lower object now has its copy.
+            let lkey = Key::Lower(top.layer, found.lowers[0].1.key.0, found.lowers[0].1.key.1);
+            let child_up = Arc::new(h.make_node(fd.as_fd(), &n.name, &st)?);
+            if let Some((cid, cnode)) = self.table.get_by_key(&lkey) {
+                *cnode.upper.write() = Some(child_up.clone());
+                if cnode.kind == FileKind::Directory {
+                    *cnode.lowers.write() = Arc::from(Vec::new());
+                } else {
+                    self.table.rekey(cid, lkey.copied_up());
+                }
+            }
+            if found.kind == FileKind::Directory {
+                self.copy_dir_contents(&child_up, &child_lowers)?;
+            }
+        }
+        self.set_opaque(fd.as_fd())
+    }
+
+    fn set_opaque(&self, fd: BorrowedFd<'_>) -> Result<()> {
+        let h = self.upper_dir()?;
+        let path = h.proc_path(fd);
+        rustix::fs::setxattr(
+            path.as_c_str(),
+            self.opaque_xattr,
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )?;
+        Ok(())
+    }
+
+    /// Puts a whiteout at `name` in the upper directory `pfd`.
+    fn make_whiteout(pfd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        rustix::fs::mknodat(
+            pfd,
+            name,
+            rustix::fs::FileType::CharacterDevice,
+            Mode::empty(),
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Renames within the upper, leaving a whiteout at the source when
+    /// `whiteout` (atomically with RENAME_WHITEOUT where the filesystem has it).
+    fn rename_upper(
+        src_dir: BorrowedFd<'_>,
+        src: &CStr,
+        dst_dir: BorrowedFd<'_>,
+        dst: &CStr,
+        flags: RenameFlags,
+        whiteout: bool,
+    ) -> Result<()> {
+        if !whiteout {
+            rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags)?;
+            return Ok(());
+        }
+        match rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags | RenameFlags::WHITEOUT)
+        {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::INVAL) => {
+                rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags)?;
+                Self::make_whiteout(src_dir, src)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a directory's remaining whiteouts (it shows no names), so the
+    /// host lets it be removed or replaced.
+    fn clear_whiteouts(dfd: BorrowedFd<'_>) -> Result<()> {
+        let rd = rustix::fs::openat(
+            dfd,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut reader = rustix::fs::Dir::read_from(&rd)?;
+        let mut gone = Vec::new();
+        for ent in &mut reader {
+            let ent = ent?;
+            let name = ent.file_name();
+            if matches!(name.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            let st = rustix::fs::statat(&rd, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            if is_whiteout(st.st_mode, st.st_rdev) {
+                gone.push(name.to_owned());
+            } else {
+                return Err(Errno::ENOTEMPTY);
+            }
+        }
+        for name in gone {
+            rustix::fs::unlinkat(&rd, &name, AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Makes a new object `name` in the upper directory `pfd` with `make`
+    /// (which gets the name to create) and hands it to the caller (`ctx`;
+    /// `None` for a new link to an existing object). Where a
+    /// whiteout holds the name, the object is built under a temporary name
+    /// and swapped in; a directory made there is opaque, so the lower
+    /// directory it replaces stays hidden.
+    fn place_new<T>(
+        &self,
+        ctx: Option<&Ctx>,
+        pfd: BorrowedFd<'_>,
+        name: &CStr,
+        is_dir: bool,
+        make: impl FnOnce(&CStr) -> Result<T>,
+    ) -> Result<T> {
+        let h = self.upper_dir()?;
+        let over_whiteout = match h.stat_child(pfd, name) {
+            Ok(st) if is_whiteout(st.st_mode, st.st_rdev) => true,
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => false,
+            Err(e) => return Err(e),
+        };
+        let give = |n: &CStr| match ctx {
+            Some(ctx) => ops::finish_new(h, ctx, pfd, n),
+            None => Ok(()),
+        };
+        if !over_whiteout {
+            let out = make(name)?;
+            give(name)?;
+            return Ok(out);
+        }
+        let tmp = tmp_name();
+        let out = make(&tmp)?;
+        let res = give(&tmp).and_then(|()| {
+            if is_dir {
+                let fd = rustix::fs::openat(
+                    pfd,
+                    tmp.as_c_str(),
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                self.set_opaque(fd.as_fd())?;
+                rustix::fs::renameat_with(pfd, tmp.as_c_str(), pfd, name, RenameFlags::EXCHANGE)?;
+                rustix::fs::unlinkat(pfd, tmp.as_c_str(), AtFlags::empty())?;
+            } else {
+                rustix::fs::renameat(pfd, tmp.as_c_str(), pfd, name)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = res {
+            let flags = if is_dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            let _ = rustix::fs::unlinkat(pfd, tmp.as_c_str(), flags);
+            return Err(e);
+        }
+        Ok(out)
+    }
+}
+
+/// The upper must be a directory strata can write.
+fn check_upper(h: &HostDir) -> std::result::Result<(), String> {
+    rustix::fs::access(h.path(), rustix::fs::Access::WRITE_OK)
+    .map_err(|e| format!("{}: upper is not writable: {e}", h.path().display()))?;
+    Ok(())
+}
