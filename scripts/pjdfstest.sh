@@ -2,7 +2,10 @@
 # Runs the POSIX suite (pjdfstest, Rust port) against `strata mount` of a scratch
 # directory. Exits non-zero on any failure; the mount is removed on every exit path.
 # `--union` mounts a 3-branch union instead: the scratch dir (RW), an empty NC
-# branch and a read-only branch with content; other arguments go to `strata mount`.
+# branch and a read-only branch with content. `--overlay` mounts a lower
+# directory with content with the scratch dir as its upper; `--image` the same
+# with an image (built into a scratch store) as the lower. Other arguments go
+# to `strata mount`.
 set -euo pipefail
 
 STRATA=${STRATA:-$(cd "$(dirname "$0")/.." && pwd)/target/debug/strata}
@@ -53,6 +56,24 @@ if [[ ${1:-} == --union ]]; then
     source="$src:$work/nc=NC:$work/ro=RO"
     label=" on a union (RW, NC, RO)"
     set -- -o minfreespace=16M "$@"
+elif [[ ${1:-} == --overlay || ${1:-} == --image ]]; then
+    mode=$1
+    shift
+    lower=$work/lower
+    mkdir -p "$lower/shared/dir"
+    echo "lower" > "$lower/shared/file"
+    ln -s file "$lower/shared/link"
+    if [[ $mode == --image ]]; then
+        export STRATA_STORE=$work/store
+        "$STRATA" image build "$lower" --name pjdfstest-lower >/dev/null
+        source=image:pjdfstest-lower
+        label=" on an image with an upper"
+    else
+        source=$lower
+        label=" on a directory with an upper"
+    fi
+    chmod 755 "$lower"
+    set -- --upper "$src" "$@"
 fi
 timeout 20 "$STRATA" mount "$source" "$mnt" "$@"
 cd "$mnt"

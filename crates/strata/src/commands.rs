@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
 use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
+use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
 use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
 
@@ -258,10 +258,12 @@ pub fn mount_with_upper(
     let mut lists = option_lists.to_vec();
     if let Some(dir) = upper {
         let dir = absolute(dir)?;
-        let text = dir
-            .to_str()
-            .filter(|t| !t.contains(','))
-            .ok_or_else(|| usage(format!("{}: upper path must be UTF-8 without ','", dir.display())))?;
+        let text = dir.to_str().filter(|t| !t.contains(',')).ok_or_else(|| {
+            usage(format!(
+                "{}: upper path must be UTF-8 without ','",
+                dir.display()
+            ))
+        })?;
         lists.push(format!("upper={text}"));
     }
     mount(source, mountpoint, &lists, foreground, daemon_child)

@@ -69,7 +69,9 @@ impl OverlayFs {
         let name = component(name)?;
         let _ns = self.ns_lock.lock();
         let pfd = self.new_name_dir(parent, &name)?;
-        self.place_new(Some(ctx), pfd.as_fd(), &name, is_dir, |n| make(pfd.as_fd(), n))?;
+        self.place_new(Some(ctx), pfd.as_fd(), &name, is_dir, |n| {
+            make(pfd.as_fd(), n)
+        })?;
         self.lookup_in(parent, &name)
     }
 
@@ -143,13 +145,7 @@ impl OverlayFs {
         }
     }
 
-    fn exchange(
-        &self,
-        parent: u64,
-        name: &CStr,
-        new_parent: u64,
-        new_name: &CStr,
-    ) -> Result<()> {
+    fn exchange(&self, parent: u64, name: &CStr, new_parent: u64, new_name: &CStr) -> Result<()> {
         let h = self.upper_dir()?;
         let a = self.id_of(parent, name)?;
         let b = self.id_of(new_parent, new_name)?;
@@ -223,6 +219,9 @@ impl Filesystem for OverlayFs {
         self.make_entry(ctx, parent, name, false, |pfd, n| {
             let perm = ops::create_perm(h, pfd, mode, umask);
             let kind = rustix::fs::FileType::from_raw_mode(mode);
+            if kind == rustix::fs::FileType::CharacterDevice && rdev == 0 {
+                return super::layer::make_zero_device(pfd, n, perm);
+            }
             rustix::fs::mknodat(pfd, n, kind, Mode::from_raw_mode(perm), rdev as u64)?;
             Ok(())
         })
@@ -303,7 +302,7 @@ impl Filesystem for OverlayFs {
         let npfd = h.fd(&self.copy_up(new_parent)?)?;
         let over_whiteout = dst.is_none()
             && h.stat_child(npfd.as_fd(), &new_name)
-                .is_ok_and(|st| super::is_whiteout(st.st_mode, st.st_rdev));
+                .is_ok_and(|st| super::host_whiteout(npfd.as_fd(), &new_name, &st));
         if let Some(d) = &dst
             && d.kind == FileKind::Directory
             && d.upper.is_some()

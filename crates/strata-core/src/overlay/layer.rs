@@ -6,7 +6,7 @@
 //! every layer, so a former upper can serve as a lower.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -56,6 +56,8 @@ pub(crate) struct LStat {
     pub ctime: (i64, u32),
     /// Identity within the layer: (dev, ino) for hosts, (0, inode index) for images.
     pub key: (u64, u64),
+    /// A whiteout: hides the name in the layers below.
+    pub whiteout: bool,
 }
 
 impl LStat {
@@ -65,11 +67,6 @@ impl LStat {
 
     pub fn is_dir(&self) -> bool {
         self.mode & libc::S_IFMT == libc::S_IFDIR
-    }
-
-    /// A whiteout: a character device with device number 0/0.
-    pub fn is_whiteout(&self) -> bool {
-        is_whiteout(self.mode, self.rdev)
     }
 
     pub fn from_stat(st: &Stat) -> LStat {
@@ -85,12 +82,69 @@ impl LStat {
             mtime: (st.st_mtime, st.st_mtime_nsec as u32),
             ctime: (st.st_ctime, st.st_ctime_nsec as u32),
             key: (st.st_dev, st.st_ino),
+            whiteout: is_whiteout(st.st_mode, st.st_rdev),
         }
     }
 }
 
-pub(crate) fn is_whiteout(mode: u32, rdev: u64) -> bool {
+fn is_whiteout(mode: u32, rdev: u64) -> bool {
     mode & libc::S_IFMT == libc::S_IFCHR && rdev == 0
+}
+
+/// Marks a 0/0 character device that is a real device, not a whiteout.
+/// Kernel overlayfs cannot store one (its mknod refuses with EPERM); strata
+/// can, so POSIX programs that make one work. Kernel overlayfs would take it
+/// for a whiteout.
+pub(crate) const DEVICE_XATTR: &CStr = c"trusted.strata.device";
+
+/// Whether `name` in the host directory `dir`, whose stat is `st`, is a
+/// whiteout.
+pub(crate) fn host_whiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
+    is_whiteout(st.st_mode, st.st_rdev) && !has_device_marker(dir, name)
+}
+
+/// `/proc/self/fd/DIR/NAME`: reaches `name` without following it, for the
+/// `l*xattr` calls.
+fn child_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.to_bytes());
+    CString::new(path).expect("a CStr has no NUL")
+}
+
+fn has_device_marker(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    rustix::fs::lgetxattr(
+        child_path(dir, name).as_c_str(),
+        DEVICE_XATTR,
+        &mut [0u8; 1][..],
+    )
+    .is_ok()
+}
+
+/// Creates the 0/0 character device `name` in the upper directory `dir`,
+/// marked as a device so it is not read as a whiteout. Only root can mark it
+/// (trusted.*); others get EPERM, as from kernel overlayfs.
+pub(crate) fn make_zero_device(dir: BorrowedFd<'_>, name: &CStr, perm: u32) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(Errno::EPERM);
+    }
+    rustix::fs::mknodat(
+        dir,
+        name,
+        rustix::fs::FileType::CharacterDevice,
+        Mode::from_raw_mode(perm),
+        0,
+    )?;
+    let marked = rustix::fs::lsetxattr(
+        child_path(dir, name).as_c_str(),
+        DEVICE_XATTR,
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    );
+    if let Err(e) = marked {
+        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// A name in a lower directory listing.
@@ -112,6 +166,14 @@ impl ImageLayer {
             .map_err(|e| image_error(self, "manifest", e))
     }
 
+    fn is_whiteout(&self, e: &strata_image::Entry) -> bool {
+        is_whiteout(e.mode, e.rdev())
+            && !self
+                .image
+                .xattrs(e)
+                .is_ok_and(|xs| xs.iter().any(|(n, _)| *n == DEVICE_XATTR.to_bytes()))
+    }
+
     fn stat(&self, e: &strata_image::Entry) -> LStat {
         let t = (e.mtime_sec, e.mtime_nsec);
         LStat {
@@ -126,6 +188,7 @@ impl ImageLayer {
             mtime: t,
             ctime: t,
             key: (0, e.inode as u64),
+            whiteout: self.is_whiteout(e),
         }
     }
 }
@@ -186,7 +249,9 @@ impl Layer {
                     Err(e) => return Err(e),
                 };
                 let node = h.make_node(fd.as_fd(), name, &st)?;
-                Ok(Some((LObj::Host(Arc::new(node)), LStat::from_stat(&st))))
+                let mut lst = LStat::from_stat(&st);
+                lst.whiteout = host_whiteout(fd.as_fd(), name, &st);
+                Ok(Some((LObj::Host(Arc::new(node)), lst)))
             }
             (Layer::Image(i), LObj::Image(idx)) => {
                 let dir = i.entry(*idx)?;
@@ -232,7 +297,7 @@ impl Layer {
                     out.push(LName {
                         name: CString::new(i.image.entry_name(&e)).map_err(|_| Errno::EIO)?,
                         kind: kind_of(e.kind),
-                        whiteout: is_whiteout(e.mode, e.rdev()),
+                        whiteout: i.is_whiteout(&e),
                     });
                 }
                 Ok(())
@@ -335,7 +400,7 @@ impl Layer {
     }
 }
 
-pub(crate) fn host_opaque(h: &HostDir, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+pub(crate) fn host_opaque(h: &HostDir, fd: BorrowedFd<'_>) -> bool {
     let path = h.proc_path(fd);
     let mut v = [0u8; 2];
     OPAQUE_XATTRS.iter().any(|name| {
@@ -391,7 +456,7 @@ pub(crate) fn list_host(h: &HostDir, dir: &Arc<HostNode>, out: &mut Vec<LName>) 
         };
         let whiteout = kind == FileKind::CharDevice
             && rustix::fs::statat(&dfd, name, AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| is_whiteout(st.st_mode, st.st_rdev));
+                .is_ok_and(|st| host_whiteout(dfd.as_fd(), name, &st));
         out.push(LName {
             name: name.to_owned(),
             kind,

@@ -39,7 +39,7 @@ use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
 use crate::listing::DirEnt;
 use crate::{Errno, Result};
-use layer::{LName, LObj, LStat, Layer, OPAQUE_XATTRS, host_opaque, is_whiteout};
+use layer::{LName, LObj, LStat, Layer, OPAQUE_XATTRS, host_opaque, host_whiteout};
 
 /// Where a lower layer comes from.
 #[derive(Clone, Debug)]
@@ -222,7 +222,9 @@ impl OverlayFs {
             });
         }
         for l in &layers {
-            let root = l.stat(&l.root()).map_err(|e| format!("{}: {e}", l.describe()))?;
+            let root = l
+                .stat(&l.root())
+                .map_err(|e| format!("{}: {e}", l.describe()))?;
             if !root.is_dir() {
                 return Err(format!("{}: root is not a directory", l.describe()));
             }
@@ -331,7 +333,7 @@ impl OverlayFs {
             let h = self.upper_dir()?;
             let fd = h.fd(&up)?;
             match h.stat_child(fd.as_fd(), name) {
-                Ok(st) if is_whiteout(st.st_mode, st.st_rdev) => return Ok(None),
+                Ok(st) if host_whiteout(fd.as_fd(), name, &st) => return Ok(None),
                 Ok(st) => {
                     let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
                     search_lowers = is_dir && !self.upper_opaque(fd.as_fd(), name);
@@ -348,7 +350,7 @@ impl OverlayFs {
                 let Some((obj, st)) = layer.lookup(&r.obj, name)? else {
                     continue;
                 };
-                if st.is_whiteout() {
+                if st.whiteout {
                     break;
                 }
                 let have_dir = upper.is_some() || !lowers.is_empty();
@@ -358,7 +360,13 @@ impl OverlayFs {
                 }
                 let is_dir = st.is_dir();
                 let opaque = is_dir && layer.is_opaque(&obj);
-                lowers.push((LRef { layer: r.layer, obj }, st));
+                lowers.push((
+                    LRef {
+                        layer: r.layer,
+                        obj,
+                    },
+                    st,
+                ));
                 if !is_dir || opaque {
                     break;
                 }
@@ -382,7 +390,7 @@ impl OverlayFs {
     fn lower_has(&self, dir: &ONode, name: &CStr) -> Result<bool> {
         for r in dir.lowers().iter() {
             if let Some((_, st)) = self.layer(r).lookup(&r.obj, name)? {
-                return Ok(!st.is_whiteout());
+                return Ok(!st.whiteout);
             }
         }
         Ok(false)
@@ -433,7 +441,9 @@ impl OverlayFs {
                 match self.origin(fd.as_fd()) {
                     // A forged or stale origin must not merge two objects.
                     Some(k) => match self.table.get_by_key(&k) {
-                        Some((_, n)) if n.upper().is_none_or(|x| (x.dev, x.ino) != (u.dev, u.ino)) => {
+                        Some((_, n))
+                            if n.upper().is_none_or(|x| (x.dev, x.ino) != (u.dev, u.ino)) =>
+                        {
                             ukey
                         }
                         _ => k,
@@ -444,7 +454,11 @@ impl OverlayFs {
             (None, None) => return Err(Errno::ENOENT),
         };
         let host_lower = self.has_host_lower(
-            &found.lowers.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
+            &found
+                .lowers
+                .iter()
+                .map(|(r, _)| r.clone())
+                .collect::<Vec<_>>(),
         );
         let attr_st = match &found.upper {
             Some(st) => LStat::from_stat(st),
@@ -493,7 +507,10 @@ impl OverlayFs {
         let (st, merged) = match node.upper() {
             Some(u) => {
                 let h = self.upper_dir()?;
-                (LStat::from_stat(&h.stat_fd(h.fd(&u)?.as_fd())?), !lowers.is_empty())
+                (
+                    LStat::from_stat(&h.stat_fd(h.fd(&u)?.as_fd())?),
+                    !lowers.is_empty(),
+                )
             }
             None => {
                 let top = lowers.first().ok_or(Errno::ESTALE)?;
@@ -515,7 +532,11 @@ impl OverlayFs {
     /// The merged listing of a directory: upper names first, then each
     /// lower's names not already seen, whiteouts hiding what lies below.
     fn load_dir(&self, id: u64, node: &ONode) -> Result<Vec<DirEnt>> {
-        let parent = if id == ROOT_ID { ROOT_ID } else { node.place().0 };
+        let parent = if id == ROOT_ID {
+            ROOT_ID
+        } else {
+            node.place().0
+        };
         let mut out = vec![
             DirEnt {
                 name: c".".to_owned(),
@@ -645,7 +666,7 @@ impl OverlayFs {
     fn copy_object(&self, pfd: BorrowedFd<'_>, name: &CStr, src: &LRef) -> Result<Stat> {
         let h = self.upper_dir()?;
         match h.stat_child(pfd, name) {
-            Ok(st) if !is_whiteout(st.st_mode, st.st_rdev) => return Ok(st),
+            Ok(st) if !host_whiteout(pfd, name, &st) => return Ok(st),
             Ok(_) | Err(Errno::ENOENT) => {}
             Err(e) => return Err(e),
         }
@@ -653,9 +674,7 @@ impl OverlayFs {
         let lst = layer.stat(&src.obj)?;
         let tmp = tmp_name();
         let made = self.build_copy(pfd, &tmp, src, &lst);
-        let placed = made.and_then(|()| {
-            Ok(rustix::fs::renameat(pfd, tmp.as_c_str(), pfd, name)?)
-        });
+        let placed = made.and_then(|()| Ok(rustix::fs::renameat(pfd, tmp.as_c_str(), pfd, name)?));
         if let Err(e) = placed {
             let flags = if lst.is_dir() {
                 AtFlags::REMOVEDIR
@@ -696,6 +715,9 @@ impl OverlayFs {
             FileKind::Symlink => {
                 let target = layer.readlink(&src.obj)?;
                 rustix::fs::symlinkat(target.as_slice(), pfd, tmp)?;
+            }
+            FileKind::CharDevice if lst.rdev == 0 => {
+                layer::make_zero_device(pfd, tmp, lst.mode & 0o7777)?
             }
             _ => rustix::fs::mknodat(
                 pfd,
@@ -858,8 +880,7 @@ impl OverlayFs {
             rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags)?;
             return Ok(());
         }
-        match rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags | RenameFlags::WHITEOUT)
-        {
+        match rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags | RenameFlags::WHITEOUT) {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::INVAL) => {
                 rustix::fs::renameat_with(src_dir, src, dst_dir, dst, flags)?;
@@ -887,7 +908,7 @@ impl OverlayFs {
                 continue;
             }
             let st = rustix::fs::statat(&rd, name, AtFlags::SYMLINK_NOFOLLOW)?;
-            if is_whiteout(st.st_mode, st.st_rdev) {
+            if host_whiteout(rd.as_fd(), name, &st) {
                 gone.push(name.to_owned());
             } else {
                 return Err(Errno::ENOTEMPTY);
@@ -915,7 +936,7 @@ impl OverlayFs {
     ) -> Result<T> {
         let h = self.upper_dir()?;
         let over_whiteout = match h.stat_child(pfd, name) {
-            Ok(st) if is_whiteout(st.st_mode, st.st_rdev) => true,
+            Ok(st) if host_whiteout(pfd, name, &st) => true,
             Ok(_) => return Err(Errno::EEXIST),
             Err(Errno::ENOENT) => false,
             Err(e) => return Err(e),
@@ -963,6 +984,6 @@ impl OverlayFs {
 /// The upper must be a directory strata can write.
 fn check_upper(h: &HostDir) -> std::result::Result<(), String> {
     rustix::fs::access(h.path(), rustix::fs::Access::WRITE_OK)
-    .map_err(|e| format!("{}: upper is not writable: {e}", h.path().display()))?;
+        .map_err(|e| format!("{}: upper is not writable: {e}", h.path().display()))?;
     Ok(())
 }
