@@ -2,6 +2,7 @@
 
 mod commands;
 mod ctl;
+mod image_cmd;
 mod options;
 mod state;
 
@@ -29,7 +30,12 @@ pub const EXIT_FAILURE: u8 = 1;
         strata mount /srv/data /mnt/data        mount in the background, return when ready\n  \
         strata mount -f /srv/data /mnt/data     stay in the foreground; Ctrl-C unmounts\n  \
         strata status                           list strata mounts\n  \
-        strata umount /mnt/data                 unmount (also clears a stale mount)"
+        strata umount /mnt/data                 unmount (also clears a stale mount)\n  \
+        strata image build ./root --name base   build image \"base\" from a directory\n  \
+        strata image ls                         list images (--json for scripts)\n  \
+        strata image verify base                re-hash every blob of an image\n  \
+        strata image rm base                    remove an image (deferred while mounted)\n  \
+        strata gc                               free blobs and cache files no image uses"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -110,6 +116,16 @@ enum Command {
         /// KEY for get, KEY=VALUE pairs for set
         args: Vec<String>,
     },
+    /// Build, list, verify and remove images (content-addressed and deduplicated).
+    Image {
+        #[command(subcommand)]
+        command: image_cmd::ImageCommand,
+    },
+    /// Free the image store's blobs and cache files that no image uses.
+    Gc {
+        #[command(flatten)]
+        store: image_cmd::StoreArg,
+    },
     /// List strata mounts: mountpoint, source, pid, uptime.
     Status {
         /// Machine-readable output, with inode and handle counters.
@@ -150,6 +166,8 @@ fn main() -> ExitCode {
             action,
             args,
         } => ctl::run(&mountpoint, &action, &args),
+        Command::Image { command } => image_cmd::run(command),
+        Command::Gc { store } => image_cmd::gc(&store),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
