@@ -21,6 +21,8 @@
 
 mod fs;
 mod layer;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
