@@ -171,7 +171,7 @@ fn rmdir_then_mkdir_of_a_lower_directory_gives_an_empty_opaque_directory() {
     let e = fs.mkdir(&ROOT, ROOT_ID, OsStr::new("d"), 0o755, 0).unwrap();
     assert_eq!(list(&fs, e.attr.ino), Vec::<String>::new());
     let opaque = rustix::fs::getxattr(
-        &s.upper.join("d"),
+        s.upper.join("d"),
         c"trusted.overlay.opaque",
         &mut [0u8; 4][..],
     );
@@ -199,7 +199,7 @@ fn listings_merge_layers_and_hide_whiteouts() {
     fs::write(s.upper.join("d/mine"), b"").unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &s.upper.join("d/a"),
+        s.upper.join("d/a"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::empty(),
         0,
