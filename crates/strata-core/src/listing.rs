@@ -2,15 +2,64 @@
 //! (so rewinddir sees new names), offsets that index into it, and readdirplus
 //! entries that take lookup references only for what reaches the kernel.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::fs::{Attr, DirPlusSink, DirSink, Entry, FileKind};
+use crate::fs::{Attr, DirPlusSink, DirSink, Entry, FileKind, Opened};
 use crate::{Errno, Result};
+
+/// A layer's open directory handles: handle number → the layer's state for
+/// that open directory (typically holding a snapshot).
+pub struct OpenDirs<T> {
+    dirs: Mutex<HashMap<u64, Arc<T>>>,
+    next: AtomicU64,
+}
+
+impl<T> Default for OpenDirs<T> {
+    fn default() -> Self {
+        OpenDirs {
+            dirs: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl<T> OpenDirs<T> {
+    /// Registers an open directory. `cache`: the kernel may keep its listing
+    /// (FOPEN_CACHE_DIR + FOPEN_KEEP_CACHE) until told it changed.
+    pub fn insert(&self, dir: T, cache: bool) -> Opened {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(dir));
+        Opened {
+            fh,
+            cache_dir: cache,
+            keep_cache: cache,
+            ..Opened::default()
+        }
+    }
+
+    pub fn get(&self, fh: u64) -> Result<Arc<T>> {
+        self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    pub fn remove(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    pub fn len(&self) -> usize {
+        self.dirs.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// One name of a listing snapshot.
 pub struct DirEnt {

@@ -5,12 +5,10 @@
 //! checks are the kernel's (`default_permissions`); ownership of new objects is
 //! the caller's.
 
-use std::collections::HashMap;
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -21,7 +19,7 @@ use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
 use crate::host::watch::{self, HostWatch};
 use crate::host::{HostDir, HostNode, attr_from_stat, component, dirent_kind, ops};
 use crate::inode::InodeTable;
-use crate::listing::{self, DirEnt};
+use crate::listing::{self, DirEnt, OpenDirs};
 use crate::{Errno, Result};
 
 /// Kernel cache settings and behaviour switches.
@@ -68,8 +66,7 @@ pub struct PassthroughFs {
     host: HostDir,
     table: Arc<InodeTable<Key, HostNode>>,
     files: OpenFiles,
-    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
-    next_fh: AtomicU64,
+    dirs: OpenDirs<OpenDir>,
     cfg: PassthroughConfig,
     root_key: Key,
     watch: Option<Arc<HostWatch>>,
@@ -106,8 +103,7 @@ impl PassthroughFs {
             host,
             table,
             files: OpenFiles::default(),
-            dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            dirs: OpenDirs::default(),
             cfg,
             root_key,
         })
@@ -220,12 +216,8 @@ impl PassthroughFs {
         })
     }
 
-    fn new_fh(&self) -> u64 {
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
-    }
-
     fn dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
-        self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+        self.dirs.get(fh)
     }
 
     /// Shared tail of mknod/mkdir/symlink: hand the object to the caller and look it up.
@@ -406,22 +398,15 @@ impl Filesystem for PassthroughFs {
             Mode::empty(),
         )?;
         let st = rustix::fs::fstat(&dfd)?;
-        let fh = self.new_fh();
-        self.dirs.lock().insert(
-            fh,
-            Arc::new(OpenDir {
+        Ok(self.dirs.insert(
+            OpenDir {
                 fd: dfd,
                 dev: st.st_dev,
                 is_root: ino == ROOT_ID,
                 entries: Mutex::new(Arc::new(Vec::new())),
-            }),
-        );
-        Ok(Opened {
-            fh,
-            cache_dir: true,
-            keep_cache: true,
-            ..Opened::default()
-        })
+            },
+            true,
+        ))
     }
 
     fn readdir(
@@ -459,7 +444,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.dirs.lock().remove(&fh);
+        self.dirs.remove(fh);
         Ok(())
     }
 
@@ -532,7 +517,7 @@ impl Filesystem for PassthroughFs {
         Stats {
             inodes: self.table.len() as u64,
             open_files: self.files.len() as u64,
-            open_dirs: self.dirs.lock().len() as u64,
+            open_dirs: self.dirs.len() as u64,
             cached_fds: self.host.cached_fds() as u64,
         }
     }

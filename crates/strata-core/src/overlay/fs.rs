@@ -400,20 +400,13 @@ impl Filesystem for OverlayFs {
         if node.kind != FileKind::Directory {
             return Err(Errno::ENOTDIR);
         }
-        let fh = self.new_fh();
-        self.dirs.lock().insert(
-            fh,
-            Arc::new(OpenDir {
+        Ok(self.dirs.insert(
+            OpenDir {
                 ino,
                 entries: Mutex::new(Arc::new(Vec::new())),
-            }),
-        );
-        Ok(Opened {
-            fh,
-            cache_dir: true,
-            keep_cache: true,
-            ..Opened::default()
-        })
+            },
+            true,
+        ))
     }
 
     fn readdir(
@@ -454,7 +447,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.dirs.lock().remove(&fh);
+        self.dirs.remove(fh);
         Ok(())
     }
 
@@ -589,7 +582,7 @@ impl Filesystem for OverlayFs {
         Stats {
             inodes: self.table.len() as u64,
             open_files: self.files.len() as u64,
-            open_dirs: self.dirs.lock().len() as u64,
+            open_dirs: self.dirs.len() as u64,
             cached_fds: (self.upper.as_ref().map_or(0, |h| h.cached_fds())
                 + self.layers.iter().map(|l| l.cached_fds()).sum::<usize>())
                 as u64,

@@ -39,7 +39,7 @@ use crate::fs::*;
 use crate::host::files::OpenFiles;
 use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
-use crate::listing::DirEnt;
+use crate::listing::{DirEnt, OpenDirs};
 use crate::{Errno, Result};
 use layer::{LName, LObj, LStat, Layer, OPAQUE_XATTRS, host_opaque, host_whiteout};
 
@@ -139,8 +139,7 @@ pub struct OverlayFs {
     upper: Option<HostDir>,
     table: InodeTable<Key, ONode>,
     files: OpenFiles,
-    dirs: Mutex<std::collections::HashMap<u64, Arc<OpenDir>>>,
-    next_fh: AtomicU64,
+    dirs: OpenDirs<OpenDir>,
     cfg: OverlayConfig,
     /// Serializes changes to the upper's namespace (copy-up, create, remove,
     /// rename): their whiteout and opaque bookkeeping spans several syscalls.
@@ -264,8 +263,7 @@ impl OverlayFs {
             upper,
             table: InodeTable::new(root_key, Arc::new(root)),
             files: OpenFiles::default(),
-            dirs: Mutex::new(Default::default()),
-            next_fh: AtomicU64::new(1),
+            dirs: OpenDirs::default(),
             cfg,
             ns_lock: Mutex::new(()),
             origin_xattr: if root_user {
@@ -296,10 +294,6 @@ impl OverlayFs {
 
     fn layer(&self, r: &LRef) -> &Layer {
         &self.layers[r.layer as usize]
-    }
-
-    fn new_fh(&self) -> u64 {
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Node id for a key: the upper's inode number for upper-only objects,
@@ -603,7 +597,7 @@ impl OverlayFs {
     }
 
     fn open_dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
-        self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+        self.dirs.get(fh)
     }
 
     /// Whether a directory shows no names (whiteouts and temporaries aside).

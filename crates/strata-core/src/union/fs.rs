@@ -290,23 +290,14 @@ impl Filesystem for UnionFs {
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
         let watched = self.watched(&self.instances(ino)?);
-        let fh = self
-            .next_dh
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.dirs.lock().insert(
-            fh,
-            Arc::new(UDir {
+        // Listings stay valid until the watch says otherwise.
+        Ok(self.dirs.insert(
+            UDir {
                 ino,
                 entries: parking_lot::Mutex::new(Arc::new(Vec::new())),
-            }),
-        );
-        // Listings stay valid until the watch says otherwise.
-        Ok(Opened {
-            fh,
-            cache_dir: watched,
-            keep_cache: watched,
-            ..Opened::default()
-        })
+            },
+            watched,
+        ))
     }
 
     fn readdir(
@@ -347,7 +338,7 @@ impl Filesystem for UnionFs {
     }
 
     fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.dirs.lock().remove(&fh);
+        self.dirs.remove(fh);
         Ok(())
     }
 
@@ -474,7 +465,7 @@ impl Filesystem for UnionFs {
         Stats {
             inodes: self.table.len() as u64,
             open_files: self.files.len() as u64,
-            open_dirs: self.dirs.lock().len() as u64,
+            open_dirs: self.dirs.len() as u64,
             cached_fds: self
                 .branches()
                 .iter()

@@ -161,8 +161,7 @@ pub struct UnionFs {
     open: Mutex<HashMap<u64, UFile>>,
     /// Serialises `moveonenospc` moves.
     moving: Mutex<()>,
-    dirs: Mutex<HashMap<u64, Arc<UDir>>>,
-    next_dh: AtomicU64,
+    dirs: crate::listing::OpenDirs<UDir>,
     fd_cache: usize,
     /// Branches at mount, to share `fd_cache` among (runtime additions get
     /// the same share; the bound is not exact, only never far off).
@@ -259,8 +258,7 @@ impl UnionFs {
             files: OpenFiles::default(),
             open: Mutex::new(HashMap::new()),
             moving: Mutex::new(()),
-            dirs: Mutex::new(HashMap::new()),
-            next_dh: AtomicU64::new(1),
+            dirs: Default::default(),
             fd_cache: cfg.fd_cache,
             passthrough: cfg.passthrough,
             rng: Mutex::new(XorShift(
@@ -1116,7 +1114,7 @@ impl UnionFs {
     }
 
     fn dir_entries(&self, dh: u64, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
-        let dir = self.dirs.lock().get(&dh).cloned().ok_or(Errno::EBADF)?;
+        let dir = self.dirs.get(dh)?;
         crate::listing::snapshot(&dir.entries, offset, || self.load_dir(&dir))
     }
 
