@@ -446,18 +446,29 @@ impl Drop for TmpfsBranches {
 }
 
 /// Runs `cmd` with its output captured, killing it after `limit`; `None` on
-/// timeout. (Output is read after exit: for commands that print little.)
+/// timeout.
 pub fn output_with_timeout(cmd: &mut Command, limit: Duration) -> Option<Output> {
+    use std::io::Read;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start command");
+    // Drained as it comes, so a chatty command never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
     let deadline = Instant::now() + limit;
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().ok(),
+            Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             _ => {
                 let _ = child.kill();
@@ -465,7 +476,25 @@ pub fn output_with_timeout(cmd: &mut Command, limit: Duration) -> Option<Output>
                 return None;
             }
         }
-    }
+    };
+    // A daemon the command started may hold the pipes open: do not wait
+    // for their end longer than the command ran.
+    let join = |h: std::thread::JoinHandle<Vec<u8>>| {
+        let until = Instant::now() + Duration::from_secs(2);
+        while !h.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if h.is_finished() {
+            h.join().unwrap_or_default()
+        } else {
+            Vec::new()
+        }
+    };
+    Some(Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
+    })
 }
 
 /// The mount's fstype at `mnt` in the mount table, if something is mounted there.
@@ -495,9 +524,18 @@ impl KernelOverlay {
             upper.display(),
             work.display()
         );
+        Self::mount_opts(&opts, mnt)
+    }
+
+    /// A read-only overlay of lowers only (at least two, joined by ':').
+    pub fn mount_lowers(lower: &str, mnt: &Path) -> KernelOverlay {
+        Self::mount_opts(&format!("lowerdir={lower}"), mnt)
+    }
+
+    fn mount_opts(opts: &str, mnt: &Path) -> KernelOverlay {
         let out = output_with_timeout(
             Command::new("mount")
-                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .args(["-t", "overlay", "overlay", "-o", opts])
                 .arg(mnt),
             EXIT,
         )
