@@ -21,6 +21,8 @@ fi
 ./scripts/pjdfstest.sh
 ./scripts/pjdfstest.sh -o passthrough=false
 ./scripts/pjdfstest.sh --union
+./scripts/pjdfstest.sh --overlay
+./scripts/pjdfstest.sh --image
 
 left=$(leftover_mounts)
 if [[ -n $left ]]; then

@@ -142,6 +142,13 @@ fn fopen_flags(o: &Opened) -> FopenFlags {
     f
 }
 
+/// Open flags for a passthrough handle: the kernel fails its reads with EIO
+/// when FOPEN_KEEP_CACHE comes with FOPEN_PASSTHROUGH (and the page cache is
+/// the backing file's anyway).
+fn passthrough_flags(o: &Opened) -> FopenFlags {
+    fopen_flags(o) - FopenFlags::FOPEN_KEEP_CACHE
+}
+
 /// Runs a handler; a panic is logged and the reply (dropped while unwinding)
 /// goes out as EIO, so the worker thread and the mount survive.
 fn guarded(op: &'static str, f: impl FnOnce()) {
@@ -536,7 +543,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || match self.fs.open(&ctx(req), ino.0, flags.0) {
             Ok(mut o) => match self.backing_for(ino.0, o.fh, &mut o, |fd| reply.open_backing(fd)) {
-                Some(id) => reply.opened_passthrough(FileHandle(o.fh), fopen_flags(&o), &id),
+                Some(id) => reply.opened_passthrough(FileHandle(o.fh), passthrough_flags(&o), &id),
                 None => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
             },
             Err(e) => reply.error(errno(e)),
@@ -781,7 +788,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                             &a,
                             generation,
                             FileHandle(o.fh),
-                            fopen_flags(&o),
+                            passthrough_flags(&o),
                             &id,
                         ),
                         None => reply.created(

@@ -68,7 +68,7 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store> {
         for sub in ["", "blobs", "images", "images/.removed", "tmp"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).ctx("create store directory", &p)?;
+            make_dirs(&p).ctx("create store directory", &p)?;
         }
         Ok(Store {
             root: root.to_owned(),
@@ -224,11 +224,7 @@ impl Store {
         for (digest, tmp) in std::mem::take(&mut batch.pending) {
             let dest = self.blob_path(&digest);
             let shard = dest.parent().expect("blob path has a parent");
-            match fs::create_dir(shard) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io("create directory", shard, e)),
-            }
+            make_dirs(shard).ctx("create directory", shard)?;
             let r = fs::rename(&tmp, &dest).ctx("rename into store", &dest);
             if r.is_err() {
                 let _ = fs::remove_file(&tmp);
@@ -423,7 +419,7 @@ impl Store {
         // Open the blob first: a missing blob creates nothing.
         let mut src = self.open_blob(digest)?;
         let shard = dest.parent().expect("cache path has a parent");
-        fs::create_dir_all(shard).ctx("create cache directory", shard)?;
+        make_dirs(shard).ctx("create cache directory", shard)?;
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -593,6 +589,14 @@ impl Read for BlobReader {
         self.done = true;
         Ok(0)
     }
+}
+
+/// Creates a directory and its missing parents with mode 0755 whatever the
+/// umask (the mount daemon runs with umask 0): nobody else may plant files
+/// in the store, least of all in the cache, whose files are trusted as is.
+fn make_dirs(p: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(p)
 }
 
 /// Compression pays when it saves at least 1/16 (and at least 64 bytes).

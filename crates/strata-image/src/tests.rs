@@ -889,3 +889,27 @@ fn gc_cleans_the_cache() {
     std::io::Read::read_to_end(&mut &f, &mut got).unwrap();
     assert_eq!(got, b"only in a");
 }
+
+#[test]
+fn store_directories_are_not_writable_by_others_whatever_the_umask() {
+    // The mount daemon runs with umask 0; cached files are trusted as is.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let (d, s) = store();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"content").unwrap();
+    build(&s, &src, "img", BuildOptions::default(), &mut noprog).unwrap();
+    let img = Image::open(&s, "img").unwrap();
+    let digest = img.blob(&img.lookup_path("f").unwrap().unwrap()).unwrap();
+    s.materialize(&digest).unwrap();
+    let cached = s.cache_path(&digest);
+    let mut dirs = vec![
+        s.root().to_path_buf(),
+        s.blob_path(&digest).parent().unwrap().to_path_buf(),
+    ];
+    dirs.extend(cached.ancestors().skip(1).take(3).map(Path::to_path_buf));
+    for dir in dirs {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o022, 0, "{} is mode {mode:o}", dir.display());
+    }
+}

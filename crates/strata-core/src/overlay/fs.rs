@@ -127,11 +127,12 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// The node id behind a visible name, without keeping a reference.
-    fn id_of(&self, parent: u64, name: &CStr) -> Result<u64> {
+    /// The node behind a visible name, with a lookup reference held until
+    /// the returned guard drops (the node must outlive the operation even if
+    /// the kernel forgets it meanwhile).
+    fn hold(&self, parent: u64, name: &CStr) -> Result<Held<'_>> {
         let id = self.lookup_in(parent, name)?.attr.ino;
-        self.table.forget(id, 1);
-        Ok(id)
+        Ok(Held { fs: self, id })
     }
 
     /// Copies a node up for a rename: a directory that lowers provide moves
@@ -147,8 +148,9 @@ impl OverlayFs {
 
     fn exchange(&self, parent: u64, name: &CStr, new_parent: u64, new_name: &CStr) -> Result<()> {
         let h = self.upper_dir()?;
-        let a = self.id_of(parent, name)?;
-        let b = self.id_of(new_parent, new_name)?;
+        let held_a = self.hold(parent, name)?;
+        let held_b = self.hold(new_parent, new_name)?;
+        let (a, b) = (held_a.id, held_b.id);
         self.copy_up_for_move(a)?;
         self.copy_up_for_move(b)?;
         let pfd = h.fd(&self.copy_up(parent)?)?;
@@ -168,6 +170,18 @@ impl OverlayFs {
         *na.place.lock() = nb.place();
         *nb.place.lock() = pa;
         Ok(())
+    }
+}
+
+/// A lookup reference taken by the daemon itself, given back on drop.
+struct Held<'a> {
+    fs: &'a OverlayFs,
+    id: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.fs.table.forget(self.id, 1);
     }
 }
 
@@ -273,7 +287,8 @@ impl Filesystem for OverlayFs {
         }
         let src_dir = self.node(parent)?;
         let dst_dir = self.node(new_parent)?;
-        let sid = self.id_of(parent, &name)?;
+        let held = self.hold(parent, &name)?;
+        let sid = held.id;
         if parent == new_parent && name == new_name {
             return Ok(());
         }

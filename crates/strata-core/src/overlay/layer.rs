@@ -166,6 +166,21 @@ impl ImageLayer {
             .map_err(|e| image_error(self, "manifest", e))
     }
 
+    /// An entry's path from the image root, as components.
+    fn path_of(&self, e: strata_image::Entry) -> Vec<Vec<u8>> {
+        let mut path = Vec::new();
+        let mut cur = e;
+        while cur.index != 0 {
+            path.push(self.image.entry_name(&cur).to_vec());
+            match self.image.entry(cur.parent) {
+                Ok(p) => cur = p,
+                Err(_) => break,
+            }
+        }
+        path.reverse();
+        path
+    }
+
     fn is_whiteout(&self, e: &strata_image::Entry) -> bool {
         is_whiteout(e.mode, e.rdev())
             && !self
@@ -346,19 +361,7 @@ impl Layer {
             (Layer::Image(i), LObj::Image(idx)) => {
                 let e = i.entry(*idx)?;
                 let digest = i.image.blob(&e).ok_or(Errno::EINVAL)?;
-                let path = || {
-                    let mut parts = Vec::new();
-                    let mut cur = e;
-                    while cur.index != 0 {
-                        parts.push(String::from_utf8_lossy(i.image.entry_name(&cur)).into_owned());
-                        match i.image.entry(cur.parent) {
-                            Ok(p) => cur = p,
-                            Err(_) => break,
-                        }
-                    }
-                    parts.reverse();
-                    parts.join("/")
-                };
+                let path = || String::from_utf8_lossy(&i.path_of(e).join(&b'/')).into_owned();
                 match i.store.materialize(&digest) {
                     Ok(f) => Ok(f.into()),
                     Err(err) => {
@@ -374,6 +377,27 @@ impl Layer {
             }
             _ => Err(Errno::EIO),
         }
+    }
+
+    /// The other names (paths from the root, as components) of a multiply
+    /// linked file: found for images by a scan of the manifest; unknown for
+    /// host directories.
+    pub fn other_names(&self, obj: &LObj) -> Vec<Vec<Vec<u8>>> {
+        let (Layer::Image(i), LObj::Image(idx)) = (self, obj) else {
+            return Vec::new();
+        };
+        let Ok(me) = i.entry(*idx) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for n in 1..i.image.len() {
+            let Ok(e) = i.image.entry(n) else { continue };
+            if e.index == me.index || e.inode != me.inode || e.is_dir() {
+                continue;
+            }
+            out.push(i.path_of(e));
+        }
+        out
     }
 
     /// Host descriptors cached by this layer (0 for images).

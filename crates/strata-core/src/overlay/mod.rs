@@ -21,6 +21,8 @@
 
 mod fs;
 mod layer;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
@@ -634,7 +636,80 @@ impl OverlayFs {
         for (id, n) in chain.iter().rev() {
             self.copy_up_one(*id, n)?;
         }
-        chain[0].1.upper().ok_or(Errno::EIO)
+        let (_, node) = &chain[0];
+        let up = node.upper().ok_or(Errno::EIO)?;
+        if node.kind != FileKind::Directory
+            && let Some(top) = node.lowers().first()
+        {
+            self.link_other_names(top, &up);
+        }
+        Ok(up)
+    }
+
+    /// Keeps a lower hard link a hard link after copy-up: every other name
+    /// of the same image inode that still shows the lower object becomes a
+    /// link to the upper copy (kernel overlayfs does the same with
+    /// `index=on`). Image layers list their names; a host lower's other
+    /// names cannot be found and keep showing the lower file.
+    fn link_other_names(&self, top: &LRef, up: &Arc<HostNode>) {
+        let layer = self.layer(top);
+        let Ok(lst) = layer.stat(&top.obj) else {
+            return;
+        };
+        if lst.nlink < 2 {
+            return;
+        }
+        for path in layer.other_names(&top.obj) {
+            if let Err(e) = self.link_path(top.layer, lst.key, &path, up) {
+                tracing::warn!(
+                    "copy-up: hard link {} of {} not kept: {e}",
+                    String::from_utf8_lossy(&path.join(&b'/')),
+                    layer.describe()
+                );
+            }
+        }
+    }
+
+    fn link_path(
+        &self,
+        layer: u32,
+        key: (u64, u64),
+        path: &[Vec<u8>],
+        up: &Arc<HostNode>,
+    ) -> Result<()> {
+        let (name, dirs) = path.split_last().ok_or(Errno::EINVAL)?;
+        let name = CString::new(name.clone()).map_err(|_| Errno::EINVAL)?;
+        // Walk down with lookup references, given back at the end.
+        let mut taken = Vec::new();
+        let mut dir = ROOT_ID;
+        let walked = dirs.iter().try_for_each(|c| {
+            let c = CString::new(c.clone()).map_err(|_| Errno::EINVAL)?;
+            dir = self.lookup_in(dir, &c)?.attr.ino;
+            taken.push(dir);
+            Ok(())
+        });
+        let res = walked.and_then(|()| {
+            let node = self.node(dir)?;
+            let shows_lower = match self.resolve(&node, &name)? {
+                Some(f) => {
+                    f.upper.is_none()
+                        && f.lowers
+                            .first()
+                            .is_some_and(|(r, st)| r.layer == layer && st.key == key)
+                }
+                None => false,
+            };
+            if !shows_lower {
+                return Ok(());
+            }
+            let h = self.upper_dir()?;
+            let pfd = h.fd(&self.copy_up(dir)?)?;
+            ops::link_fd(h, h.fd(up)?.as_fd(), pfd.as_fd(), &name)
+        });
+        for id in taken {
+            self.table.forget(id, 1);
+        }
+        res
     }
 
     /// Copies one node up into its parent's upper directory (which exists).

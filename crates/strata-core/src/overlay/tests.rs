@@ -1,0 +1,260 @@
+//! The overlay driven through the `Filesystem` trait, without mounting.
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+const ROOT: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    lower: PathBuf,
+    upper: PathBuf,
+    store: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    let upper = dir.path().join("upper");
+    fs::create_dir_all(lower.join("d/sub")).unwrap();
+    fs::create_dir(&upper).unwrap();
+    fs::write(lower.join("f"), b"lower f").unwrap();
+    fs::write(lower.join("d/a"), b"lower a").unwrap();
+    fs::write(lower.join("d/sub/b"), b"lower b").unwrap();
+    Setup {
+        lower,
+        upper,
+        store: dir.path().join("store"),
+        _dir: dir,
+    }
+}
+
+fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> OverlayFs {
+    OverlayFs::new(OverlayConfig {
+        lowers,
+        upper: upper.map(Path::to_path_buf),
+        entry_ttl: None,
+        attr_ttl: None,
+        negative_ttl: None,
+        fd_cache: 64,
+        passthrough: false,
+    })
+    .unwrap()
+}
+
+fn host_overlay(s: &Setup) -> OverlayFs {
+    overlay(vec![LowerSpec::Host(s.lower.clone())], Some(&s.upper))
+}
+
+fn image_of(s: &Setup, name: &str) -> LowerSpec {
+    let store = strata_image::Store::open(&s.store).unwrap();
+    strata_image::build(
+        &store,
+        &s.lower,
+        name,
+        strata_image::BuildOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    LowerSpec::Image {
+        store: s.store.clone(),
+        name: name.into(),
+    }
+}
+
+fn lookup(fs: &OverlayFs, parent: u64, name: &str) -> Result<Entry> {
+    fs.lookup(&ROOT, parent, OsStr::new(name))
+}
+
+fn path(fs: &OverlayFs, p: &str) -> Result<u64> {
+    let mut id = ROOT_ID;
+    for c in p.split('/') {
+        id = lookup(fs, id, c)?.attr.ino;
+    }
+    Ok(id)
+}
+
+fn read_all(fs: &OverlayFs, ino: u64) -> Vec<u8> {
+    let o = fs.open(&ROOT, ino, libc::O_RDONLY).unwrap();
+    let data = fs.read(&ROOT, ino, o.fh, 0, 1 << 20).unwrap();
+    fs.release(&ROOT, ino, o.fh).unwrap();
+    data
+}
+
+struct Names(Vec<OsString>);
+impl DirSink for Names {
+    fn add(&mut self, _ino: u64, _next: u64, _kind: FileKind, name: &OsStr) -> bool {
+        self.0.push(name.to_owned());
+        true
+    }
+}
+
+fn list(fs: &OverlayFs, ino: u64) -> Vec<String> {
+    let o = fs.opendir(&ROOT, ino, 0).unwrap();
+    let mut names = Names(Vec::new());
+    fs.readdir(&ROOT, ino, o.fh, 0, &mut names).unwrap();
+    fs.releasedir(&ROOT, ino, o.fh).unwrap();
+    let mut v: Vec<String> = names
+        .0
+        .into_iter()
+        .map(|n| n.into_string().unwrap())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    v.sort();
+    v
+}
+
+fn is_whiteout(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0)
+}
+
+#[test]
+fn writing_a_lower_file_copies_it_up_and_keeps_its_inode_number() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    let f = path(&fs, "f").unwrap();
+    let o = fs.open(&ROOT, f, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    fs.write(&ROOT, f, o.fh, 7, b" + upper").unwrap();
+    fs.release(&ROOT, f, o.fh).unwrap();
+    assert_eq!(read_all(&fs, f), b"lower f + upper");
+    assert_eq!(fs::read(s.upper.join("f")).unwrap(), b"lower f + upper");
+    assert_eq!(fs::read(s.lower.join("f")).unwrap(), b"lower f");
+    // Forgotten and looked up again: the same id, through the origin record.
+    fs.forget(f, 1);
+    assert_eq!(fs.stats().inodes, 1);
+    assert_eq!(path(&fs, "f").unwrap(), f);
+}
+
+#[test]
+fn unlink_of_a_lower_file_leaves_a_whiteout_and_a_new_file_replaces_it() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    fs.unlink(&ROOT, ROOT_ID, OsStr::new("f")).unwrap();
+    assert_eq!(lookup(&fs, ROOT_ID, "f").unwrap_err(), Errno::ENOENT);
+    assert!(is_whiteout(&s.upper.join("f")));
+    assert!(!list(&fs, ROOT_ID).contains(&"f".to_string()));
+    assert!(s.lower.join("f").exists());
+    let (e, o) = fs
+        .create(&ROOT, ROOT_ID, OsStr::new("f"), 0o100644, 0, libc::O_RDWR)
+        .unwrap();
+    fs.write(&ROOT, e.attr.ino, o.fh, 0, b"new").unwrap();
+    fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+    assert!(fs::symlink_metadata(s.upper.join("f")).unwrap().is_file());
+    assert_eq!(read_all(&fs, path(&fs, "f").unwrap()), b"new");
+}
+
+#[test]
+fn rmdir_then_mkdir_of_a_lower_directory_gives_an_empty_opaque_directory() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    let d = path(&fs, "d").unwrap();
+    assert_eq!(
+        fs.rmdir(&ROOT, ROOT_ID, OsStr::new("d")).unwrap_err(),
+        Errno::ENOTEMPTY
+    );
+    fs.unlink(&ROOT, d, OsStr::new("a")).unwrap();
+    let sub = path(&fs, "d/sub").unwrap();
+    fs.unlink(&ROOT, sub, OsStr::new("b")).unwrap();
+    fs.rmdir(&ROOT, d, OsStr::new("sub")).unwrap();
+    // Only whiteouts remain in the upper copy: the directory counts as empty.
+    assert_eq!(list(&fs, d), Vec::<String>::new());
+    fs.rmdir(&ROOT, ROOT_ID, OsStr::new("d")).unwrap();
+    assert!(is_whiteout(&s.upper.join("d")));
+    let e = fs.mkdir(&ROOT, ROOT_ID, OsStr::new("d"), 0o755, 0).unwrap();
+    assert_eq!(list(&fs, e.attr.ino), Vec::<String>::new());
+    let opaque = rustix::fs::getxattr(
+        s.upper.join("d"),
+        c"trusted.overlay.opaque",
+        &mut [0u8; 4][..],
+    );
+    assert_eq!(opaque.ok(), Some(1));
+    assert!(s.lower.join("d/sub/b").exists());
+}
+
+#[test]
+fn renaming_a_lower_directory_moves_its_whole_tree() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    fs.rename(&ROOT, ROOT_ID, OsStr::new("d"), ROOT_ID, OsStr::new("e"), 0)
+        .unwrap();
+    assert_eq!(lookup(&fs, ROOT_ID, "d").unwrap_err(), Errno::ENOENT);
+    assert_eq!(read_all(&fs, path(&fs, "e/sub/b").unwrap()), b"lower b");
+    assert_eq!(list(&fs, path(&fs, "e").unwrap()), ["a", "sub"]);
+    assert!(is_whiteout(&s.upper.join("d")));
+    assert!(s.lower.join("d/sub/b").exists());
+}
+
+#[test]
+fn listings_merge_layers_and_hide_whiteouts() {
+    let s = setup();
+    fs::create_dir_all(s.upper.join("d")).unwrap();
+    fs::write(s.upper.join("d/mine"), b"").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        s.upper.join("d/a"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let fs = host_overlay(&s);
+    assert_eq!(list(&fs, path(&fs, "d").unwrap()), ["mine", "sub"]);
+}
+
+#[test]
+fn an_image_lower_serves_content_and_copies_up_on_chmod() {
+    let s = setup();
+    let img = image_of(&s, "img");
+    let fs = overlay(vec![img], Some(&s.upper));
+    let f = path(&fs, "d/a").unwrap();
+    assert_eq!(read_all(&fs, f), b"lower a");
+    let set = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    assert_eq!(fs.setattr(&ROOT, f, None, &set).unwrap().attr.perm, 0o600);
+    let m = fs::metadata(s.upper.join("d/a")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o600);
+    assert_eq!(fs::read(s.upper.join("d/a")).unwrap(), b"lower a");
+}
+
+#[test]
+fn without_an_upper_an_image_is_read_only() {
+    let s = setup();
+    let img = image_of(&s, "img");
+    let fs = overlay(vec![img], None);
+    assert_eq!(read_all(&fs, path(&fs, "f").unwrap()), b"lower f");
+    assert_eq!(
+        fs.mkdir(&ROOT, ROOT_ID, OsStr::new("x"), 0o755, 0)
+            .unwrap_err(),
+        Errno::EROFS
+    );
+    let f = path(&fs, "f").unwrap();
+    assert_eq!(fs.open(&ROOT, f, libc::O_RDWR).unwrap_err(), Errno::EROFS);
+}
+
+#[test]
+fn the_first_lower_wins() {
+    let s = setup();
+    let other = s._dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("f"), b"other f").unwrap();
+    fs::write(other.join("only"), b"").unwrap();
+    let fs = overlay(
+        vec![
+            LowerSpec::Host(other.clone()),
+            LowerSpec::Host(s.lower.clone()),
+        ],
+        Some(&s.upper),
+    );
+    assert_eq!(read_all(&fs, path(&fs, "f").unwrap()), b"other f");
+    assert_eq!(list(&fs, ROOT_ID), ["d", "f", "only"]);
+}
