@@ -637,3 +637,95 @@ fn image_files_read_the_same_with_and_without_kernel_passthrough() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn image_hard_links_stay_linked_across_copy_up_drop_caches_and_remount() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    fs::create_dir_all(src.join("other")).unwrap();
+    fs::write(src.join("dir/h1"), b"linked\n").unwrap();
+    fs::hard_link(src.join("dir/h1"), src.join("other/h2")).unwrap();
+    fs::hard_link(src.join("dir/h1"), src.join("h3")).unwrap();
+    s.build(&src, "links");
+    let names3 = ["dir/h1", "other/h2", "h3"];
+    let view = |m: &Mounted| -> Vec<(Vec<u8>, u64, u64)> {
+        names3
+            .iter()
+            .map(|n| {
+                let md = fs::symlink_metadata(m.m(n)).unwrap();
+                (read(&m.m(n)), md.ino(), md.nlink())
+            })
+            .collect()
+    };
+    let mut m = s.mount("image:links", true, &[]);
+    let before = view(&m);
+    assert!(
+        before
+            .iter()
+            .all(|(c, ino, n)| c == b"linked\n" && *ino == before[0].1 && *n == 3),
+        "{before:?}"
+    );
+    // A write through one name: every name shows it (kernel overlayfs with
+    // index=on), with the same inode number as before.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.m("dir/h1"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"more\n").unwrap();
+    drop(f);
+    let expect: Vec<(Vec<u8>, u64, u64)> = names3
+        .iter()
+        .map(|_| (b"linked\nmore\n".to_vec(), before[0].1, 3))
+        .collect();
+    assert_eq!(view(&m), expect, "after copy-up");
+    let up_inos: Vec<u64> = names3
+        .iter()
+        .map(|n| fs::symlink_metadata(upper(&m).join(n)).unwrap().ino())
+        .collect();
+    assert!(
+        up_inos.iter().all(|i| *i == up_inos[0]),
+        "upper copies are not linked"
+    );
+    drop_caches();
+    assert_eq!(view(&m), expect, "after drop_caches");
+    m.unmount();
+    let up = upper(&m);
+    let store = format!("store={}", s.store().display());
+    let m2 = Mounted::build_with(&[], &[], move |_| {
+        (
+            "image:links".to_owned(),
+            vec![store, format!("upper={}", up.display())],
+        )
+    });
+    assert_eq!(view(&m2), expect, "after remount");
+    // Removing one name: the others stay, one link fewer.
+    fs::remove_file(m2.m("other/h2")).unwrap();
+    for n in ["dir/h1", "h3"] {
+        assert_eq!(fs::symlink_metadata(m2.m(n)).unwrap().nlink(), 2, "{n}");
+    }
+}
+
+/// As for host lowers: an image file open for reading (its cache file the
+/// passthrough backing) must not make the opens of its copy fail.
+#[test]
+fn a_reader_holding_an_image_file_open_does_not_break_writers_or_later_opens() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"image\n").unwrap();
+    s.build(&src, "held");
+    let m = s.mount("image:held", true, &[]);
+    let reader = fs::File::open(m.m("f")).unwrap();
+    let mut failures = Vec::new();
+    match fs::OpenOptions::new().append(true).open(m.m("f")) {
+        Ok(mut w) => std::io::Write::write_all(&mut w, b"appended\n").unwrap(),
+        Err(e) => failures.push(format!("open for append while a reader has it open: {e}")),
+    }
+    match fs::read(m.m("f")) {
+        Ok(d) if d == b"image\nappended\n" => {}
+        other => failures.push(format!("a new open after the copy-up read {other:?}")),
+    }
+    drop(reader);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -1295,3 +1295,355 @@ fn an_upper_inside_the_lower_is_refused() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+// ---- more: directories, opens, users, concurrency, layers ----------------
+
+#[test]
+fn changing_a_lower_directory_copies_only_it_up_and_keeps_it_merged() {
+    let m = overlay(|src| {
+        fs::create_dir_all(src.join("d/sub")).unwrap();
+        write(&src.join("d/f"), b"f");
+        write(&src.join("d/sub/g"), b"g");
+        chmod(&src.join("d"), 0o755);
+        set_xattr(&src.join("d"), "user.dir", b"yes");
+        set_mtime(&src.join("d"), T0.0, T0.1);
+    });
+    chmod(&m.m("d"), 0o700);
+    std::os::unix::fs::chown(m.m("d"), Some(11), Some(12)).unwrap();
+    let u = lstat(&up(&m, "d"));
+    assert!(u.is_dir());
+    assert_eq!((u.mode() & 0o7777, u.uid(), u.gid()), (0o700, 11, 12));
+    assert_eq!(mtime(&u), T0, "directory copy-up keeps its mtime");
+    assert_eq!(
+        xattrs_of(&up(&m, "d")),
+        vec![("user.dir".to_owned(), b"yes".to_vec())]
+    );
+    assert_eq!(
+        opaque(&up(&m, "d")),
+        None,
+        "a copied-up directory must not be opaque"
+    );
+    assert!(
+        names(&up(&m, "d")).is_empty(),
+        "children copied up: {:?}",
+        names(&up(&m, "d"))
+    );
+    assert_eq!(names(&m.m("d")), ["f", "sub"]);
+    assert_eq!(read(&m.m("d/sub/g")), "g");
+    assert_eq!(mtime(&lstat(&m.m("d"))), T0);
+    // Creating in a lower directory copies the chain up, nothing else.
+    fs::create_dir_all(m.m("d/sub/new/deeper")).unwrap();
+    assert_eq!(names(&up(&m, "d")), ["sub"]);
+    assert_eq!(names(&up(&m, "d/sub")), ["new"]);
+    assert_eq!(names(&m.m("d/sub")), ["g", "new"]);
+    assert_eq!(opaque(&up(&m, "d/sub")), None);
+    assert_eq!(opaque(&up(&m, "d/sub/new")), None);
+}
+
+#[test]
+fn truncating_opens_and_exclusive_creates() {
+    let m = overlay(|src| {
+        write(&src.join("trunc"), b"long lower content");
+        write(&src.join("excl"), b"lower");
+        write(&src.join("big"), &vec![7u8; 3 << 20]);
+    });
+    // O_TRUNC on a lower file.
+    fs::write(m.m("trunc"), b"short").unwrap();
+    assert_eq!(read(&m.m("trunc")), "short");
+    assert_eq!(read(&up(&m, "trunc")), "short");
+    assert_eq!(read(&m.s("trunc")), "long lower content");
+    // O_EXCL on a shown lower name fails; on a whited-out one it works.
+    assert_eq!(
+        errno(
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(m.m("excl"))
+        ),
+        libc::EEXIST
+    );
+    fs::remove_file(m.m("excl")).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.m("excl"))
+        .unwrap();
+    f.write_all(b"exclusive").unwrap();
+    drop(f);
+    assert_eq!(read(&m.m("excl")), "exclusive");
+    // A larger file, written in the middle: copied whole, changed in place.
+    let f = fs::OpenOptions::new().write(true).open(m.m("big")).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"MIDDLE", 1 << 20).unwrap();
+    drop(f);
+    let mut expect = vec![7u8; 3 << 20];
+    expect[1 << 20..(1 << 20) + 6].copy_from_slice(b"MIDDLE");
+    assert!(
+        fs::read(m.m("big")).unwrap() == expect,
+        "big file through the mount"
+    );
+    assert!(
+        fs::read(up(&m, "big")).unwrap() == expect,
+        "big file in the upper"
+    );
+    assert!(
+        fs::read(m.s("big")).unwrap() == vec![7u8; 3 << 20],
+        "lower changed"
+    );
+    // A sparse lower file stays the same size and content.
+    let sparse = m.s("sparse");
+    let f = fs::File::create(&sparse).unwrap();
+    f.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"end", (64 << 20) - 3).unwrap();
+    drop(f);
+    append(&m.m("sparse"), b"+");
+    let md = lstat(&up(&m, "sparse"));
+    assert_eq!(md.len(), (64 << 20) + 1);
+    let data = fs::read(m.m("sparse")).unwrap();
+    assert!(data[..(64 << 20) - 3].iter().all(|b| *b == 0));
+    assert_eq!(&data[(64 << 20) - 3..], b"end+");
+}
+
+#[test]
+fn open_files_across_copy_up_unlink_and_rename() {
+    let m = overlay(|src| {
+        write(&src.join("f"), b"lower");
+        fs::create_dir(src.join("d")).unwrap();
+        write(&src.join("d/inner"), b"inner");
+        write(&src.join("doomed"), b"still readable");
+    });
+    // A writer opened before a rename of its lower directory keeps writing
+    // the file the mount shows.
+    let mut w = fs::OpenOptions::new()
+        .append(true)
+        .open(m.m("d/inner"))
+        .unwrap();
+    fs::rename(m.m("d"), m.m("d2")).unwrap();
+    w.write_all(b"+after").unwrap();
+    drop(w);
+    assert_eq!(read(&m.m("d2/inner")), "inner+after");
+    assert_eq!(read(&m.s("d/inner")), "inner");
+    // New opens after a copy-up see the upper's data.
+    append(&m.m("f"), b"+upper");
+    assert_eq!(read(&m.m("f")), "lower+upper");
+    let mut rw = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.m("f"))
+        .unwrap();
+    rw.write_all(b"LOW").unwrap();
+    drop(rw);
+    assert_eq!(read(&m.m("f")), "LOWer+upper");
+    // An open lower file stays readable after its name is removed.
+    let mut r = fs::File::open(m.m("doomed")).unwrap();
+    fs::remove_file(m.m("doomed")).unwrap();
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut r, &mut s).unwrap();
+    assert_eq!(s, "still readable");
+    assert_eq!(errno(fs::symlink_metadata(m.m("doomed"))), libc::ENOENT);
+}
+
+#[test]
+fn another_user_changes_lower_files_as_their_permissions_allow() {
+    let m = overlay(|src| {
+        fs::create_dir_all(src.join("root_dir/users")).unwrap();
+        chmod(&src.join("root_dir"), 0o755);
+        std::os::unix::fs::chown(src.join("root_dir/users"), Some(65534), Some(65534)).unwrap();
+        write(&src.join("root_dir/users/theirs"), b"theirs");
+        std::os::unix::fs::chown(src.join("root_dir/users/theirs"), Some(65534), Some(65534))
+            .unwrap();
+        write(&src.join("root_dir/roots"), b"root's");
+        chmod(&src.join("root_dir/roots"), 0o644);
+    });
+    let d = m.m("root_dir");
+    as_nobody_ok(&format!("echo more >> {}/users/theirs", d.display()));
+    as_nobody_ok(&format!("echo new > {}/users/new", d.display()));
+    as_nobody_ok(&format!(
+        "rm {}/users/theirs.none 2>/dev/null; true",
+        d.display()
+    ));
+    assert_eq!(read(&m.m("root_dir/users/theirs")), "theirsmore\n");
+    let u = lstat(&up(&m, "root_dir/users/theirs"));
+    assert_eq!((u.uid(), u.gid()), (65534, 65534));
+    let n = lstat(&up(&m, "root_dir/users/new"));
+    assert_eq!((n.uid(), n.gid()), (65534, 65534));
+    let ud = lstat(&up(&m, "root_dir"));
+    assert_eq!((ud.uid(), ud.mode() & 0o7777), (0, 0o755));
+    // Refused by permissions: no copy-up happens.
+    let out = as_nobody(&format!("echo no >> {}/roots", d.display()));
+    assert!(!out.status.success());
+    let out = as_nobody(&format!("rm -f {}/roots", d.display()));
+    assert!(!out.status.success());
+    let out = as_nobody(&format!("chmod 777 {}/roots", d.display()));
+    assert!(!out.status.success());
+    assert!(
+        !exists(&up(&m, "root_dir/roots")),
+        "a refused change copied the file up"
+    );
+    assert_eq!(read(&m.m("root_dir/roots")), "root's");
+    // Unlinking their own lower file in their directory works.
+    as_nobody_ok(&format!("rm {}/users/theirs", d.display()));
+    assert!(is_whiteout(&up(&m, "root_dir/users/theirs")));
+}
+
+#[test]
+fn concurrent_writers_copy_a_lower_file_up_once() {
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 50;
+    let m = overlay(|src| {
+        fs::create_dir_all(src.join("a/b/c")).unwrap();
+        write(&src.join("a/b/c/shared"), b"");
+        for i in 0..THREADS {
+            write(&src.join(format!("a/b/c/own{i}")), b"");
+        }
+    });
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let m = &m;
+            s.spawn(move || {
+                for r in 0..ROUNDS {
+                    append(&m.m("a/b/c/shared"), format!("{t}:{r}\n").as_bytes());
+                    append(&m.m(&format!("a/b/c/own{t}")), b"x");
+                }
+            });
+        }
+    });
+    let shared = read(&m.m("a/b/c/shared"));
+    let lines: HashSet<&str> = shared.lines().collect();
+    assert_eq!(
+        lines.len(),
+        THREADS * ROUNDS,
+        "appends lost in copy-up races"
+    );
+    for t in 0..THREADS {
+        assert_eq!(read(&m.m(&format!("a/b/c/own{t}"))), "x".repeat(ROUNDS));
+    }
+    assert_eq!(read(&up(&m, "a/b/c/shared")), shared);
+    assert_no_temporaries(&m);
+}
+
+#[test]
+fn a_directory_renamed_away_and_back_is_whole() {
+    let m = overlay(rename_tree);
+    let before = snapshot(&m.m("tree"), true);
+    fs::rename(m.m("tree"), m.m("away")).unwrap();
+    fs::rename(m.m("away"), m.m("tree")).unwrap();
+    assert_eq!(names(&m.mnt), ["tree"]);
+    assert_same_tree(
+        "tree after away and back",
+        &before,
+        &snapshot(&m.m("tree"), true),
+    );
+    assert!(
+        !exists(&up(&m, "away")),
+        "a trace of the intermediate name is left"
+    );
+    // And the exchange of two lower directories.
+    fs::create_dir_all(m.s("p/pp")).unwrap();
+    write(&m.s("p/pf"), b"p");
+    fs::create_dir_all(m.s("q")).unwrap();
+    write(&m.s("q/qf"), b"q");
+    let (p, q) = (snapshot(&m.s("p"), true), snapshot(&m.s("q"), true));
+    renameat2(&m.m("p"), &m.m("q"), RenameFlags::EXCHANGE).unwrap();
+    assert_same_tree("q after exchange", &p, &snapshot(&m.m("q"), true));
+    assert_same_tree("p after exchange", &q, &snapshot(&m.m("p"), true));
+    assert_no_temporaries(&m);
+}
+
+/// Two host lowers (`l1` over `l2`) with whiteouts and opaque directories,
+/// and an upper: what strata shows after changes, the kernel shows too.
+#[test]
+fn several_host_lowers_with_markers_match_kernel_overlayfs() {
+    let mut m = Mounted::build_with(&[], &[], |dir| {
+        let (l1, l2, upper) = (dir.join("l1"), dir.join("l2"), dir.join("upper"));
+        for d in [&l1, &l2, &upper] {
+            fs::create_dir(d).unwrap();
+        }
+        for d in ["keep", "opaque", "gone_dir", "merged", "deep/er"] {
+            fs::create_dir_all(l2.join(d)).unwrap();
+        }
+        write(&l2.join("keep/b"), b"b");
+        write(&l2.join("opaque/hidden"), b"hidden");
+        write(&l2.join("gone_dir/x"), b"x");
+        write(&l2.join("gone_file"), b"gone");
+        write(&l2.join("merged/bottom"), b"bottom");
+        write(&l2.join("replaced"), b"bottom version");
+        write(&l2.join("deep/er/leaf"), b"leaf");
+        for d in ["opaque", "merged", "deep"] {
+            fs::create_dir_all(l1.join(d)).unwrap();
+        }
+        set_xattr(&l1.join("opaque"), "trusted.overlay.opaque", b"y");
+        write(&l1.join("opaque/shown"), b"shown");
+        write(&l1.join("merged/top"), b"top");
+        write(&l1.join("deep/top_leaf"), b"top leaf");
+        for w in ["gone_dir", "gone_file", "merged/nothing_below"] {
+            rustix::fs::mknodat(CWD, l1.join(w), FileType::CharacterDevice, Mode::empty(), 0)
+                .unwrap();
+        }
+        write(&l1.join("replaced"), b"top version");
+        (
+            format!("{}:{}", l1.display(), l2.display()),
+            vec![format!("upper={}", upper.display())],
+        )
+    });
+    assert_eq!(
+        names(&m.mnt),
+        ["deep", "keep", "merged", "opaque", "replaced"]
+    );
+    assert_eq!(names(&m.m("opaque")), ["shown"]);
+    assert_eq!(names(&m.m("merged")), ["bottom", "top"]);
+    assert_eq!(read(&m.m("replaced")), "top version");
+    // The opaque lower directory has nothing below it: it can go.
+    fs::remove_file(m.m("opaque/shown")).unwrap();
+    fs::remove_dir(m.m("opaque")).unwrap();
+    // Changes on both lowers' objects.
+    append(&m.m("deep/er/leaf"), b"+");
+    append(&m.m("deep/top_leaf"), b"+");
+    fs::remove_file(m.m("merged/bottom")).unwrap();
+    write(&m.m("merged/nothing_below"), b"now something");
+    fs::rename(m.m("deep"), m.m("deep_moved")).unwrap();
+    fs::create_dir(m.m("gone_dir")).unwrap();
+    write(&m.m("gone_dir/y"), b"y");
+    assert_eq!(names(&m.m("gone_dir")), ["y"]);
+
+    let strata = snapshot(&m.mnt, true);
+    m.unmount();
+    let d = m.dir.path();
+    let (work, kmnt) = (d.join("work"), d.join("kernel"));
+    fs::create_dir(&work).unwrap();
+    fs::create_dir(&kmnt).unwrap();
+    let lowers = format!("{}:{}", d.join("l1").display(), d.join("l2").display());
+    let k = KernelOverlay::mount(&lowers, &d.join("upper"), &work, &kmnt);
+    assert_same_tree(
+        "strata (first) vs kernel overlayfs (second)",
+        &strata,
+        &snapshot(&k.mnt, true),
+    );
+}
+
+/// A file some process has open for reading (with kernel passthrough, the
+/// lower file is its backing file) must not make opens of the copy fail.
+#[test]
+fn a_reader_holding_a_lower_file_open_does_not_break_writers_or_later_opens() {
+    let m = overlay(|src| write(&src.join("f"), b"lower\n"));
+    let mut reader = fs::File::open(m.m("f")).unwrap();
+    let mut failures = Vec::new();
+    match fs::OpenOptions::new().append(true).open(m.m("f")) {
+        Ok(mut w) => w.write_all(b"appended\n").unwrap(),
+        Err(e) => failures.push(format!("open for append while a reader has it open: {e}")),
+    }
+    match fs::read_to_string(m.m("f")) {
+        Ok(s) if s == "lower\nappended\n" => {}
+        other => failures.push(format!("a new open after the copy-up read {other:?}")),
+    }
+    // The early reader goes on reading (the lower's data, as in overlayfs).
+    let mut s = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut reader, &mut s) {
+        failures.push(format!("the early reader: {e}"));
+    }
+    drop(reader);
+    match fs::read_to_string(m.m("f")) {
+        Ok(s) if s == "lower\nappended\n" => {}
+        other => failures.push(format!("an open after the reader closed read {other:?}")),
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
