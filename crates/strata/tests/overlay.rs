@@ -1647,3 +1647,139 @@ fn a_reader_holding_a_lower_file_open_does_not_break_writers_or_later_opens() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn renaming_a_partly_changed_lower_directory_moves_what_the_mount_showed() {
+    let mut m = overlay(|src| {
+        rename_tree(src);
+        fs::create_dir_all(src.join("tree/cleared/sub")).unwrap();
+        write(&src.join("tree/cleared/sub/old"), b"old");
+        write(&src.join("tree/cleared/old"), b"old");
+        fs::create_dir_all(src.join("tree/mixed")).unwrap();
+        write(&src.join("tree/mixed/lower"), b"lower");
+        write(&src.join("tree/gone"), b"gone");
+        write(&src.join("tree/was"), b"was");
+    });
+    // Change the tree in every way before moving it.
+    fs::remove_file(m.m("tree/gone")).unwrap();
+    fs::rename(m.m("tree/was"), m.m("tree/now")).unwrap();
+    fs::remove_dir_all(m.m("tree/cleared")).unwrap();
+    fs::create_dir(m.m("tree/cleared")).unwrap(); // opaque, empty
+    write(&m.m("tree/mixed/upper"), b"upper");
+    append(&m.m("tree/sub/y"), b"+");
+    fs::remove_dir(m.m("tree/emptydir")).unwrap();
+    let shown = snapshot(&m.m("tree"), true);
+    assert_eq!(
+        names(&m.m("tree")),
+        ["cleared", "mixed", "now", "sub", "x"],
+        "before the move"
+    );
+
+    fs::rename(m.m("tree"), m.m("moved")).unwrap();
+    assert_same_tree("moved", &shown, &snapshot(&m.m("moved"), true));
+    // Deeper still: into a lower directory chain.
+    fs::create_dir_all(m.s("a/b/c")).unwrap();
+    fs::rename(m.m("moved"), m.m("a/b/c/tree")).unwrap();
+    assert_same_tree("moved deeper", &shown, &snapshot(&m.m("a/b/c/tree"), true));
+    let strata = snapshot(&m.mnt, true);
+    m.unmount();
+    let d = m.dir.path();
+    let (work, kmnt) = (d.join("work"), d.join("kernel"));
+    fs::create_dir(&work).unwrap();
+    fs::create_dir(&kmnt).unwrap();
+    let k = KernelOverlay::mount(m.src.to_str().unwrap(), &d.join("upper"), &work, &kmnt);
+    assert_same_tree(
+        "strata vs kernel overlayfs",
+        &strata,
+        &snapshot(&k.mnt, true),
+    );
+}
+
+#[test]
+fn touch_chown_of_setuid_and_mmap_writes_on_lower_files() {
+    let m = overlay(|src| {
+        for n in ["atime", "suid", "mapped"] {
+            write(&src.join(n), format!("{n} content").as_bytes());
+            set_mtime(&src.join(n), T0.0, T0.1);
+        }
+        chmod(&src.join("suid"), 0o4755);
+    });
+    // touch -a: only the access time changes; the copy keeps the mtime.
+    let out = Command::new("touch")
+        .arg("-a")
+        .arg(m.m("atime"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mtime(&lstat(&m.m("atime"))), T0);
+    assert_eq!(mtime(&lstat(&up(&m, "atime"))), T0);
+    // chown of a setuid file clears setuid, as on any Linux filesystem.
+    std::os::unix::fs::chown(m.m("suid"), Some(5), Some(5)).unwrap();
+    let md = lstat(&m.m("suid"));
+    assert_eq!((md.uid(), md.mode() & 0o7777), (5, 0o755));
+    assert_eq!(read(&up(&m, "suid")), "suid content");
+    // A shared writable mapping of a lower file writes the upper copy.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.m("mapped"))
+        .unwrap();
+    let len = 14;
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file, unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        std::ptr::copy_nonoverlapping(b"MAPPED".as_ptr(), p as *mut u8, 6);
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
+        libc::munmap(p, len);
+    }
+    drop(f);
+    assert_eq!(read(&m.m("mapped")), "MAPPED content");
+    assert_eq!(read(&up(&m, "mapped")), "MAPPED content");
+    assert_eq!(read(&m.s("mapped")), "mapped content");
+}
+
+#[test]
+fn large_merged_listings_show_every_name_once() {
+    const N: usize = 3000;
+    let m = overlay(|src| {
+        fs::create_dir(src.join("big")).unwrap();
+        for i in 0..N {
+            write(&src.join(format!("big/name-with-some-length-{i:05}")), b"l");
+        }
+    });
+    let dir = m.m("big");
+    // A third of the names get an upper copy, a third are removed, and as
+    // many new names come.
+    for i in (0..N).step_by(3) {
+        append(&dir.join(format!("name-with-some-length-{i:05}")), b"+");
+    }
+    for i in (1..N).step_by(3) {
+        fs::remove_file(dir.join(format!("name-with-some-length-{i:05}"))).unwrap();
+    }
+    for i in N..N + N / 3 {
+        write(&dir.join(format!("name-with-some-length-{i:05}")), b"n");
+    }
+    let mut expect: Vec<String> = (0..N + N / 3)
+        .filter(|i| *i >= N || i % 3 != 1)
+        .map(|i| format!("name-with-some-length-{i:05}"))
+        .collect();
+    expect.sort();
+    let mut raw = raw_listing(&dir);
+    assert_eq!(raw.drain(..2).collect::<Vec<_>>(), [".", ".."]);
+    let dups = raw.windows(2).filter(|w| w[0] == w[1]).count();
+    assert_eq!(dups, 0, "duplicate names");
+    assert_eq!(raw, expect);
+}
