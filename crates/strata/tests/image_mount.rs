@@ -729,3 +729,82 @@ fn a_reader_holding_an_image_file_open_does_not_break_writers_or_later_opens() {
     drop(reader);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn replacing_an_image_while_mounted_keeps_the_mount_on_the_old_content() {
+    let s = Scratch::new();
+    let (v1, v2) = (s.path("v1"), s.path("v2"));
+    for (root, tag) in [(&v1, 1u32), (&v2, 2)] {
+        fs::create_dir_all(root.join("d")).unwrap();
+        for i in 0..20 {
+            fs::write(
+                root.join(format!("d/f{i:02}")),
+                content(tag * 1000 + i, 5000),
+            )
+            .unwrap();
+        }
+        fs::write(root.join(format!("only_v{tag}")), b"x").unwrap();
+    }
+    s.build(&v1, "app");
+    let old = s.mount("image:app", false, &[]);
+    assert_eq!(read(&old.m("d/f00")), content(1000, 5000));
+    let out = s.run(&[
+        "image",
+        "build",
+        v2.to_str().unwrap(),
+        "--name",
+        "app",
+        "--replace",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(50));
+    s.ok(&["gc"]);
+    // The old mount: old names and content, also files not read before.
+    assert_eq!(names(&old.mnt), ["d", "only_v1"]);
+    for i in 0..20 {
+        assert_eq!(
+            read(&old.m(&format!("d/f{i:02}"))),
+            content(1000 + i, 5000),
+            "f{i:02}"
+        );
+    }
+    // A new mount: the new image.
+    let new = s.mount("image:app", false, &[]);
+    assert_eq!(names(&new.mnt), ["d", "only_v2"]);
+    assert_eq!(read(&new.m("d/f05")), content(2005, 5000));
+    assert_eq!(read(&old.m("d/f05")), content(1005, 5000));
+}
+
+#[test]
+fn the_store_stays_writable_by_root_only_after_mounts_read_from_it() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"content\n").unwrap();
+    s.build(&src, "perm");
+    let m = s.mount("image:perm", true, &[]);
+    assert_eq!(read(&m.m("d/f")), b"content\n");
+    fs::write(m.m("d/f"), b"changed\n").unwrap();
+    drop(m);
+    let tree = snapshot(&s.store(), false);
+    let writable: Vec<String> = tree
+        .objs
+        .iter()
+        .filter(|(_, o)| o.mode & 0o002 != 0 && o.kind != 'l')
+        .map(|(p, o)| format!("{p} {:o}", o.mode))
+        .collect();
+    assert!(
+        writable.is_empty(),
+        "world-writable in the store: {writable:?}"
+    );
+    // The cache holds the verified, read-only content.
+    let cached: Vec<(&String, &Obj)> = tree
+        .objs
+        .iter()
+        .filter(|(p, o)| p.starts_with("cache/") && o.kind == 'f')
+        .collect();
+    assert!(!cached.is_empty(), "nothing cached");
+    for (p, o) in cached {
+        assert_eq!(o.mode & 0o222, 0, "cache file {p} is writable");
+    }
+}

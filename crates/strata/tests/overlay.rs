@@ -1783,3 +1783,136 @@ fn large_merged_listings_show_every_name_once() {
     assert_eq!(dups, 0, "duplicate names");
     assert_eq!(raw, expect);
 }
+
+/// The upper on another filesystem (tmpfs) than the lower.
+fn overlay_on_tmpfs(t: &TmpfsBranches, prepare: impl FnOnce(&Path)) -> Mounted {
+    let upper = t.path(0);
+    Mounted::build_with(&[], &[], move |dir| {
+        let src = dir.join("src");
+        fs::create_dir(&src).unwrap();
+        prepare(&src);
+        (
+            src.display().to_string(),
+            vec![format!("upper={}", upper.display())],
+        )
+    })
+}
+
+#[test]
+fn an_upper_on_tmpfs_works_and_a_full_upper_fails_copy_up_cleanly() {
+    let t = TmpfsBranches::new(&[2]);
+    let m = overlay_on_tmpfs(&t, |src| {
+        fs::create_dir_all(src.join("tree/sub")).unwrap();
+        write(&src.join("tree/sub/f"), b"f");
+        write(&src.join("small"), b"small");
+        write(&src.join("big"), &vec![1u8; 4 << 20]);
+        write(&src.join("gone"), b"gone");
+        set_xattr(&src.join("small"), "user.k", b"v");
+    });
+    let upper = t.path(0);
+    append(&m.m("small"), b"+");
+    assert_eq!(read(&upper.join("small")), "small+");
+    assert_eq!(
+        get_xattr(&upper.join("small"), "user.k").as_deref(),
+        Some(&b"v"[..])
+    );
+    fs::remove_file(m.m("gone")).unwrap();
+    assert!(is_whiteout(&upper.join("gone")));
+    fs::rename(m.m("tree"), m.m("tree2")).unwrap();
+    assert_eq!(read(&m.m("tree2/sub/f")), "f");
+
+    // 4 MiB do not fit in 2 MiB: the write fails with ENOSPC, the file still
+    // shows the lower content, and nothing is left in the upper.
+    let r = fs::OpenOptions::new().append(true).open(m.m("big"));
+    assert_eq!(errno(r), libc::ENOSPC);
+    assert!(fs::read(m.m("big")).unwrap() == vec![1u8; 4 << 20]);
+    assert!(!exists(&upper.join("big")));
+    let left: Vec<String> = names(&upper)
+        .into_iter()
+        .filter(|n| n.starts_with(".strata"))
+        .collect();
+    assert!(left.is_empty(), "temporaries left: {left:?}");
+    // And the mount goes on working.
+    write(&m.m("after"), b"ok");
+    assert_eq!(read(&m.m("after")), "ok");
+}
+
+#[test]
+fn odd_names_copy_up_and_list() {
+    use std::os::unix::ffi::OsStrExt;
+    let odd: Vec<&std::ffi::OsStr> = vec![
+        std::ffi::OsStr::from_bytes(b"new\nline"),
+        std::ffi::OsStr::from_bytes(b"latin1 \xe9t\xe9"),
+        std::ffi::OsStr::from_bytes(b" leading space"),
+        std::ffi::OsStr::from_bytes(b".strata-tmp-lookalike"),
+        std::ffi::OsStr::from_bytes(b".strata-tmp.1.2"),
+        std::ffi::OsStr::from_bytes(&[b'x'; 255]),
+    ];
+    let names_in = odd.clone();
+    let m = overlay(move |src| {
+        for n in &names_in {
+            fs::write(src.join(n), n.as_bytes()).unwrap();
+        }
+    });
+    for n in &odd {
+        let p = m.mnt.join(n);
+        let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"+").unwrap();
+        drop(f);
+        let mut want = n.as_bytes().to_vec();
+        want.push(b'+');
+        assert_eq!(fs::read(&p).unwrap(), want, "{n:?}");
+    }
+    // Also one made through the mount.
+    fs::write(m.m(".strata-tmp.mine"), b"mine").unwrap();
+    let mut listed: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| String::from_utf8_lossy(e.unwrap().file_name().as_bytes()).into_owned())
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = odd
+        .iter()
+        .map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned())
+        .chain([".strata-tmp.mine".to_owned()])
+        .collect();
+    want.sort();
+    assert_eq!(
+        listed, want,
+        "user files whose names look like strata's temporaries must be listed"
+    );
+}
+
+/// A daemon killed in the middle of a copy-up leaves its temporary in the
+/// upper. The next mount must not let it make a directory unremovable (an
+/// empty listing, and rmdir saying ENOTEMPTY).
+#[test]
+fn a_temporary_left_by_a_crash_does_not_make_its_directory_unremovable() {
+    let m = Mounted::build_with(&[], &[], |dir| {
+        let (src, upper) = (dir.join("src"), dir.join("upper"));
+        fs::create_dir_all(src.join("d")).unwrap();
+        write(&src.join("d/f"), b"f");
+        fs::create_dir_all(upper.join("d")).unwrap();
+        fs::create_dir_all(upper.join("upper_only")).unwrap();
+        for d in ["d", "upper_only"] {
+            write(&upper.join(d).join(".strata-tmp.4242.7"), b"half a copy");
+        }
+        (
+            src.display().to_string(),
+            vec![format!("upper={}", upper.display())],
+        )
+    });
+    assert_eq!(names(&m.m("d")), ["f"]);
+    assert!(names(&m.m("upper_only")).is_empty());
+    let rm = Command::new("rm")
+        .arg("-rf")
+        .arg(m.m("d"))
+        .arg(m.m("upper_only"))
+        .output()
+        .unwrap();
+    assert!(
+        rm.status.success(),
+        "rm -rf of directories holding a stale temporary: {}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert!(names(&m.mnt).is_empty());
+}
