@@ -808,3 +808,30 @@ fn the_store_stays_writable_by_root_only_after_mounts_read_from_it() {
         assert_eq!(o.mode & 0o222, 0, "cache file {p} is writable");
     }
 }
+
+/// Renaming an image directory copies its whole tree up; what the mount
+/// showed moves unchanged, hard links included.
+#[test]
+fn renaming_an_image_directory_moves_its_whole_tree_unchanged() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    fs::create_dir_all(src.join("top/nested/deeper")).unwrap();
+    add_extras(&src.join("top/nested"));
+    fs::write(src.join("top/nested/deeper/leaf"), content(9, 70_000)).unwrap();
+    fs::write(src.join("top/a"), b"a").unwrap();
+    fs::hard_link(src.join("top/a"), src.join("top/nested/deeper/a_link")).unwrap();
+    s.build(&src, "tree");
+    let m = s.mount("image:tree", true, &[]);
+    let before = snapshot(&m.m("top"), true);
+    fs::rename(m.m("top"), m.m("moved")).unwrap();
+    assert_eq!(names(&m.mnt), ["moved"]);
+    assert_same_tree(
+        "renamed image directory",
+        &before,
+        &snapshot(&m.m("moved"), true),
+    );
+    // Still linked: a write through one name shows through the other.
+    fs::write(m.m("moved/a"), b"changed").unwrap();
+    assert_eq!(read(&m.m("moved/nested/deeper/a_link")), b"changed");
+    assert_eq!(read(&m.m("moved/nested/extras/hard_b")), b"linked\n");
+}

@@ -1916,3 +1916,27 @@ fn a_temporary_left_by_a_crash_does_not_make_its_directory_unremovable() {
     );
     assert!(names(&m.mnt).is_empty());
 }
+
+/// Renaming a lower directory copies its tree up: hard links inside it must
+/// stay hard links (before the move the mount showed them as one inode).
+#[test]
+fn renaming_a_lower_directory_keeps_hard_links_inside_it() {
+    let m = overlay(|src| {
+        fs::create_dir_all(src.join("d/sub")).unwrap();
+        write(&src.join("d/h1"), b"linked");
+        fs::hard_link(src.join("d/h1"), src.join("d/sub/h2")).unwrap();
+    });
+    let (a, b) = (lstat(&m.m("d/h1")), lstat(&m.m("d/sub/h2")));
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "before the move");
+    fs::rename(m.m("d"), m.m("e")).unwrap();
+    let (a, b) = (lstat(&m.m("e/h1")), lstat(&m.m("e/sub/h2")));
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "after the move: e/h1 and e/sub/h2 are no longer one file"
+    );
+    let (ua, ub) = (lstat(&up(&m, "e/h1")), lstat(&up(&m, "e/sub/h2")));
+    assert_eq!(ua.ino(), ub.ino(), "the upper copies are not linked");
+    write(&m.m("e/h1"), b"changed");
+    assert_eq!(read(&m.m("e/sub/h2")), "changed");
+}
