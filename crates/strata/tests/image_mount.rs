@@ -321,6 +321,10 @@ fn the_venv_interpreter_runs_from_the_mount_and_writes_only_the_upper() {
     // The source and the store are untouched.
     assert_same_tree("venv source", &src_before, &snapshot(&src, true));
     assert_eq!(s.store_listing(), store_before, "the store changed");
+    // Without an upper the interpreter runs too (its bytecode not written).
+    let ro = s.mount("image:venv", false, &[]);
+    let (ok, out, err) = venv_python(&ro, &["-c", "import pip._internal, json; print('ok')"]);
+    assert!(ok && out.trim() == "ok", "read-only venv: {out}{err}");
 }
 
 #[test]
@@ -834,4 +838,94 @@ fn renaming_an_image_directory_moves_its_whole_tree_unchanged() {
     fs::write(m.m("moved/a"), b"changed").unwrap();
     assert_eq!(read(&m.m("moved/nested/deeper/a_link")), b"changed");
     assert_eq!(read(&m.m("moved/nested/extras/hard_b")), b"linked\n");
+}
+
+/// Runs the mount's `bin/python ARGS`; returns (success, stdout, stderr).
+fn venv_python(m: &Mounted, args: &[&str]) -> (bool, String, String) {
+    let python = m.m("bin/python");
+    let out = output_with_timeout(
+        Command::new(&python)
+            .args(args)
+            .env_remove("PYTHONDONTWRITEBYTECODE")
+            .env_remove("PYTHONPYCACHEPREFIX")
+            .env_remove("PYTHONHOME")
+            .env_remove("PYTHONPATH")
+            .env_remove("VIRTUAL_ENV")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .env("PIP_NO_INPUT", "1"),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|| panic!("{} {args:?} timed out", python.display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// pip removing and reinstalling whole packages inside the image: deep
+/// trees removed (whiteouts), made again over the whiteouts, uninstalled.
+#[test]
+fn pip_reinstalls_and_uninstalls_packages_in_the_mounted_venv() {
+    let s = Scratch::new();
+    let Some(src) = venv_image(&s) else { return };
+    let bundled = Command::new("python3")
+        .args([
+            "-c",
+            "import ensurepip, os, glob; print(glob.glob(os.path.join(os.path.dirname(ensurepip.__file__), '_bundled', 'pip-*.whl'))[0])",
+        ])
+        .output()
+        .unwrap();
+    let wheel = String::from_utf8(bundled.stdout).unwrap().trim().to_owned();
+    assert!(
+        Path::new(&wheel).is_file(),
+        "no bundled pip wheel: {wheel:?}"
+    );
+    let src_before = snapshot(&src, true);
+    let m = s.mount("image:venv", true, &[]);
+    let ok = |args: &[&str]| {
+        let (ok, out, err) = venv_python(&m, args);
+        assert!(ok, "python {args:?}: {out}{err}");
+        out
+    };
+    ok(&[
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--force-reinstall",
+        &wheel,
+    ]);
+    let version = ok(&["-m", "pip", "--version"]);
+    assert!(version.contains(m.mnt.to_str().unwrap()), "{version}");
+    ok(&["-c", "import pip._internal.cli.main"]);
+    ok(&["-m", "pip", "uninstall", "-y", "setuptools"]);
+    let (gone, _, err) = venv_python(&m, &["-c", "import setuptools"]);
+    assert!(
+        !gone && err.contains("ModuleNotFoundError"),
+        "setuptools still importable: {err}"
+    );
+    let site = fs::read_dir(m.m("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages");
+    let left: Vec<String> = names(&site)
+        .into_iter()
+        .filter(|n| n.starts_with("setuptools"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "uninstalled package still listed: {left:?}"
+    );
+    let listed = ok(&["-m", "pip", "list", "--format=freeze"]);
+    assert!(
+        listed.contains("pip==") && !listed.contains("setuptools=="),
+        "{listed}"
+    );
+    assert_same_tree("venv source", &src_before, &snapshot(&src, true));
+    assert_eq!(s.ok(&["image", "verify", "venv"]).lines().count(), 1);
 }
