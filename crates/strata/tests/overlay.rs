@@ -124,6 +124,36 @@ fn renameat2(from: &Path, to: &Path, flags: RenameFlags) -> Result<(), i32> {
     rustix::fs::renameat_with(CWD, from, CWD, to, flags).map_err(|e| e.raw_os_error())
 }
 
+/// `sh -c SCRIPT` as nobody (65534), killed after 30 s.
+fn nobody(script: &str) -> std::process::Output {
+    output_with_timeout(
+        Command::new("setpriv").args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ]),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|| panic!("as nobody: {script}: timed out"))
+}
+
+fn nobody_ok(script: &str) {
+    let out = nobody(script);
+    assert!(
+        out.status.success(),
+        "as nobody: {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a command on the mount, killed after 30 s.
+fn run(cmd: &mut Command) -> std::process::Output {
+    output_with_timeout(cmd, Duration::from_secs(30)).unwrap_or_else(|| panic!("{cmd:?} timed out"))
+}
+
 // ---- 1. copy-up on write ------------------------------------------------
 
 #[test]
@@ -1455,9 +1485,9 @@ fn another_user_changes_lower_files_as_their_permissions_allow() {
         chmod(&src.join("root_dir/roots"), 0o644);
     });
     let d = m.m("root_dir");
-    as_nobody_ok(&format!("echo more >> {}/users/theirs", d.display()));
-    as_nobody_ok(&format!("echo new > {}/users/new", d.display()));
-    as_nobody_ok(&format!(
+    nobody_ok(&format!("echo more >> {}/users/theirs", d.display()));
+    nobody_ok(&format!("echo new > {}/users/new", d.display()));
+    nobody_ok(&format!(
         "rm {}/users/theirs.none 2>/dev/null; true",
         d.display()
     ));
@@ -1469,11 +1499,11 @@ fn another_user_changes_lower_files_as_their_permissions_allow() {
     let ud = lstat(&up(&m, "root_dir"));
     assert_eq!((ud.uid(), ud.mode() & 0o7777), (0, 0o755));
     // Refused by permissions: no copy-up happens.
-    let out = as_nobody(&format!("echo no >> {}/roots", d.display()));
+    let out = nobody(&format!("echo no >> {}/roots", d.display()));
     assert!(!out.status.success());
-    let out = as_nobody(&format!("rm -f {}/roots", d.display()));
+    let out = nobody(&format!("rm -f {}/roots", d.display()));
     assert!(!out.status.success());
-    let out = as_nobody(&format!("chmod 777 {}/roots", d.display()));
+    let out = nobody(&format!("chmod 777 {}/roots", d.display()));
     assert!(!out.status.success());
     assert!(
         !exists(&up(&m, "root_dir/roots")),
@@ -1481,7 +1511,7 @@ fn another_user_changes_lower_files_as_their_permissions_allow() {
     );
     assert_eq!(read(&m.m("root_dir/roots")), "root's");
     // Unlinking their own lower file in their directory works.
-    as_nobody_ok(&format!("rm {}/users/theirs", d.display()));
+    nobody_ok(&format!("rm {}/users/theirs", d.display()));
     assert!(is_whiteout(&up(&m, "root_dir/users/theirs")));
 }
 
@@ -1624,9 +1654,21 @@ fn several_host_lowers_with_markers_match_kernel_overlayfs() {
 /// lower file is its backing file) must not make opens of the copy fail.
 #[test]
 fn a_reader_holding_a_lower_file_open_does_not_break_writers_or_later_opens() {
-    let m = overlay(|src| write(&src.join("f"), b"lower\n"));
-    let mut reader = fs::File::open(m.m("f")).unwrap();
+    let m = overlay(|src| {
+        write(&src.join("f"), b"lower\n");
+        write(&src.join("g"), b"g\n");
+    });
     let mut failures = Vec::new();
+    // A metadata change copies up as well: later opens must still work.
+    let g_reader = fs::File::open(m.m("g")).unwrap();
+    chmod(&m.m("g"), 0o600);
+    if let Err(e) = fs::read(m.m("g")) {
+        failures.push(format!(
+            "an open after a chmod while a reader has it open: {e}"
+        ));
+    }
+    drop(g_reader);
+    let mut reader = fs::File::open(m.m("f")).unwrap();
     match fs::OpenOptions::new().append(true).open(m.m("f")) {
         Ok(mut w) => w.write_all(b"appended\n").unwrap(),
         Err(e) => failures.push(format!("open for append while a reader has it open: {e}")),
@@ -1705,11 +1747,7 @@ fn touch_chown_of_setuid_and_mmap_writes_on_lower_files() {
         chmod(&src.join("suid"), 0o4755);
     });
     // touch -a: only the access time changes; the copy keeps the mtime.
-    let out = Command::new("touch")
-        .arg("-a")
-        .arg(m.m("atime"))
-        .output()
-        .unwrap();
+    let out = run(Command::new("touch").arg("-a").arg(m.m("atime")));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(mtime(&lstat(&m.m("atime"))), T0);
     assert_eq!(mtime(&lstat(&up(&m, "atime"))), T0);
@@ -1903,12 +1941,10 @@ fn a_temporary_left_by_a_crash_does_not_make_its_directory_unremovable() {
     });
     assert_eq!(names(&m.m("d")), ["f"]);
     assert!(names(&m.m("upper_only")).is_empty());
-    let rm = Command::new("rm")
+    let rm = run(Command::new("rm")
         .arg("-rf")
         .arg(m.m("d"))
-        .arg(m.m("upper_only"))
-        .output()
-        .unwrap();
+        .arg(m.m("upper_only")));
     assert!(
         rm.status.success(),
         "rm -rf of directories holding a stale temporary: {}",
@@ -1939,4 +1975,47 @@ fn renaming_a_lower_directory_keeps_hard_links_inside_it() {
     assert_eq!(ua.ino(), ub.ino(), "the upper copies are not linked");
     write(&m.m("e/h1"), b"changed");
     assert_eq!(read(&m.m("e/sub/h2")), "changed");
+}
+
+/// SOURCE `image` alone (no name after it) is a directory called `image`,
+/// as `data` would be: it must not be taken for an image layer.
+#[test]
+fn a_directory_named_image_is_still_a_directory() {
+    let scratch = tempfile::Builder::new()
+        .prefix("strata-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = scratch.path();
+    fs::create_dir_all(d.join("image")).unwrap();
+    fs::create_dir_all(d.join("other")).unwrap();
+    write(&d.join("image/f"), b"in a directory called image");
+    let mut failures = Vec::new();
+    for source in ["image", "other:image"] {
+        let mnt = d.join(format!("mnt-{}", source.replace(':', "-")));
+        fs::create_dir(&mnt).unwrap();
+        let out = output_with_timeout(
+            Command::new(STRATA)
+                .current_dir(d)
+                .args(["mount", source])
+                .arg(&mnt)
+                .env("STRATA_STATE_DIR", d.join("state"))
+                .env_remove("RUST_LOG"),
+            Duration::from_secs(30),
+        )
+        .expect("mount timed out");
+        let mounted = fstype_at(&mnt).is_some();
+        let content = fs::read(mnt.join("f")).ok();
+        if mounted {
+            let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+        }
+        if !out.status.success() || content.as_deref() != Some(&b"in a directory called image"[..])
+        {
+            failures.push(format!(
+                "strata mount {source} (cwd with a directory 'image'): exit {:?}, stderr {:?}, f read {content:?}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
