@@ -70,6 +70,17 @@ impl Mounted {
         env: &[(&str, &str)],
         make_source: impl FnOnce(&Path) -> String,
     ) -> Mounted {
+        Self::build_with(opts, env, |dir| (make_source(dir), Vec::new()))
+    }
+
+    /// Mounts the SOURCE `make` returns, with the extra `-o` options it
+    /// returns (for paths inside the scratch directory, such as
+    /// `upper=DIR` or `store=DIR`).
+    pub fn build_with(
+        opts: &[&str],
+        env: &[(&str, &str)],
+        make: impl FnOnce(&Path) -> (String, Vec<String>),
+    ) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("strata-test")
             .tempdir_in("/tmp")
@@ -77,11 +88,14 @@ impl Mounted {
         let src = dir.path().join("src");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
-        let source = make_source(dir.path());
+        let (source, extra) = make(dir.path());
         let log = dir.path().join("daemon.log");
         let mut cmd = Command::new(STRATA);
         cmd.arg("mount").arg("-f");
         for o in opts {
+            cmd.arg("-o").arg(o);
+        }
+        for o in &extra {
             cmd.arg("-o").arg(o);
         }
         cmd.arg(&source)
@@ -146,6 +160,33 @@ impl Mounted {
             std::thread::sleep(Duration::from_millis(10));
         }
         None
+    }
+
+    /// Unmounts now (not lazily: nothing may still use the mount) and waits
+    /// for the daemon to exit cleanly; panics with the daemon's log if
+    /// either fails. Afterwards the scratch directory is still there.
+    pub fn unmount(&mut self) {
+        let deadline = Instant::now() + EXIT;
+        loop {
+            match rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::empty()) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!(
+                    "unmount {}: {e}; daemon log:\n{}",
+                    self.mnt.display(),
+                    self.log()
+                ),
+            }
+        }
+        let code = self.wait_exit(EXIT);
+        assert_eq!(
+            code,
+            Some(0),
+            "daemon did not exit cleanly after unmount; log:\n{}",
+            self.log()
+        );
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {
@@ -402,4 +443,350 @@ impl Drop for TmpfsBranches {
             let _ = rustix::mount::unmount(self.path(i), rustix::mount::UnmountFlags::DETACH);
         }
     }
+}
+
+/// Runs `cmd` with its output captured, killing it after `limit`; `None` on
+/// timeout.
+pub fn output_with_timeout(cmd: &mut Command, limit: Duration) -> Option<Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start command");
+    // Drained as it comes, so a chatty command never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    // A daemon the command started may hold the pipes open: do not wait
+    // for their end longer than the command ran.
+    let join = |h: std::thread::JoinHandle<Vec<u8>>| {
+        let until = Instant::now() + Duration::from_secs(2);
+        while !h.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if h.is_finished() {
+            h.join().unwrap_or_default()
+        } else {
+            Vec::new()
+        }
+    };
+    Some(Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
+    })
+}
+
+/// The mount's fstype at `mnt` in the mount table, if something is mounted there.
+pub fn fstype_at(mnt: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let needle = format!(" {} ", mnt.display());
+    info.lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split(" - ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .next_back()
+        .map(str::to_owned)
+}
+
+/// A kernel overlayfs mount, detached on drop.
+pub struct KernelOverlay {
+    pub mnt: PathBuf,
+}
+
+impl KernelOverlay {
+    /// `mount -t overlay overlay -o lowerdir=LOWER,upperdir=UPPER,workdir=WORK MNT`
+    /// (`lower` may list several directories joined by ':'). Panics when the
+    /// kernel refuses, with its message.
+    pub fn mount(lower: &str, upper: &Path, work: &Path, mnt: &Path) -> KernelOverlay {
+        let opts = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        Self::mount_opts(&opts, mnt)
+    }
+
+    /// A read-only overlay of lowers only (at least two, joined by ':').
+    pub fn mount_lowers(lower: &str, mnt: &Path) -> KernelOverlay {
+        Self::mount_opts(&format!("lowerdir={lower}"), mnt)
+    }
+
+    fn mount_opts(opts: &str, mnt: &Path) -> KernelOverlay {
+        let out = output_with_timeout(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", opts])
+                .arg(mnt),
+            EXIT,
+        )
+        .expect("mount -t overlay timed out");
+        let k = KernelOverlay {
+            mnt: mnt.to_path_buf(),
+        };
+        assert!(
+            out.status.success(),
+            "mount -t overlay -o {opts} {}: {}",
+            mnt.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        k
+    }
+}
+
+impl Drop for KernelOverlay {
+    fn drop(&mut self) {
+        if fstype_at(&self.mnt).as_deref() == Some("overlay") {
+            let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// One object of a [`Tree`]: what a user can see of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Obj {
+    /// `f` file, `d` directory, `l` symlink, `p` fifo, `c`/`b` devices, `s` socket.
+    pub kind: char,
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Hash of a regular file's content.
+    pub content: u64,
+    pub target: Option<PathBuf>,
+    pub rdev: u64,
+    /// Modification time of non-directories (directories change with their
+    /// entries); `None` where the snapshot leaves times out.
+    pub mtime: Option<(i64, i64)>,
+    /// Extended attributes, `trusted.*` aside (private to each implementation).
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// A directory tree as seen through `stat`, `readlink`, `read` and xattrs:
+/// path (relative, "" for the root) → object, plus the groups of paths that
+/// share an inode (hard links).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tree {
+    pub objs: std::collections::BTreeMap<String, Obj>,
+    pub links: std::collections::BTreeSet<Vec<String>>,
+}
+
+fn content_hash(path: &Path) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let data = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut h = DefaultHasher::new();
+    h.write(&data);
+    h.finish()
+}
+
+pub fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut names = vec![0u8; 65536];
+    let n = match rustix::fs::llistxattr(path, &mut names[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => 0,
+        Err(e) => panic!("llistxattr {}: {e}", path.display()),
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if name.starts_with("trusted.") {
+            continue;
+        }
+        let mut v = vec![0u8; 65536];
+        let len = rustix::fs::lgetxattr(path, name.as_str(), &mut v[..])
+            .unwrap_or_else(|e| panic!("lgetxattr {} {name}: {e}", path.display()));
+        v.truncate(len);
+        out.push((name, v));
+    }
+    out.sort();
+    out
+}
+
+/// Snapshots the tree under `root`; `times`: record mtimes of non-directories.
+pub fn snapshot(root: &Path, times: bool) -> Tree {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut tree = Tree::default();
+    let mut inodes: std::collections::HashMap<u64, Vec<String>> = Default::default();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let path = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
+        let md =
+            fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_file() {
+            'f'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_fifo() {
+            'p'
+        } else if ft.is_char_device() {
+            'c'
+        } else if ft.is_block_device() {
+            'b'
+        } else {
+            's'
+        };
+        let obj = Obj {
+            kind,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            size: if kind == 'd' { 0 } else { md.size() },
+            content: if kind == 'f' { content_hash(&path) } else { 0 },
+            target: (kind == 'l').then(|| fs::read_link(&path).unwrap()),
+            rdev: md.rdev(),
+            mtime: (times && kind != 'd').then(|| (md.mtime(), md.mtime_nsec())),
+            xattrs: xattrs_of(&path),
+        };
+        if kind != 'd' {
+            inodes.entry(md.ino()).or_default().push(rel.clone());
+        }
+        if kind == 'd' {
+            for de in fs::read_dir(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
+                let name = de.unwrap().file_name().into_string().unwrap();
+                stack.push(if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                });
+            }
+        }
+        tree.objs.insert(rel, obj);
+    }
+    for (_, mut group) in inodes {
+        if group.len() > 1 {
+            group.sort();
+            tree.links.insert(group);
+        }
+    }
+    tree
+}
+
+/// The differences between two trees, one line each (empty when equal).
+pub fn tree_diff(a: &Tree, b: &Tree) -> Vec<String> {
+    let mut out = Vec::new();
+    for (p, oa) in &a.objs {
+        match b.objs.get(p) {
+            None => out.push(format!("/{p}: only in the first")),
+            Some(ob) if ob != oa => out.push(format!("/{p}: {oa:?} != {ob:?}")),
+            Some(_) => {}
+        }
+    }
+    for p in b.objs.keys().filter(|p| !a.objs.contains_key(*p)) {
+        out.push(format!("/{p}: only in the second"));
+    }
+    if a.links != b.links {
+        out.push(format!("hard links: {:?} != {:?}", a.links, b.links));
+    }
+    out
+}
+
+/// Asserts two trees are equal, listing every difference.
+pub fn assert_same_tree(what: &str, a: &Tree, b: &Tree) {
+    let d = tree_diff(a, b);
+    assert!(
+        d.is_empty(),
+        "{what}: {} differences:\n{}",
+        d.len(),
+        d.join("\n")
+    );
+}
+
+/// The errno of a failed I/O result; panics if it succeeded.
+pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e.raw_os_error().unwrap_or_else(|| panic!("no errno: {e}")),
+    }
+}
+
+/// `strata image build SRC --name NAME --store STORE`, which must succeed.
+pub fn build_image(src: &Path, store: &Path, name: &str) {
+    let out = output_with_timeout(
+        Command::new(STRATA)
+            .args(["image", "build"])
+            .arg(src)
+            .args(["--name", name, "--store"])
+            .arg(store),
+        Duration::from_secs(60),
+    )
+    .expect("image build timed out");
+    assert!(
+        out.status.success(),
+        "image build {name} from {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sets a path's access and modification time (not following symlinks).
+pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap_or_else(|e| panic!("utimensat {}: {e}", path.display()));
+}
+
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("setxattr {} {name}: {e}", path.display()));
+}
+
+/// An xattr's value, `None` if absent.
+pub fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut v = vec![0u8; 65536];
+    match rustix::fs::lgetxattr(path, name, &mut v[..]) {
+        Ok(n) => {
+            v.truncate(n);
+            Some(v)
+        }
+        Err(rustix::io::Errno::NODATA) => None,
+        Err(e) => panic!("getxattr {} {name}: {e}", path.display()),
+    }
+}
+
+/// Sorted names in a directory.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
 }
