@@ -54,10 +54,12 @@ pub struct Adapter<F: core::Filesystem> {
 
 /// How each inode's open handles do I/O. The kernel puts an inode in one
 /// mode at a time: passthrough to one backing file, or the page cache through
-/// the daemon; an open in the other mode fails with EIO. Handles that cannot
-/// join the inode's current mode (another backing file, e.g. an overlay's
-/// upper copy while the lower is open; or no backing while one is active) get
-/// direct I/O, which is compatible with both.
+/// the daemon. While page-cache handles are open, new handles join them (no
+/// passthrough), which the kernel allows. While a backing file is active,
+/// every new open must use that same file: a handle that cannot (the layer
+/// offers another file, or none) gets direct I/O, which the kernel refuses
+/// with EIO; layers avoid it (the overlay serves lower files through the
+/// daemon whenever a copy-up could give the inode another file).
 #[derive(Default)]
 struct IoModes {
     backed: HashMap<u64, Backed>,

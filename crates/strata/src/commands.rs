@@ -95,17 +95,19 @@ enum Layer {
 /// Whether SOURCE names overlay lowers (an `image:NAME` among them) rather
 /// than union branches.
 fn has_image_layer(source: &str) -> bool {
-    source.split(':').any(|t| t == "image")
+    let tokens: Vec<&str> = source.split(':').collect();
+    tokens.windows(2).any(|w| w[0] == "image")
 }
 
 /// Overlay lowers from SOURCE: `image:NAME` and host directories joined by
 /// ':', topmost first.
 fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure> {
     let mut out = Vec::new();
-    let mut tokens = source.split(':');
+    let mut tokens = source.split(':').peekable();
     while let Some(tok) = tokens.next() {
         match tok {
-            "image" => {
+            // `image` last is a directory of that name (`./image` always is).
+            "image" if tokens.peek().is_some() => {
                 let name = tokens
                     .next()
                     .filter(|n| !n.is_empty())
@@ -205,6 +207,9 @@ fn prepare_overlay(
     };
     let lowers = overlay_lowers(source, &store)?;
     let upper = opts.upper.as_deref().map(absolute).transpose()?;
+    if let Some(up) = &upper {
+        check_upper_apart(up, &lowers)?;
+    }
     check_mountpoint(mountpoint, opts)?;
     let fs = OverlayFs::new(OverlayConfig {
         lowers,
@@ -221,6 +226,26 @@ fn prepare_overlay(
         fs: Layer::Overlay(fs),
         mount: mount_config(opts, source, upper.is_none()),
     })
+}
+
+/// An upper inside a host lower (or holding one) would see its own writes
+/// as lower content; kernel overlayfs refuses overlapping layers too.
+fn check_upper_apart(upper: &Path, lowers: &[LowerSpec]) -> Result<(), Failure> {
+    let real = |p: &Path| fs::canonicalize(p).map_err(|e| usage(format!("{}: {e}", p.display())));
+    let up = real(upper)?;
+    for l in lowers {
+        if let LowerSpec::Host(p) = l {
+            let low = real(p)?;
+            if up.starts_with(&low) || low.starts_with(&up) {
+                return Err(usage(format!(
+                    "upper {} and lower {} overlap; they must be separate directories",
+                    upper.display(),
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(default: &str) {

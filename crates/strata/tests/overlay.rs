@@ -1932,7 +1932,16 @@ fn a_temporary_left_by_a_crash_does_not_make_its_directory_unremovable() {
         fs::create_dir_all(upper.join("d")).unwrap();
         fs::create_dir_all(upper.join("upper_only")).unwrap();
         for d in ["d", "upper_only"] {
-            write(&upper.join(d).join(".strata-tmp.4242.7"), b"half a copy");
+            // What a crash mid-copy-up leaves: a temporary strata marked as its own.
+            let tmp = upper.join(d).join(".strata-tmp.4242.7");
+            write(&tmp, b"half a copy");
+            rustix::fs::setxattr(
+                &tmp,
+                "trusted.strata.tmp",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
         }
         (
             src.display().to_string(),

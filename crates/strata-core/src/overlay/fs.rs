@@ -40,6 +40,7 @@ impl OverlayFs {
             place: Mutex::new((0, name.to_owned())),
             upper: RwLock::new(upper),
             lowers: RwLock::new(found.lowers.iter().map(|(r, _)| r.clone()).collect()),
+            aliases: Mutex::new(Vec::new()),
         })
     }
 
@@ -112,6 +113,7 @@ impl OverlayFs {
             RenameFlags::NOREPLACE,
             whiteout,
         )?;
+        super::layer::mark_tmp(pfd.as_fd(), &tmp);
         if is_dir {
             let dfd = rustix::fs::openat(
                 &*pfd,
@@ -387,7 +389,14 @@ impl Filesystem for OverlayFs {
         let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
         let layer = self.layer(&top);
         let file = layer.open(&top.obj)?;
-        let mut opened = self.files.insert(file, self.cfg.passthrough);
+        // With an upper, a copy-up may later give this inode another file;
+        // the kernel refuses an open with a different backing file while a
+        // passthrough one is active, but lets page-cache handles mix. So lower
+        // files are served through the daemon (the page cache answers repeated
+        // reads) unless the mount is read-only.
+        let mut opened = self
+            .files
+            .insert(file, self.cfg.passthrough && self.upper.is_none());
         // An image never changes: the page cache stays valid across opens.
         opened.keep_cache = !layer.is_host();
         Ok(opened)

@@ -103,6 +103,42 @@ pub(crate) fn host_whiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool
     is_whiteout(st.st_mode, st.st_rdev) && !has_device_marker(dir, name)
 }
 
+/// Marks strata's temporary objects in an upper (see `tmp_name`).
+pub(crate) const TMP_XATTR: &CStr = c"trusted.strata.tmp";
+
+pub(crate) fn mark_tmp(dir: BorrowedFd<'_>, name: &CStr) {
+    // Best effort: unmarked, a leftover would show as a user's file.
+    let _ = rustix::fs::lsetxattr(
+        child_path(dir, name).as_c_str(),
+        TMP_XATTR,
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    );
+}
+
+pub(crate) fn unmark_tmp(dir: BorrowedFd<'_>, name: &CStr) {
+    let _ = rustix::fs::lremovexattr(child_path(dir, name).as_c_str(), TMP_XATTR);
+}
+
+/// A temporary of strata's: named by this daemon (a live one, possibly not
+/// marked yet) or marked by any (one a crash left). Listings skip them;
+/// removing a directory removes them, which is safe because every operation
+/// that makes one holds the namespace lock.
+pub(crate) fn is_strata_tmp(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    let n = name.to_bytes();
+    let Some(rest) = n.strip_prefix(super::TMP_PREFIX.as_bytes()) else {
+        return false;
+    };
+    let own = format!("{}.", std::process::id());
+    rest.starts_with(own.as_bytes())
+        || rustix::fs::lgetxattr(
+            child_path(dir, name).as_c_str(),
+            TMP_XATTR,
+            &mut [0u8; 1][..],
+        )
+        .is_ok()
+}
+
 /// `/proc/self/fd/DIR/NAME`: reaches `name` without following it, for the
 /// `l*xattr` calls.
 fn child_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
@@ -478,6 +514,9 @@ pub(crate) fn list_host(h: &HostDir, dir: &Arc<HostNode>, out: &mut Vec<LName>) 
         let Some(kind) = dirent_kind(dfd.as_fd(), &ent) else {
             continue;
         };
+        if is_strata_tmp(dfd.as_fd(), name) {
+            continue;
+        }
         let whiteout = kind == FileKind::CharDevice
             && rustix::fs::statat(&dfd, name, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| host_whiteout(dfd.as_fd(), name, &st));

@@ -24,7 +24,7 @@ mod layer;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -106,6 +106,9 @@ struct ONode {
     /// Non-directories: the lower object shown (at most one). Directories:
     /// every lower directory merged into this one, topmost first.
     lowers: RwLock<Arc<[LRef]>>,
+    /// Other names a lower hard-linked file was looked up by: copy-up links
+    /// them to the copy.
+    aliases: Mutex<Vec<(u64, CString)>>,
 }
 
 impl ONode {
@@ -119,6 +122,23 @@ impl ONode {
 
     fn place(&self) -> (u64, CString) {
         self.place.lock().clone()
+    }
+
+    /// Records another name of this (lower, hard-linked) object.
+    fn remember_alias(&self, parent: u64, name: &CStr) {
+        const MAX_ALIASES: usize = 64;
+        let (pp, pn) = self.place();
+        if pp == parent && pn.as_c_str() == name {
+            return;
+        }
+        let mut aliases = self.aliases.lock();
+        if aliases.len() < MAX_ALIASES
+            && !aliases
+                .iter()
+                .any(|(p, n)| *p == parent && n.as_c_str() == name)
+        {
+            aliases.push((parent, name.to_owned()));
+        }
     }
 }
 
@@ -153,7 +173,10 @@ pub struct OverlayFs {
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A temporary name in an upper directory, for objects built before they
-/// appear under their real name. Hidden from listings.
+/// appear under their real name (or moved aside before they are deleted).
+/// Marked with `layer::TMP_XATTR` while they exist, so a listing can tell
+/// one left by a crash (hidden, removed with its directory) from a user's
+/// file that happens to have such a name.
 fn tmp_name() -> CString {
     CString::new(format!(
         "{TMP_PREFIX}{}.{}",
@@ -163,7 +186,7 @@ fn tmp_name() -> CString {
     .expect("no NUL")
 }
 
-const TMP_PREFIX: &str = ".strata-tmp.";
+pub(crate) const TMP_PREFIX: &str = ".strata-tmp.";
 
 /// xattr names the overlay keeps for itself: never shown, never settable.
 fn is_private_xattr(name: &[u8]) -> bool {
@@ -255,6 +278,7 @@ impl OverlayFs {
             place: Mutex::new((ROOT_ID, CString::default())),
             upper: RwLock::new(upper.as_ref().map(|h| h.root().clone())),
             lowers: RwLock::new(root_lowers),
+            aliases: Mutex::new(Vec::new()),
         };
         let root_user = rustix::process::geteuid().is_root();
         Ok(OverlayFs {
@@ -468,13 +492,17 @@ impl OverlayFs {
             place: Mutex::new((parent, name.to_owned())),
             upper: RwLock::new(upper_node),
             lowers: RwLock::new(found.lowers.into_iter().map(|(r, _)| r).collect()),
+            aliases: Mutex::new(Vec::new()),
         };
-        let (id, _) = self
+        let (id, known) = self
             .table
             .lookup(key, Self::node_id(&key), Some(node), |old| {
                 old.kind != found.kind
             })
             .expect("a fresh node was given");
+        if attr_st.nlink > 1 && found.kind != FileKind::Directory && known.upper().is_none() {
+            known.remember_alias(parent, name);
+        }
         let mut attr = attr_of(&attr_st, id);
         if merged {
             // Like overlayfs: a merged directory's link count is unknown.
@@ -581,7 +609,7 @@ impl OverlayFs {
         ino_of: impl Fn(&CStr) -> Option<u64>,
     ) {
         for n in names.drain(..) {
-            if n.name.to_bytes().starts_with(TMP_PREFIX.as_bytes()) || seen.contains(&n.name) {
+            if seen.contains(&n.name) {
                 continue;
             }
             if !n.whiteout {
@@ -635,17 +663,17 @@ impl OverlayFs {
         if node.kind != FileKind::Directory
             && let Some(top) = node.lowers().first()
         {
-            self.link_other_names(top, &up);
+            self.link_other_names(node, top, &up);
         }
         Ok(up)
     }
 
     /// Keeps a lower hard link a hard link after copy-up: every other name
-    /// of the same image inode that still shows the lower object becomes a
+    /// of the same lower inode that still shows the lower object becomes a
     /// link to the upper copy (kernel overlayfs does the same with
-    /// `index=on`). Image layers list their names; a host lower's other
-    /// names cannot be found and keep showing the lower file.
-    fn link_other_names(&self, top: &LRef, up: &Arc<HostNode>) {
+    /// `index=on`). Image manifests list all the names; for a host lower, the
+    /// names it was looked up by are known.
+    fn link_other_names(&self, node: &ONode, top: &LRef, up: &Arc<HostNode>) {
         let layer = self.layer(top);
         let Ok(lst) = layer.stat(&top.obj) else {
             return;
@@ -653,13 +681,21 @@ impl OverlayFs {
         if lst.nlink < 2 {
             return;
         }
+        let warn = |what: String, e: Errno| {
+            tracing::warn!(
+                "copy-up: hard link {what} of {} not kept: {e}",
+                layer.describe()
+            )
+        };
         for path in layer.other_names(&top.obj) {
             if let Err(e) = self.link_path(top.layer, lst.key, &path, up) {
-                tracing::warn!(
-                    "copy-up: hard link {} of {} not kept: {e}",
-                    String::from_utf8_lossy(&path.join(&b'/')),
-                    layer.describe()
-                );
+                warn(String::from_utf8_lossy(&path.join(&b'/')).into_owned(), e);
+            }
+        }
+        let aliases = std::mem::take(&mut *node.aliases.lock());
+        for (dir, name) in aliases {
+            if let Err(e) = self.link_in(dir, &name, top.layer, lst.key, up) {
+                warn(format!("{name:?}"), e);
             }
         }
     }
@@ -682,28 +718,39 @@ impl OverlayFs {
             taken.push(dir);
             Ok(())
         });
-        let res = walked.and_then(|()| {
-            let node = self.node(dir)?;
-            let shows_lower = match self.resolve(&node, &name)? {
-                Some(f) => {
-                    f.upper.is_none()
-                        && f.lowers
-                            .first()
-                            .is_some_and(|(r, st)| r.layer == layer && st.key == key)
-                }
-                None => false,
-            };
-            if !shows_lower {
-                return Ok(());
-            }
-            let h = self.upper_dir()?;
-            let pfd = h.fd(&self.copy_up(dir)?)?;
-            ops::link_fd(h, h.fd(up)?.as_fd(), pfd.as_fd(), &name)
-        });
+        let res = walked.and_then(|()| self.link_in(dir, &name, layer, key, up));
         for id in taken {
             self.table.forget(id, 1);
         }
         res
+    }
+
+    /// Links `up` at `name` in the directory node `dir` if that name still
+    /// shows the lower object (`layer`, `key`).
+    fn link_in(
+        &self,
+        dir: u64,
+        name: &CStr,
+        layer: u32,
+        key: (u64, u64),
+        up: &Arc<HostNode>,
+    ) -> Result<()> {
+        let node = self.node(dir)?;
+        let shows_lower = match self.resolve(&node, name)? {
+            Some(f) => {
+                f.upper.is_none()
+                    && f.lowers
+                        .first()
+                        .is_some_and(|(r, st)| r.layer == layer && st.key == key)
+            }
+            None => false,
+        };
+        if !shows_lower {
+            return Ok(());
+        }
+        let h = self.upper_dir()?;
+        let pfd = h.fd(&self.copy_up(dir)?)?;
+        ops::link_fd(h, h.fd(up)?.as_fd(), pfd.as_fd(), name)
     }
 
     /// Copies one node up into its parent's upper directory (which exists).
@@ -796,6 +843,7 @@ impl OverlayFs {
                 lst.rdev,
             )?,
         }
+        layer::mark_tmp(pfd, tmp);
         let h = self.upper_dir()?;
         if kind != FileKind::Symlink {
             let target = rustix::fs::openat(
@@ -821,15 +869,13 @@ impl OverlayFs {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if kind != FileKind::Directory {
-                let origin = format!("{}:{}:{}", src.layer, lst.key.0, lst.key.1);
-                rustix::fs::setxattr(
-                    path.as_c_str(),
-                    self.origin_xattr,
-                    origin.as_bytes(),
-                    rustix::fs::XattrFlags::empty(),
-                )?;
-            }
+            let origin = format!("{}:{}:{}", src.layer, lst.key.0, lst.key.1);
+            rustix::fs::setxattr(
+                path.as_c_str(),
+                self.origin_xattr,
+                origin.as_bytes(),
+                rustix::fs::XattrFlags::empty(),
+            )?;
         }
         rustix::fs::chownat(
             pfd,
@@ -857,17 +903,32 @@ impl OverlayFs {
     }
 
     /// Copies a whole directory tree up (for a rename of a directory that
-    /// lowers provide) and marks each copied directory opaque: afterwards the
-    /// upper holds everything it shows, so it can move anywhere.
+    /// lowers provide) and marks each copied directory opaque, without the
+    /// whiteouts it no longer needs (kernel overlayfs lists an opaque
+    /// directory as it is): afterwards the upper holds everything it shows,
+    /// so it can move anywhere. Hard links inside the tree stay links, and
+    /// every copy records its origin, so node ids survive the move.
     fn copy_up_tree(&self, id: u64) -> Result<()> {
         let up = self.copy_up(id)?;
         let node = self.node(id)?;
-        self.copy_dir_contents(&up, &node.lowers())?;
+        let lowers = node.lowers();
+        let mut linked = HashMap::new();
+        self.copy_dir_contents(&up, &lowers, &mut linked)?;
+        if let Some(top) = lowers.first() {
+            let lst = self.layer(top).stat(&top.obj)?;
+            self.table
+                .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
+        }
         *node.lowers.write() = Arc::from(Vec::new());
         Ok(())
     }
 
-    fn copy_dir_contents(&self, up: &Arc<HostNode>, lowers: &[LRef]) -> Result<()> {
+    fn copy_dir_contents(
+        &self,
+        up: &Arc<HostNode>,
+        lowers: &[LRef],
+        linked: &mut HashMap<Key, Arc<HostNode>>,
+    ) -> Result<()> {
         let h = self.upper_dir()?;
         let fd = h.fd(up)?;
         let dir = ONode {
@@ -875,6 +936,7 @@ impl OverlayFs {
             place: Mutex::new((0, CString::default())),
             upper: RwLock::new(Some(up.clone())),
             lowers: RwLock::new(Arc::from(lowers.to_vec())),
+            aliases: Mutex::new(Vec::new()),
         };
         let mut names = Vec::new();
         for r in lowers {
@@ -888,26 +950,35 @@ impl OverlayFs {
             let Some(found) = self.resolve(&dir, &n.name)? else {
                 continue;
             };
-            let Some((top, _)) = found.lowers.first() else {
+            let Some((top, lst)) = found.lowers.first() else {
                 continue; // the upper's own
             };
-            let st = self.copy_object(fd.as_fd(), &n.name, top)?;
-            let child_lowers: Vec<LRef> = found.lowers.iter().map(|(r, _)| r.clone()).collect();
+            let lkey = Key::Lower(top.layer, lst.key.0, lst.key.1);
+            let child_up = match linked.get(&lkey) {
+                Some(first) if found.upper.is_none() => {
+                    ops::link_fd(h, h.fd(first)?.as_fd(), fd.as_fd(), &n.name)?;
+                    first.clone()
+                }
+                _ => {
+                    let st = self.copy_object(fd.as_fd(), &n.name, top)?;
+                    Arc::new(h.make_node(fd.as_fd(), &n.name, &st)?)
+                }
+            };
+            if !lst.is_dir() && lst.nlink > 1 {
+                linked.entry(lkey).or_insert_with(|| child_up.clone());
+            }
             // A node the kernel knows for the lower object now has its copy.
-            let lkey = Key::Lower(top.layer, found.lowers[0].1.key.0, found.lowers[0].1.key.1);
-            let child_up = Arc::new(h.make_node(fd.as_fd(), &n.name, &st)?);
             if let Some((cid, cnode)) = self.table.get_by_key(&lkey) {
                 *cnode.upper.write() = Some(child_up.clone());
-                if cnode.kind == FileKind::Directory {
-                    *cnode.lowers.write() = Arc::from(Vec::new());
-                } else {
-                    self.table.rekey(cid, lkey.copied_up());
-                }
+                *cnode.lowers.write() = Arc::from(Vec::new());
+                self.table.rekey(cid, lkey.copied_up());
             }
             if found.kind == FileKind::Directory {
-                self.copy_dir_contents(&child_up, &child_lowers)?;
+                let child_lowers: Vec<LRef> = found.lowers.iter().map(|(r, _)| r.clone()).collect();
+                self.copy_dir_contents(&child_up, &child_lowers, linked)?;
             }
         }
+        Self::drop_whiteouts(fd.as_fd())?;
         self.set_opaque(fd.as_fd())
     }
 
@@ -959,9 +1030,20 @@ impl OverlayFs {
         }
     }
 
-    /// Removes a directory's remaining whiteouts (it shows no names), so the
-    /// host lets it be removed or replaced.
+    /// Removes a directory's remaining whiteouts and temporaries left by a
+    /// crash (it shows no names), so the host lets it be removed or replaced;
+    /// anything else is ENOTEMPTY.
     fn clear_whiteouts(dfd: BorrowedFd<'_>) -> Result<()> {
+        Self::remove_hidden(dfd, true)
+    }
+
+    /// Removes the whiteouts and crash leftovers of a directory about to be
+    /// opaque, keeping everything else.
+    fn drop_whiteouts(dfd: BorrowedFd<'_>) -> Result<()> {
+        Self::remove_hidden(dfd, false)
+    }
+
+    fn remove_hidden(dfd: BorrowedFd<'_>, only_hidden: bool) -> Result<()> {
         let rd = rustix::fs::openat(
             dfd,
             c".",
@@ -977,14 +1059,20 @@ impl OverlayFs {
                 continue;
             }
             let st = rustix::fs::statat(&rd, name, AtFlags::SYMLINK_NOFOLLOW)?;
-            if host_whiteout(rd.as_fd(), name, &st) {
-                gone.push(name.to_owned());
-            } else {
+            if host_whiteout(rd.as_fd(), name, &st) || layer::is_strata_tmp(rd.as_fd(), name) {
+                let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                gone.push((name.to_owned(), dir));
+            } else if only_hidden {
                 return Err(Errno::ENOTEMPTY);
             }
         }
-        for name in gone {
-            rustix::fs::unlinkat(&rd, &name, AtFlags::empty())?;
+        for (name, dir) in gone {
+            let flags = if dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            rustix::fs::unlinkat(&rd, &name, flags)?;
         }
         Ok(())
     }
@@ -1021,6 +1109,7 @@ impl OverlayFs {
         }
         let tmp = tmp_name();
         let out = make(&tmp)?;
+        layer::mark_tmp(pfd, &tmp);
         let res = give(&tmp).and_then(|()| {
             if is_dir {
                 let fd = rustix::fs::openat(
@@ -1035,6 +1124,7 @@ impl OverlayFs {
             } else {
                 rustix::fs::renameat(pfd, tmp.as_c_str(), pfd, name)?;
             }
+            layer::unmark_tmp(pfd, name);
             Ok(())
         });
         if let Err(e) = res {
