@@ -929,3 +929,36 @@ fn pip_reinstalls_and_uninstalls_packages_in_the_mounted_venv() {
     assert_same_tree("venv source", &src_before, &snapshot(&src, true));
     assert_eq!(s.ok(&["image", "verify", "venv"]).lines().count(), 1);
 }
+
+/// A 0/0 character device strata marked as a device (trusted.strata.device)
+/// in a former upper stays a device when that upper becomes an image layer.
+#[test]
+fn a_marked_zero_device_in_an_image_is_a_device_not_a_whiteout() {
+    use std::os::unix::fs::FileTypeExt;
+    let s = Scratch::new();
+    let (top, bottom) = (s.path("top"), s.path("bottom"));
+    fs::create_dir_all(&top).unwrap();
+    fs::create_dir_all(&bottom).unwrap();
+    fs::write(bottom.join("dev"), b"bottom file").unwrap();
+    rustix::fs::mknodat(
+        CWD,
+        top.join("dev"),
+        FileType::CharacterDevice,
+        Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
+    set_xattr(&top.join("dev"), "trusted.strata.device", b"y");
+    s.build(&top, "top");
+    s.build(&bottom, "bottom");
+    let m = s.mount("image:top:image:bottom", false, &[]);
+    let md = fs::symlink_metadata(m.m("dev")).unwrap();
+    assert!(md.file_type().is_char_device(), "{:?}", md.file_type());
+    assert_eq!((md.rdev(), md.mode() & 0o7777), (0, 0o640));
+    assert_eq!(names(&m.mnt), ["dev"]);
+    assert_eq!(
+        get_xattr(&m.m("dev"), "trusted.strata.device"),
+        None,
+        "private xattr shown"
+    );
+}

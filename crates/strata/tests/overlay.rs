@@ -2028,3 +2028,91 @@ fn a_directory_named_image_is_still_a_directory() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Readers and writers busy in a lower directory while it is renamed back
+/// and forth: a reader sees a file's content or ENOENT, never other data or
+/// an error; no write is lost.
+#[test]
+fn renaming_a_busy_lower_directory_loses_nothing() {
+    const FILES: usize = 60;
+    let m = overlay(|src| {
+        fs::create_dir(src.join("a")).unwrap();
+        for i in 0..FILES {
+            write(
+                &src.join(format!("a/f{i:02}")),
+                format!("file {i:02}\n").as_bytes(),
+            );
+        }
+    });
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let problems = std::sync::Mutex::new(Vec::<String>::new());
+    std::thread::scope(|s| {
+        // Readers: whichever name the directory has now.
+        for t in 0..3 {
+            let (m, stop, problems) = (&m, &stop, &problems);
+            s.spawn(move || {
+                let mut i = t;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = i % FILES;
+                    for dir in ["a", "b"] {
+                        match fs::read_to_string(m.m(&format!("{dir}/f{n:02}"))) {
+                            Ok(c) if c.starts_with(&format!("file {n:02}\n")) => {}
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                            other => problems
+                                .lock()
+                                .unwrap()
+                                .push(format!("{dir}/f{n:02}: {other:?}")),
+                        }
+                    }
+                    i += 1;
+                }
+            });
+        }
+        // The readers stop when this scope's body ends, also by a panic.
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        // A writer appending to every file through open descriptors taken
+        // before the renames start.
+        let mut handles: Vec<fs::File> = (0..FILES)
+            .map(|i| {
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(m.m(&format!("a/f{i:02}")))
+                    .unwrap()
+            })
+            .collect();
+        for round in 0..10 {
+            let (from, to) = if round % 2 == 0 {
+                ("a", "b")
+            } else {
+                ("b", "a")
+            };
+            fs::rename(m.m(from), m.m(to))
+                .unwrap_or_else(|e| panic!("round {round}: rename {from} {to}: {e}"));
+            for (i, f) in handles.iter_mut().enumerate() {
+                f.write_all(format!("round {round} {i:02}\n").as_bytes())
+                    .unwrap_or_else(|e| panic!("round {round}: write f{i:02}: {e}"));
+            }
+        }
+    });
+    let problems = problems.into_inner().unwrap();
+    assert!(
+        problems.is_empty(),
+        "{}",
+        problems[..problems.len().min(20)].join("\n")
+    );
+    assert_eq!(names(&m.mnt), ["a"]);
+    for i in 0..FILES {
+        let mut want = format!("file {i:02}\n");
+        for round in 0..10 {
+            want.push_str(&format!("round {round} {i:02}\n"));
+        }
+        assert_eq!(read(&m.m(&format!("a/f{i:02}"))), want, "a/f{i:02}");
+    }
+    assert_no_temporaries(&m);
+}
