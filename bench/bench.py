@@ -8,12 +8,23 @@ Workloads are measured against several targets over the same source data:
   mergerfs        single branch, cache.files=off,category.create=ff,minfreespace=0
   bindfs          `bindfs SRC MNT`
   fuse-overlayfs  lowerdir=SRC, a fresh upperdir/workdir (writes land in upper)
+  strata-overlay  `strata mount SRC --upper UP MNT`, a fresh empty UP per mount
+  strata-image    `strata mount image:SRC --upper UP MNT`: SRC built into an
+                  image (store on the same filesystem), a fresh empty UP
   strata-union3   `strata mount B1:B2:B3 MNT -o category.create=ff,minfreespace=0`
   mergerfs-union3 mergerfs over the same 3 branches, options as mergerfs
 
 The union branches hold the same files as SRC, dealt round-robin (every
 directory exists on all three), so listings really merge; native stays the
-baseline for them too.
+baseline for them too. For the overlay targets native is also SRC: reads come
+from the lower (SRC, or the image built from it), writes land in the upper on
+the same filesystem, so a write compares with writing into SRC.
+
+pyimport (disk only) imports big pure-Python packages from a venv built once
+(and cached) under the disk root, served by each target (native: the venv
+directory; strata-image: the venv built into an image). image (disk only)
+measures `strata image build`, image mount time against `cp -a`, first and
+later reads of an image file, and find/RSS over a ~1M-entry image.
 
 Runs are interleaved (A B C A B C ...); per (fs, workload, target) the median
 is reported with its ratio to native's median from the same run (for IOPS,
@@ -27,14 +38,24 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
 import time
 
 ALL_TARGETS = ["native", "strata", "mergerfs", "bindfs", "fuse-overlayfs",
-               "strata-union3", "mergerfs-union3"]
-STRATA_TARGETS = {"strata", "strata-union3"}
+               "strata-overlay", "strata-image", "strata-union3", "mergerfs-union3"]
+# Not selectable: the image mounted read-only (kernel passthrough for its
+# files; under an upper they are read through the daemon), measured next to
+# strata-image by pyimport and the image reads, for reference.
+EXTRA_TARGETS = ["strata-image-ro"]
+STRATA_TARGETS = {"strata", "strata-overlay", "strata-image", "strata-union3", "strata-image-ro"}
+# Targets with a fresh upper directory per mount (writes land there).
+OVERLAY_TARGETS = {"fuse-overlayfs", "strata-overlay", "strata-image"}
+# Targets that can serve the pyimport venv (everything but the unions).
+PY_TARGETS = ["native", "strata", "mergerfs", "bindfs", "fuse-overlayfs",
+              "strata-overlay", "strata-image"]
 # A union target -> the single-directory target it is compared with.
 UNION_OF = {"strata-union3": "strata", "mergerfs-union3": "mergerfs"}
 N_BRANCHES = 3
@@ -50,14 +71,23 @@ GROUPS = {
     "find": ["find"],
     "fio": ["fio-rand1", "fio-rand2"],
     "rss": ["rss"],
+    "pyimport": ["pyimport-cold", "pyimport-warm", "pyimport-first"],
+    "image": ["image-build", "image-rebuild", "image-mount-small", "image-mount-big",
+              "image-read-first", "image-read-cold", "image-read-warm",
+              "image-find-big", "image-rss-big"],
 }
-ALL_WORKLOADS = ["ls-cold", "ls-warm", "ls100k-cold", "ls100k-warm", "find",
+# Workloads over SRC (and the union branches), measured on every --fs.
+SRC_WORKLOADS = ["ls-cold", "ls-warm", "ls100k-cold", "ls100k-warm", "find",
                  "write", "read-cold", "read-warm", "fio-rand1", "fio-rand2",
                  "small-create", "small-stat", "small-read", "small-unlink", "rss"]
+# pyimport and image use data built once and cached on the disk: disk only.
+PY_WORKLOADS = GROUPS["pyimport"]
+IMAGE_WORKLOADS = GROUPS["image"]
+ALL_WORKLOADS = SRC_WORKLOADS + PY_WORKLOADS + IMAGE_WORKLOADS
 GROUPS["all"] = list(ALL_WORKLOADS)
 DEFAULT_WORKLOADS = "ls,dd,small"
 # Units other than wall seconds; IOPS is the one where higher is better.
-UNITS = {"fio-rand1": "IOPS", "fio-rand2": "IOPS", "rss": "MiB"}
+UNITS = {"fio-rand1": "IOPS", "fio-rand2": "IOPS", "rss": "MiB", "image-rss-big": "MiB"}
 HIGHER_BETTER = {"fio-rand1", "fio-rand2"}
 
 # minfreespace=0: mergerfs 2.33's default of 4G is more than the 4G tmpfs ever
@@ -74,11 +104,27 @@ WORKLOAD_TIMEOUT = 300      # a single measurement that takes longer is a hang
 SIZES = {
     "full": {"ls_files": 3537, "file_kib": 1, "big_mib": 1024, "small_files": 5000,
              "ls100k_files": 100000, "tree_top": 50, "tree_sub": 39, "tree_per_dir": 25,
-             "fio_secs": 10, "runs": 5},
+             "fio_secs": 10, "runs": 5,
+             # image trees (top dirs, subdirs of each, files in each subdir):
+             # 20*20*29 = 11,600 small files + 421 dirs = 12,021 entries;
+             # 100*100*99 = 990,000 empty files + 10,101 dirs = 1,000,101 entries
+             "img_small": (20, 20, 29), "img_big": (100, 100, 99), "img_file_mib": 100},
     "quick": {"ls_files": 500, "file_kib": 1, "big_mib": 64, "small_files": 500,
               "ls100k_files": 10000, "tree_top": 10, "tree_sub": 19, "tree_per_dir": 25,
-              "fio_secs": 3, "runs": 3},
+              "fio_secs": 3, "runs": 3,
+              "img_small": (20, 20, 29), "img_big": (20, 25, 99), "img_file_mib": 16},
 }
+# The pyimport venv: packages pip installs from PyPI and the import that is timed.
+PY_PACKAGES = ["sympy", "networkx"]
+PY_MODULES = ["sympy", "networkx"]
+# Without PyPI: the venv's own pip and setuptools (big enough to be measurable).
+PY_FALLBACK_MODULES = ["pip._internal.cli.main", "setuptools"]
+VENV_LAYOUT = 1     # bump when prepare_venv changes what it creates
+IMG_LAYOUT = 1      # bump when prepare_images changes what it creates
+SETUP_TIMEOUT = 3600  # one-off data/venv/image builds
+# The big image's find/RSS is also measured on its source tree through these
+# targets (when selected), for reference.
+FIND_BIG_REFS = ["strata", "strata-overlay"]
 # What the prepared data depends on (a change rebuilds it).
 DATA_KEYS = ("ls_files", "file_kib", "big_mib", "ls100k_files", "tree_top", "tree_sub",
              "tree_per_dir")
@@ -126,16 +172,35 @@ def run_cmd(cmd, timeout):
 
 
 class Mounter:
-    def __init__(self, args, fs_root, fs_name):
+    """Mounts targets over one source: SRC of a filesystem root (default), or
+    another directory (src=, e.g. the pyimport venv) with the image built from
+    it (image= in store=). Overlay targets get a fresh empty upper per mount
+    under FS_ROOT/ovl/TAG/TARGET."""
+
+    def __init__(self, args, fs_root, fs_name, src=None, image=None, store=None, tag=None):
         self.args = args
-        self.src = os.path.join(fs_root, "src")
+        self.src = src or os.path.join(fs_root, "src")
+        self.image = image
+        self.store = store
         self.branches = branch_dirs(fs_root)
         self.fs_root = fs_root
-        self.mnt_base = os.path.join(args.mnt_base, fs_name)
+        self.mnt_base = os.path.join(args.mnt_base, fs_name + (f"-{tag}" if tag else ""))
+        self.ovl = os.path.join(fs_root, "ovl", tag or "src")
         self.active = {}   # target -> mountpoint
 
     def path(self, target):
         return self.src if target == "native" else os.path.join(self.mnt_base, target)
+
+    def upper(self, target):
+        return os.path.join(self.ovl, target, "upper")
+
+    def fresh_upper(self, target):
+        """Empty upper (and work) dir for target; returns (upper, work)."""
+        up, wk = self.upper(target), os.path.join(self.ovl, target, "work")
+        for d in (up, wk):
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+        return up, wk
 
     def mount(self, target):
         if target == "native":
@@ -148,9 +213,18 @@ class Mounter:
             cmd = [self.args.strata, "mount"]
             if target == "strata-union3":
                 cmd += ["-o", STRATA_UNION_OPTS]
+            if target in ("strata-image", "strata-image-ro"):
+                if not self.image:
+                    raise TargetFailed("no image was built for this source")
+                cmd += ["-o", f"store={self.store}"]
             for o in self.args.strata_opts:
                 cmd += ["-o", o]
-            cmd += [self.src if target == "strata" else ":".join(self.branches), mnt]
+            if target in OVERLAY_TARGETS:
+                cmd += ["--upper", self.fresh_upper(target)[0]]
+            cmd += [{"strata": self.src, "strata-overlay": self.src,
+                     "strata-image": f"image:{self.image}",
+                     "strata-image-ro": f"image:{self.image}",
+                     "strata-union3": ":".join(self.branches)}[target], mnt]
         elif target == "mergerfs":
             cmd = ["mergerfs", "-o", MERGERFS_OPTS, self.src, mnt]
         elif target == "mergerfs-union3":
@@ -158,18 +232,27 @@ class Mounter:
         elif target == "bindfs":
             cmd = ["bindfs", self.src, mnt]
         elif target == "fuse-overlayfs":
-            up = os.path.join(self.fs_root, "ovl", "upper")
-            wk = os.path.join(self.fs_root, "ovl", "work")
-            for d in (up, wk):   # start every mount from an empty upper layer
-                shutil.rmtree(d, ignore_errors=True)
-                os.makedirs(d)
+            up, wk = self.fresh_upper(target)   # every mount starts from an empty upper
             cmd = ["fuse-overlayfs", "-o", f"lowerdir={self.src},upperdir={up},workdir={wk}", mnt]
         else:
             raise ValueError(target)
-        ok, out = run_cmd(cmd, MOUNT_TIMEOUT)
+        # Timed from the command's start until it returned and the mountpoint
+        # is in the mount table (strata returns once the mount is ready).
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=MOUNT_TIMEOUT, text=True)
+            ok, out = p.returncode == 0, p.stdout.strip()
+        except subprocess.TimeoutExpired:
+            ok, out = False, f"timed out after {MOUNT_TIMEOUT}s"
+        self.last_mount_secs = time.perf_counter() - t0
+        self.last_mount_waited = False
         deadline = time.monotonic() + 10
         while ok and not is_mounted(mnt) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            self.last_mount_waited = True
+            time.sleep(0.001)
+        if self.last_mount_waited:
+            self.last_mount_secs = time.perf_counter() - t0
         if not ok or not is_mounted(mnt):
             raise TargetFailed(f"mount failed: `{' '.join(cmd)}`: {out or 'not in mountinfo'}")
         self.active[target] = mnt
@@ -300,12 +383,214 @@ def prepare_data(fs_root, sizes):
     log(f"data prepared in {time.monotonic() - t0:.1f}s")
 
 
+def prepared_key(fs_root):
+    """What SRC's image depends on: the prepared marker and when it was written
+    (regenerated data has new random content under the same sizes)."""
+    marker = os.path.join(fs_root, "prepared.json")
+    with open(marker) as f:
+        return {"prepared": json.load(f), "mtime_ns": os.stat(marker).st_mtime_ns}
+
+
+def image_names(args, store):
+    if not os.path.isdir(store):
+        return set()
+    ok, out = run_cmd([args.strata, "image", "ls", "--json", "--store", store], MOUNT_TIMEOUT)
+    if not ok:
+        raise TargetFailed(f"`strata image ls --json --store {store}`: {out}")
+    return {row["name"] for row in json.loads(out)}
+
+
+def ensure_image(args, src, store, name, key, marker):
+    """Build image NAME from src into store, unless marker records a build of
+    the same key and the store still lists the image. Returns the marker's
+    content: key, the build's summary line and seconds (of the build that
+    made it, possibly in an earlier run)."""
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+        if info.get("key") == key and name in image_names(args, store):
+            log(f"image {name} in {store} already built ({info.get('summary')})")
+            return info
+    except (OSError, ValueError):
+        pass
+    log(f"building image {name} from {src} into {store}")
+    cmd = [args.strata, "image", "build", src, "--name", name, "--replace", "--store", store]
+    t0 = time.monotonic()
+    ok, out = run_cmd(cmd, SETUP_TIMEOUT)
+    secs = time.monotonic() - t0
+    if not ok:
+        raise TargetFailed(f"`{' '.join(cmd)}`: {out[-500:]}")
+    info = {"key": key, "summary": out.splitlines()[-1] if out else "", "secs": round(secs, 2),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    subprocess.run(["sync"], check=False)
+    with open(marker, "w") as f:
+        json.dump(info, f)
+    log(f"image {name}: {info['summary']} ({secs:.1f}s)")
+    return info
+
+
+def tree_stats(root):
+    """(entries, regular files, bytes of regular files, each inode once)."""
+    entries, files, size, seen = 1, 0, 0, set()
+    for d, dirs, names in os.walk(root):
+        entries += len(dirs) + len(names)
+        for n in names:
+            st = os.lstat(os.path.join(d, n))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                files += 1
+                size += st.st_size
+    return entries, files, size
+
+
+def clean_env():
+    """The environment for the venv's python: no PYTHON* or VIRTUAL_ENV
+    settings from the caller."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+
+
+def prepare_venv(root):
+    """A venv under root/py with PY_PACKAGES from PyPI (fallback: nothing
+    installed, the venv's own pip and setuptools are imported), every .py
+    precompiled so no import writes a .pyc. Built once; a marker records the
+    packages, the interpreter and the modules to import."""
+    pydir = os.path.join(root, "py")
+    venv = os.path.join(pydir, "venv")
+    marker = os.path.join(pydir, "venv.json")
+    want = {"packages": PY_PACKAGES, "python": os.path.realpath(sys.executable),
+            "version": sys.version.split()[0], "layout": VENV_LAYOUT}
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+        if info.get("want") == want and os.path.exists(os.path.join(venv, "bin", "python")):
+            log(f"venv {venv} already prepared ({', '.join(info['modules'])})")
+            return venv, info
+    except (OSError, ValueError):
+        pass
+    log(f"creating venv {venv} with {' '.join(PY_PACKAGES)}")
+    shutil.rmtree(pydir, ignore_errors=True)
+    os.makedirs(pydir)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=SETUP_TIMEOUT,
+                   env=clean_env())
+    py = os.path.join(venv, "bin", "python")
+    p = subprocess.run([py, "-m", "pip", "install", "--no-input", "--progress-bar", "off"]
+                       + PY_PACKAGES, capture_output=True, text=True, timeout=SETUP_TIMEOUT,
+                       env=clean_env())
+    if p.returncode == 0:
+        modules, fallback = PY_MODULES, None
+    else:
+        fallback = (f"pip install {' '.join(PY_PACKAGES)} failed (exit {p.returncode}): "
+                    f"{(p.stderr or p.stdout).strip()[-400:]}")
+        log(f"WARNING: {fallback}; importing the venv's own pip and setuptools instead")
+        modules = PY_FALLBACK_MODULES
+    # Precompile everything: imports then only read .pyc files, on every target.
+    subprocess.run([py, "-m", "compileall", "-q", "-j0", venv], capture_output=True,
+                   timeout=SETUP_TIMEOUT, env=clean_env())
+    freeze = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                            text=True, timeout=600, env=clean_env()).stdout.split()
+    subprocess.run(["sync"], check=False)
+    info = {"want": want, "modules": modules, "fallback": fallback, "packages": freeze}
+    with open(marker, "w") as f:
+        json.dump(info, f)
+    return venv, info
+
+
+def make_tree(path, shape, content):
+    """shape = (top, sub, files): top dirs, sub dirs in each, files in each
+    sub dir. content: small distinct files (0..~3 KiB of text) or empty."""
+    top, sub, per = shape
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    n = 0
+    for t in range(top):
+        for u in range(sub):
+            d = os.path.join(path, f"d{t:03d}", f"e{u:03d}")
+            os.makedirs(d)
+            for j in range(per):
+                fd = os.open(os.path.join(d, f"f{j:03d}.py"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o644)
+                if content:
+                    line = f"# {t}/{u}/{j} strata-bench image tree\n".encode()
+                    os.write(fd, line * (n % 97))
+                os.close(fd)
+                n += 1
+
+
+def tree_entries(shape):
+    top, sub, per = shape
+    return 1 + top + top * sub * (1 + per)
+
+
+def prepare_images(args, root, sizes):
+    """Image-workload data under root/img (cached across runs, a marker per
+    item): the small tree (distinct small files), the big tree (empty
+    files), a directory with one compressible file; each built into its own
+    store (so one image's cache can be emptied alone)."""
+    base = os.path.join(root, "img")
+    os.makedirs(base, exist_ok=True)
+    out = {}
+    items = [("small", sizes["img_small"]), ("big", sizes["img_big"]),
+             ("file", sizes["img_file_mib"])]
+    for kind, spec in items:
+        name = f"tree-{tree_entries(spec)}" if kind != "file" else f"file-{spec}m"
+        src = os.path.join(base, name)
+        store = os.path.join(base, f"store-{kind}")
+        marker = os.path.join(base, name + ".json")
+        want = json.loads(json.dumps({"spec": spec, "layout": IMG_LAYOUT}))  # tuples as lists
+        try:
+            with open(marker) as f:
+                ok = json.load(f) == want and os.path.isdir(src)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            log(f"creating {src}")
+            t0 = time.monotonic()
+            try:
+                os.unlink(marker)
+            except FileNotFoundError:
+                pass
+            if kind == "file":
+                shutil.rmtree(src, ignore_errors=True)
+                os.makedirs(src)
+                import base64
+                with open(os.path.join(src, "data"), "wb") as f:
+                    left = spec << 20
+                    while left:   # base64 text: zstd stores it in ~3/4 of the size
+                        chunk = base64.b64encode(os.urandom(3 << 18))[:left]
+                        f.write(chunk)
+                        left -= len(chunk)
+            else:
+                make_tree(src, spec, content=kind == "small")
+            subprocess.run(["sync"], check=False)
+            with open(marker, "w") as f:
+                json.dump(want, f)
+            log(f"{src} created in {time.monotonic() - t0:.1f}s")
+        key = dict(want, mtime_ns=os.stat(marker).st_mtime_ns)
+        info = ensure_image(args, src, store, name, key, os.path.join(base, name + ".image.json"))
+        entries, files, size = tree_stats(src) if kind != "big" else (tree_entries(spec), None, 0)
+        out[kind] = {"src": src, "store": store, "image": name, "entries": entries,
+                     "bytes": size, "build": info}
+    return out
+
+
+def clear_image_cache(store):
+    """Delete the store's decompressed copies (safe with no mount of it: the
+    next read writes them again); the directories stay."""
+    n = 0
+    for d, _, names in os.walk(os.path.join(store, "cache")):
+        for name in names:
+            os.unlink(os.path.join(d, name))
+            n += 1
+    return n
+
+
 # ---------------------------------------------------------------- workloads
 
-def timed(cmd, **kw):
+def timed(cmd, timeout=WORKLOAD_TIMEOUT, **kw):
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, timeout=WORKLOAD_TIMEOUT, **kw)
+                       stderr=subprocess.PIPE, timeout=timeout, **kw)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise TargetFailed(f"`{' '.join(cmd)}` exited {p.returncode}: "
@@ -534,6 +819,8 @@ class Bench:
         self.broken = set()          # (fs, target): skipped from then on
         self.skipped = set()         # (fs, target, workload): only that workload skipped
         self.capped_cells = set()
+        self.image_info = {}         # fs -> how the SRC image was built
+        self.extra = {}              # venv and image data descriptions, for meta
 
     def record(self, fs, workload, target, rnd, value, warmup=False):
         u = unit(workload)
@@ -560,7 +847,8 @@ class Bench:
         else:
             self.broken.add((fs, target))
         try:
-            mounter.umount(target)
+            if mounter:
+                mounter.umount(target)
         except TargetFailed as e:
             self.broken.add((fs, target))
             self.errors.append({"fs": fs, "target": target, "workload": "umount", "error": str(e),
@@ -590,20 +878,49 @@ class Bench:
                 and (fs, t, workload) not in self.skipped and (only is None or t in only)]
 
     def run_fs(self, fs, fs_root):
+        wl = self.args.workloads
+        if any(w in SRC_WORKLOADS for w in wl):
+            self.run_src(fs, fs_root)
+        other = [w for w in wl if w in PY_WORKLOADS or w in IMAGE_WORKLOADS]
+        if other and fs != "disk":
+            log(f"{fs}: pyimport and image run on the disk only (data cached there); "
+                f"skipping {','.join(other)}")
+        elif other:
+            if any(w in PY_WORKLOADS for w in wl):
+                self.run_pyimport(fs, fs_root)
+            if any(w in IMAGE_WORKLOADS for w in wl):
+                self.run_image(fs, fs_root)
+
+    def run_src(self, fs, fs_root):
         args, sizes = self.args, self.sizes
         prepare_data(fs_root, sizes)
-        m = Mounter(args, fs_root, fs)
+        image = store = None
+        if "strata-image" in self.targets(fs):
+            store = os.path.join(fs_root, "store")
+            try:
+                info = ensure_image(args, os.path.join(fs_root, "src"), store, "src",
+                                    prepared_key(fs_root), os.path.join(fs_root, "src-image.json"))
+                self.image_info[fs] = info
+                image = "src"
+            except (TargetFailed, OSError, ValueError) as e:
+                self.fail(fs, "strata-image", "image build", e, None)
+        m = Mounter(args, fs_root, fs, image=image, store=store)
         wl = args.workloads
         errs = (TargetFailed, subprocess.TimeoutExpired, OSError, ValueError)
         try:
             # Correctness check once per target before timing anything; the
             # big listings only when a workload uses them, each on a fresh
             # mount, and their failure only skips the workloads that need them.
+            # On the image, big is read once here: its first read decompresses
+            # it into the store's cache (measured by the image workloads), so
+            # read-cold measures the cached copy.
             for t in self.targets(fs):
                 try:
                     mnt = m.mount(t)
                     check_ls(mnt, sizes)
                     check_big(mnt, sizes)
+                    if t == "strata-image":
+                        timed(["cat", os.path.join(mnt, "big")], timeout=SETUP_TIMEOUT)
                     m.umount(t)
                 except errs as e:
                     self.fail(fs, t, "check", e, m)
@@ -699,6 +1016,335 @@ class Bench:
         finally:
             m.umount_all()
 
+    def attempt(self, fs, w, t, rnd, fn, mounter=None, warmup=False):
+        """Record fn()'s value for (w, t); a failure skips w for t from then on."""
+        if (fs, t) in self.broken or (fs, t, w) in self.skipped:
+            return None
+        try:
+            v = fn()
+            self.record(fs, w, t, rnd, v, warmup=warmup)
+            return v
+        except (TargetFailed, subprocess.TimeoutExpired, OSError, ValueError) as e:
+            self.fail(fs, t, w, e, mounter, only=[w])
+            return None
+
+    def run_pyimport(self, fs, fs_root):
+        """Import PY_MODULES with the venv's python, the venv served by each
+        target: cold (fresh mount, caches dropped), first (strata-image with
+        its cache emptied: every file decompressed again; native cold) and
+        warm."""
+        args, sizes = self.args, self.sizes
+        wl = [w for w in args.workloads if w in PY_WORKLOADS]
+        try:
+            venv, info = prepare_venv(fs_root)
+        except (subprocess.SubprocessError, OSError) as e:
+            log(f"ERROR: venv setup failed: {e}")
+            self.errors.append({"fs": fs, "target": "native", "workload": "pyimport setup",
+                                "error": str(e), "skipped": wl})
+            return
+        modules = info["modules"]
+        sizes["py_modules"] = ", ".join(m for m in modules)
+        entries, files, size = tree_stats(venv)
+        self.extra["venv"] = {"path": venv, "entries": entries, "files": files, "bytes": size,
+                              "modules": modules, "packages": info["packages"],
+                              "fallback": info["fallback"],
+                              "python": info["want"]["python"], "version": info["want"]["version"]}
+        image = store = None
+        if "strata-image" in self.targets(fs):
+            store = os.path.join(fs_root, "py", "store")
+            try:
+                key = {"venv": info["want"],
+                       "mtime_ns": os.stat(os.path.join(fs_root, "py", "venv.json")).st_mtime_ns}
+                self.extra["venv"]["image"] = ensure_image(
+                    args, venv, store, "venv", key, os.path.join(fs_root, "py", "venv-image.json"))
+                image = "venv"
+            except (TargetFailed, OSError, ValueError) as e:
+                self.fail(fs, "strata-image", "pyimport image build", e, None, only=wl)
+        m = Mounter(args, fs_root, fs, src=venv, image=image, store=store, tag="py")
+        env = clean_env()
+        stamp = os.path.join(fs_root, "py", "stamp")
+
+        def py_cmd(mnt, extra=""):
+            return [os.path.join(mnt, "bin", "python"), "-c", extra + "import " + ", ".join(modules)]
+
+        def tgts(w):
+            ts = self.targets(fs, PY_TARGETS, w)
+            if "strata-image" in ts and (fs, "strata-image-ro", w) not in self.skipped \
+                    and (fs, "strata-image-ro") not in self.broken:
+                ts.append("strata-image-ro")
+            return ts
+
+        def check(t):
+            """The venv at the mount is the one in use (sys.prefix) and the
+            import writes nothing (no .pyc in the venv, nothing in an upper)."""
+            mnt = m.mount(t)
+            with open(stamp, "w"):
+                pass
+            t_stamp = os.stat(stamp).st_mtime_ns
+            p = subprocess.run(py_cmd(mnt, "import sys; print(sys.prefix); "), capture_output=True,
+                               text=True, timeout=WORKLOAD_TIMEOUT, env=env)
+            if p.returncode != 0 or p.stdout.strip() != mnt:
+                raise TargetFailed(f"`{' '.join(py_cmd(mnt))}` exited {p.returncode}, sys.prefix "
+                                   f"{p.stdout.strip()!r} (want {mnt!r}): {p.stderr.strip()[-400:]}")
+            if t in OVERLAY_TARGETS:
+                written = [os.path.join(d, n) for d, ds, ns in os.walk(m.upper(t)) for n in ds + ns]
+            else:
+                written = [os.path.join(d, n) for d, _, ns in os.walk(venv) for n in ns
+                           if n.endswith(".pyc") and os.lstat(os.path.join(d, n)).st_mtime_ns > t_stamp]
+            if written:
+                raise TargetFailed(f"the import wrote {len(written)} files (e.g. {written[0]}), "
+                                   "so runs would not be comparable")
+            m.umount(t)
+
+        try:
+            for t in tgts(wl[0]):
+                try:
+                    check(t)
+                except (TargetFailed, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                    self.fail(fs, t, "pyimport check", e, m, only=wl)
+
+            if "pyimport-cold" in wl:
+                for rnd in range(args.runs):
+                    for t in tgts("pyimport-cold"):
+                        def cold(t=t):
+                            mnt = m.mount(t)
+                            drop_caches()
+                            v = timed(py_cmd(mnt), env=env)
+                            m.umount(t)
+                            return v
+                        self.attempt(fs, "pyimport-cold", t, rnd, cold, m)
+                log(f"{fs} pyimport-cold: done")
+
+            if "pyimport-first" in wl:
+                for rnd in range(args.runs):
+                    for t in tgts("pyimport-first"):
+                        if t not in ("native", "strata-image", "strata-image-ro"):
+                            continue
+                        def first(t=t):
+                            if t != "native":
+                                m.umount(t)
+                                clear_image_cache(store)
+                            mnt = m.mount(t)
+                            drop_caches()
+                            v = timed(py_cmd(mnt), env=env)
+                            m.umount(t)
+                            return v
+                        self.attempt(fs, "pyimport-first", t, rnd, first, m)
+                log(f"{fs} pyimport-first: done")
+
+            if "pyimport-warm" in wl:
+                for t in tgts("pyimport-warm"):
+                    try:
+                        m.mount(t)
+                    except TargetFailed as e:
+                        self.fail(fs, t, "pyimport-warm", e, m, only=["pyimport-warm"])
+                for rnd in range(-1, args.runs):
+                    for t in tgts("pyimport-warm"):
+                        self.attempt(fs, "pyimport-warm", t, rnd,
+                                     lambda t=t: timed(py_cmd(m.path(t)), env=env), m,
+                                     warmup=rnd < 0)
+                log(f"{fs} pyimport-warm: done")
+        finally:
+            m.umount_all()
+
+    def run_image(self, fs, fs_root):
+        """strata image build vs cp -a of the venv; image mount time vs cp -a
+        of a tree; first vs later reads of an image file; find and daemon RSS
+        over the big image. Samples are recorded as native (the baseline of
+        each row) and strata-image."""
+        args, sizes = self.args, self.sizes
+        wl = [w for w in args.workloads if w in IMAGE_WORKLOADS]
+        N, T = "native", "strata-image"
+        try:
+            venv, vinfo = prepare_venv(fs_root)
+            data = prepare_images(args, fs_root, sizes)
+        except (TargetFailed, subprocess.SubprocessError, OSError, ValueError) as e:
+            log(f"ERROR: image data setup failed: {e}")
+            self.errors.append({"fs": fs, "target": T, "workload": "image setup",
+                                "error": str(e), "skipped": wl})
+            return
+        v_entries, v_files, v_bytes = tree_stats(venv)
+        sizes.update(venv_entries=v_entries, venv_files=v_files, venv_mib=v_bytes / 2**20,
+                     small_entries=data["small"]["entries"], big_entries=data["big"]["entries"],
+                     small_mib=data["small"]["bytes"] / 2**20, file_mib=sizes["img_file_mib"])
+        self.extra["image"] = {"venv": {"entries": v_entries, "files": v_files, "bytes": v_bytes},
+                               **{k: {kk: vv for kk, vv in d.items()} for k, d in data.items()}}
+        base = os.path.join(fs_root, "img")
+        copy = os.path.join(base, "copy")
+        build_store = os.path.join(base, "store-build")
+        ms = {k: Mounter(args, fs_root, fs, src=d["src"], image=d["image"], store=d["store"],
+                         tag=f"img-{k}") for k, d in data.items()}
+
+        def rm(path):
+            if os.path.lexists(path):
+                subprocess.run(["rm", "-rf", path], check=True, timeout=SETUP_TIMEOUT)
+
+        def cp_tree(src):
+            rm(copy)
+            settle()
+            drop_caches()
+            return timed(["cp", "-a", src, copy], timeout=SETUP_TIMEOUT)
+
+        def cold_mount(k):
+            m = ms[k]
+            m.umount(T)
+            settle()
+            drop_caches()
+            m.mount(T)
+            if m.last_mount_waited:
+                log(f"warning: `strata mount` of image {data[k]['image']} returned before the "
+                    "mount was in the mount table")
+            return m.last_mount_secs
+
+        try:
+            # Checks: every image mounts and lists what its source holds.
+            for k in ("small", "file"):
+                try:
+                    mnt = ms[k].mount(T)
+                    got = tree_stats(mnt)
+                    want = tree_stats(data[k]["src"])
+                    ms[k].umount(T)
+                    if got != want:
+                        raise TargetFailed(f"image {data[k]['image']} mounted: (entries, files, "
+                                           f"bytes) {got}, source {want}")
+                except (TargetFailed, subprocess.TimeoutExpired, OSError) as e:
+                    self.fail(fs, T, f"image check {k}", e, ms[k],
+                              only=[w for w in wl if (k == "small" and w == "image-mount-small")
+                                    or (k == "file" and w.startswith("image-read-"))]
+                              or [f"image-check-{k}"])
+
+            for rnd in range(args.runs):
+                if "image-build" in wl or "image-rebuild" in wl:
+                    def native_build():
+                        v = cp_tree(venv)
+                        v += timed(["sync", "-f", copy])
+                        rm(copy)
+                        return v
+
+                    def strata_build():
+                        rm(build_store)
+                        settle()
+                        drop_caches()
+                        return timed([args.strata, "image", "build", venv, "--name", "venv",
+                                      "--store", build_store], timeout=SETUP_TIMEOUT)
+
+                    def strata_rebuild():
+                        settle()
+                        drop_caches()
+                        return timed([args.strata, "image", "build", venv, "--name", "venv",
+                                      "--replace", "--store", build_store], timeout=SETUP_TIMEOUT)
+                    if "image-build" in wl:
+                        self.attempt(fs, "image-build", N, rnd, native_build)
+                        self.attempt(fs, "image-build", T, rnd, strata_build)
+                    else:
+                        strata_build()        # what the rebuild finds in the store
+                    if "image-rebuild" in wl:
+                        self.attempt(fs, "image-rebuild", T, rnd, strata_rebuild)
+                    rm(build_store)
+
+                for w, k in (("image-mount-small", "small"), ("image-mount-big", "big")):
+                    if w not in wl:
+                        continue
+                    def native_cp(k=k):
+                        v = cp_tree(data[k]["src"])
+                        rm(copy)
+                        return v
+                    self.attempt(fs, w, N, rnd, native_cp)
+                    self.attempt(fs, w, T, rnd, lambda k=k: cold_mount(k), ms[k])
+                    ms[k].umount(T)
+
+                if any(w in wl for w in ("image-read-first", "image-read-cold", "image-read-warm")):
+                    m = ms["file"]
+                    path = os.path.join(data["file"]["src"], "data")
+                    RO = "strata-image-ro"      # reference: the image without an upper
+
+                    def native_cold():
+                        settle()
+                        drop_caches()
+                        return timed(["cat", path])
+
+                    def strata_first(t):
+                        m.umount(t)
+                        clear_image_cache(data["file"]["store"])
+                        settle()
+                        drop_caches()
+                        m.mount(t)
+                        v = timed(["cat", os.path.join(m.path(t), "data")])
+                        m.umount(t)
+                        return v
+
+                    def strata_cold(t):
+                        m.umount(t)
+                        settle()
+                        drop_caches()
+                        m.mount(t)
+                        v = timed(["cat", os.path.join(m.path(t), "data")])
+                        m.umount(t)
+                        return v
+
+                    def strata_warm(t):
+                        mpath = os.path.join(m.path(t), "data")
+                        if t not in m.active:       # mount and read once, untimed
+                            m.mount(t)
+                            timed(["cat", mpath])
+                        return timed(["cat", mpath])
+                    if "image-read-first" in wl:
+                        self.attempt(fs, "image-read-first", N, rnd, native_cold)
+                        for t in (T, RO):
+                            self.attempt(fs, "image-read-first", t, rnd, lambda t=t: strata_first(t), m)
+                    if "image-read-cold" in wl:
+                        self.attempt(fs, "image-read-cold", N, rnd, native_cold)
+                        for t in (T, RO):
+                            self.attempt(fs, "image-read-cold", t, rnd, lambda t=t: strata_cold(t), m)
+                    if "image-read-warm" in wl:
+                        timed(["cat", path])                      # warm-up, untimed
+                        self.attempt(fs, "image-read-warm", N, rnd, lambda: timed(["cat", path]))
+                        for t in (T, RO):
+                            self.attempt(fs, "image-read-warm", t, rnd, lambda t=t: strata_warm(t), m)
+                    m.umount_all()
+
+                if "image-find-big" in wl or "image-rss-big" in wl:
+                    m = ms["big"]
+                    want = data["big"]["entries"]
+
+                    def native_find():
+                        settle()
+                        drop_caches()
+                        return timed_listing(["find", data["big"]["src"], "-ls"], want)
+
+                    def strata_find(t):
+                        """Timed find on a fresh cold mount, then the daemon's VmHWM."""
+                        m.umount(t)
+                        settle()
+                        drop_caches()
+                        mnt = m.mount(t)
+                        v = timed_listing(["find", mnt, "-ls"], want)
+                        hwm = vm_hwm_mib(daemon_pid(args, t, mnt))
+                        m.umount(t)
+                        return v, hwm
+                    if "image-find-big" in wl:
+                        self.attempt(fs, "image-find-big", N, rnd, native_find)
+                    big_wl = [w for w in ("image-find-big", "image-rss-big") if w in wl]
+                    # For reference: the same tree as a host directory, served by
+                    # strata and by strata's overlay (empty upper).
+                    for t in [T] + [t for t in FIND_BIG_REFS if t in args.targets]:
+                        if (fs, t) in self.broken or (fs, t, big_wl[0]) in self.skipped:
+                            continue
+                        try:
+                            v, hwm = strata_find(t)
+                            if "image-find-big" in wl:
+                                self.record(fs, "image-find-big", t, rnd, v)
+                            if "image-rss-big" in wl:
+                                self.record(fs, "image-rss-big", t, rnd, hwm)
+                        except (TargetFailed, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                            self.fail(fs, t, big_wl[0], e, m, only=big_wl)
+                log(f"{fs} image round {rnd + 1}/{args.runs}: done")
+        finally:
+            for m in ms.values():
+                m.umount_all()
+            rm(build_store)
+            rm(copy)
+
     def summary(self):
         """Per fs and workload: median/min/max/n per target; ratio = target /
         native (native / target for IOPS), so >1 means slower than native;
@@ -714,7 +1360,7 @@ class Bench:
             out[fs] = {}
             for w in self.args.workloads:
                 rows = {}
-                for t in self.args.targets:
+                for t in ALL_TARGETS + EXTRA_TARGETS:   # image rows also have strata-image
                     xs = [s["value"] for s in self.samples if s["fs"] == fs and
                           s["workload"] == w and s["target"] == t and not s["warmup"]]
                     if xs:
@@ -783,6 +1429,31 @@ LABELS = {
     "fio-rand1": "fio randread 4 KiB, 1 job, {fio_secs} s: **IOPS** (ratio native/target)",
     "fio-rand2": "fio randread 4 KiB, 2 jobs, {fio_secs} s: **IOPS** (ratio native/target)",
     "rss": "daemon peak RSS (VmHWM) after cold `ls -al` {ls100k_files} + `find` {tree_files}: **MiB**",
+    "pyimport-cold": "`python -c 'import {py_modules}'` from the venv, cold (fresh mount, caches dropped)",
+    "pyimport-warm": "`python -c 'import {py_modules}'` from the venv, warm",
+    "pyimport-first": "`python -c 'import {py_modules}'`, first use of the image: its cache "
+                      "emptied, cold (native: cold again)",
+}
+# image workloads: (what strata does, what the native baseline does)
+IMAGE_LABELS = {
+    "image-build": ("`strata image build` of the venv ({venv_entries} entries, {venv_files} files, "
+                    "{venv_mib:.0f} MiB) into an empty store, cold; {build_rate}",
+                    "`cp -a` of the venv + `sync -f`, cold"),
+    "image-rebuild": ("`strata image build --replace` of the venv again, every blob already "
+                      "stored, cold", None),
+    "image-mount-small": ("`strata mount image:` of {small_entries} entries (small files, "
+                          "{small_mib:.0f} MiB) `--upper` (empty), cold, until ready",
+                          "`cp -a` of the tree, cold"),
+    "image-mount-big": ("`strata mount image:` of {big_entries:,} entries (empty files) "
+                        "`--upper`, cold, until ready", "`cp -a` of the tree, cold"),
+    "image-read-first": ("`cat` {file_mib} MiB file, first read: image cache emptied, fresh "
+                         "mount, caches dropped (decompressed into the cache)", "`cat`, caches dropped"),
+    "image-read-cold": ("`cat` {file_mib} MiB file, cached copy exists, fresh mount, caches dropped",
+                        "`cat`, caches dropped"),
+    "image-read-warm": ("`cat` {file_mib} MiB file again on the same mount", "`cat` again"),
+    "image-find-big": ("`find -ls` of the {big_entries:,}-entry image, fresh mount, caches dropped",
+                       "`find -ls` of the source tree, caches dropped"),
+    "image-rss-big": ("daemon peak RSS (VmHWM) after that `find`: **MiB**", None),
 }
 
 
@@ -828,19 +1499,57 @@ def markdown(meta, summary, errors, args, sizes):
              + (f"; {v['fio']}" if v.get("fio") and any(w.startswith("fio-") for w in args.workloads) else ""))
     L.append("")
     L.append("## Targets\n")
-    L.append("- native: the source directory itself")
-    L.append("- strata: `strata mount SRC MNT`" + (f" `-o {','.join(args.strata_opts)}`" if args.strata_opts else ""))
-    L.append(f"- mergerfs: `mergerfs -o {MERGERFS_OPTS} SRC MNT` (minfreespace=0: the "
-             "default 4G is more than the 4G tmpfs ever has free, so every create would fail with ENOSPC)")
-    L.append("- bindfs: `bindfs SRC MNT`")
-    L.append("- fuse-overlayfs: `fuse-overlayfs -o lowerdir=SRC,upperdir=UP,workdir=WK MNT` "
-             "(reads come from the lower dir, writes land in the upper dir on the same filesystem)")
+    so = f" `-o {','.join(args.strata_opts)}`" if args.strata_opts else ""
     sopts = ",".join([STRATA_UNION_OPTS] + args.strata_opts)
-    L.append(f"- strata-union3: `strata mount B1:B2:B3 MNT -o {sopts}`; B1..B3 hold the files of SRC "
-             "dealt round-robin, every directory on all three, `big` on B3; native (SRC) stays the "
-             "baseline. strata watches every branch, so unions get the same hour-long timeouts as a "
-             "single directory (mergerfs: 1 s)")
-    L.append(f"- mergerfs-union3: `mergerfs -o {MERGERFS_OPTS} B1:B2:B3 MNT`")
+    desc = {
+        "native": "the source directory itself (for the overlay targets too: what they read "
+                  "is SRC or an image of it, and a write into SRC is what a write into their "
+                  "upper on the same filesystem compares with)",
+        "strata": "`strata mount SRC MNT`" + so,
+        "mergerfs": f"`mergerfs -o {MERGERFS_OPTS} SRC MNT` (minfreespace=0: the default 4G is "
+                    "more than the tmpfs ever has free, so every create would fail with ENOSPC)",
+        "bindfs": "`bindfs SRC MNT`",
+        "fuse-overlayfs": "`fuse-overlayfs -o lowerdir=SRC,upperdir=UP,workdir=WK MNT`, a fresh "
+                          "empty UP per mount (reads come from the lower dir, writes land in the "
+                          "upper dir on the same filesystem)",
+        "strata-overlay": "`strata mount SRC --upper UP MNT`" + so + ", a fresh empty UP per "
+                          "mount on the same filesystem (as fuse-overlayfs)",
+        "strata-image": "`strata mount image:NAME --upper UP -o store=STORE MNT`" + so + ": SRC "
+                        "built into an image (`strata image build SRC --name NAME`, store on the "
+                        "same filesystem, untimed, once per data set), a fresh empty UP per "
+                        "mount; the image's `big` is read once untimed before timing, so its "
+                        "first-read decompression (measured by the image workloads) is not "
+                        "in the dd reads",
+        "strata-union3": f"`strata mount B1:B2:B3 MNT -o {sopts}`; B1..B3 hold the files of SRC "
+                         "dealt round-robin, every directory on all three, `big` on B3; native "
+                         "(SRC) stays the baseline. strata watches every branch, so unions get "
+                         "the same hour-long timeouts as a single directory (mergerfs: 1 s)",
+        "mergerfs-union3": f"`mergerfs -o {MERGERFS_OPTS} B1:B2:B3 MNT`",
+        "strata-image-ro": "`strata mount image:NAME -o store=STORE MNT` (read-only, no upper: "
+                           "image files by kernel passthrough to their cache copy); not a "
+                           "selectable target, measured next to strata-image by pyimport and "
+                           "the image reads, for reference",
+    }
+    shown = list(args.targets)
+    if "strata-image" in args.targets and any(
+            w in PY_WORKLOADS or w.startswith("image-read-") for w in args.workloads):
+        shown += EXTRA_TARGETS
+    for t in shown:
+        L.append(f"- {t}: {desc[t]}")
+    if any(w in PY_WORKLOADS for w in args.workloads):
+        vx = meta.get("data", {}).get("venv", {})
+        L.append(f"- pyimport (disk only): SRC is a venv (`python3 -m venv`, "
+                 + (f"`pip install {' '.join(PY_PACKAGES)}` from PyPI"
+                    if not vx.get("fallback") else
+                    f"**pip could not install {' '.join(PY_PACKAGES)}: only the venv's own pip "
+                    f"and setuptools**")
+                 + f"; {vx.get('entries', '?')} entries, {vx.get('files', '?')} files, "
+                 f"{vx.get('bytes', 0) / 2**20:.0f} MiB; python {vx.get('version', '?')}), every "
+                 "module precompiled (`python -m compileall`) before the image is built, and each "
+                 "target is checked once to import from the mount (`sys.prefix`) without writing "
+                 "a `.pyc` (nothing in the venv, nothing in an upper); strata-image mounts the "
+                 "venv built into an image; packages: "
+                 + ", ".join(vx.get("packages", [])))
     L.append("")
     L.append("Cells: median wall seconds, and the ratio to native's median from the same run. "
              "`ls`, `find` and `dd` times include spawning the process (~1 ms); listings are "
@@ -859,22 +1568,34 @@ def markdown(meta, summary, errors, args, sizes):
              + (" rss: VmHWM of the daemon (`/proc/PID/status`) on a fresh mount after `ls -al` of "
                 "the ls100k directory and `find -ls` of the tree (untimed), in MiB; strata targets "
                 "only (n/a elsewhere; native has no daemon, so no ratio)."
-                if "rss" in args.workloads else "") + "\n")
+                if "rss" in args.workloads else "")
+             + (" pyimport: wall time of the venv's python from exec to exit (interpreter start "
+                "included; the interpreter itself and the standard library are outside the venv, "
+                "the same files for every target); cold drops the caches of those too."
+                if any(w in PY_WORKLOADS for w in args.workloads) else "") + "\n")
     for fs in args.fs:
-        if fs not in summary:
+        if fs not in summary or not any(w in summary[fs] for w in args.workloads
+                                        if w not in IMAGE_WORKLOADS):
+            L += image_table(fs, summary.get(fs, {}), errors, args, sizes)
             continue
+        cols = args.targets + [t for t in EXTRA_TARGETS if any(
+            t in summary[fs].get(w, {}) for w in args.workloads if w not in IMAGE_WORKLOADS)]
         L.append(f"## {fs}\n")
-        L.append("| workload | " + " | ".join(args.targets) + " |")
-        L.append("|---|" + "---:|" * len(args.targets))
+        L.append("| workload | " + " | ".join(cols) + " |")
+        L.append("|---|" + "---:|" * len(cols))
         for w in args.workloads:
+            if w in IMAGE_WORKLOADS:
+                continue
             rows = summary[fs].get(w)
             if not rows:
                 continue
             cells = []
-            for t in args.targets:
+            for t in cols:
                 r = rows.get(t)
                 if not r:
-                    if w == "rss" and t not in STRATA_TARGETS:
+                    if (w == "rss" and t not in STRATA_TARGETS) or \
+                            (w == "pyimport-first" and not t.startswith("strata-image")) or \
+                            (w in SRC_WORKLOADS and t in EXTRA_TARGETS):
                         cells.append("n/a")
                     else:
                         cells.append("failed" if any(
@@ -894,6 +1615,7 @@ def markdown(meta, summary, errors, args, sizes):
             L.append(f"| {LABELS[w].format(**sizes)} | " + " | ".join(cells) + " |")
         L.append("")
         L += union_table(fs, summary[fs], args, sizes)
+        L += image_table(fs, summary[fs], errors, args, sizes)
     if errors:
         L.append("## Errors\n")
         for e in errors:
@@ -903,6 +1625,71 @@ def markdown(meta, summary, errors, args, sizes):
             L.append(f"- {e['fs']}/{e['target']}/{e['workload']} ({scope}): {e['error']}")
         L.append("")
     return "\n".join(L)
+
+
+def image_table(fs, rows_by_w, errors, args, sizes):
+    """Image workloads: strata (image build, image mount, reads of an image
+    file, find over the big image) against the native operation named in the
+    baseline column, measured in the same rounds."""
+    ws = [w for w in args.workloads if w in IMAGE_WORKLOADS and w in rows_by_w]
+    if not ws:
+        return []
+    L = [f"## {fs}: images\n",
+         "Each row: strata's operation, the native baseline in the same rounds, their medians "
+         "and strata / native (>1: strata slower). Cold = `echo 3 > /proc/sys/vm/drop_caches` "
+         "first (and, for a mount, a fresh one). Image mounts have an empty `--upper`.\n",
+         "| workload (strata) | native baseline | native | strata | strata / native |",
+         "|---|---|---:|---:|---:|"]
+    for w in ws:
+        rows = rows_by_w[w]
+        nat, st = rows.get("native"), rows.get("strata-image")
+        fmt = dict(sizes)
+        fmt["build_rate"] = ""
+        if w == "image-build" and st:
+            fmt["build_rate"] = (f"{sizes['venv_files'] / st['median']:,.0f} files/s, "
+                                 f"{sizes['venv_mib'] / st['median']:.1f} MiB/s")
+        label, base = IMAGE_LABELS[w]
+        failed = any(e["fs"] == fs and e["target"] == "strata-image" and
+                     (e.get("skipped") == "all" or w in e.get("skipped", [])) for e in errors)
+
+        def cell(r):
+            if not r:
+                return "failed" if failed else "-"
+            return fmt_value(w, r["median"]) + (f" n={r['n']}" if r["n"] < args.runs else "")
+        ratio = (f"{st['median'] / nat['median']:.2f}x" if st and nat and nat["median"] else "")
+        L.append(f"| {label.format(**fmt)} | {base or 'n/a'} | {cell(nat) if base else 'n/a'} | "
+                 f"{cell(st)} | {ratio} |")
+    L.append("")
+    refs = []
+    parts = []
+    for w in ("image-read-first", "image-read-cold", "image-read-warm"):
+        r = rows_by_w.get(w, {}).get("strata-image-ro")
+        nat = rows_by_w.get(w, {}).get("native")
+        if r:
+            parts.append(f"{w[len('image-read-'):]} {fmt_value(w, r['median'])} s"
+                         + (f" ({r['median'] / nat['median']:.2f}x native)" if nat else "")
+                         + (f" n={r['n']}" if r["n"] < args.runs else ""))
+    if parts:
+        L += ["The same reads on a read-only mount of the image (`strata mount image:NAME MNT`, "
+              "no upper: kernel passthrough to the cache copy), same rounds: "
+              + ", ".join(parts) + ".", ""]
+    for t in FIND_BIG_REFS:
+        parts = []
+        for w in ("image-find-big", "image-rss-big"):
+            r = rows_by_w.get(w, {}).get(t)
+            if r:
+                nat = rows_by_w[w].get("native")
+                parts.append(("`find -ls` " if w == "image-find-big" else "VmHWM ")
+                             + f"{fmt_value(w, r['median'])} {'s' if unit(w) == 's' else 'MiB'}"
+                             + (f" ({r['median'] / nat['median']:.2f}x native)" if nat else "")
+                             + (f" n={r['n']}" if r["n"] < args.runs else ""))
+        if parts:
+            how = "`strata mount TREE MNT`" if t == "strata" else "`strata mount TREE --upper EMPTY MNT`"
+            refs.append(f"- {t} ({how}): {', '.join(parts)}")
+    if refs:
+        L += [f"The big tree as a host directory instead of an image (same rounds, fresh mount, "
+              "caches dropped):\n"] + refs + [""]
+    return L
 
 
 def union_table(fs, rows_by_w, args, sizes):
@@ -1026,6 +1813,8 @@ def main():
         meta["elapsed_secs"] = round(time.monotonic() - t_start, 1)
         meta["complete"] = final
         summary = bench.summary()
+        meta["data"] = bench.extra
+        meta["src_images"] = bench.image_info
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "summary": summary, "errors": bench.errors,
                        "samples": bench.samples}, f, indent=1)
