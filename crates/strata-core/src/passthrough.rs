@@ -455,16 +455,7 @@ impl Filesystem for PassthroughFs {
     fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
         let fd = self.node_fd(ino)?;
         let s = rustix::fs::fstatvfs(&*fd)?;
-        Ok(StatFs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_bsize as u32,
-            namelen: s.f_namemax as u32,
-            frsize: s.f_frsize as u32,
-        })
+        Ok(crate::host::statfs_from(&s))
     }
 
     fn setxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {

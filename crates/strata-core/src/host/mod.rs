@@ -107,6 +107,20 @@ pub fn dirent_kind(dir: BorrowedFd<'_>, ent: &rustix::fs::DirEntry) -> Option<Fi
     })
 }
 
+/// A host `statvfs` as the kernel wants it.
+pub fn statfs_from(s: &rustix::fs::StatVfs) -> crate::fs::StatFs {
+    crate::fs::StatFs {
+        blocks: s.f_blocks,
+        bfree: s.f_bfree,
+        bavail: s.f_bavail,
+        files: s.f_files,
+        ffree: s.f_ffree,
+        bsize: s.f_bsize as u32,
+        namelen: s.f_namemax as u32,
+        frsize: s.f_frsize as u32,
+    }
+}
+
 /// Converts a host `stat` into attributes with node id `ino`.
 pub fn attr_from_stat(st: &Stat, ino: u64) -> Attr {
     Attr {
