@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
 use super::layer::host_xattrs;
-use super::{Found, ONode, OpenDir, OverlayFs, is_private_xattr, tmp_name};
+use super::{OpenDir, OverlayFs, is_private_xattr, tmp_name};
 use crate::fs::*;
 use crate::host::component;
 use crate::host::files::{open_file_methods, sync_fd};
@@ -24,26 +24,6 @@ fn lookup_name(name: &OsStr) -> Result<std::ffi::CString> {
 }
 
 impl OverlayFs {
-    /// A node for a resolved name that is not registered in the table (for
-    /// checks such as emptiness).
-    fn transient(&self, dir: &ONode, name: &CStr, found: &Found) -> Result<ONode> {
-        let upper = match &found.upper {
-            Some(st) => {
-                let h = self.upper_dir()?;
-                let pfd = h.fd(&dir.upper().ok_or(Errno::EIO)?)?;
-                Some(Arc::new(h.make_node(pfd.as_fd(), name, st)?))
-            }
-            None => None,
-        };
-        Ok(ONode {
-            kind: found.kind,
-            place: Mutex::new((0, name.to_owned())),
-            upper: RwLock::new(upper),
-            lowers: RwLock::new(found.lowers.iter().map(|(r, _)| r.clone()).collect()),
-            aliases: Mutex::new(Vec::new()),
-        })
-    }
-
     /// Shared head of mknod/mkdir/symlink/create: the name must not show
     /// yet; returns the parent's upper descriptor. Caller holds `ns_lock`.
     fn new_name_dir(&self, parent: u64, name: &CStr) -> Result<Arc<std::os::fd::OwnedFd>> {
@@ -90,7 +70,7 @@ impl OverlayFs {
             (false, true) => return Err(Errno::EISDIR),
             _ => {}
         }
-        if is_dir && !self.is_empty_dir(0, &self.transient(&dir, &name, &found)?)? {
+        if is_dir && !self.is_empty_dir(0, &self.build_node(0, &dir, &name, &found)?)? {
             return Err(Errno::ENOTEMPTY);
         }
         let whiteout = self.lower_has(&dir, &name)?;
@@ -161,9 +141,7 @@ impl OverlayFs {
         for id in [a, b] {
             let node = self.node(id)?;
             if node.kind == FileKind::Directory {
-                let up = node.upper().ok_or(Errno::EIO)?;
-                self.set_opaque(h.fd(&up)?.as_fd())?;
-                *node.lowers.write() = Arc::from(Vec::new());
+                self.make_opaque(&node)?;
             }
         }
         rustix::fs::renameat_with(&*pfd, name, &*npfd, new_name, RenameFlags::EXCHANGE)?;
@@ -306,7 +284,7 @@ impl Filesystem for OverlayFs {
                 (false, true) => return Err(Errno::EISDIR),
                 (true, false) => return Err(Errno::ENOTDIR),
                 (true, true) => {
-                    if !self.is_empty_dir(0, &self.transient(&dst_dir, &new_name, d)?)? {
+                    if !self.is_empty_dir(0, &self.build_node(0, &dst_dir, &new_name, d)?)? {
                         return Err(Errno::ENOTEMPTY);
                     }
                     opaque = !d.lowers.is_empty();
@@ -333,9 +311,7 @@ impl Filesystem for OverlayFs {
             Self::clear_whiteouts(dfd.as_fd())?;
         }
         if src_is_dir && (opaque || over_whiteout) {
-            let up = src.upper().ok_or(Errno::EIO)?;
-            self.set_opaque(h.fd(&up)?.as_fd())?;
-            *src.lowers.write() = Arc::from(Vec::new());
+            self.make_opaque(&src)?;
         }
         let whiteout = self.lower_has(&src_dir, &name)?;
         if src_is_dir && over_whiteout {

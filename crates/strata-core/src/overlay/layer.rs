@@ -188,6 +188,9 @@ pub(crate) struct LName {
     pub name: CString,
     pub kind: FileKind,
     pub whiteout: bool,
+    /// Identity in the layer, as in `LStat::key` (from the directory entry:
+    /// no stat needed).
+    pub key: (u64, u64),
 }
 
 fn image_error(layer: &ImageLayer, what: &str, e: strata_image::Error) -> Errno {
@@ -349,6 +352,7 @@ impl Layer {
                         name: CString::new(i.image.entry_name(&e)).map_err(|_| Errno::EIO)?,
                         kind: kind_of(e.kind),
                         whiteout: i.is_whiteout(&e),
+                        key: (0, e.inode as u64),
                     });
                 }
                 Ok(())
@@ -524,6 +528,7 @@ pub(crate) fn list_host(h: &HostDir, dir: &Arc<HostNode>, out: &mut Vec<LName>) 
             name: name.to_owned(),
             kind,
             whiteout,
+            key: (dir.dev, ent.ino()),
         });
     }
     Ok(())

@@ -112,6 +112,21 @@ struct ONode {
 }
 
 impl ONode {
+    fn new(
+        kind: FileKind,
+        place: (u64, CString),
+        upper: Option<Arc<HostNode>>,
+        lowers: Arc<[LRef]>,
+    ) -> ONode {
+        ONode {
+            kind,
+            place: Mutex::new(place),
+            upper: RwLock::new(upper),
+            lowers: RwLock::new(lowers),
+            aliases: Mutex::new(Vec::new()),
+        }
+    }
+
     fn upper(&self) -> Option<Arc<HostNode>> {
         self.upper.read().clone()
     }
@@ -273,13 +288,12 @@ impl OverlayFs {
             Some(h) => Key::Upper(h.root().dev, h.root().ino),
             None => Key::Lower(0, 0, 0),
         };
-        let root = ONode {
-            kind: FileKind::Directory,
-            place: Mutex::new((ROOT_ID, CString::default())),
-            upper: RwLock::new(upper.as_ref().map(|h| h.root().clone())),
-            lowers: RwLock::new(root_lowers),
-            aliases: Mutex::new(Vec::new()),
-        };
+        let root = ONode::new(
+            FileKind::Directory,
+            (ROOT_ID, CString::default()),
+            upper.as_ref().map(|h| h.root().clone()),
+            root_lowers,
+        );
         let root_user = rustix::process::geteuid().is_root();
         Ok(OverlayFs {
             any_host_lower: layers.iter().any(Layer::is_host),
@@ -443,14 +457,8 @@ impl OverlayFs {
 
     /// Takes a lookup reference on what `name` in `parent` resolved to.
     fn register(&self, parent: u64, dir: &ONode, name: &CStr, found: Found) -> Result<Entry> {
-        let upper_node = match &found.upper {
-            Some(st) => {
-                let h = self.upper_dir()?;
-                let pfd = h.fd(&dir.upper().ok_or(Errno::EIO)?)?;
-                Some(Arc::new(h.make_node(pfd.as_fd(), name, st)?))
-            }
-            None => None,
-        };
+        let node = self.build_node(parent, dir, name, &found)?;
+        let upper_node = node.upper();
         let lower_key = |(r, st): &(LRef, LStat)| Key::Lower(r.layer, st.key.0, st.key.1);
         let key = match (&upper_node, found.lowers.first()) {
             (None, Some(top)) => lower_key(top),
@@ -473,13 +481,7 @@ impl OverlayFs {
             }
             (None, None) => return Err(Errno::ENOENT),
         };
-        let host_lower = self.has_host_lower(
-            &found
-                .lowers
-                .iter()
-                .map(|(r, _)| r.clone())
-                .collect::<Vec<_>>(),
-        );
+        let host_lower = self.has_host_lower(&node.lowers());
         let attr_st = match &found.upper {
             Some(st) => LStat::from_stat(st),
             None => found.lowers[0].1,
@@ -487,13 +489,6 @@ impl OverlayFs {
         let merged = found.kind == FileKind::Directory
             && !found.lowers.is_empty()
             && (found.upper.is_some() || found.lowers.len() > 1);
-        let node = ONode {
-            kind: found.kind,
-            place: Mutex::new((parent, name.to_owned())),
-            upper: RwLock::new(upper_node),
-            lowers: RwLock::new(found.lowers.into_iter().map(|(r, _)| r).collect()),
-            aliases: Mutex::new(Vec::new()),
-        };
         let (id, known) = self
             .table
             .lookup(key, Self::node_id(&key), Some(node), |old| {
@@ -514,6 +509,34 @@ impl OverlayFs {
             entry_ttl: self.ttl(self.cfg.entry_ttl, host_lower),
             attr_ttl: self.ttl(self.cfg.attr_ttl, host_lower),
         })
+    }
+
+    /// A node (not yet in the table) for what `name` in `dir` resolved to;
+    /// `parent` is `dir`'s id, recorded as the node's place.
+    fn build_node(&self, parent: u64, dir: &ONode, name: &CStr, found: &Found) -> Result<ONode> {
+        let upper = match &found.upper {
+            Some(st) => {
+                let h = self.upper_dir()?;
+                let pfd = h.fd(&dir.upper().ok_or(Errno::EIO)?)?;
+                Some(Arc::new(h.make_node(pfd.as_fd(), name, st)?))
+            }
+            None => None,
+        };
+        Ok(ONode::new(
+            found.kind,
+            (parent, name.to_owned()),
+            upper,
+            found.lowers.iter().map(|(r, _)| r.clone()).collect(),
+        ))
+    }
+
+    /// Marks a directory node's upper opaque: it no longer merges the lowers
+    /// (it is fully copied up, or lands where a lower may hold another).
+    fn make_opaque(&self, node: &ONode) -> Result<()> {
+        let up = node.upper().ok_or(Errno::EIO)?;
+        self.set_opaque(self.upper_dir()?.fd(&up)?.as_fd())?;
+        *node.lowers.write() = Arc::from(Vec::new());
+        Ok(())
     }
 
     fn lookup_in(&self, parent: u64, name: &CStr) -> Result<Entry> {
@@ -576,44 +599,37 @@ impl OverlayFs {
         let mut seen: HashSet<CString> = HashSet::new();
         let mut names = Vec::new();
         if let Some(up) = node.upper() {
-            let h = self.upper_dir()?;
-            layer::list_host(h, &up, &mut names)?;
-            let dev = up.dev;
-            self.merge_names(&mut names, &mut seen, &mut out, |n| {
-                let ino = rustix::fs::statat(&*h.fd(&up).ok()?, n, AtFlags::SYMLINK_NOFOLLOW)
-                    .ok()?
-                    .st_ino;
-                Some(Self::node_id(&Key::Upper(dev, ino)))
+            layer::list_host(self.upper_dir()?, &up, &mut names)?;
+            Self::merge_names(&mut names, &mut seen, &mut out, |(dev, ino)| {
+                Key::Upper(dev, ino)
             });
         }
         for r in node.lowers().iter() {
-            let layer = self.layer(r);
-            layer.list(&r.obj, &mut names)?;
-            self.merge_names(&mut names, &mut seen, &mut out, |n| {
-                let (_, st) = layer.lookup(&r.obj, n).ok()??;
-                Some(Self::node_id(&Key::Lower(r.layer, st.key.0, st.key.1)))
+            self.layer(r).list(&r.obj, &mut names)?;
+            Self::merge_names(&mut names, &mut seen, &mut out, |(a, b)| {
+                Key::Lower(r.layer, a, b)
             });
         }
         Ok(out)
     }
 
     /// Moves `names` (one layer's) into the listing `out`: names already seen
-    /// in a higher layer are skipped, whiteouts only recorded as seen. Node
-    /// ids are found only for names that reach the listing (a plain readdir
-    /// shows them; readdirplus replaces them with the looked-up ones).
+    /// in a higher layer are skipped, whiteouts only recorded as seen. The
+    /// ids are the ones the entries' own keys give (a plain readdir shows
+    /// them; readdirplus replaces them with the looked-up ones, which differ
+    /// for merged directories and copied-up files).
     fn merge_names(
-        &self,
         names: &mut Vec<LName>,
         seen: &mut HashSet<CString>,
         out: &mut Vec<DirEnt>,
-        ino_of: impl Fn(&CStr) -> Option<u64>,
+        key_of: impl Fn((u64, u64)) -> Key,
     ) {
         for n in names.drain(..) {
             if seen.contains(&n.name) {
                 continue;
             }
             if !n.whiteout {
-                let ino = ino_of(&n.name).unwrap_or(u64::MAX);
+                let ino = Self::node_id(&key_of(n.key));
                 out.push(DirEnt {
                     name: n.name.clone(),
                     ino,
@@ -931,13 +947,12 @@ impl OverlayFs {
     ) -> Result<()> {
         let h = self.upper_dir()?;
         let fd = h.fd(up)?;
-        let dir = ONode {
-            kind: FileKind::Directory,
-            place: Mutex::new((0, CString::default())),
-            upper: RwLock::new(Some(up.clone())),
-            lowers: RwLock::new(Arc::from(lowers.to_vec())),
-            aliases: Mutex::new(Vec::new()),
-        };
+        let dir = ONode::new(
+            FileKind::Directory,
+            (0, CString::default()),
+            Some(up.clone()),
+            Arc::from(lowers.to_vec()),
+        );
         let mut names = Vec::new();
         for r in lowers {
             self.layer(r).list(&r.obj, &mut names)?;
