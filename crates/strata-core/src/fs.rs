@@ -114,6 +114,27 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// This caller, without CAP_FSETID, wrote to or truncated the file: clear
+    /// set-user-ID and set-group-ID as the kernel would (the daemon's own
+    /// writes, as root, do not).
+    pub kill_suidgid: Option<Ctx>,
+}
+
+impl Ctx {
+    /// Whether the caller is in group `gid`: its fsgid, or one of its
+    /// supplementary groups (read from /proc, so only on rare paths).
+    pub fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|g| g.split_whitespace().any(|g| g.parse() == Ok(gid)))
+    }
 }
 
 /// An open file or directory handle and how the kernel should treat it.

@@ -332,7 +332,11 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
             // so `ls -l` does not ask for system.posix_acl_* per file.
             | InitFlags::FUSE_POSIX_ACL
             // The umask is ours to apply: not under a default ACL.
-            | InitFlags::FUSE_DONT_MASK;
+            | InitFlags::FUSE_DONT_MASK
+            // We clear setuid/setgid on writes and truncates (see `setattr`),
+            // so the kernel asks for security.capability once per open
+            // instead of on every write (it marks inodes S_NOSEC).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         if let Err(missing) = config.add_capabilities(wanted & have) {
             tracing::warn!("kernel lacks {missing:?}");
@@ -422,14 +426,30 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
         reply: ReplyAttr,
     ) {
         guarded("setattr", || {
-            let set = SetAttr {
+            let mut set = SetAttr {
                 mode,
                 uid,
                 gid,
                 size,
                 atime: set_time(atime),
                 mtime: set_time(mtime),
+                kill_suidgid: None,
             };
+            // FUSE_HANDLE_KILLPRIV_V2: the kernel leaves clearing setuid/setgid
+            // to us and flags it with FATTR_KILL_SUIDGID, which fuser does not
+            // pass on. It sends a setattr with nothing in it on a write that
+            // must kill privileges, and a size on a truncate; we take a caller
+            // other than root as lacking CAP_FSETID. (File capabilities the
+            // host kernel drops itself when the daemon writes or truncates.)
+            let nothing_else = set.mode.is_none()
+                && set.uid.is_none()
+                && set.gid.is_none()
+                && set.size.is_none()
+                && set.atime.is_none()
+                && set.mtime.is_none();
+            if req.uid() != 0 && (nothing_else || size.is_some()) {
+                set.kill_suidgid = Some(ctx(req));
+            }
             match self.fs.setattr(&ctx(req), ino.0, fh.map(|f| f.0), &set) {
                 Ok(a) => reply.attr(&a.ttl, &attr(&a.attr)),
                 Err(e) => reply.error(errno(e)),
@@ -578,13 +598,27 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         guarded("write", || {
-            match self.fs.write(&ctx(req), ino.0, fh.0, offset, data) {
+            let ctx = ctx(req);
+            let res = self
+                .fs
+                .write(&ctx, ino.0, fh.0, offset, data)
+                .and_then(|n| {
+                    if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                        let kill = SetAttr {
+                            kill_suidgid: Some(ctx),
+                            ..SetAttr::default()
+                        };
+                        self.fs.setattr(&ctx, ino.0, Some(fh.0), &kill)?;
+                    }
+                    Ok(n)
+                });
+            match res {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
             }

@@ -399,3 +399,16 @@ fn operations_on_symlinks_never_touch_their_targets() {
     let up = fs::canonicalize(m.m("up")).unwrap();
     assert_eq!(up, m.mnt.parent().unwrap());
 }
+
+#[test]
+fn writes_by_other_users_clear_setuid_and_setgid_as_the_kernel_does() {
+    for opts in [&[][..], &["passthrough=false"][..]] {
+        let m = Mounted::new(opts);
+        // group-executable: both bits go; root (CAP_FSETID) keeps them
+        let modes = modes_after_unprivileged_writes(&m.mnt, |n| m.s(n), 0o6777);
+        assert_eq!(modes, [0o777, 0o777, 0o777, 0o6777], "{opts:?}");
+        // not group-executable, and nobody is not in the file's group: both go
+        let modes = modes_after_unprivileged_writes(&m.mnt, |n| m.s(n), 0o6766);
+        assert_eq!(modes, [0o766, 0o766, 0o766, 0o6766], "{opts:?}");
+    }
+}

@@ -2116,3 +2116,33 @@ fn renaming_a_busy_lower_directory_loses_nothing() {
     }
     assert_no_temporaries(&m);
 }
+
+#[test]
+fn writes_by_other_users_clear_setuid_and_setgid_on_the_copy() {
+    let m = overlay(|_| {});
+    let modes = modes_after_unprivileged_writes(&m.mnt, |n| up(&m, n), 0o6777);
+    assert_eq!(modes, [0o777, 0o777, 0o777, 0o6777]);
+    // lower files: the copy-up keeps the bits, the write clears them
+    let m = overlay(|src| {
+        for n in ["su-write", "su-trunc", "su-otrunc"] {
+            fs::write(src.join(n), b"data").unwrap();
+            fs::set_permissions(src.join(n), fs::Permissions::from_mode(0o6777)).unwrap();
+        }
+    });
+    as_nobody_ok(&format!(
+        "echo more >> {0}/su-write && truncate -s 1 {0}/su-trunc && echo new > {0}/su-otrunc",
+        m.mnt.display()
+    ));
+    for n in ["su-write", "su-trunc", "su-otrunc"] {
+        assert_eq!(
+            fs::metadata(up(&m, n)).unwrap().mode() & 0o7777,
+            0o777,
+            "{n}"
+        );
+        assert_eq!(
+            fs::metadata(m.s(n)).unwrap().mode() & 0o7777,
+            0o6777,
+            "{n}: lower untouched"
+        );
+    }
+}

@@ -76,6 +76,9 @@ pub fn set_attr(
             }
         }
     }
+    if let (Some(caller), None) = (set.kill_suidgid, set.mode) {
+        kill_suidgid(host, fd, file, &caller)?;
+    }
     if set.atime.is_some() || set.mtime.is_some() {
         let times = Timestamps {
             last_access: to_timespec(set.atime),
@@ -87,6 +90,35 @@ pub fn set_attr(
             &times,
             AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
         )?;
+    }
+    Ok(())
+}
+
+/// Drops S_ISUID, and S_ISGID when group-executable or when the caller is
+/// not in the file's group, as the kernel does when a caller without
+/// CAP_FSETID writes to or truncates a regular file.
+fn kill_suidgid(
+    host: &HostDir,
+    fd: BorrowedFd<'_>,
+    file: Option<BorrowedFd<'_>>,
+    caller: &Ctx,
+) -> Result<()> {
+    let st = host.stat_fd(fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG
+        || st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0
+    {
+        return Ok(());
+    }
+    let mut mode = st.st_mode & 0o7777 & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid) {
+        mode &= !libc::S_ISGID;
+    }
+    if mode == st.st_mode & 0o7777 {
+        return Ok(());
+    }
+    match file {
+        Some(f) => rustix::fs::fchmod(f, Mode::from_raw_mode(mode))?,
+        None => host.chmod_fd(fd, mode)?,
     }
     Ok(())
 }

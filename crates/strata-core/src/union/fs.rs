@@ -25,7 +25,7 @@ use crate::{Errno, Result};
 fn setattr_func(set: &SetAttr) -> Func {
     if set.size.is_some() {
         Func::Truncate
-    } else if set.mode.is_some() {
+    } else if set.mode.is_some() || set.kill_suidgid.is_some() {
         Func::Chmod
     } else if set.uid.is_some() || set.gid.is_some() {
         Func::Chown
@@ -555,8 +555,12 @@ impl UnionFs {
         // answer even when others went (an rmdir that left the name showing
         // on another branch must not report success).
         let mut first_err = None;
-        let mut removed = false;
-        for (_, pfd, st) in targets {
+        let mut removed = Vec::new();
+        // The kernel's node for the name: keyed by its first instance.
+        let shown = found
+            .first()
+            .and_then(|(_, _, st)| self.table.get_by_key(&(st.st_dev, st.st_ino)));
+        for (inst, pfd, st) in targets {
             // rmdir of a directory shown through `follow-symlinks` removes the link.
             let how = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
                 AtFlags::empty()
@@ -564,7 +568,7 @@ impl UnionFs {
                 how
             };
             match rustix::fs::unlinkat(&**pfd, &name, how) {
-                Ok(()) => removed = true,
+                Ok(()) => removed.push(inst.branch.id),
                 Err(e) => {
                     first_err.get_or_insert(Errno::from(e));
                 }
@@ -573,15 +577,22 @@ impl UnionFs {
         match first_err {
             None => Ok(()),
             Some(e) => {
-                if removed {
+                if !removed.is_empty() {
                     // The error reply tells the kernel nothing changed, yet
-                    // some copies went: make it look again.
-                    let node = self.lookup_name(parent, &name).ok().map(|e| e.attr.ino);
-                    if let Some(id) = node {
-                        self.table.forget(id, 1);
-                    }
-                    let nodes: Vec<u64> = std::iter::once(parent).chain(node).collect();
-                    self.invalidate_later(Some((parent, name)), &nodes);
+                    // some copies went: the node it holds drops them now (it
+                    // may be used before the invalidation lands), and the
+                    // kernel is made to look again.
+                    let node = shown.map(|(id, node)| {
+                        node.inst
+                            .write()
+                            .retain(|i| !removed.contains(&i.branch.id));
+                        id
+                    });
+                    // Attributes now (no lock of the kernel's needed: the
+                    // next stat must see the parent's new link count), the
+                    // name once this request has let go of the directory.
+                    self.invalidate_attrs(std::iter::once(parent).chain(node));
+                    self.invalidate_later(Some((parent, name)), &[]);
                 }
                 Err(e)
             }

@@ -959,6 +959,16 @@ impl UnionFs {
         }
     }
 
+    /// Drops the kernel's attributes of `nodes` right away; safe inside a
+    /// request (attribute invalidation takes no inode lock).
+    pub(crate) fn invalidate_attrs(&self, nodes: impl IntoIterator<Item = u64>) {
+        if let Some(inval) = self.invalidator.read().clone() {
+            for id in nodes {
+                inval.inode(id, false);
+            }
+        }
+    }
+
     /// Drops every node's kernel cache (`cmd.invalidate-all-nodes`).
     pub fn invalidate_all(&self) {
         if let Some(inval) = self.invalidator.read().clone() {

@@ -790,3 +790,37 @@ pub fn names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Writes and truncates by a user (nobody) to files of mode `mode` named
+/// su-write, su-trunc, su-otrunc, and a write by root to su-root; returns
+/// the modes the files end with, read from `host` (the directory holding
+/// them on the host) after `mnt` saw the changes.
+pub fn modes_after_unprivileged_writes(
+    mnt: &Path,
+    host: impl Fn(&str) -> PathBuf,
+    mode: u32,
+) -> Vec<u32> {
+    let names = ["su-write", "su-trunc", "su-otrunc", "su-root"];
+    for n in names {
+        fs::write(mnt.join(n), b"data").unwrap();
+        fs::set_permissions(
+            mnt.join(n),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap();
+    }
+    as_nobody_ok(&format!(
+        "echo more >> {0}/su-write && truncate -s 1 {0}/su-trunc && echo new > {0}/su-otrunc",
+        mnt.display()
+    ));
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("su-root"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"root").unwrap();
+    drop(f);
+    names
+        .iter()
+        .map(|n| std::os::unix::fs::MetadataExt::mode(&fs::metadata(host(n)).unwrap()) & 0o7777)
+        .collect()
+}
