@@ -219,13 +219,16 @@ fn charts(json: &Value) -> Result<Vec<FsChart>, String> {
     Ok(out)
 }
 
-/// "6.2x", "55x"... for slower, two significant digits below 1 ("0.52x",
-/// "0.0023x"), so a 400-times-faster image mount does not read "0.0x".
+/// "6.2x", "430x"; near native two decimals ("1.32x" vs "1.40x" is the
+/// difference people look for there); below 1 two significant digits
+/// ("0.52x", "0.0023x"), so a 400-times-faster image mount does not read "0.0x".
 fn fmt_ratio(r: f64) -> String {
     if r >= 100.0 {
         format!("{r:.0}x")
-    } else if r >= 1.0 {
+    } else if r >= 2.0 {
         format!("{r:.1}x")
+    } else if r >= 1.0 {
+        format!("{r:.2}x")
     } else {
         let decimals = (-r.log10()).floor() as usize + 2;
         format!("{r:.decimals$}x")
@@ -310,7 +313,10 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(e)?;
     let (header, body) = root.split_vertically(HEADER_PX + legend_px);
 
-    let title = format!("strata benchmarks, {}: time ratio to native", chart.fs);
+    let title = format!(
+        "strata benchmarks, {}: ratio to native (>1 = slower)",
+        chart.fs
+    );
     header
         .draw(&Text::new(
             title,
@@ -388,9 +394,9 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
         .y_label_formatter(&y_fmt)
         .label_style((FONT, 15))
         .x_desc(if has_images {
-            "ratio to native, log scale: >1 = slower (image-*: to the baseline named in BENCHMARKS.md)"
+            "ratio to native, log scale (image-*: to the baseline named in BENCHMARKS.md)"
         } else {
-            "ratio to native, log scale: >1 = slower than native (IOPS: native / target)"
+            "ratio to native, log scale (times: target / native; IOPS: native / target)"
         })
         .axis_desc_style((FONT, 15))
         .light_line_style(RGBColor(238, 238, 238))
@@ -398,6 +404,9 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
         .draw()
         .map_err(e)?;
 
+    // The 1x line first, so the marks of bars at about 1x stay on top of it.
+    let one = PathElement::new([(1.0, 0.0), (1.0, total)], BLACK.stroke_width(2));
+    cc.draw_series([one]).map_err(e)?;
     // Bars grow from 1x, to the right when slower and to the left when faster:
     // on a log axis that length is what means something, not the distance from
     // the axis' arbitrary left end.
@@ -414,10 +423,16 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
                 colour(&b.target).filled(),
             )])
             .map_err(e)?;
+            // A bar at about 1x has no length: a 4 px mark at its end keeps
+            // its colour visible, so the label is not left floating.
+            let half = (BAR_PX as f64 * 0.4).round() as i32;
+            let mark = Rectangle::new([(-2, -half), (2, half)], colour(&b.target).filled());
+            cc.draw_series([EmptyElement::at((b.ratio, (y0 + y1) / 2.0)) + mark])
+                .map_err(e)?;
             let (h, dx) = if b.ratio >= 1.0 {
-                (HPos::Left, 4)
+                (HPos::Left, 5)
             } else {
-                (HPos::Right, -4)
+                (HPos::Right, -5)
             };
             let text = Text::new(
                 fmt_ratio(b.ratio),
@@ -428,8 +443,6 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
                 .map_err(e)?;
         }
     }
-    let one = PathElement::new([(1.0, 0.0), (1.0, total)], BLACK.stroke_width(2));
-    cc.draw_series([one]).map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
 }
@@ -521,7 +534,8 @@ mod tests {
     #[test]
     fn ratio_labels_and_axis_decades() {
         assert_eq!(fmt_ratio(6.2), "6.2x");
-        assert_eq!(fmt_ratio(1.0009), "1.0x");
+        assert_eq!(fmt_ratio(1.0009), "1.00x");
+        assert_eq!(fmt_ratio(1.398), "1.40x");
         assert_eq!(fmt_ratio(0.516), "0.52x");
         assert_eq!(fmt_ratio(0.00232), "0.0023x");
         assert_eq!(fmt_ratio(430.4), "430x");
