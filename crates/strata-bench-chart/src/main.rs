@@ -106,8 +106,10 @@ fn run(results: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let mut paths = Vec::new();
     for chart in &charts {
+        // Drawn in memory and written whole: an error leaves no half an SVG behind.
         let path = out_dir.join(format!("benchmarks-{}.svg", file_safe(&chart.fs)));
-        render(chart, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let svg = render(chart).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
         paths.push(path);
     }
     Ok(paths)
@@ -115,14 +117,9 @@ fn run(results: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// The fs names come from the JSON: keep them from naming another directory.
 fn file_safe(name: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if safe(c) { c } else { '_' })
         .collect()
 }
 
@@ -163,38 +160,27 @@ fn charts(json: &Value) -> Result<Vec<FsChart>, String> {
         let Some(by_workload) = by_workload.as_object() else {
             continue;
         };
-        let mut workloads = names("workloads");
-        workloads.retain(|w| by_workload.contains_key(w));
-        workloads.extend(
-            by_workload
-                .keys()
-                .filter(|w| !workloads.contains(w))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
-        let mut targets = names("targets");
-        for rows in by_workload.values().filter_map(Value::as_object) {
-            targets.extend(
-                rows.keys()
-                    .filter(|t| !targets.contains(t))
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            );
-        }
+        let workloads = ordered(names("workloads"), by_workload.keys());
+        let rows = by_workload.values().filter_map(Value::as_object);
+        let mut targets = ordered(names("targets"), rows.flat_map(|r| r.keys()));
         targets.retain(|t| t != "native");
 
         let mut groups = Vec::new();
         for w in workloads {
-            let rows = &by_workload[&w];
+            let Some(rows) = by_workload.get(&w) else {
+                continue;
+            };
             let bars: Vec<Bar> = targets
                 .iter()
                 .filter_map(|t| {
-                    // null (no native value, e.g. rss), 0 or garbage: no bar.
+                    // null (no native value, e.g. rss): no bar. Neither for 0,
+                    // negative or absurd values, which would stretch the
+                    // axis over hundreds of decades.
                     let ratio = rows.get(t)?.get("ratio")?.as_f64()?;
-                    (ratio.is_finite() && ratio > 0.0).then(|| Bar {
-                        target: t.clone(),
-                        ratio,
-                    })
+                    let target = t.clone();
+                    (1e-6..=1e6)
+                        .contains(&ratio)
+                        .then_some(Bar { target, ratio })
                 })
                 .collect();
             if !bars.is_empty() {
@@ -217,6 +203,19 @@ fn charts(json: &Value) -> Result<Vec<FsChart>, String> {
         return Err("no ratios to chart in \"summary\"".into());
     }
     Ok(out)
+}
+
+/// `first` (names from meta) where they occur in `present`, then the rest of
+/// `present` in its own order.
+fn ordered<'a>(first: Vec<String>, present: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let present: Vec<&String> = present.collect();
+    let mut out: Vec<String> = first.into_iter().filter(|n| present.contains(&n)).collect();
+    for n in present {
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    out
 }
 
 /// "6.2x", "430x"; near native two decimals ("1.32x" vs "1.40x" is the
@@ -244,10 +243,10 @@ fn decades(groups: &[Group]) -> (i32, i32) {
     (lo, hi)
 }
 
-/// The y axis: linear, 0 at the bottom, whose only key points are the group
-/// centres, so the mesh puts one tick and one workload name on each group.
-/// (plotters' own key point combinators drop the default formatting that
-/// configure_mesh insists on for an f64 axis.)
+/// The y axis: bar heights counted from the top down (the first workload on
+/// top), whose only key points are the group centres, so the mesh puts one
+/// tick and one workload name on each group. (plotters' own key point
+/// combinators drop the default formatting configure_mesh insists on.)
 struct Rows {
     total: f64,
     keys: Vec<f64>,
@@ -257,9 +256,10 @@ impl Ranged for Rows {
     type FormatOption = DefaultFormatting;
     type ValueType = f64;
 
+    /// `limit` is (bottom, top) in pixels: 0 maps to the top.
     fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
-        let span = f64::from(limit.1 - limit.0);
-        limit.0 + (value / self.total * span).round() as i32
+        let span = f64::from(limit.0 - limit.1);
+        limit.1 + (value / self.total * span).round() as i32
     }
 
     fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
@@ -275,7 +275,7 @@ impl Ranged for Rows {
     }
 }
 
-fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
+fn render(chart: &FsChart) -> Result<String, String> {
     // Legend entries flow left to right and wrap, so its height depends on the names.
     let legend_w = |t: &str| 40 + 7 * t.len() as u32;
     let mut legend = Vec::new(); // (target, x, row)
@@ -289,8 +289,8 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
     }
     let legend_px = LEGEND_ROW_PX * (row + 1) + 8;
 
-    // y is counted in bar heights from the top: each group takes one unit per
-    // bar plus a gap, and bars stay in target order inside their group.
+    // y is counted in bar heights from the top (see Rows): each group takes one
+    // unit per bar plus a gap, and bars stay in target order inside their group.
     let mut centres = Vec::new();
     let mut y = GROUP_GAP / 2.0;
     for g in &chart.groups {
@@ -300,151 +300,127 @@ fn render(chart: &FsChart, path: &Path) -> Result<(), String> {
     let total = y - GROUP_GAP / 2.0;
     let plot_px = (total * f64::from(BAR_PX)).ceil() as u32 + 10;
     let height = HEADER_PX + legend_px + plot_px + AXIS_PX;
-    let label_px = 20
-        + 7 * chart
+    let longest = chart.groups.iter().map(|g| g.workload.len()).max();
+    let label_px = 20 + 7 * longest.unwrap_or(0) as u32;
+
+    let mut svg = String::new();
+    {
+        // The backend borrows svg until it is dropped at the end of this block.
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        let e = |e: DrawingAreaErrorKind<_>| e.to_string();
+        root.fill(&WHITE).map_err(e)?;
+        let (header, body) = root.split_vertically(HEADER_PX + legend_px);
+
+        let title = format!(
+            "strata benchmarks, {}: ratio to native (>1 = slower)",
+            chart.fs
+        );
+        let bold = (FONT, 22).into_font().style(FontStyle::Bold);
+        header.draw(&Text::new(title, (20, 12), bold)).map_err(e)?;
+        let grey = (FONT, 15).into_font().color(&RGBColor(90, 90, 90));
+        header
+            .draw(&Text::new(chart.subtitle.as_str(), (20, 38), grey))
+            .map_err(e)?;
+        let centred = |size| {
+            TextStyle::from((FONT, size).into_font()).pos(Pos::new(HPos::Left, VPos::Center))
+        };
+        for (t, x, row) in &legend {
+            let (x, y) = (20 + *x as i32, (HEADER_PX + row * LEGEND_ROW_PX) as i32);
+            let swatch = Rectangle::new([(0, 0), (14, 14)], colour(t).filled());
+            let name = Text::new(t.to_string(), (20, 7), centred(15));
+            header
+                .draw(&(EmptyElement::at((x, y)) + swatch + name))
+                .map_err(e)?;
+        }
+
+        let (lo, hi) = decades(&chart.groups);
+        let decade = |k: i32| 10f64.powi(k);
+        // Ticks and grid lines at decades (labelled) and at 2 and 5 times them
+        // (grid only). Key point functions rather than with_key_points(), which
+        // would lose the axes' default formatting that configure_mesh requires.
+        let bold: Vec<f64> = (lo..=hi).map(decade).collect();
+        let light: Vec<f64> = (lo..hi)
+            .flat_map(|k| [2.0 * decade(k), 5.0 * decade(k)])
+            .collect();
+        let x_axis = (decade(lo)..decade(hi))
+            .log_scale()
+            .with_key_point_func(move |_| bold.clone())
+            .with_light_point_func(move |_| light.clone());
+        let y_axis = Rows {
+            total,
+            keys: centres.clone(),
+        };
+        let mut cc = ChartBuilder::on(&body)
+            .margin_right(30)
+            .x_label_area_size(AXIS_PX)
+            .y_label_area_size(label_px)
+            .build_cartesian_2d(x_axis, y_axis)
+            .map_err(e)?;
+
+        let x_fmt = |v: &f64| {
+            let k = v.log10().round() as i32;
+            if k >= 0 {
+                format!("{}x", decade(k))
+            } else {
+                format!("{:.*}x", (-k) as usize, decade(k))
+            }
+        };
+        let y_fmt = |v: &f64| {
+            let i = centres.iter().position(|k| (k - v).abs() < 1e-9);
+            i.map(|i| chart.groups[i].workload.clone())
+                .unwrap_or_default()
+        };
+        let has_images = chart
             .groups
             .iter()
-            .map(|g| g.workload.len())
-            .max()
-            .unwrap_or(0) as u32;
-
-    let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<_>| e.to_string();
-    root.fill(&WHITE).map_err(e)?;
-    let (header, body) = root.split_vertically(HEADER_PX + legend_px);
-
-    let title = format!(
-        "strata benchmarks, {}: ratio to native (>1 = slower)",
-        chart.fs
-    );
-    header
-        .draw(&Text::new(
-            title,
-            (20, 12),
-            (FONT, 22).into_font().style(FontStyle::Bold),
-        ))
-        .map_err(e)?;
-    header
-        .draw(&Text::new(
-            chart.subtitle.clone(),
-            (20, 38),
-            (FONT, 15).into_font().color(&RGBColor(90, 90, 90)),
-        ))
-        .map_err(e)?;
-    for (t, x, row) in &legend {
-        let (x, y) = (20 + *x as i32, (HEADER_PX + row * LEGEND_ROW_PX) as i32);
-        header
-            .draw(&Rectangle::new(
-                [(x, y), (x + 14, y + 14)],
-                colour(t).filled(),
-            ))
-            .map_err(e)?;
-        let style = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
-        header
-            .draw(&Text::new(t.to_string(), (x + 20, y + 7), style))
-            .map_err(e)?;
-    }
-
-    let (lo, hi) = decades(&chart.groups);
-    let decade = |k: i32| 10f64.powi(k);
-    // Ticks and grid lines at decades (labelled) and at 2 and 5 times them
-    // (grid only). Key point functions rather than with_key_points(), which
-    // would lose the axes' default formatting that configure_mesh requires.
-    let bold: Vec<f64> = (lo..=hi).map(decade).collect();
-    let light: Vec<f64> = (lo..hi)
-        .flat_map(|k| [2.0 * decade(k), 5.0 * decade(k)])
-        .collect();
-    let x_axis = (decade(lo)..decade(hi))
-        .log_scale()
-        .with_key_point_func(move |_| bold.clone())
-        .with_light_point_func(move |_| light.clone());
-    // Group i's centre is drawn at total - centre so the first workload is on top.
-    let y_keys: Vec<f64> = centres.iter().map(|c| total - c).collect();
-    let y_axis = Rows {
-        total,
-        keys: y_keys.clone(),
-    };
-    let mut cc = ChartBuilder::on(&body)
-        .margin_right(30)
-        .x_label_area_size(AXIS_PX)
-        .y_label_area_size(label_px)
-        .build_cartesian_2d(x_axis, y_axis)
-        .map_err(e)?;
-
-    let x_fmt = |v: &f64| {
-        let k = v.log10().round() as i32;
-        if k >= 0 {
-            format!("{}x", decade(k))
-        } else {
-            format!("{:.*}x", (-k) as usize, decade(k))
-        }
-    };
-    let y_fmt = |v: &f64| {
-        let i = y_keys.iter().position(|k| (k - v).abs() < 1e-9);
-        i.map(|i| chart.groups[i].workload.clone())
-            .unwrap_or_default()
-    };
-    let has_images = chart
-        .groups
-        .iter()
-        .any(|g| g.workload.starts_with("image-"));
-    cc.configure_mesh()
-        .disable_y_mesh()
-        .x_label_formatter(&x_fmt)
-        .y_label_formatter(&y_fmt)
-        .label_style((FONT, 15))
-        .x_desc(if has_images {
-            "ratio to native, log scale (image-*: to the baseline named in BENCHMARKS.md)"
-        } else {
-            "ratio to native, log scale (times: target / native; IOPS: native / target)"
-        })
-        .axis_desc_style((FONT, 15))
-        .light_line_style(RGBColor(238, 238, 238))
-        .bold_line_style(RGBColor(200, 200, 200))
-        .draw()
-        .map_err(e)?;
-
-    // The 1x line first, so the marks of bars at about 1x stay on top of it.
-    let one = PathElement::new([(1.0, 0.0), (1.0, total)], BLACK.stroke_width(2));
-    cc.draw_series([one]).map_err(e)?;
-    // Bars grow from 1x, to the right when slower and to the left when faster:
-    // on a log axis that length is what means something, not the distance from
-    // the axis' arbitrary left end.
-    let label = TextStyle::from((FONT, 14).into_font());
-    for (g, centre) in chart.groups.iter().zip(&centres) {
-        let top = centre - g.bars.len() as f64 / 2.0;
-        for (i, b) in g.bars.iter().enumerate() {
-            let (y0, y1) = (
-                total - (top + i as f64 + 0.1),
-                total - (top + i as f64 + 0.9),
-            );
-            cc.draw_series([Rectangle::new(
-                [(1.0, y0), (b.ratio, y1)],
-                colour(&b.target).filled(),
-            )])
-            .map_err(e)?;
-            // A bar at about 1x has no length: a 4 px mark at its end keeps
-            // its colour visible, so the label is not left floating.
-            let half = (BAR_PX as f64 * 0.4).round() as i32;
-            let mark = Rectangle::new([(-2, -half), (2, half)], colour(&b.target).filled());
-            cc.draw_series([EmptyElement::at((b.ratio, (y0 + y1) / 2.0)) + mark])
-                .map_err(e)?;
-            let (h, dx) = if b.ratio >= 1.0 {
-                (HPos::Left, 5)
+            .any(|g| g.workload.starts_with("image-"));
+        cc.configure_mesh()
+            .disable_y_mesh()
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .label_style((FONT, 15))
+            .x_desc(if has_images {
+                "ratio to native, log scale (image-*: to the baseline named in BENCHMARKS.md)"
             } else {
-                (HPos::Right, -5)
-            };
-            let text = Text::new(
-                fmt_ratio(b.ratio),
-                (dx, 0),
-                label.clone().pos(Pos::new(h, VPos::Center)),
-            );
-            cc.draw_series([EmptyElement::at((b.ratio, (y0 + y1) / 2.0)) + text])
-                .map_err(e)?;
+                "ratio to native, log scale (times: target / native; IOPS: native / target)"
+            })
+            .axis_desc_style((FONT, 15))
+            .light_line_style(RGBColor(238, 238, 238))
+            .bold_line_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(e)?;
+
+        // The 1x line first, so the marks of bars at about 1x stay on top of it.
+        let one = PathElement::new([(1.0, 0.0), (1.0, total)], BLACK.stroke_width(2));
+        cc.draw_series([one]).map_err(e)?;
+        // Bars grow from 1x, to the right when slower and to the left when faster:
+        // on a log axis that length is what means something, not the distance from
+        // the axis' arbitrary left end.
+        let half = (f64::from(BAR_PX) * 0.4).round() as i32;
+        for (g, centre) in chart.groups.iter().zip(&centres) {
+            let top = centre - g.bars.len() as f64 / 2.0;
+            for (i, b) in g.bars.iter().enumerate() {
+                let (y0, y1) = (top + i as f64 + 0.1, top + i as f64 + 0.9);
+                let fill = colour(&b.target).filled();
+                cc.draw_series([Rectangle::new([(1.0, y0), (b.ratio, y1)], fill)])
+                    .map_err(e)?;
+                // A bar at about 1x has no length: a 4 px mark at its end keeps
+                // its colour visible, so its label is not left floating.
+                let mark = Rectangle::new([(-2, -half), (2, half)], fill);
+                let (h, dx) = if b.ratio >= 1.0 {
+                    (HPos::Left, 5)
+                } else {
+                    (HPos::Right, -5)
+                };
+                let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(h, VPos::Center));
+                let label = Text::new(fmt_ratio(b.ratio), (dx, 0), style);
+                let end = EmptyElement::at((b.ratio, (y0 + y1) / 2.0));
+                cc.draw_series([end + mark + label]).map_err(e)?;
+            }
         }
+        root.present().map_err(e)?;
     }
-    root.present().map_err(e)?;
-    Ok(())
+    Ok(svg)
 }
 
 #[cfg(test)]
@@ -480,7 +456,11 @@ mod tests {
         let paths = run(&src, &out).unwrap();
         assert_eq!(paths, vec![out.join("benchmarks-tmpfs.svg")]);
         let svg = std::fs::read_to_string(&paths[0]).unwrap();
-        for want in [
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // Text elements (plotters puts the text on a line of its own),
+        // matched whole: the legend, the workloads on the y
+        // axis, the bar labels and a decade of the x axis.
+        let texts = [
             "strata",
             "mergerfs",
             "strata-image-ro",
@@ -489,14 +469,23 @@ mod tests {
             "6.2x",
             "25.3x",
             "0.50x",
+            "1.25x",
             "1x",
-            "abc1234",
-        ] {
-            assert!(svg.contains(want), "{want} missing from the SVG");
+            "10x",
+        ];
+        for want in texts {
+            assert!(
+                svg.contains(&format!(">\n{want}\n</text>")),
+                "{want} missing from the SVG"
+            );
         }
-        assert!(!svg.contains(">rss<"), "rss has no ratio and gets no group");
+        assert!(svg.contains("git abc1234"));
         assert!(
-            !svg.contains(">native<"),
+            !svg.contains("\nrss\n"),
+            "rss has no ratio and gets no group"
+        );
+        assert!(
+            !svg.contains("\nnative\n"),
             "native is the baseline, not a bar"
         );
     }
@@ -522,6 +511,8 @@ mod tests {
             r#"{"meta": {}}"#,
             r#"{"summary": 3}"#,
             r#"{"summary": {"tmpfs": {"rss": {"strata": {"ratio": null}}}}}"#,
+            r#"{"summary": {"tmpfs": {"w": {"a": {"ratio": 1e300}, "b": {"ratio": -1}}}}}"#,
+            r#"{"summary": {"tmpfs": {"w": {"a": {"ratio": "2x"}, "b": 7}, "v": []}}}"#,
         ] {
             let src = dir.path().join("bad.json");
             std::fs::write(&src, bad).unwrap();
@@ -529,6 +520,11 @@ mod tests {
             assert!(err.contains("bad.json"), "{err}");
         }
         assert!(!out.join("benchmarks-tmpfs.svg").exists());
+
+        // Good input, but OUT_DIR cannot be made.
+        let src = dir.path().join("results.json");
+        std::fs::write(&src, results().to_string()).unwrap();
+        assert!(run(&src, &src.join("out")).is_err());
     }
 
     #[test]
