@@ -1476,7 +1476,7 @@ def fmt_value(w, x):
     return fmt_secs(x)
 
 
-def markdown(meta, summary, errors, args, sizes):
+def markdown(meta, summary, errors, args, sizes, charts=()):
     L = []
     L.append("# strata benchmarks\n")
     L.append(f"Date: {meta['date']}  ")
@@ -1577,6 +1577,7 @@ def markdown(meta, summary, errors, args, sizes):
         if fs not in summary or not any(w in summary[fs] for w in args.workloads
                                         if w not in IMAGE_WORKLOADS):
             L += image_table(fs, summary.get(fs, {}), errors, args, sizes)
+            L += chart_link(fs, charts)
             continue
         cols = args.targets + [t for t in EXTRA_TARGETS if any(
             t in summary[fs].get(w, {}) for w in args.workloads if w not in IMAGE_WORKLOADS)]
@@ -1614,6 +1615,7 @@ def markdown(meta, summary, errors, args, sizes):
                                  + (", then failed" if failed else ""))
             L.append(f"| {LABELS[w].format(**sizes)} | " + " | ".join(cells) + " |")
         L.append("")
+        L += chart_link(fs, charts)
         L += union_table(fs, summary[fs], args, sizes)
         L += image_table(fs, summary[fs], errors, args, sizes)
     if errors:
@@ -1625,6 +1627,33 @@ def markdown(meta, summary, errors, args, sizes):
             L.append(f"- {e['fs']}/{e['target']}/{e['workload']} ({scope}): {e['error']}")
         L.append("")
     return "\n".join(L)
+
+
+def chart_link(fs, charts):
+    """The fs's chart, drawn next to the markdown by make_charts."""
+    return [f"![{fs} ratios](benchmarks-{fs}.svg)", ""] if fs in charts else []
+
+
+def make_charts(chart_bin, json_path, out_dir):
+    """Draws out_dir/benchmarks-<fs>.svg from the results with
+    strata-bench-chart; returns the fs that got one. Optional: a missing or
+    failing binary is a warning, the tables are the results."""
+    if not chart_bin or not os.access(chart_bin, os.X_OK):
+        log(f"warning: no chart: {chart_bin or 'strata-bench-chart'} not built")
+        return set()
+    try:
+        p = subprocess.run([chart_bin, json_path, out_dir], capture_output=True, text=True,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(f"warning: no chart: {e}")
+        return set()
+    if p.returncode != 0:
+        log(f"warning: no chart: {p.stderr.strip() or f'exit status {p.returncode}'}")
+        return set()
+    # It prints the path of each SVG it wrote: benchmarks-<fs>.svg.
+    names = [os.path.basename(line) for line in p.stdout.splitlines()]
+    return {n[len("benchmarks-"):-len(".svg")] for n in names
+            if n.startswith("benchmarks-") and n.endswith(".svg")}
 
 
 def image_table(fs, rows_by_w, errors, args, sizes):
@@ -1767,6 +1796,7 @@ def main():
     ap.add_argument("--disk-root", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--mnt-base", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help=argparse.SUPPRESS)
+    ap.add_argument("--chart", default="", help=argparse.SUPPRESS)   # strata-bench-chart
     args = ap.parse_args()
 
     mode = "quick" if args.quick else "full"
@@ -1808,7 +1838,7 @@ def main():
     t_start = time.monotonic()
     status = 0
 
-    def save(final):
+    def save(final, last=False):
         meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         meta["elapsed_secs"] = round(time.monotonic() - t_start, 1)
         meta["complete"] = final
@@ -1818,8 +1848,10 @@ def main():
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "summary": summary, "errors": bench.errors,
                        "samples": bench.samples}, f, indent=1)
+        # Charts once, from the last save: the partial saves only keep the tables current.
+        charts = make_charts(args.chart, json_path, args.out) if last else set()
         with open(md_path, "w") as f:
-            f.write(markdown(meta, summary, bench.errors, args, sizes))
+            f.write(markdown(meta, summary, bench.errors, args, sizes, charts))
         return summary
 
     try:
@@ -1831,7 +1863,7 @@ def main():
         log("interrupted; partial results saved")
         status = 130
     finally:
-        save(status == 0)
+        save(status == 0, last=True)
     log(f"results: {json_path}")
     log(f"markdown: {md_path} ({meta['elapsed_secs']} s)")
     if status == 0:
