@@ -303,8 +303,9 @@ pub fn mount(
 ) -> Result<(), Failure> {
     let mountpoint = absolute(mountpoint)?;
     if !foreground && !daemon_child {
-        // Validate here so errors reach the user directly, then hand over to a daemon.
-        prepare(source, &mountpoint, option_lists)?;
+        // The daemon checks everything once (an image's manifest is read and
+        // verified there, not twice) and reports the first error on its
+        // stdout, which becomes ours.
         return spawn_daemon(source, &mountpoint, option_lists);
     }
     init_logging(if daemon_child { "info" } else { "warn" });
