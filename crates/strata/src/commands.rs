@@ -219,6 +219,7 @@ fn prepare_overlay(
         negative_ttl: opts.negative_ttl,
         fd_cache: opts.fd_cache,
         passthrough: opts.passthrough,
+        watch: opts.watch,
     })
     .map_err(usage)?;
     tracing::info!(layers = fs.describe(), "overlay");

@@ -2146,3 +2146,37 @@ fn writes_by_other_users_clear_setuid_and_setgid_on_the_copy() {
         );
     }
 }
+
+/// Host lowers are watched, so the kernel caches their names, attributes,
+/// listings and data as long as an image's; what changes outside the mount
+/// must still show (an unwatched lower would stay stale for an hour).
+#[test]
+fn outside_changes_to_a_host_lower_show_through_the_long_caches() {
+    let m = overlay(|src| {
+        fs::create_dir(src.join("d")).unwrap();
+        fs::write(src.join("d/a"), b"one").unwrap();
+        fs::write(src.join("d/gone"), b"x").unwrap();
+    });
+    // warm every cache: listing, entries, attributes, data
+    assert_eq!(names(&m.m("d")), ["a", "gone"]);
+    assert_eq!(fs::read(m.m("d/a")).unwrap(), b"one");
+    assert_eq!(fs::metadata(m.m("d/gone")).unwrap().len(), 1);
+
+    fs::write(m.s("d/new"), b"n").unwrap();
+    fs::remove_file(m.s("d/gone")).unwrap();
+    fs::write(m.s("d/a"), b"two!").unwrap(); // same inode, new data
+    let limit = Duration::from_secs(5);
+    assert!(
+        wait_until(limit, || names(&m.m("d")) == ["a", "new"]),
+        "listing: {:?}",
+        names(&m.m("d"))
+    );
+    assert!(wait_until(limit, || !m.m("d/gone").exists()));
+    assert!(wait_until(limit, || fs::read(m.m("d/a")).unwrap() == b"two!"));
+    assert_eq!(fs::metadata(m.m("d/a")).unwrap().len(), 4);
+    // a copied-up file no longer follows its lower
+    fs::write(m.m("d/new"), b"mine").unwrap();
+    fs::write(m.s("d/new"), b"theirs").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fs::read(m.m("d/new")).unwrap(), b"mine");
+}

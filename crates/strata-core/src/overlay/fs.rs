@@ -373,8 +373,9 @@ impl Filesystem for OverlayFs {
         let mut opened = self
             .files
             .insert(file, self.cfg.passthrough && self.upper.is_none());
-        // An image never changes: the page cache stays valid across opens.
-        opened.keep_cache = !layer.is_host();
+        // An image never changes, and a watched host lower's changes drop the
+        // page cache: it stays valid across opens.
+        opened.keep_cache = !self.unwatched(std::slice::from_ref(&top));
         Ok(opened)
     }
 
@@ -385,12 +386,15 @@ impl Filesystem for OverlayFs {
         if node.kind != FileKind::Directory {
             return Err(Errno::ENOTDIR);
         }
+        // The kernel keeps the listing until told it changed: not where an
+        // unwatched host lower could change it unseen.
+        let cache = !self.unwatched(&node.lowers());
         Ok(self.dirs.insert(
             OpenDir {
                 ino,
                 entries: Mutex::new(Arc::new(Vec::new())),
             },
-            true,
+            cache,
         ))
     }
 
@@ -565,11 +569,15 @@ impl Filesystem for OverlayFs {
         }
     }
 
+    fn attach(&self, invalidator: Arc<dyn Invalidator>) {
+        self.start_watch(invalidator);
+    }
+
     fn negative_ttl(&self, parent: u64) -> Duration {
         let host = self
             .table
             .get(parent)
-            .is_some_and(|n| self.has_host_lower(&n.lowers()));
+            .is_some_and(|n| self.unwatched(&n.lowers()));
         self.ttl(self.cfg.negative_ttl, host)
     }
 }

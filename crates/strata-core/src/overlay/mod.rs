@@ -37,6 +37,7 @@ use rustix::fs::{AtFlags, Gid, Mode, OFlags, RenameFlags, Stat, Timespec, Timest
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
+use crate::host::watch::{self, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
 use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
 use crate::listing::{DirEnt, OpenDirs};
@@ -57,18 +58,22 @@ pub struct OverlayConfig {
     /// The writable upper directory; `None` serves the lowers read-only.
     pub upper: Option<PathBuf>,
     /// Kernel cache timeouts; `None`: an hour where strata owns every layer
-    /// involved (images, the upper), a second where a host lower is involved.
+    /// involved (images, the upper) or watches the host lowers involved, a
+    /// second where an unwatched host lower is involved.
     pub entry_ttl: Option<Duration>,
     pub attr_ttl: Option<Duration>,
     pub negative_ttl: Option<Duration>,
     pub fd_cache: usize,
     pub passthrough: bool,
+    /// Watch host lowers for outside changes (root only), so their nodes can
+    /// be cached as long as the rest.
+    pub watch: bool,
 }
 
-/// Timeout for what only strata changes.
-const OWNED_TTL: Duration = Duration::from_secs(3600);
-/// Timeout where a host lower may change behind the mount.
-const HOST_TTL: Duration = Duration::from_secs(1);
+/// Timeout for what only strata changes, or what the host watch covers.
+const OWNED_TTL: Duration = WATCHED_TTL;
+/// Timeout where an unwatched host lower may change behind the mount.
+const HOST_TTL: Duration = UNWATCHED_TTL;
 
 /// Identity of an overlay object, from which its node id derives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -172,7 +177,7 @@ struct OpenDir {
 pub struct OverlayFs {
     layers: Vec<Layer>,
     upper: Option<HostDir>,
-    table: InodeTable<Key, ONode>,
+    table: Arc<InodeTable<Key, ONode>>,
     files: OpenFiles,
     dirs: OpenDirs<OpenDir>,
     cfg: OverlayConfig,
@@ -183,9 +188,57 @@ pub struct OverlayFs {
     origin_xattr: &'static CStr,
     opaque_xattr: &'static CStr,
     any_host_lower: bool,
+    /// Outside changes to host lowers, forwarded to the kernel.
+    watch: Option<Arc<HostWatch>>,
+    /// Host lower object (dev, ino) → the node showing it, for the watch.
+    host_aliases: Arc<Mutex<HashMap<(u64, u64), u64>>>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A watch on the filesystems of the host lowers, when there are any and it
+/// can be had (root, file handles); `None` leaves them on short timeouts.
+fn watch_host_lowers(layers: &[Layer]) -> Option<Arc<HostWatch>> {
+    let hosts: Vec<&HostDir> = layers
+        .iter()
+        .filter_map(|l| match l {
+            Layer::Host(h) => Some(h),
+            Layer::Image(_) => None,
+        })
+        .collect();
+    if hosts.is_empty() || !hosts.iter().all(|h| h.handles_usable()) {
+        return None;
+    }
+    let w = match HostWatch::new() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::info!(
+                "host lowers are not watched ({e}); kernel caches of their files time out after {}s",
+                UNWATCHED_TTL.as_secs()
+            );
+            return None;
+        }
+    };
+    for h in hosts {
+        let root = h.root();
+        match h.fd(root) {
+            Ok(fd) => {
+                w.watch(root.dev, fd.as_fd());
+            }
+            Err(e) => tracing::warn!(path = %h.path().display(), "lower not watched: {e}"),
+        }
+    }
+    Some(Arc::new(w))
+}
+
+/// Whether node `id` still shows the host object `key` among its lowers.
+fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, key: (u64, u64)) -> bool {
+    table.get(id).is_some_and(|n| {
+        n.lowers()
+            .iter()
+            .any(|r| matches!(&r.obj, LObj::Host(h) if (h.dev, h.ino) == key))
+    })
+}
 
 /// A temporary name in an upper directory, for objects built before they
 /// appear under their real name (or moved aside before they are deleted).
@@ -295,11 +348,18 @@ impl OverlayFs {
             root_lowers,
         );
         let root_user = rustix::process::geteuid().is_root();
+        let watch = if cfg.watch {
+            watch_host_lowers(&layers)
+        } else {
+            None
+        };
         Ok(OverlayFs {
             any_host_lower: layers.iter().any(Layer::is_host),
             layers,
             upper,
-            table: InodeTable::new(root_key, Arc::new(root)),
+            watch,
+            host_aliases: Arc::default(),
+            table: Arc::new(InodeTable::new(root_key, Arc::new(root))),
             files: OpenFiles::default(),
             dirs: OpenDirs::default(),
             cfg,
@@ -348,12 +408,66 @@ impl OverlayFs {
         (h & ((1 << 62) - 1)) | (1 << 62)
     }
 
-    fn ttl(&self, set: Option<Duration>, host_lower: bool) -> Duration {
-        set.unwrap_or(if host_lower { HOST_TTL } else { OWNED_TTL })
+    /// `unwatched`: an unwatched host lower is involved (see [`Self::unwatched`]).
+    fn ttl(&self, set: Option<Duration>, unwatched: bool) -> Duration {
+        set.unwrap_or(if unwatched { HOST_TTL } else { OWNED_TTL })
     }
 
-    fn has_host_lower(&self, lowers: &[LRef]) -> bool {
-        self.any_host_lower && lowers.iter().any(|r| self.layer(r).is_host())
+    /// Whether one of `lowers` is a host object outside the watch: its
+    /// changes would not reach the kernel, so it is cached briefly.
+    fn unwatched(&self, lowers: &[LRef]) -> bool {
+        self.any_host_lower
+            && lowers.iter().any(|r| match &r.obj {
+                LObj::Host(h) => !self.watch.as_ref().is_some_and(|w| w.is_watched(h.dev)),
+                LObj::Image(_) => false,
+            })
+    }
+
+    /// Records the host lower objects node `id` shows, for the watch.
+    fn remember_host_lowers(&self, id: u64, lowers: &[LRef]) {
+        if self.watch.is_none() {
+            return;
+        }
+        let mut aliases = self.host_aliases.lock();
+        for r in lowers {
+            if let LObj::Host(h) = &r.obj {
+                aliases.insert((h.dev, h.ino), id);
+            }
+        }
+        // Keep the map proportional to the nodes the kernel knows.
+        if aliases.len() > 2 * self.table.len() + 4096 {
+            aliases.retain(|key, id| shows_host_object(&self.table, *id, *key));
+        }
+    }
+
+    /// Forwards outside changes of the host lowers to the kernel, on a
+    /// thread of its own.
+    fn start_watch(&self, inval: Arc<dyn Invalidator>) {
+        let Some(w) = self.watch.clone() else { return };
+        let roots: Vec<(u64, u64)> = self
+            .layers
+            .iter()
+            .filter_map(|l| match l.root() {
+                LObj::Host(h) => Some((h.dev, h.ino)),
+                LObj::Image(_) => None,
+            })
+            .collect();
+        let (table, aliases) = (self.table.clone(), self.host_aliases.clone());
+        let node_of = move |id: HostId| {
+            let key = (id.dev, id.ino);
+            if roots.contains(&key) {
+                return Some(ROOT_ID);
+            }
+            let node = *aliases.lock().get(&key)?;
+            shows_host_object(&table, node, key).then_some(node)
+        };
+        let all = self.table.clone();
+        let spawned = std::thread::Builder::new()
+            .name("strata-watch".into())
+            .spawn(move || watch::forward_changes(&w, node_of, || all.ids(), &*inval));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the lower watch thread: {e}");
+        }
     }
 
     // ---- resolution ------------------------------------------------------
@@ -481,7 +595,7 @@ impl OverlayFs {
             }
             (None, None) => return Err(Errno::ENOENT),
         };
-        let host_lower = self.has_host_lower(&node.lowers());
+        let unwatched = self.unwatched(&node.lowers());
         let attr_st = match &found.upper {
             Some(st) => LStat::from_stat(st),
             None => found.lowers[0].1,
@@ -498,6 +612,7 @@ impl OverlayFs {
         if attr_st.nlink > 1 && found.kind != FileKind::Directory && known.upper().is_none() {
             known.remember_alias(parent, name);
         }
+        self.remember_host_lowers(id, &known.lowers());
         let mut attr = attr_of(&attr_st, id);
         if merged {
             // Like overlayfs: a merged directory's link count is unknown.
@@ -506,8 +621,8 @@ impl OverlayFs {
         Ok(Entry {
             attr,
             generation: 0,
-            entry_ttl: self.ttl(self.cfg.entry_ttl, host_lower),
-            attr_ttl: self.ttl(self.cfg.attr_ttl, host_lower),
+            entry_ttl: self.ttl(self.cfg.entry_ttl, unwatched),
+            attr_ttl: self.ttl(self.cfg.attr_ttl, unwatched),
         })
     }
 
@@ -550,7 +665,7 @@ impl OverlayFs {
     /// Attributes of a node: the upper object's, else the top lower's.
     fn attr(&self, id: u64, node: &ONode) -> Result<AttrOut> {
         let lowers = node.lowers();
-        let host_lower = self.has_host_lower(&lowers);
+        let unwatched = self.unwatched(&lowers);
         let (st, merged) = match node.upper() {
             Some(u) => {
                 let h = self.upper_dir()?;
@@ -570,7 +685,7 @@ impl OverlayFs {
         }
         Ok(AttrOut {
             attr,
-            ttl: self.ttl(self.cfg.attr_ttl, host_lower),
+            ttl: self.ttl(self.cfg.attr_ttl, unwatched),
         })
     }
 

@@ -46,6 +46,7 @@ fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> OverlayFs {
         negative_ttl: None,
         fd_cache: 64,
         passthrough: false,
+        watch: false,
     })
     .unwrap()
 }
