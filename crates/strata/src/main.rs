@@ -68,6 +68,8 @@ enum Command {
                                       the kernel's stale entries at once (fanotify; needs root;\n  \
                                       default true)\n  \
             cache.fds=N               bound on cached O_PATH descriptors (default 8192)\n  \
+            readahead=KIB             kernel readahead for reads served by the daemon (default\n  \
+                                      1024; 0 keeps the kernel's 128; needs root)\n  \
             upper=DIR                 writable upper directory (as --upper)\n  \
             store=DIR                 image store for image:NAME layers (default $STRATA_STORE,\n  \
                                       else /var/lib/strata for root)\n  \

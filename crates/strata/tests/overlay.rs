@@ -2180,3 +2180,19 @@ fn outside_changes_to_a_host_lower_show_through_the_long_caches() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(fs::read(m.m("d/new")).unwrap(), b"mine");
 }
+
+/// Lower files are read through the daemon: the mount's readahead asks for
+/// whole 1 MiB requests (or what `readahead=` says) instead of 128 KiB.
+#[test]
+fn the_mount_reads_ahead_a_whole_request() {
+    let readahead = |m: &Mounted| {
+        let dev = fs::metadata(&m.mnt).unwrap().dev();
+        let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(readahead(&overlay(|_| {})), "1024");
+    assert_eq!(readahead(&overlay_opts(&["readahead=256"], |_| {})), "256");
+}

@@ -237,8 +237,16 @@ pub fn forward_changes(
         for (id, data) in inodes {
             inval.inode(id, data);
         }
+        // Let events gather: during a burst (the mount's own creates and
+        // writes also queue events, only to be skipped here) one wake-up per
+        // pause instead of one per event, which took 10-40% off small-file
+        // creates on 2 cores. Outside changes reach the kernel that much later.
+        std::thread::sleep(GATHER);
     }
 }
+
+/// How long the watch lets events gather after each batch.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 
 fn fsid_of(fd: BorrowedFd<'_>) -> Result<[i32; 2]> {
     // statvfs packs statfs's two fsid ints low word first, as fanotify reports them.
