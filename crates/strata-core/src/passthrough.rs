@@ -522,20 +522,14 @@ impl Filesystem for PassthroughFs {
         let Some(watch) = self.watch.clone() else {
             return;
         };
-        let table = self.table.clone();
-        let spawned = std::thread::Builder::new()
-            .name("strata-watch".into())
-            .spawn(move || {
-                watch::forward_changes(
-                    &watch,
-                    |id| table.get_by_key(&(id.dev, id.ino)).map(|(id, _)| id),
-                    || table.ids(),
-                    &*invalidator,
-                )
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the host watch thread: {e}");
-        }
+        let (table, all) = (self.table.clone(), self.table.clone());
+        watch::spawn_forwarder(
+            watch,
+            move |id| table.get_by_key(&(id.dev, id.ino)).map(|(id, _)| id),
+            move || all.ids(),
+            invalidator,
+            "host",
+        );
     }
 }
 

@@ -245,8 +245,25 @@ pub fn forward_changes(
     }
 }
 
+/// Runs [`forward_changes`] on a thread of its own; `what` names the
+/// watched thing in the error if the thread cannot start.
+pub fn spawn_forwarder(
+    watch: Arc<HostWatch>,
+    node_of: impl Fn(HostId) -> Option<u64> + Send + 'static,
+    all_nodes: impl Fn() -> Vec<u64> + Send + 'static,
+    inval: Arc<dyn Invalidator>,
+    what: &str,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("strata-watch".into())
+        .spawn(move || forward_changes(&watch, node_of, all_nodes, &*inval));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the {what} watch thread: {e}");
+    }
+}
+
 /// How long the watch lets events gather after each batch.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+const GATHER: Duration = Duration::from_millis(2);
 
 fn fsid_of(fd: BorrowedFd<'_>) -> Result<[i32; 2]> {
     // statvfs packs statfs's two fsid ints low word first, as fanotify reports them.

@@ -462,12 +462,7 @@ impl OverlayFs {
             shows_host_object(&table, node, key).then_some(node)
         };
         let all = self.table.clone();
-        let spawned = std::thread::Builder::new()
-            .name("strata-watch".into())
-            .spawn(move || watch::forward_changes(&w, node_of, || all.ids(), &*inval));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the lower watch thread: {e}");
-        }
+        watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "lower");
     }
 
     // ---- resolution ------------------------------------------------------

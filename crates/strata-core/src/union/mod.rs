@@ -474,12 +474,7 @@ impl UnionFs {
             node_has(&table, node, key).then_some(node)
         };
         let all = self.table.clone();
-        let spawned = std::thread::Builder::new()
-            .name("strata-watch".into())
-            .spawn(move || watch::forward_changes(&w, node_of, || all.ids(), &*inval));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the branch watch thread: {e}");
-        }
+        watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "branch");
     }
 
     /// Policy view of all branches; `present` holds those where the path
