@@ -1104,16 +1104,17 @@ class Bench:
                 except (TargetFailed, subprocess.TimeoutExpired, OSError, ValueError) as e:
                     self.fail(fs, t, "pyimport check", e, m, only=wl)
 
+            def cold(t):
+                mnt = m.mount(t)
+                drop_caches()
+                v = timed(py_cmd(mnt), env=env)
+                m.umount(t)
+                return v
+
             if "pyimport-cold" in wl:
                 for rnd in range(args.runs):
                     for t in tgts("pyimport-cold"):
-                        def cold(t=t):
-                            mnt = m.mount(t)
-                            drop_caches()
-                            v = timed(py_cmd(mnt), env=env)
-                            m.umount(t)
-                            return v
-                        self.attempt(fs, "pyimport-cold", t, rnd, cold, m)
+                        self.attempt(fs, "pyimport-cold", t, rnd, lambda t=t: cold(t), m)
                 log(f"{fs} pyimport-cold: done")
 
             if "pyimport-first" in wl:
@@ -1125,11 +1126,7 @@ class Bench:
                             if t != "native":
                                 m.umount(t)
                                 clear_image_cache(store)
-                            mnt = m.mount(t)
-                            drop_caches()
-                            v = timed(py_cmd(mnt), env=env)
-                            m.umount(t)
-                            return v
+                            return cold(t)
                         self.attempt(fs, "pyimport-first", t, rnd, first, m)
                 log(f"{fs} pyimport-first: done")
 

@@ -41,9 +41,6 @@ pub struct MountConfig {
     pub threads: usize,
     /// Try kernel passthrough for regular-file I/O (falls back per file).
     pub passthrough: bool,
-    /// Readahead of the mount's backing device info, KiB; 0 keeps the
-    /// kernel's. Only reads served by the daemon use it.
-    pub readahead_kib: u64,
     pub panic_probe: bool,
 }
 
@@ -941,60 +938,7 @@ pub fn mount<F: core::Filesystem>(
     config.clone_fd = true;
     let session = Session::new(Adapter::new(fs.clone(), cfg.clone()), mountpoint, &config)?;
     fs.attach(Arc::new(KernelInvalidator(session.notifier())));
-    if cfg.readahead_kib > 0 {
-        set_readahead(mountpoint, cfg.readahead_kib);
-    }
     Ok(session)
-}
-
-/// Sets the readahead of the mount just made. The kernel caps what INIT may
-/// ask for at its 128 KiB default, so it goes through sysfs (root only); the
-/// device comes from the mount table, since a stat of the mountpoint would
-/// wait for this very daemon.
-fn set_readahead(mountpoint: &Path, kib: u64) {
-    let dev = std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|table| {
-            // Last match: the mount just made covers any earlier one there.
-            table.lines().rev().find_map(|line| {
-                let f: Vec<&str> = line.split(' ').collect();
-                (f.len() > 4 && Path::new(&unescape_mountinfo(f[4])) == mountpoint)
-                    .then(|| f[2].to_string())
-            })
-        });
-    let Some(dev) = dev else {
-        tracing::debug!(mountpoint = %mountpoint.display(), "mount not in the mount table; readahead left alone");
-        return;
-    };
-    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-    match std::fs::write(&knob, kib.to_string()) {
-        Ok(()) => tracing::debug!(knob, kib, "readahead set"),
-        Err(e) => tracing::debug!(knob, "readahead left at the kernel's default: {e}"),
-    }
-}
-
-/// Mount points in /proc/self/mountinfo escape space, tab, newline and
-/// backslash as octal (`\040`).
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reverse notifications to the kernel. A name or node the kernel does not
@@ -1018,21 +962,5 @@ impl core::Invalidator for KernelInvalidator {
         {
             tracing::debug!(ino, "inode invalidation failed: {e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unescape_mountinfo;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(
-            unescape_mountinfo(r"/mnt/a\040b\011c\134d"),
-            "/mnt/a b\tc\\d"
-        );
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        // not an octal escape: left as it is
-        assert_eq!(unescape_mountinfo(r"/x\09y\0"), r"/x\09y\0");
     }
 }

@@ -132,6 +132,7 @@ fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure>
 struct Prepared {
     fs: Layer,
     mount: MountConfig,
+    readahead_kib: u64,
 }
 
 fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<Prepared, Failure> {
@@ -181,7 +182,11 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
             .map_err(usage)?,
         )
     };
-    Ok(Prepared { fs, mount })
+    Ok(Prepared {
+        fs,
+        mount,
+        readahead_kib: opts.readahead_kib,
+    })
 }
 
 fn mount_config(opts: &MountOptions, source: &str, read_only: bool) -> MountConfig {
@@ -192,7 +197,6 @@ fn mount_config(opts: &MountOptions, source: &str, read_only: bool) -> MountConf
         read_only: opts.read_only || read_only,
         threads: opts.threads,
         passthrough: opts.passthrough,
-        readahead_kib: opts.readahead_kib,
         panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
     }
 }
@@ -227,6 +231,7 @@ fn prepare_overlay(
     Ok(Prepared {
         fs: Layer::Overlay(fs),
         mount: mount_config(opts, source, upper.is_none()),
+        readahead_kib: opts.readahead_kib,
     })
 }
 
@@ -334,6 +339,7 @@ pub fn mount(
         mountpoint: &mountpoint,
         daemon_child,
         report: &report,
+        readahead_kib: prepared.readahead_kib,
     };
     match prepared.fs {
         Layer::Passthrough(fs) => ctx.run(Arc::new(fs), &prepared.mount),
@@ -348,6 +354,8 @@ struct Serving<'a> {
     mountpoint: &'a Path,
     daemon_child: bool,
     report: &'a dyn Fn(&str),
+    /// Kernel readahead to set on the mount, KiB; 0 keeps the kernel's.
+    readahead_kib: u64,
 }
 
 impl Serving<'_> {
@@ -365,6 +373,9 @@ impl Serving<'_> {
                 return Err(f);
             }
         };
+        if self.readahead_kib > 0 {
+            set_readahead(mountpoint, self.readahead_kib);
+        }
         let record = MountRecord {
             mountpoint: mountpoint.to_path_buf(),
             source: source.to_string(),
@@ -385,6 +396,23 @@ impl Serving<'_> {
         tracing::info!(source, mountpoint = %mountpoint.display(), "mounted");
         report("ready");
         serve(session, mountpoint)
+    }
+}
+
+/// Sets the readahead of the mount just made, for the reads the daemon
+/// serves. The kernel caps what INIT may ask for at its 128 KiB default, so
+/// it goes through the mount's bdi in sysfs (root only); the device comes
+/// from the mount table, since a stat of the mountpoint would wait for this
+/// very daemon, which is not serving yet.
+fn set_readahead(mountpoint: &Path, kib: u64) {
+    let Some(m) = state::mount_at(mountpoint) else {
+        tracing::debug!(mountpoint = %mountpoint.display(), "mount not in the mount table; readahead left alone");
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{}/read_ahead_kb", m.device);
+    match fs::write(&knob, kib.to_string()) {
+        Ok(()) => tracing::debug!(knob, kib, "readahead set"),
+        Err(e) => tracing::debug!(knob, "readahead left at the kernel's default: {e}"),
     }
 }
 

@@ -95,6 +95,8 @@ pub fn now() -> u64 {
 /// A line of the kernel mount table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelMount {
+    /// `major:minor` of the mount's device (its bdi in /sys/class/bdi).
+    pub device: String,
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -124,11 +126,14 @@ pub fn parse_mountinfo(text: &str) -> Vec<KernelMount> {
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
-            let mountpoint = pre.split(' ').nth(4)?;
+            let mut pre = pre.split(' ');
+            let device = pre.nth(2)?;
+            let mountpoint = pre.nth(1)?;
             let mut post = post.split(' ');
             let fstype = post.next()?;
             let source = post.next().unwrap_or("");
             Some(KernelMount {
+                device: device.to_string(),
                 mountpoint: PathBuf::from(unescape(mountpoint)),
                 fstype: fstype.to_string(),
                 source: unescape(source),
@@ -168,6 +173,7 @@ mod tests {
                     37 35 98:0 / /proc rw - proc proc rw\n";
         let m = parse_mountinfo(text);
         assert_eq!(m.len(), 2);
+        assert_eq!(m[0].device, "98:0");
         assert_eq!(m[0].mountpoint, PathBuf::from("/mnt/my data"));
         assert_eq!(m[0].fstype, FSTYPE);
         assert_eq!(m[0].source, "/srv/a:/srv/b=RO");
