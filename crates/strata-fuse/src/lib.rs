@@ -76,6 +76,23 @@ struct Backed {
     handles: usize,
 }
 
+/// The I/O mode chosen for a new handle.
+enum IoMode {
+    /// Kernel passthrough to this backing file.
+    Backed(Arc<BackingId>),
+    /// Through the daemon (page cache, or direct I/O if the layer asked).
+    Daemon,
+    /// Another backing file is active on the inode and this handle cannot
+    /// use it; nothing was recorded.
+    Conflict,
+}
+
+/// Read-only opens that meet another handle's backing file are opened
+/// again this many times in all: the usual cause is a copy-up finishing
+/// between the layer's open (of the lower file) and the choice of mode, and
+/// the next open gets the copy.
+const OPEN_ATTEMPTS: usize = 3;
+
 fn errno(e: core::Errno) -> Errno {
     Errno::from_i32(e.raw())
 }
@@ -208,18 +225,17 @@ impl<F: core::Filesystem> Adapter<F> {
         }
     }
 
-    /// Picks the I/O mode of a new handle (see [`IoModes`]): a backing id
-    /// for `ino`, shared with its other passthrough handles, or `None` (then
-    /// `opened.direct_io` may have been set).
-    fn backing_for(
+    /// Picks the I/O mode of a new handle (see [`IoModes`]) and records it,
+    /// unless the handle cannot join the inode's active backing file.
+    fn io_mode(
         &self,
         ino: u64,
         fh: u64,
-        opened: &mut Opened,
+        opened: &Opened,
         open: impl FnOnce(&std::os::fd::OwnedFd) -> io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
+    ) -> IoMode {
         if opened.direct_io {
-            return None;
+            return IoMode::Daemon;
         }
         let mut m = self.io_modes.lock();
         let offered = opened
@@ -234,7 +250,7 @@ impl<F: core::Filesystem> Adapter<F> {
                     b.handles += 1;
                     let id = b.id.clone();
                     m.handles.insert(fh, (ino, true));
-                    return Some(id);
+                    return IoMode::Backed(id);
                 }
                 Some(_) => {}
                 None => match open(fd) {
@@ -249,7 +265,7 @@ impl<F: core::Filesystem> Adapter<F> {
                             },
                         );
                         m.handles.insert(fh, (ino, true));
-                        return Some(id);
+                        return IoMode::Backed(id);
                     }
                     Err(e) => {
                         tracing::debug!(ino, "no passthrough for this file: {e}");
@@ -264,12 +280,24 @@ impl<F: core::Filesystem> Adapter<F> {
             }
         }
         if m.backed.contains_key(&ino) {
-            opened.direct_io = true;
-            return None;
+            return IoMode::Conflict;
         }
         *m.cached.entry(ino).or_default() += 1;
         m.handles.insert(fh, (ino, false));
-        None
+        IoMode::Daemon
+    }
+
+    /// A handle that cannot join the active backing file gets direct I/O,
+    /// which the kernel refuses with EIO (unless the backing file was
+    /// released meanwhile): logged, since it is a layer's mistake or a race
+    /// the retry in `open` did not outlast.
+    fn conflicting(ino: u64, fh: u64, opened: &mut Opened) {
+        tracing::warn!(
+            ino,
+            fh,
+            "open offers another file than the inode's active passthrough file; the kernel may refuse it (EIO)"
+        );
+        opened.direct_io = true;
     }
 
     fn release_backing(&self, fh: u64) {
@@ -563,12 +591,37 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        guarded("open", || match self.fs.open(&ctx(req), ino.0, flags.0) {
-            Ok(mut o) => match self.backing_for(ino.0, o.fh, &mut o, |fd| reply.open_backing(fd)) {
-                Some(id) => reply.opened_passthrough(FileHandle(o.fh), passthrough_flags(&o), &id),
-                None => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
-            },
-            Err(e) => reply.error(errno(e)),
+        guarded("open", || {
+            let ctx = ctx(req);
+            // Opening again must not repeat a side effect (truncation).
+            let retry = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
+            let mut attempt = 1;
+            loop {
+                let mut o = match self.fs.open(&ctx, ino.0, flags.0) {
+                    Ok(o) => o,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                match self.io_mode(ino.0, o.fh, &o, |fd| reply.open_backing(fd)) {
+                    IoMode::Backed(id) => {
+                        return reply.opened_passthrough(
+                            FileHandle(o.fh),
+                            passthrough_flags(&o),
+                            &id,
+                        );
+                    }
+                    IoMode::Daemon => return reply.opened(FileHandle(o.fh), fopen_flags(&o)),
+                    IoMode::Conflict if retry && attempt < OPEN_ATTEMPTS => {
+                        if let Err(e) = self.fs.release(&ctx, ino.0, o.fh) {
+                            tracing::debug!(ino = ino.0, "release of a superseded open: {e}");
+                        }
+                        attempt += 1;
+                    }
+                    IoMode::Conflict => {
+                        Self::conflicting(ino.0, o.fh, &mut o);
+                        return reply.opened(FileHandle(o.fh), fopen_flags(&o));
+                    }
+                }
+            }
         })
     }
 
@@ -818,8 +871,16 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                 Ok((e, mut o)) => {
                     let a = attr(&e.attr);
                     let generation = Generation(e.generation);
-                    match self.backing_for(e.attr.ino, o.fh, &mut o, |fd| reply.open_backing(fd)) {
-                        Some(id) => reply.created_passthrough(
+                    let mode = match self.io_mode(e.attr.ino, o.fh, &o, |fd| reply.open_backing(fd))
+                    {
+                        IoMode::Conflict => {
+                            Self::conflicting(e.attr.ino, o.fh, &mut o);
+                            IoMode::Daemon
+                        }
+                        mode => mode,
+                    };
+                    match mode {
+                        IoMode::Backed(id) => reply.created_passthrough(
                             &e.entry_ttl,
                             &a,
                             generation,
@@ -827,7 +888,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                             passthrough_flags(&o),
                             &id,
                         ),
-                        None => reply.created(
+                        _ => reply.created(
                             &e.entry_ttl,
                             &a,
                             generation,

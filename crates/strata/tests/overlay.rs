@@ -2029,6 +2029,68 @@ fn a_directory_named_image_is_still_a_directory() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A read-only open racing the copy-up that a writer's open starts: the
+/// reader gets the file (lower or copied-up content), never an error, even
+/// when the writer's handle has already made the copy the inode's
+/// passthrough file.
+#[test]
+fn reading_a_lower_file_while_a_writer_copies_it_up_never_fails() {
+    const FILES: usize = 300;
+    let m = overlay(|src| {
+        for i in 0..FILES {
+            write(
+                &src.join(format!("f{i:03}")),
+                format!("file {i:03}\n").as_bytes(),
+            );
+        }
+    });
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let problems = std::sync::Mutex::new(Vec::<String>::new());
+    std::thread::scope(|s| {
+        // Readers open the file the writer is about to open, and the next.
+        for t in 0..2 {
+            let (m, next, problems) = (&m, &next, &problems);
+            s.spawn(move || {
+                loop {
+                    let n = next.load(std::sync::atomic::Ordering::Relaxed) + t;
+                    if n >= FILES {
+                        break;
+                    }
+                    match fs::read_to_string(m.m(&format!("f{n:03}"))) {
+                        Ok(c) if c.starts_with(&format!("file {n:03}\n")) => {}
+                        other => problems.lock().unwrap().push(format!("f{n:03}: {other:?}")),
+                    }
+                }
+            });
+        }
+        let mut handles = Vec::new();
+        for i in 0..FILES {
+            next.store(i, std::sync::atomic::Ordering::Relaxed);
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(m.m(&format!("f{i:03}")))
+                .unwrap_or_else(|e| panic!("open f{i:03} for append: {e}"));
+            f.write_all(b"more\n").unwrap();
+            handles.push(f);
+        }
+        next.store(FILES, std::sync::atomic::Ordering::Relaxed);
+    });
+    let problems = problems.into_inner().unwrap();
+    assert!(
+        problems.is_empty(),
+        "{} failed reads, first: {}\ndaemon log:\n{}",
+        problems.len(),
+        problems[..problems.len().min(10)].join("\n"),
+        m.log()
+    );
+    for i in 0..FILES {
+        assert_eq!(
+            read(&m.m(&format!("f{i:03}"))),
+            format!("file {i:03}\nmore\n")
+        );
+    }
+}
+
 /// Readers and writers busy in a lower directory while it is renamed back
 /// and forth: a reader sees a file's content or ENOENT, never other data or
 /// an error; no write is lost.
@@ -2103,8 +2165,9 @@ fn renaming_a_busy_lower_directory_loses_nothing() {
     let problems = problems.into_inner().unwrap();
     assert!(
         problems.is_empty(),
-        "{}",
-        problems[..problems.len().min(20)].join("\n")
+        "{}\ndaemon log:\n{}",
+        problems[..problems.len().min(20)].join("\n"),
+        m.log()
     );
     assert_eq!(names(&m.mnt), ["a"]);
     for i in 0..FILES {
