@@ -69,7 +69,7 @@ pub enum Change {
 }
 
 /// A resolved object: where it lives on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HostId {
     pub dev: u64,
     pub ino: u64,
@@ -262,6 +262,44 @@ pub fn spawn_forwarder(
     }
 }
 
+/// Host object → the node showing it, for turning watch events into nodes.
+/// Entries of forgotten nodes are pruned once the map has doubled since the
+/// last prune, so pruning costs amortized O(1) per insert however many host
+/// objects a node shows (a directory on every branch of a union).
+#[derive(Default)]
+pub struct HostAliases {
+    map: HashMap<HostId, u64>,
+    /// Entries left by the last prune.
+    kept: usize,
+}
+
+impl HostAliases {
+    /// Below this many entries the map is never pruned.
+    const SLACK: usize = 4096;
+
+    /// Records that node `id` shows `obj`; may first drop the entries for
+    /// which `shows(id, obj)` no longer holds.
+    pub fn insert(&mut self, obj: HostId, id: u64, shows: impl Fn(u64, HostId) -> bool) {
+        if self.map.len() >= 2 * self.kept + Self::SLACK {
+            self.map.retain(|obj, id| shows(*id, *obj));
+            self.kept = self.map.len();
+        }
+        self.map.insert(obj, id);
+    }
+
+    pub fn get(&self, obj: HostId) -> Option<u64> {
+        self.map.get(&obj).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// How long the watch lets events gather after each batch.
 const GATHER: Duration = Duration::from_millis(2);
 
@@ -356,6 +394,57 @@ fn parse_fid(b: &[u8]) -> Option<(Fid, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_aliases_prune_forgotten_nodes_in_amortized_linear_time() {
+        use std::cell::Cell;
+        // Every node shows three host objects (a directory on three
+        // branches); nodes below `live_from` have been forgotten.
+        let checks = Cell::new(0usize);
+        let live_from = Cell::new(0u64);
+        let shows = |id: u64, _: HostId| {
+            checks.set(checks.get() + 1);
+            id >= live_from.get()
+        };
+        let mut aliases = HostAliases::default();
+        const NODES: u64 = 100_000;
+        for id in 0..NODES {
+            for branch in 0..3 {
+                aliases.insert(
+                    HostId {
+                        dev: branch,
+                        ino: id,
+                    },
+                    id,
+                    shows,
+                );
+            }
+        }
+        // All alive: nothing dropped, and the checks stay linear in the inserts.
+        assert_eq!(aliases.len(), 3 * NODES as usize);
+        assert!(
+            checks.get() <= 2 * 3 * NODES as usize,
+            "{} checks",
+            checks.get()
+        );
+        // The kernel forgets most nodes: the next prune drops their entries.
+        live_from.set(NODES - 1000);
+        let before = aliases.len();
+        let mut id = NODES;
+        while aliases.len() >= before {
+            aliases.insert(HostId { dev: 9, ino: id }, id, shows);
+            id += 1;
+        }
+        assert!(aliases.len() < 3000 + (id - NODES) as usize + 1);
+        assert_eq!(
+            aliases.get(HostId {
+                dev: 0,
+                ino: NODES - 1
+            }),
+            Some(NODES - 1)
+        );
+        assert_eq!(aliases.get(HostId { dev: 0, ino: 0 }), None);
+    }
 
     fn record(kind: u8, fsid: [i32; 2], handle: &[u8], name: Option<&str>) -> Vec<u8> {
         let mut body = Vec::new();

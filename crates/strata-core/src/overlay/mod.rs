@@ -37,7 +37,7 @@ use rustix::fs::{AtFlags, Gid, Mode, OFlags, RenameFlags, Stat, Timespec, Timest
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
-use crate::host::watch::{self, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
+use crate::host::watch::{self, HostAliases, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
 use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
 use crate::listing::{DirEnt, OpenDirs};
@@ -191,7 +191,7 @@ pub struct OverlayFs {
     /// Outside changes to host lowers, forwarded to the kernel.
     watch: Option<Arc<HostWatch>>,
     /// Host lower object (dev, ino) → the node showing it, for the watch.
-    host_aliases: Arc<Mutex<HashMap<(u64, u64), u64>>>,
+    host_aliases: Arc<Mutex<HostAliases>>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -232,11 +232,11 @@ fn watch_host_lowers(layers: &[Layer]) -> Option<Arc<HostWatch>> {
 }
 
 /// Whether node `id` still shows the host object `key` among its lowers.
-fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, key: (u64, u64)) -> bool {
+fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, obj: HostId) -> bool {
     table.get(id).is_some_and(|n| {
         n.lowers()
             .iter()
-            .any(|r| matches!(&r.obj, LObj::Host(h) if (h.dev, h.ino) == key))
+            .any(|r| matches!(&r.obj, LObj::Host(h) if (h.dev, h.ino) == (obj.dev, obj.ino)))
     })
 }
 
@@ -431,12 +431,12 @@ impl OverlayFs {
         let mut aliases = self.host_aliases.lock();
         for r in lowers {
             if let LObj::Host(h) = &r.obj {
-                aliases.insert((h.dev, h.ino), id);
+                let obj = HostId {
+                    dev: h.dev,
+                    ino: h.ino,
+                };
+                aliases.insert(obj, id, |id, obj| shows_host_object(&self.table, id, obj));
             }
-        }
-        // Keep the map proportional to the nodes the kernel knows.
-        if aliases.len() > 2 * self.table.len() + 4096 {
-            aliases.retain(|key, id| shows_host_object(&self.table, *id, *key));
         }
     }
 
@@ -458,8 +458,8 @@ impl OverlayFs {
             if roots.contains(&key) {
                 return Some(ROOT_ID);
             }
-            let node = *aliases.lock().get(&key)?;
-            shows_host_object(&table, node, key).then_some(node)
+            let node = aliases.lock().get(id)?;
+            shows_host_object(&table, node, id).then_some(node)
         };
         let all = self.table.clone();
         watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "lower");

@@ -27,7 +27,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
-use crate::host::watch::{self, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
+use crate::host::watch::{self, HostAliases, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
 use crate::host::{HostDir, HostNode, attr_from_stat, dirent_kind};
 use crate::inode::InodeTable;
 use crate::listing::DirEnt;
@@ -154,7 +154,7 @@ pub struct UnionFs {
     /// Every instance of every node, by host object: how a host change event
     /// finds the node (the table's key is only the first instance). Entries
     /// of forgotten nodes are checked on use and pruned in bulk.
-    aliases: Arc<Mutex<HashMap<Key, u64>>>,
+    aliases: Arc<Mutex<HostAliases>>,
     watch: Option<Arc<HostWatch>>,
     mountpoint: PathBuf,
     files: OpenFiles,
@@ -206,12 +206,12 @@ fn kind_of(st: &Stat) -> FileKind {
 }
 
 /// Whether node `id` still has an instance that is host object `key`.
-fn node_has(table: &InodeTable<Key, UNode>, id: u64, key: Key) -> bool {
+fn node_has(table: &InodeTable<Key, UNode>, id: u64, obj: HostId) -> bool {
     table.get(id).is_some_and(|n| {
         n.inst
             .read()
             .iter()
-            .any(|i| (i.node.dev, i.node.ino) == key)
+            .any(|i| (i.node.dev, i.node.ino) == (obj.dev, obj.ino))
     })
 }
 
@@ -244,7 +244,7 @@ impl UnionFs {
             branches: Arc::new(RwLock::new(Arc::new(Vec::new()))),
             next_branch: AtomicU64::new(1),
             settings: RwLock::new(cfg.settings),
-            aliases: Arc::new(Mutex::new(HashMap::new())),
+            aliases: Arc::default(),
             watch,
             mountpoint: cfg.mountpoint,
             table: Arc::new(InodeTable::new(
@@ -444,12 +444,11 @@ impl UnionFs {
         }
         let mut aliases = self.aliases.lock();
         for i in inst {
-            aliases.insert((i.node.dev, i.node.ino), id);
-        }
-        // Keep the map proportional to the nodes the kernel knows.
-        let live = self.table.len();
-        if aliases.len() > 2 * live + 4096 {
-            aliases.retain(|key, id| node_has(&self.table, *id, *key));
+            let obj = HostId {
+                dev: i.node.dev,
+                ino: i.node.ino,
+            };
+            aliases.insert(obj, id, |id, obj| node_has(&self.table, id, obj));
         }
     }
 
@@ -470,8 +469,8 @@ impl UnionFs {
             if is_root {
                 return Some(ROOT_ID);
             }
-            let node = *aliases.lock().get(&key)?;
-            node_has(&table, node, key).then_some(node)
+            let node = aliases.lock().get(id)?;
+            node_has(&table, node, id).then_some(node)
         };
         let all = self.table.clone();
         watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "branch");
