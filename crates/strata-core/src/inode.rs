@@ -27,21 +27,48 @@ struct Slot<K, T> {
 
 struct Inner<K, T> {
     nodes: HashMap<u64, Slot<K, T>>,
+    /// Keys not found at their derived id: fallback ids, rekeyed nodes, and
+    /// every key of a table without derived ids.
     by_key: HashMap<K, u64>,
     next_fallback: u64,
 }
 
+/// The id a key gets unless another key holds it.
+pub type IdOf<K> = Box<dyn Fn(&K) -> u64 + Send + Sync>;
+
 pub struct InodeTable<K, T> {
     inner: Mutex<Inner<K, T>>,
+    /// With derived ids, a key is first looked for at its id, so most keys
+    /// need no `by_key` entry (a second map as large as the table).
+    id_of: Option<IdOf<K>>,
 }
 
 impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
-    /// A table holding only the root, which is pinned.
+    /// A table holding only the root, which is pinned; callers choose each
+    /// node's preferred id.
     pub fn new(root_key: K, root: Arc<T>) -> Self {
-        let mut nodes = HashMap::new();
-        let mut by_key = HashMap::new();
-        by_key.insert(root_key.clone(), ROOT_ID);
-        nodes.insert(
+        Self::build(root_key, root, None)
+    }
+
+    /// A table whose preferred ids are `id_of(key)`.
+    pub fn with_derived_ids(root_key: K, root: Arc<T>, id_of: IdOf<K>) -> Self {
+        Self::build(root_key, root, Some(id_of))
+    }
+
+    fn build(root_key: K, root: Arc<T>, id_of: Option<IdOf<K>>) -> Self {
+        let mut t = InodeTable {
+            inner: Mutex::new(Inner {
+                nodes: HashMap::new(),
+                by_key: HashMap::new(),
+                next_fallback: FALLBACK_BASE,
+            }),
+            id_of,
+        };
+        let inner = t.inner.get_mut();
+        if t.id_of.as_ref().is_none_or(|f| f(&root_key) != ROOT_ID) {
+            inner.by_key.insert(root_key.clone(), ROOT_ID);
+        }
+        inner.nodes.insert(
             ROOT_ID,
             Slot {
                 key: root_key,
@@ -49,13 +76,22 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
                 data: root,
             },
         );
-        InodeTable {
-            inner: Mutex::new(Inner {
-                nodes,
-                by_key,
-                next_fallback: FALLBACK_BASE,
-            }),
+        t
+    }
+
+    /// The id of the node holding `key`.
+    fn find(&self, inner: &Inner<K, T>, key: &K) -> Option<u64> {
+        if let Some(f) = &self.id_of {
+            let id = f(key);
+            if inner.nodes.get(&id).is_some_and(|s| s.key == *key) {
+                return Some(id);
+            }
         }
+        inner.by_key.get(key).copied()
+    }
+
+    fn at_derived_id(&self, key: &K, id: u64) -> bool {
+        self.id_of.as_ref().is_some_and(|f| f(key) == id)
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<T>> {
@@ -70,7 +106,7 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
     /// The node for `key` if the kernel knows it, without taking a reference.
     pub fn get_by_key(&self, key: &K) -> Option<(u64, Arc<T>)> {
         let inner = self.inner.lock();
-        let id = *inner.by_key.get(key)?;
+        let id = self.find(&inner, key)?;
         Some((id, inner.nodes[&id].data.clone()))
     }
 
@@ -89,7 +125,7 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         replace: impl FnOnce(&T) -> bool,
     ) -> Option<(u64, Arc<T>)> {
         let mut inner = self.inner.lock();
-        if let Some(&id) = inner.by_key.get(&key) {
+        if let Some(id) = self.find(&inner, &key) {
             let slot = inner.nodes.get_mut(&id).expect("by_key and nodes agree");
             slot.nlookup = slot.nlookup.saturating_add(1);
             if let Some(new) = fresh
@@ -110,7 +146,9 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
                 }
             }
         }
-        inner.by_key.insert(key.clone(), id);
+        if !self.at_derived_id(&key, id) {
+            inner.by_key.insert(key.clone(), id);
+        }
         inner.nodes.insert(
             id,
             Slot {
@@ -150,7 +188,9 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         if inner.by_key.get(&old) == Some(&id) {
             inner.by_key.remove(&old);
         }
-        inner.by_key.insert(key, id);
+        if !self.at_derived_id(&key, id) {
+            inner.by_key.insert(key, id);
+        }
     }
 
     /// The lookup count of a node (0 if unknown).
@@ -242,6 +282,54 @@ mod tests {
         let t = table();
         assert!(!t.forget(12345, 1));
         assert_eq!(t.len(), 1);
+    }
+
+    /// A table whose ids derive from keys (key * 10), as the passthrough's
+    /// and the overlay's do.
+    fn derived() -> InodeTable<u32, &'static str> {
+        InodeTable::with_derived_ids(0, Arc::new("root"), Box::new(|k| *k as u64 * 10))
+    }
+
+    #[test]
+    fn derived_ids_find_keys_at_their_id_and_elsewhere() {
+        let t = derived();
+        let (a, _) = t.lookup(7, 70, Some("seven"), |_| false).unwrap();
+        assert_eq!(a, 70);
+        // 7's id holds another key: 8 gets a fallback id and is still found.
+        t.rekey(70, 8);
+        assert_eq!(t.get_by_key(&8).map(|(id, _)| id), Some(70));
+        assert!(t.get_by_key(&7).is_none());
+        let (b, _) = t.lookup(7, 70, Some("seven again"), |_| false).unwrap();
+        assert!(b >= FALLBACK_BASE);
+        assert_eq!(
+            t.get_by_key(&7).map(|(id, d)| (id, *d)),
+            Some((b, "seven again"))
+        );
+        // A rekey onto the key's own id needs no second entry, and forgets
+        // leave nothing behind.
+        let (c, _) = t.lookup(2, 20, Some("two"), |_| false).unwrap();
+        t.rekey(c, 3);
+        t.rekey(c, 2);
+        assert_eq!(t.get_by_key(&2).map(|(id, _)| id), Some(20));
+        for id in [70, b, c] {
+            assert!(t.forget(id, 1));
+        }
+        assert_eq!(t.len(), 1);
+        // Only the root's entry is left (its id, 1, is not its key's).
+        assert_eq!(t.inner.lock().by_key.len(), 1);
+        assert_eq!(t.get_by_key(&0).map(|(id, _)| id), Some(ROOT_ID));
+    }
+
+    #[test]
+    fn derived_ids_keep_no_second_map() {
+        let t = derived();
+        for k in 1..=1000u32 {
+            t.lookup(k, k as u64 * 10, Some("x"), |_| false).unwrap();
+        }
+        assert_eq!(t.len(), 1001);
+        // Only the root, whose id (1) is not its key's (0).
+        assert_eq!(t.inner.lock().by_key.len(), 1);
+        assert_eq!(t.get_by_key(&500).map(|(id, _)| id), Some(5000));
     }
 
     #[test]

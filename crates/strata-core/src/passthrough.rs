@@ -72,12 +72,36 @@ pub struct PassthroughFs {
     watch: Option<Arc<HostWatch>>,
 }
 
+/// Node id for a host object: its inode number on the source's device (with
+/// the root's number swapped for 1), a hash elsewhere. Stable while mounted.
+fn node_id((root_dev, root_ino): Key, dev: u64, ino: u64) -> u64 {
+    if dev == root_dev {
+        if ino == root_ino {
+            ROOT_ID
+        } else if ino == ROOT_ID {
+            root_ino
+        } else {
+            ino
+        }
+    } else {
+        // Other filesystems mounted below the source: mix the device in and
+        // keep the top bit set so the ids cannot meet the source's own.
+        let mut h = dev.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ino;
+        h ^= h >> 29;
+        (h | (1 << 63)) & !(0x4000_0000_0000_0000)
+    }
+}
+
 impl PassthroughFs {
     pub fn new(source: &Path, cfg: PassthroughConfig) -> std::result::Result<Self, String> {
         let host = HostDir::open(source, cfg.fd_cache)?;
         let root = host.root().clone();
         let root_key = (root.dev, root.ino);
-        let table = Arc::new(InodeTable::new(root_key, root.clone()));
+        let table = Arc::new(InodeTable::with_derived_ids(
+            root_key,
+            root.clone(),
+            Box::new(move |&(dev, ino)| node_id(root_key, dev, ino)),
+        ));
         let watch = if cfg.watch && host.handles_usable() {
             match HostWatch::new() {
                 Ok(w) => {
@@ -109,25 +133,8 @@ impl PassthroughFs {
         })
     }
 
-    /// Node id for a host object: its inode number on the source's device (with
-    /// the root's number swapped for 1), a hash elsewhere. Stable while mounted.
     fn node_id(&self, dev: u64, ino: u64) -> u64 {
-        let (root_dev, root_ino) = self.root_key;
-        if dev == root_dev {
-            if ino == root_ino {
-                ROOT_ID
-            } else if ino == ROOT_ID {
-                root_ino
-            } else {
-                ino
-            }
-        } else {
-            // Other filesystems mounted below the source: mix the device in and
-            // keep the top bit set so the ids cannot meet the source's own.
-            let mut h = dev.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ino;
-            h ^= h >> 29;
-            (h | (1 << 63)) & !(0x4000_0000_0000_0000)
-        }
+        node_id(self.root_key, dev, ino)
     }
 
     fn node(&self, ino: u64) -> Result<Arc<HostNode>> {

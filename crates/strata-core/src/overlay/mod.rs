@@ -103,6 +103,12 @@ struct LRef {
     obj: LObj,
 }
 
+/// (parent, name) pairs; boxed, since most nodes have none.
+type Aliases = Option<Box<Vec<(u64, CString)>>>;
+
+/// A node's lower objects: inline, since most nodes have one.
+type Lowers = smallvec::SmallVec<[LRef; 1]>;
+
 struct ONode {
     kind: FileKind,
     /// Parent node and name: where a copy-up goes.
@@ -110,10 +116,10 @@ struct ONode {
     upper: RwLock<Option<Arc<HostNode>>>,
     /// Non-directories: the lower object shown (at most one). Directories:
     /// every lower directory merged into this one, topmost first.
-    lowers: RwLock<Arc<[LRef]>>,
+    lowers: RwLock<Lowers>,
     /// Other names a lower hard-linked file was looked up by: copy-up links
     /// them to the copy.
-    aliases: Mutex<Vec<(u64, CString)>>,
+    aliases: Mutex<Aliases>,
 }
 
 impl ONode {
@@ -121,14 +127,14 @@ impl ONode {
         kind: FileKind,
         place: (u64, CString),
         upper: Option<Arc<HostNode>>,
-        lowers: Arc<[LRef]>,
+        lowers: Lowers,
     ) -> ONode {
         ONode {
             kind,
             place: Mutex::new(place),
             upper: RwLock::new(upper),
             lowers: RwLock::new(lowers),
-            aliases: Mutex::new(Vec::new()),
+            aliases: Mutex::new(None),
         }
     }
 
@@ -136,7 +142,7 @@ impl ONode {
         self.upper.read().clone()
     }
 
-    fn lowers(&self) -> Arc<[LRef]> {
+    fn lowers(&self) -> Lowers {
         self.lowers.read().clone()
     }
 
@@ -152,6 +158,7 @@ impl ONode {
             return;
         }
         let mut aliases = self.aliases.lock();
+        let aliases = aliases.get_or_insert_default();
         if aliases.len() < MAX_ALIASES
             && !aliases
                 .iter()
@@ -237,6 +244,16 @@ fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, obj: HostId) -> bo
         n.lowers()
             .iter()
             .any(|r| matches!(&r.obj, LObj::Host(h) if (h.dev, h.ino) == (obj.dev, obj.ino)))
+    })
+}
+
+/// The node keyed by host object `obj` of lower `layer` (before or after
+/// its copy-up) if it still shows that object.
+fn host_node_by_key(table: &InodeTable<Key, ONode>, layer: u32, obj: HostId) -> Option<u64> {
+    let lower = Key::Lower(layer, obj.dev, obj.ino);
+    [lower, lower.copied_up()].into_iter().find_map(|k| {
+        let (id, _) = table.get_by_key(&k)?;
+        shows_host_object(table, id, obj).then_some(id)
     })
 }
 
@@ -329,7 +346,7 @@ impl OverlayFs {
             }
             None => None,
         };
-        let root_lowers: Arc<[LRef]> = layers
+        let root_lowers: Lowers = layers
             .iter()
             .enumerate()
             .map(|(i, l)| LRef {
@@ -359,7 +376,11 @@ impl OverlayFs {
             upper,
             watch,
             host_aliases: Arc::default(),
-            table: Arc::new(InodeTable::new(root_key, Arc::new(root))),
+            table: Arc::new(InodeTable::with_derived_ids(
+                root_key,
+                Arc::new(root),
+                Box::new(Self::node_id),
+            )),
             files: OpenFiles::default(),
             dirs: OpenDirs::default(),
             cfg,
@@ -435,6 +456,11 @@ impl OverlayFs {
                     dev: h.dev,
                     ino: h.ino,
                 };
+                // The watch finds a node by the key of its top lower first:
+                // only the others (lower directories merged below) need an entry.
+                if host_node_by_key(&self.table, r.layer, obj) == Some(id) {
+                    continue;
+                }
                 aliases.insert(obj, id, |id, obj| shows_host_object(&self.table, id, obj));
             }
         }
@@ -444,19 +470,30 @@ impl OverlayFs {
     /// thread of its own.
     fn start_watch(&self, inval: Arc<dyn Invalidator>) {
         let Some(w) = self.watch.clone() else { return };
-        let roots: Vec<(u64, u64)> = self
-            .layers
-            .iter()
-            .filter_map(|l| match l.root() {
-                LObj::Host(h) => Some((h.dev, h.ino)),
+        // (layer index, root) of each host lower.
+        let roots: Vec<(u32, HostId)> = (0u32..)
+            .zip(&self.layers)
+            .filter_map(|(l, layer)| match layer.root() {
+                LObj::Host(h) => Some((
+                    l,
+                    HostId {
+                        dev: h.dev,
+                        ino: h.ino,
+                    },
+                )),
                 LObj::Image(_) => None,
             })
             .collect();
         let (table, aliases) = (self.table.clone(), self.host_aliases.clone());
         let node_of = move |id: HostId| {
-            let key = (id.dev, id.ino);
-            if roots.contains(&key) {
+            if roots.iter().any(|(_, root)| *root == id) {
                 return Some(ROOT_ID);
+            }
+            let by_key = roots
+                .iter()
+                .find_map(|&(layer, _)| host_node_by_key(&table, layer, id));
+            if by_key.is_some() {
+                return by_key;
             }
             let node = aliases.lock().get(id)?;
             shows_host_object(&table, node, id).then_some(node)
@@ -645,7 +682,7 @@ impl OverlayFs {
     fn make_opaque(&self, node: &ONode) -> Result<()> {
         let up = node.upper().ok_or(Errno::EIO)?;
         self.set_opaque(self.upper_dir()?.fd(&up)?.as_fd())?;
-        *node.lowers.write() = Arc::from(Vec::new());
+        *node.lowers.write() = Lowers::new();
         Ok(())
     }
 
@@ -818,8 +855,8 @@ impl OverlayFs {
                 warn(String::from_utf8_lossy(&path.join(&b'/')).into_owned(), e);
             }
         }
-        let aliases = std::mem::take(&mut *node.aliases.lock());
-        for (dir, name) in aliases {
+        let aliases = node.aliases.lock().take().unwrap_or_default();
+        for (dir, name) in *aliases {
             if let Err(e) = self.link_in(dir, &name, top.layer, lst.key, up) {
                 warn(format!("{name:?}"), e);
             }
@@ -1045,7 +1082,7 @@ impl OverlayFs {
             self.table
                 .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
         }
-        *node.lowers.write() = Arc::from(Vec::new());
+        *node.lowers.write() = Lowers::new();
         Ok(())
     }
 
@@ -1061,7 +1098,7 @@ impl OverlayFs {
             FileKind::Directory,
             (0, CString::default()),
             Some(up.clone()),
-            Arc::from(lowers.to_vec()),
+            lowers.iter().cloned().collect(),
         );
         let mut names = Vec::new();
         for r in lowers {
@@ -1095,7 +1132,7 @@ impl OverlayFs {
             // A node the kernel knows for the lower object now has its copy.
             if let Some((cid, cnode)) = self.table.get_by_key(&lkey) {
                 *cnode.upper.write() = Some(child_up.clone());
-                *cnode.lowers.write() = Arc::from(Vec::new());
+                *cnode.lowers.write() = Lowers::new();
                 self.table.rekey(cid, lkey.copied_up());
             }
             if found.kind == FileKind::Directory {

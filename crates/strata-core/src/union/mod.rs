@@ -215,6 +215,12 @@ fn node_has(table: &InodeTable<Key, UNode>, id: u64, obj: HostId) -> bool {
     })
 }
 
+/// The node keyed by host object `obj`, if it still has that instance.
+fn node_by_key(table: &InodeTable<Key, UNode>, obj: HostId) -> Option<u64> {
+    let (id, _) = table.get_by_key(&(obj.dev, obj.ino))?;
+    node_has(table, id, obj).then_some(id)
+}
+
 /// Whether `e` only means "not on this branch".
 fn absent(e: Errno) -> bool {
     e == Errno::ENOENT || e == Errno::ENOTDIR
@@ -448,6 +454,11 @@ impl UnionFs {
                 dev: i.node.dev,
                 ino: i.node.ino,
             };
+            // The watch finds a node by its key (its first instance) first:
+            // only the other instances need an entry.
+            if node_by_key(&self.table, obj) == Some(id) {
+                continue;
+            }
             aliases.insert(obj, id, |id, obj| node_has(&self.table, id, obj));
         }
     }
@@ -468,6 +479,9 @@ impl UnionFs {
                 .any(|b| (b.dir.root().dev, b.dir.root().ino) == key);
             if is_root {
                 return Some(ROOT_ID);
+            }
+            if let Some(node) = node_by_key(&table, id) {
+                return Some(node);
             }
             let node = aliases.lock().get(id)?;
             node_has(&table, node, id).then_some(node)
