@@ -2244,6 +2244,42 @@ fn outside_changes_to_a_host_lower_show_through_the_long_caches() {
     assert_eq!(fs::read(m.m("d/new")).unwrap(), b"mine");
 }
 
+/// A directory merged from two host lowers: a change in the lower one shows
+/// as well as a change in the top one (the watch maps both host directories
+/// to the one node).
+#[test]
+fn outside_changes_in_either_merged_lower_directory_show() {
+    let m = Mounted::build_with(&[], &[], |dir| {
+        let (l1, l2, upper) = (dir.join("l1"), dir.join("l2"), dir.join("upper"));
+        for d in [&l1, &l2] {
+            fs::create_dir_all(d.join("d")).unwrap();
+        }
+        fs::write(l1.join("d/top"), b"").unwrap();
+        fs::write(l2.join("d/below"), b"").unwrap();
+        fs::create_dir(&upper).unwrap();
+        (
+            format!("{}:{}", l1.display(), l2.display()),
+            vec![format!("upper={}", upper.display())],
+        )
+    });
+    let l = |rel: &str| m.dir.path().join(rel);
+    assert_eq!(names(&m.m("d")), ["below", "top"]);
+    fs::write(l("l2/d/new-below"), b"").unwrap();
+    let limit = Duration::from_secs(5);
+    assert!(
+        wait_until(limit, || names(&m.m("d")) == ["below", "new-below", "top"]),
+        "after a create in the lower directory: {:?}",
+        names(&m.m("d"))
+    );
+    fs::write(l("l1/d/new-top"), b"").unwrap();
+    assert!(
+        wait_until(limit, || names(&m.m("d"))
+            == ["below", "new-below", "new-top", "top"]),
+        "after a create in the top directory: {:?}",
+        names(&m.m("d"))
+    );
+}
+
 /// Lower files are read through the daemon: the mount's readahead asks for
 /// whole 1 MiB requests (or what `readahead=` says) instead of 128 KiB.
 #[test]
