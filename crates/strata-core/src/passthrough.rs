@@ -194,16 +194,22 @@ impl PassthroughFs {
         let key = (st.st_dev, st.st_ino);
         let kind = FileKind::from_mode(st.st_mode).ok_or(Errno::EIO)?;
         let id = self.node_id(key.0, key.1);
-        // A known node of the same kind is reused as is (no syscall); anything
-        // else gets a node built from the host object.
+        // A known node of the same kind is reused (no syscall while it holds
+        // its fd), unless its inode number now belongs to a new file;
+        // anything else gets a node built from the host object.
         let mut fresh = match self.table.get_by_key(&key) {
-            Some((_, node)) if node.kind == kind => None,
+            Some((_, node))
+                if node.kind == kind && self.host.still_names(&node, parent_fd, name) =>
+            {
+                None
+            }
             _ => Some(self.host.make_node(parent_fd, name, st)?),
         };
+        let replace = fresh.is_some();
         loop {
             if let Some((id, node)) = self
                 .table
-                .lookup(key, id, fresh.take(), |old| old.kind != kind)
+                .lookup(key, id, fresh.take(), |old| replace || old.kind != kind)
             {
                 if key.0 != self.root_key.0 {
                     self.watch_new_dev(&node);

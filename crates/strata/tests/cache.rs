@@ -272,3 +272,33 @@ fn a_listing_resumed_after_the_kernel_cache_is_dropped_is_complete() {
         );
     }
 }
+
+/// A file deleted behind the mount's back (the watch off, so the kernel
+/// keeps its node) whose inode number the host then gives to a new file:
+/// the mount serves the new file as a new object, not through the old
+/// file's handle.
+#[test]
+fn a_reused_inode_number_is_a_new_object() {
+    let m = Mounted::with_source(&["watch=false"], |src| {
+        fs::write(src.join("old"), b"old").unwrap();
+    });
+    let old_ino = fs::metadata(m.s("old")).unwrap().ino();
+    assert_eq!(fs::metadata(m.m("old")).unwrap().ino(), old_ino);
+    fs::remove_file(m.s("old")).unwrap();
+    // ext4 and xfs soon hand a freed number out again: find the file that got it.
+    let reused = (0..1000).find_map(|i| {
+        let name = format!("new{i}");
+        fs::write(m.s(&name), b"new").unwrap();
+        (fs::metadata(m.s(&name)).unwrap().ino() == old_ino).then_some(name)
+    });
+    let Some(name) = reused else {
+        eprintln!("the scratch filesystem did not reuse the inode number: nothing to check");
+        return;
+    };
+    let via = m.m(&name);
+    assert_eq!(fs::metadata(&via).unwrap().ino(), old_ino);
+    fs::set_permissions(&via, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod of the new file through the mount: {e}"));
+    assert_eq!(fs::metadata(m.s(&name)).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(fs::read(&via).unwrap(), b"new");
+}

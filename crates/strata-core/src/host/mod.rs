@@ -49,6 +49,17 @@ impl HostNode {
     pub fn has_handle(&self) -> bool {
         self.handle.is_some()
     }
+
+    /// Whether `other` is the same host object: same device and inode
+    /// number and, where both have one, the same handle (a reused number
+    /// comes with another generation).
+    pub fn same_object(&self, other: &HostNode) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+            && match (&self.handle, &other.handle) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 /// One host directory, accessed through descriptors.
@@ -259,6 +270,22 @@ impl HostDir {
         }
         self.remember(node);
         Ok(fd)
+    }
+
+    /// Whether `node` still is the object `name` in `parent` (whose device
+    /// and inode number it has): a node holding its fd pins its inode, so the
+    /// number cannot have gone to a new file; one whose fd was evicted is
+    /// compared by file handle, which carries the inode's generation.
+    pub fn still_names(&self, node: &HostNode, parent: BorrowedFd<'_>, name: &CStr) -> bool {
+        if node.fd.lock().is_some() {
+            return true;
+        }
+        match &node.handle {
+            Some((handle, mnt)) => {
+                matches!(sys::name_to_handle_at(parent, name, 0), Ok((h, m)) if h == *handle && m == *mnt)
+            }
+            None => true,
+        }
     }
 
     /// Records a freshly cached fd and evicts the oldest ones beyond the bound.

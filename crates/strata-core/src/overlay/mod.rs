@@ -635,10 +635,17 @@ impl OverlayFs {
         let merged = found.kind == FileKind::Directory
             && !found.lowers.is_empty()
             && (found.upper.is_some() || found.lowers.len() > 1);
+        // A known node is kept unless its upper object is gone and the host
+        // gave its inode number to the object the name now holds.
+        let fresh_upper = upper_node.clone();
         let (id, known) = self
             .table
             .lookup(key, Self::node_id(&key), Some(node), |old| {
                 old.kind != found.kind
+                    || old
+                        .upper()
+                        .zip(fresh_upper.as_ref())
+                        .is_some_and(|(o, f)| !o.same_object(f))
             })
             .expect("a fresh node was given");
         if attr_st.nlink > 1 && found.kind != FileKind::Directory && known.upper().is_none() {

@@ -221,6 +221,28 @@ fn node_by_key(table: &InodeTable<Key, UNode>, obj: HostId) -> Option<u64> {
     node_has(table, id, obj).then_some(id)
 }
 
+fn devino_hash(dev: u64, ino: u64) -> u64 {
+    fnv(&[&dev.to_ne_bytes(), &ino.to_ne_bytes()])
+}
+
+/// Keeps an id clear of the root, the control file and the table's fallback range.
+fn clear_of_reserved(h: u64) -> u64 {
+    let h = h & !(1 << 63);
+    if h <= ROOT_ID { h + 2 } else { h }
+}
+
+/// The id the table looks for a key at first: what `inodecalc=hybrid-hash`
+/// (the default) and `devino-hash` give a non-directory. Nodes that got
+/// another id (directories, other `inodecalc` modes) are found through the
+/// table's key map instead.
+fn derived_id(&(dev, ino): &Key) -> u64 {
+    clear_of_reserved(devino_hash(dev & !FOLLOWED, ino))
+}
+
+/// Set in a key's device for a symlink followed to its target
+/// (`follow-symlinks`), so the target's own node stays apart.
+const FOLLOWED: u64 = 1 << 63;
+
 /// Whether `e` only means "not on this branch".
 fn absent(e: Errno) -> bool {
     e == Errno::ENOENT || e == Errno::ENOTDIR
@@ -253,13 +275,14 @@ impl UnionFs {
             aliases: Arc::default(),
             watch,
             mountpoint: cfg.mountpoint,
-            table: Arc::new(InodeTable::new(
+            table: Arc::new(InodeTable::with_derived_ids(
                 (0, 0),
                 Arc::new(UNode {
                     kind: FileKind::Directory,
                     loc: Mutex::new((ROOT_ID, CString::default())),
                     inst: RwLock::new(Vec::new()),
                 }),
+                Box::new(derived_id),
             )),
             files: OpenFiles::default(),
             open: Mutex::new(HashMap::new()),
@@ -381,7 +404,7 @@ impl UnionFs {
     fn calc_id(&self, path: &[u8], dir: bool, dev: u64, ino: u64) -> u64 {
         let calc = self.settings.read().inodecalc;
         let path_hash = || fnv(&[path]);
-        let devino_hash = || fnv(&[&dev.to_ne_bytes(), &ino.to_ne_bytes()]);
+        let devino_hash = || devino_hash(dev, ino);
         let h = match calc {
             InodeCalc::Passthrough => ino,
             InodeCalc::PathHash => path_hash(),
@@ -393,9 +416,7 @@ impl UnionFs {
             InodeCalc::HybridHash32 if dir => path_hash() & 0xFFFF_FFFF,
             InodeCalc::HybridHash32 => devino_hash() & 0xFFFF_FFFF,
         };
-        // Keep clear of the root, the control file and the table's fallback range.
-        let h = h & !(1 << 63);
-        if h <= ROOT_ID { h + 2 } else { h }
+        clear_of_reserved(h)
     }
 
     /// Starts watching the filesystem of directory `node` if it is new to
@@ -804,7 +825,6 @@ impl UnionFs {
         let first = &found[0].2;
         // A followed link is its own node, never an alias of the target's
         // (a directory reachable by two names would confuse the kernel).
-        const FOLLOWED: u64 = 1 << 63;
         let key = (
             first.st_dev | if followed { FOLLOWED } else { 0 },
             first.st_ino,
@@ -828,6 +848,7 @@ impl UnionFs {
                     o.branch.id == pi.branch.id
                         && o.node.dev == st.st_dev
                         && o.node.ino == st.st_ino
+                        && pi.branch.dir.still_names(&o.node, pfd.as_fd(), name)
                 });
                 let node = match (reuse, target.take()) {
                     (Some(o), _) => o.node.clone(),
