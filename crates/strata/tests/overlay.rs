@@ -2280,6 +2280,38 @@ fn outside_changes_in_either_merged_lower_directory_show() {
     );
 }
 
+/// An upper file removed behind the mount's back whose inode number the host
+/// then gives to a new upper file: the mount serves the new file as a new
+/// object, not through the old file's handle.
+#[test]
+fn a_reused_upper_inode_number_is_a_new_object() {
+    let m = overlay_opts(&["cache.fds=16"], |_| {});
+    fs::write(up(&m, "old"), b"old").unwrap();
+    let old_ino = fs::metadata(up(&m, "old")).unwrap().ino();
+    assert!(fs::metadata(m.m("old")).is_ok());
+    // Push the node's descriptor (which pins the inode) out of the cache.
+    for i in 0..64 {
+        fs::write(up(&m, &format!("other{i}")), b"").unwrap();
+        assert!(fs::metadata(m.m(&format!("other{i}"))).is_ok());
+    }
+    fs::remove_file(up(&m, "old")).unwrap();
+    // ext4 and xfs soon hand a freed number out again: find the file that got it.
+    let reused = (0..1000).find_map(|i| {
+        let name = format!("new{i}");
+        fs::write(up(&m, &name), b"new").unwrap();
+        (fs::metadata(up(&m, &name)).unwrap().ino() == old_ino).then_some(name)
+    });
+    let Some(name) = reused else {
+        eprintln!("the scratch filesystem did not reuse the inode number: nothing to check");
+        return;
+    };
+    let via = m.m(&name);
+    fs::set_permissions(&via, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod of the new file through the mount: {e}"));
+    assert_eq!(fs::metadata(up(&m, &name)).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(fs::read(&via).unwrap(), b"new");
+}
+
 /// Lower files are read through the daemon: the mount's readahead asks for
 /// whole 1 MiB requests (or what `readahead=` says) instead of 128 KiB.
 #[test]
