@@ -197,7 +197,8 @@ pub struct OverlayFs {
     any_host_lower: bool,
     /// Outside changes to host lowers, forwarded to the kernel.
     watch: Option<Arc<HostWatch>>,
-    /// Host lower object (dev, ino) → the node showing it, for the watch.
+    /// Host lower object → the node showing it, for the watch: only objects
+    /// that are not their node's key (lower directories merged below the top).
     host_aliases: Arc<Mutex<HostAliases>>,
 }
 
@@ -238,7 +239,7 @@ fn watch_host_lowers(layers: &[Layer]) -> Option<Arc<HostWatch>> {
     Some(Arc::new(w))
 }
 
-/// Whether node `id` still shows the host object `key` among its lowers.
+/// Whether node `id` still shows the host object `obj` among its lowers.
 fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, obj: HostId) -> bool {
     table.get(id).is_some_and(|n| {
         n.lowers()
@@ -489,14 +490,13 @@ impl OverlayFs {
             if roots.iter().any(|(_, root)| *root == id) {
                 return Some(ROOT_ID);
             }
-            let by_key = roots
+            roots
                 .iter()
-                .find_map(|&(layer, _)| host_node_by_key(&table, layer, id));
-            if by_key.is_some() {
-                return by_key;
-            }
-            let node = aliases.lock().get(id)?;
-            shows_host_object(&table, node, id).then_some(node)
+                .find_map(|&(layer, _)| host_node_by_key(&table, layer, id))
+                .or_else(|| {
+                    let node = aliases.lock().get(id)?;
+                    shows_host_object(&table, node, id).then_some(node)
+                })
         };
         let all = self.table.clone();
         watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "lower");
@@ -637,14 +637,13 @@ impl OverlayFs {
             && (found.upper.is_some() || found.lowers.len() > 1);
         // A known node is kept unless its upper object is gone and the host
         // gave its inode number to the object the name now holds.
-        let fresh_upper = upper_node.clone();
         let (id, known) = self
             .table
             .lookup(key, Self::node_id(&key), Some(node), |old| {
                 old.kind != found.kind
                     || old
                         .upper()
-                        .zip(fresh_upper.as_ref())
+                        .zip(upper_node.as_ref())
                         .is_some_and(|(o, f)| !o.same_object(f))
             })
             .expect("a fresh node was given");

@@ -151,9 +151,10 @@ pub struct UnionFs {
     next_branch: AtomicU64,
     settings: RwLock<Settings>,
     table: Arc<InodeTable<Key, UNode>>,
-    /// Every instance of every node, by host object: how a host change event
-    /// finds the node (the table's key is only the first instance). Entries
-    /// of forgotten nodes are checked on use and pruned in bulk.
+    /// The instances that are not their node's table key (the key is the
+    /// first instance), by host object: how a host change event on another
+    /// branch finds the node. Entries of forgotten nodes are checked on use
+    /// and pruned in bulk.
     aliases: Arc<Mutex<HostAliases>>,
     watch: Option<Arc<HostWatch>>,
     mountpoint: PathBuf,
@@ -205,7 +206,7 @@ fn kind_of(st: &Stat) -> FileKind {
     FileKind::from_mode(st.st_mode).unwrap_or(FileKind::Regular)
 }
 
-/// Whether node `id` still has an instance that is host object `key`.
+/// Whether node `id` still has an instance that is host object `obj`.
 fn node_has(table: &InodeTable<Key, UNode>, id: u64, obj: HostId) -> bool {
     table.get(id).is_some_and(|n| {
         n.inst
@@ -501,11 +502,10 @@ impl UnionFs {
             if is_root {
                 return Some(ROOT_ID);
             }
-            if let Some(node) = node_by_key(&table, id) {
-                return Some(node);
-            }
-            let node = aliases.lock().get(id)?;
-            node_has(&table, node, id).then_some(node)
+            node_by_key(&table, id).or_else(|| {
+                let node = aliases.lock().get(id)?;
+                node_has(&table, node, id).then_some(node)
+            })
         };
         let all = self.table.clone();
         watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "branch");
