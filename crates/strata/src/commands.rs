@@ -197,6 +197,7 @@ fn mount_config(opts: &MountOptions, source: &str, read_only: bool) -> MountConf
         read_only: opts.read_only || read_only,
         threads: opts.threads,
         passthrough: opts.passthrough,
+        uring: opts.uring,
         panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
     }
 }

@@ -74,6 +74,8 @@ enum Command {
             store=DIR                 image store for image:NAME layers (default $STRATA_STORE,\n  \
                                       else /var/lib/strata for root)\n  \
             passthrough=true|false    kernel passthrough for file I/O (default true)\n  \
+            uring=true|false          per-CPU io_uring request queues when the kernel offers\n  \
+                                      them (Linux 6.14+, fuse enable_uring=Y; default true)\n  \
             nonempty                  allow a non-empty mountpoint\n  \
             default_permissions       accepted; permission checks are always the kernel's\n\n\
             EXIT STATUS:\n  0 mounted, 2 bad input (the message names the path or option), 1 other failure."

@@ -24,6 +24,8 @@ pub struct MountOptions {
     pub watch: bool,
     pub nonempty: bool,
     pub passthrough: bool,
+    /// FUSE over io_uring when the kernel offers it.
+    pub uring: bool,
     pub fd_cache: usize,
     /// Kernel readahead for the mount, KiB (0: the kernel's default).
     pub readahead_kib: u64,
@@ -48,6 +50,7 @@ impl Default for MountOptions {
             watch: true,
             nonempty: false,
             passthrough: true,
+            uring: true,
             fd_cache: strata_core::host::DEFAULT_FD_CACHE,
             readahead_kib: DEFAULT_READAHEAD_KIB,
             union: Settings::default(),
@@ -84,6 +87,7 @@ pub const KNOWN: &[&str] = &[
     "nonempty",
     "default_permissions",
     "passthrough=true|false",
+    "uring=true|false",
     "cache.fds=N",
     "readahead=KIB",
     "upper=DIR",
@@ -154,6 +158,7 @@ impl MountOptions {
                     // Permission checks are always the kernel's.
                     "default_permissions" => {}
                     "passthrough" => o.passthrough = value.map_or(Ok(true), |v| boolean(key, v))?,
+                    "uring" => o.uring = value.map_or(Ok(true), |v| boolean(key, v))?,
                     "cache.fds" => o.fd_cache = number(key, need()?, 16, 1 << 24)?,
                     "readahead" => o.readahead_kib = number(key, need()?, 0, 1 << 20)? as u64,
                     "upper" => o.upper = Some(PathBuf::from(need()?)),

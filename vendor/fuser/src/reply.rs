@@ -38,6 +38,8 @@ use crate::passthrough::BackingId;
 #[derive(Debug)]
 pub(crate) enum ReplySender {
     Channel(ChannelSender),
+    /// strata fork: the reply is kept for the io_uring worker to commit.
+    Uring(crate::uring::UringReply),
     #[cfg(test)]
     Assert(AssertSender),
     #[cfg(test)]
@@ -49,6 +51,7 @@ impl ReplySender {
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> std::io::Result<()> {
         match self {
             ReplySender::Channel(sender) => sender.send(data),
+            ReplySender::Uring(slot) => slot.send(data),
             #[cfg(test)]
             ReplySender::Assert(sender) => sender.send(data),
             #[cfg(test)]
@@ -63,6 +66,7 @@ impl ReplySender {
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
             ReplySender::Channel(sender) => sender.open_backing(fd),
+            ReplySender::Uring(slot) => slot.channel().open_backing(fd),
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]
@@ -74,6 +78,7 @@ impl ReplySender {
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
         match self {
             ReplySender::Channel(sender) => unsafe { sender.wrap_backing(id) },
+            ReplySender::Uring(slot) => unsafe { slot.channel().wrap_backing(id) },
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]
@@ -97,6 +102,24 @@ impl AssertSender {
         }
         assert_eq!(self.expected, v);
         Ok(())
+    }
+}
+
+/// Where a request's replies go (strata fork).
+#[derive(Debug, Clone)]
+pub(crate) enum ReplyTarget {
+    /// Written to /dev/fuse.
+    Channel(ChannelSender),
+    /// Kept for the io_uring worker that received the request.
+    Uring(crate::uring::UringReply),
+}
+
+impl ReplyTarget {
+    pub(crate) fn sender(&self) -> ReplySender {
+        match self {
+            ReplyTarget::Channel(ch) => ReplySender::Channel(ch.clone()),
+            ReplyTarget::Uring(slot) => ReplySender::Uring(slot.clone()),
+        }
     }
 }
 

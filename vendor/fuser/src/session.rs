@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// strata fork: the ring payload size, when INIT agreed on FUSE over io_uring.
+    pub(crate) uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -252,6 +256,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring_payload,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -289,6 +294,29 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+
+        if let Some(payload_size) = uring_payload {
+            let queues = crate::uring::possible_cpus()?;
+            let per_queue = config.io_uring_workers_per_cpu.max(1);
+            info!("FUSE over io_uring: {queues} queues, {per_queue} worker(s) each");
+            for qid in 0..queues {
+                for w in 0..per_queue {
+                    let thread_name = format!("fuser-uring-{qid}-{w}");
+                    let event_loop = SessionEventLoop {
+                        thread_name: thread_name.clone(),
+                        filesystem: filesystem.clone(),
+                        ch: channels[0].clone(),
+                        allowed,
+                        session_owner,
+                    };
+                    threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                        let result = crate::uring::serve_queue(&event_loop, qid, payload_size);
+                        crate::uring::report(qid, result);
+                        Ok(())
+                    })?);
+                }
+            }
+        }
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -469,6 +497,12 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
+            let agreed = init.capabilities() & config.requested;
+            if agreed.contains(InitFlags::FUSE_OVER_IO_URING) {
+                // The kernel's ring payload: fuse_uring_create().
+                let pages = usize::from(config.max_pages()) * page_size::get();
+                self.uring_payload = Some(8192.max(config.max_write as usize).max(pages));
+            }
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);

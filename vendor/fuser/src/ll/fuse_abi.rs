@@ -1,3 +1,4 @@
+#![allow(dead_code)] // strata fork: the ABI structs stay complete, unused ones included
 //! FUSE kernel interface.
 //!
 //! Types and definitions used for communication between the kernel driver and the userspace

@@ -18,6 +18,8 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// strata fork: with FUSE over io_uring, threads per CPU queue (0 means 1).
+    pub io_uring_workers_per_cpu: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type
