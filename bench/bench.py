@@ -4,7 +4,9 @@ peer filesystems, mounts the scratch tmpfs and unmounts everything on exit.
 
 Workloads are measured against several targets over the same source data:
   native          the source directory itself
-  strata          `strata mount SRC MNT` (default options, plus --strata-opts)
+  strata          `strata mount SRC MNT` (default options, plus --strata-opts);
+                  bench/run turns on FUSE over io_uring, so requests take it
+  strata-devfuse  the same with `-o uring=false`: requests through /dev/fuse
   mergerfs        single branch, cache.files=off,category.create=ff,minfreespace=0
   bindfs          `bindfs SRC MNT`
   fuse-overlayfs  lowerdir=SRC, a fresh upperdir/workdir (writes land in upper)
@@ -44,17 +46,17 @@ import subprocess
 import sys
 import time
 
-ALL_TARGETS = ["native", "strata", "mergerfs", "bindfs", "fuse-overlayfs",
+ALL_TARGETS = ["native", "strata", "strata-devfuse", "mergerfs", "bindfs", "fuse-overlayfs",
                "strata-overlay", "strata-image", "strata-union3", "mergerfs-union3"]
 # Not selectable: the image mounted read-only (kernel passthrough for its
 # files; under an upper they are read through the daemon), measured next to
 # strata-image by pyimport and the image reads, for reference.
 EXTRA_TARGETS = ["strata-image-ro"]
-STRATA_TARGETS = {"strata", "strata-overlay", "strata-image", "strata-union3", "strata-image-ro"}
+STRATA_TARGETS = {"strata", "strata-devfuse", "strata-overlay", "strata-image", "strata-union3", "strata-image-ro"}
 # Targets with a fresh upper directory per mount (writes land there).
 OVERLAY_TARGETS = {"fuse-overlayfs", "strata-overlay", "strata-image"}
 # Targets that can serve the pyimport venv (everything but the unions).
-PY_TARGETS = ["native", "strata", "mergerfs", "bindfs", "fuse-overlayfs",
+PY_TARGETS = ["native", "strata", "strata-devfuse", "mergerfs", "bindfs", "fuse-overlayfs",
               "strata-overlay", "strata-image"]
 # A union target -> the single-directory target it is compared with.
 UNION_OF = {"strata-union3": "strata", "mergerfs-union3": "mergerfs"}
@@ -214,6 +216,8 @@ class Mounter:
             cmd = [self.args.strata, "mount"]
             if target == "strata-union3":
                 cmd += ["-o", STRATA_UNION_OPTS]
+            if target == "strata-devfuse":
+                cmd += ["-o", "uring=false"]
             if target in ("strata-image", "strata-image-ro"):
                 if not self.image:
                     raise TargetFailed("no image was built for this source")
@@ -222,7 +226,7 @@ class Mounter:
                 cmd += ["-o", o]
             if target in OVERLAY_TARGETS:
                 cmd += ["--upper", self.fresh_upper(target)[0]]
-            cmd += [{"strata": self.src, "strata-overlay": self.src,
+            cmd += [{"strata": self.src, "strata-devfuse": self.src, "strata-overlay": self.src,
                      "strata-image": f"image:{self.image}",
                      "strata-image-ro": f"image:{self.image}",
                      "strata-union3": ":".join(self.branches)}[target], mnt]
@@ -1510,7 +1514,11 @@ def markdown(meta, summary, errors, args, sizes, charts=()):
         "native": "the source directory itself (for the overlay targets too: what they read "
                   "is SRC or an image of it, and a write into SRC is what a write into their "
                   "upper on the same filesystem compares with)",
-        "strata": "`strata mount SRC MNT`" + so,
+        "strata": "`strata mount SRC MNT`" + so + " (every strata target takes requests "
+                  "through per-CPU io_uring queues: bench/run sets the fuse module's "
+                  "`enable_uring` for the run)",
+        "strata-devfuse": "`strata mount -o uring=false SRC MNT`" + so + ": requests through "
+                          "/dev/fuse, as before FUSE over io_uring",
         "mergerfs": f"`mergerfs -o {MERGERFS_OPTS} SRC MNT` (minfreespace=0: the default 4G is "
                     "more than the tmpfs ever has free, so every create would fail with ENOSPC)",
         "bindfs": "`bindfs SRC MNT`",

@@ -53,6 +53,7 @@ const FONT: &str = "sans-serif";
 /// in every chart of every run (Tableau 10, related targets in related hues).
 const COLOURS: &[(&str, RGBColor)] = &[
     ("strata", RGBColor(31, 119, 180)),
+    ("strata-devfuse", RGBColor(174, 199, 232)),
     ("strata-overlay", RGBColor(23, 190, 207)),
     ("strata-image", RGBColor(44, 160, 44)),
     ("strata-image-ro", RGBColor(152, 223, 138)),

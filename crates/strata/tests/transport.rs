@@ -126,3 +126,70 @@ fn large_reads_and_writes_through_the_daemon_arrive_intact() {
     let at = (3 << 20) | 12345;
     assert!(part[..] == inside[at..at + (2 << 20)]);
 }
+
+/// A stopped and continued daemon (job control, a debugger attaching) sees
+/// its waits for requests interrupted. Its workers must keep their queue
+/// entries: a queue left without one would hold its CPU's callers forever.
+#[test]
+fn a_daemon_stopped_and_continued_keeps_serving() {
+    use rustix::process::Signal;
+    let m = Mounted::new(&[]);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mnt = m.mnt.clone();
+    let worker = std::thread::spawn(move || {
+        let dir = mnt.join("busy");
+        fs::create_dir(&dir).unwrap();
+        for i in 0..2000 {
+            let path = dir.join(format!("f{i}"));
+            fs::write(&path, b"x").unwrap();
+            fs::remove_file(&path).unwrap();
+        }
+        done_tx.send(()).unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut stops = 0;
+    loop {
+        match done_rx.try_recv() {
+            Ok(()) => break,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                worker.join().unwrap();
+                unreachable!("the worker failed without panicking");
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file operations hung after {stops} stops; daemon log:\n{}",
+            m.log()
+        );
+        m.signal(Signal::STOP);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        m.signal(Signal::CONT);
+        stops += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    worker.join().unwrap();
+    assert!(
+        stops > 10,
+        "only {stops} stops happened during the operations"
+    );
+    // Every CPU's queue still answers.
+    for cpu in 0..std::thread::available_parallelism().unwrap().get() {
+        let mnt = m.mnt.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut set = rustix::thread::CpuSet::new();
+            set.set(cpu);
+            rustix::thread::sched_setaffinity(None, &set).unwrap();
+            let probe = mnt.join(format!("probe{cpu}"));
+            tx.send(fs::write(&probe, b"x").and_then(|()| fs::remove_file(&probe)))
+                .unwrap();
+        });
+        let listed = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(
+            matches!(listed, Ok(Ok(()))),
+            "a create and unlink on CPU {cpu} got {listed:?}; daemon log:\n{}",
+            m.log()
+        );
+    }
+}

@@ -279,57 +279,64 @@ pub(crate) fn serve_queue<FS: Filesystem>(
     let reply = UringReply::new(event_loop.ch.sender());
     let qid16 = u16::try_from(qid).map_err(io::Error::other)?;
 
-    let mut next = register_command(fd, qid16, &bufs);
+    // The kernel only falls back to /dev/fuse while the rings are not ready:
+    // once they are, a queue without an entry leaves its CPU's callers
+    // waiting. So after the first request this loop only ends with the
+    // connection, and an entry whose command failed is registered again.
+    let mut serving = false;
+    let mut sqe = register_command(fd, qid16, &bufs);
     loop {
         // SAFETY: the SQE points at `bufs`, which live until this function
         // returns, and the kernel is done with them once the ring is dropped.
-        unsafe { ring.submission().push(&next) }.map_err(io::Error::other)?;
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                // The SQE was consumed; wait for its completion only.
-                loop {
-                    match ring.submit_and_wait(1) {
-                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                        other => break other.map(|_| ())?,
-                    }
-                }
+        unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+        let cqe = loop {
+            // An interrupted wait (a signal, a debugger attaching) returns
+            // early, possibly without a completion: wait again, never submit
+            // the same command twice.
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        }
-        let Some(cqe) = ring.completion().next() else {
-            continue;
+            if let Some(cqe) = ring.completion().next() {
+                break cqe;
+            }
         };
         let res = cqe.result();
         if res < 0 {
-            let err = io::Error::from_raw_os_error(-res);
-            return match -res {
+            match -res {
                 // Unmounted or aborted.
-                libc::ENOTCONN | libc::ENODEV | libc::ECONNABORTED => Ok(()),
-                _ => Err(err),
-            };
+                libc::ENOTCONN | libc::ENODEV | libc::ECONNABORTED => return Ok(()),
+                _ if !serving => return Err(io::Error::from_raw_os_error(-res)),
+                // E.g. ENOENT: the request being committed is gone (aborted).
+                errno => {
+                    warn!(
+                        "io_uring queue {qid}: command failed ({}); registering the entry again",
+                        io::Error::from_raw_os_error(errno)
+                    );
+                    sqe = register_command(fd, qid16, &bufs);
+                    continue;
+                }
+            }
         }
+        serving = true;
         RING_REQUESTS.fetch_add(1, Ordering::Relaxed);
         let commit_id = match bufs.assemble() {
             Ok((request, commit_id)) => {
                 let target = ReplyTarget::Uring(reply.clone());
                 match RequestWithSender::with_target(target, request) {
-                    Some(req) => {
-                        match req.request.operation() {
-                            Ok(Operation::Destroy(_)) => req.reply::<ReplyEmpty>().ok(),
-                            // The kernel sends these through /dev/fuse only and
-                            // expects no reply; the entry still needs a commit.
-                            Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
-                                req.dispatch(event_loop);
-                                reply_errno(&reply, commit_id, libc::EIO);
-                            }
-                            _ => req.dispatch(event_loop),
+                    Some(req) => match req.request.operation() {
+                        Ok(Operation::Destroy(_)) => req.reply::<ReplyEmpty>().ok(),
+                        // The kernel sends these through /dev/fuse only and
+                        // expects no reply; the entry still needs a commit.
+                        Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
+                            req.dispatch(event_loop);
+                            reply_errno(&reply, commit_id, libc::EIO);
                         }
-                    }
-                    None => {
-                        // Unparsable: `with_target` logged it. Answer EIO.
-                        reply_errno(&reply, commit_id, libc::EIO);
-                    }
+                        _ => req.dispatch(event_loop),
+                    },
+                    // Unparsable: `with_target` logged it. Answer EIO.
+                    None => reply_errno(&reply, commit_id, libc::EIO),
                 }
                 commit_id
             }
@@ -341,7 +348,7 @@ pub(crate) fn serve_queue<FS: Filesystem>(
             }
         };
         reply.take(|bytes| bufs.put_reply(bytes));
-        next = command(fd, CMD_COMMIT_AND_FETCH, commit_id, qid16);
+        sqe = command(fd, CMD_COMMIT_AND_FETCH, commit_id, qid16);
     }
 }
 
@@ -367,11 +374,12 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Logs why a queue stopped serving; the kernel falls back to /dev/fuse only
-/// if no queue ever became ready, so a late failure is a warning.
+/// Logs why a queue's worker stopped before the connection ended. Until every
+/// queue has an entry the kernel keeps using /dev/fuse, so a worker that
+/// could not set up its ring leaves the mount working, only slower.
 pub(crate) fn report(qid: usize, result: io::Result<()>) {
     if let Err(e) = result {
-        warn!("io_uring queue {qid} stopped: {e}; requests go through /dev/fuse");
+        warn!("io_uring queue {qid}: worker stopped: {e}; requests go through /dev/fuse");
     }
 }
 
