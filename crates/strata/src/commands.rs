@@ -316,6 +316,11 @@ pub fn mount(
         // stdout, which becomes ours.
         return spawn_daemon(source, &mountpoint, option_lists);
     }
+    // Before any thread: each worker that allocates would otherwise get its
+    // own malloc arena, and every arena keeps its own slack (overlay with
+    // 150k inodes: 67.6 MiB peak with 6 workers' arenas, 59.0 with one).
+    // Threads keep their own small-chunk caches, so they rarely share the lock.
+    strata_core::host::sys::limit_malloc_arenas(1);
     init_logging(if daemon_child { "info" } else { "warn" });
     let report = |line: &str| {
         if daemon_child {

@@ -130,6 +130,18 @@ pub fn open_by_handle_at(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `mallopt(M_ARENA_MAX, max)`: at most `max` malloc arenas (glibc). Call
+/// it before starting threads; a no-op with other C libraries.
+pub fn limit_malloc_arenas(max: i32) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a glibc tunable; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, max);
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = max;
+}
+
 /// `fanotify_init(flags, event_f_flags)`: a new notification group.
 pub fn fanotify_init(flags: u32, event_f_flags: u32) -> Result<OwnedFd> {
     // SAFETY: plain integer arguments; on success the kernel returns a new fd.
