@@ -1018,8 +1018,9 @@ pub fn mount<F: core::Filesystem>(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
-    // Two per CPU: a handler waiting on the disk holds up its CPU's callers
-    // only while the other worker is busy too.
+    // Two per CPU: one pinned there for requests one at a time, one free to
+    // run elsewhere for those that overlap (readahead, a handler waiting on
+    // the disk).
     config.io_uring_workers_per_cpu = 2;
     let session = Session::new(Adapter::new(fs.clone(), cfg.clone()), mountpoint, &config)?;
     fs.attach(Arc::new(KernelInvalidator(session.notifier())));

@@ -310,7 +310,14 @@ impl<FS: Filesystem> Session<FS> {
                         session_owner,
                     };
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
-                        let result = crate::uring::serve_queue(&event_loop, qid, payload_size);
+                        // The kernel hands a request to the entry that
+                        // became free last, so the pinned worker takes
+                        // requests one at a time on its caller's CPU, and
+                        // the others only overlapping ones (readahead), free
+                        // to run on another CPU in parallel.
+                        let pinned = w == 0;
+                        let result =
+                            crate::uring::serve_queue(&event_loop, qid, pinned, payload_size);
                         crate::uring::report(qid, result);
                         Ok(())
                     })?);

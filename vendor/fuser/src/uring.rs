@@ -266,9 +266,12 @@ fn register_command(fd: i32, qid: u16, bufs: &EntryBuffers) -> squeue::Entry128 
 pub(crate) fn serve_queue<FS: Filesystem>(
     event_loop: &SessionEventLoop<FS>,
     qid: usize,
+    pinned: bool,
     payload_size: usize,
 ) -> io::Result<()> {
-    pin_to_cpu(qid);
+    if pinned {
+        pin_to_cpu(qid);
+    }
     let fd = event_loop.ch.as_fd().as_raw_fd();
     let mut ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
         .setup_single_issuer()
