@@ -50,6 +50,14 @@ impl HostNode {
         self.handle.is_some()
     }
 
+    /// The host object, as the watch names it.
+    pub fn host_id(&self) -> watch::HostId {
+        watch::HostId {
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+
     /// Whether `other` is the same host object: same device and inode
     /// number and, where both have one, the same handle (a reused number
     /// comes with another generation).

@@ -244,7 +244,7 @@ fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, obj: HostId) -> bo
     table.get(id).is_some_and(|n| {
         n.lowers()
             .iter()
-            .any(|r| matches!(&r.obj, LObj::Host(h) if (h.dev, h.ino) == (obj.dev, obj.ino)))
+            .any(|r| matches!(&r.obj, LObj::Host(h) if h.host_id() == obj))
     })
 }
 
@@ -453,10 +453,7 @@ impl OverlayFs {
         let mut aliases = self.host_aliases.lock();
         for r in lowers {
             if let LObj::Host(h) = &r.obj {
-                let obj = HostId {
-                    dev: h.dev,
-                    ino: h.ino,
-                };
+                let obj = h.host_id();
                 // The watch finds a node by the key of its top lower first:
                 // only the others (lower directories merged below) need an entry.
                 if host_node_by_key(&self.table, r.layer, obj) == Some(id) {
@@ -475,13 +472,7 @@ impl OverlayFs {
         let roots: Vec<(u32, HostId)> = (0u32..)
             .zip(&self.layers)
             .filter_map(|(l, layer)| match layer.root() {
-                LObj::Host(h) => Some((
-                    l,
-                    HostId {
-                        dev: h.dev,
-                        ino: h.ino,
-                    },
-                )),
+                LObj::Host(h) => Some((l, h.host_id())),
                 LObj::Image(_) => None,
             })
             .collect();

@@ -208,12 +208,9 @@ fn kind_of(st: &Stat) -> FileKind {
 
 /// Whether node `id` still has an instance that is host object `obj`.
 fn node_has(table: &InodeTable<Key, UNode>, id: u64, obj: HostId) -> bool {
-    table.get(id).is_some_and(|n| {
-        n.inst
-            .read()
-            .iter()
-            .any(|i| (i.node.dev, i.node.ino) == (obj.dev, obj.ino))
-    })
+    table
+        .get(id)
+        .is_some_and(|n| n.inst.read().iter().any(|i| i.node.host_id() == obj))
 }
 
 /// The node keyed by host object `obj`, if it still has that instance.
@@ -472,10 +469,7 @@ impl UnionFs {
         }
         let mut aliases = self.aliases.lock();
         for i in inst {
-            let obj = HostId {
-                dev: i.node.dev,
-                ino: i.node.ino,
-            };
+            let obj = i.node.host_id();
             // The watch finds a node by its key (its first instance) first:
             // only the other instances need an entry.
             if node_by_key(&self.table, obj) == Some(id) {
