@@ -221,11 +221,11 @@ impl EntryBuffers {
         if body.len() > self.payload_size {
             error!("reply of {} bytes exceeds the ring payload", body.len());
             // fuse_out_header { len: u32, error: i32, unique: u64 }
-            let mut header = [0u8; OUT_HEADER];
-            header[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-            header[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            header[8..].copy_from_slice(&reply[8..OUT_HEADER]);
-            self.put_reply(&header);
+            let unique = u64::from_ne_bytes(reply[8..OUT_HEADER].try_into().unwrap());
+            self.put_reply(zerocopy::IntoBytes::as_bytes(&error_header(
+                unique,
+                libc::EIO,
+            )));
             return;
         }
         self.header_mut()[..OUT_HEADER].copy_from_slice(&reply[..OUT_HEADER]);
@@ -235,21 +235,24 @@ impl EntryBuffers {
     }
 }
 
-fn command(fd: i32, op: u32, commit_id: u64, qid: u16) -> squeue::Entry128 {
-    // struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 padding[6]; }
+/// The command area: `struct fuse_uring_cmd_req { u64 flags; u64 commit_id;
+/// u16 qid; u8 padding[6]; }`.
+fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
     let mut cmd = [0u8; 80];
     cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
     cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
-    opcode::UringCmd80::new(types::Fd(fd), op).cmd(cmd).build()
+    cmd
+}
+
+fn commit_and_fetch_command(fd: i32, commit_id: u64, qid: u16) -> squeue::Entry128 {
+    opcode::UringCmd80::new(types::Fd(fd), CMD_COMMIT_AND_FETCH)
+        .cmd(cmd_req(commit_id, qid))
+        .build()
 }
 
 fn register_command(fd: i32, qid: u16, bufs: &EntryBuffers) -> squeue::Entry128 {
     let mut sqe = opcode::UringCmd80::new(types::Fd(fd), CMD_REGISTER)
-        .cmd({
-            let mut cmd = [0u8; 80];
-            cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
-            cmd
-        })
+        .cmd(cmd_req(0, qid))
         .addr(Some(bufs.iov.as_ptr() as u64))
         .build();
     // The crate has no setter for `sqe->len`, which must say 2 iovecs.
@@ -351,16 +354,20 @@ pub(crate) fn serve_queue<FS: Filesystem>(
             }
         };
         reply.take(|bytes| bufs.put_reply(bytes));
-        sqe = command(fd, CMD_COMMIT_AND_FETCH, commit_id, qid16);
+        sqe = commit_and_fetch_command(fd, commit_id, qid16);
+    }
+}
+
+fn error_header(unique: u64, errno: i32) -> abi::fuse_out_header {
+    abi::fuse_out_header {
+        len: OUT_HEADER as u32,
+        error: -errno,
+        unique,
     }
 }
 
 fn reply_errno(reply: &UringReply, unique: u64, errno: i32) {
-    let header = abi::fuse_out_header {
-        len: OUT_HEADER as u32,
-        error: -errno,
-        unique,
-    };
+    let header = error_header(unique, errno);
     let _ = reply.send(&[IoSlice::new(zerocopy::IntoBytes::as_bytes(&header))]);
 }
 
