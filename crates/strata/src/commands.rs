@@ -318,7 +318,7 @@ pub fn mount(
     }
     // Before any thread: each worker that allocates would otherwise get its
     // own malloc arena, and every arena keeps its own slack (overlay with
-    // 150k inodes: 67.6 MiB peak with 6 workers' arenas, 59.0 with one).
+    // 150k inodes: 67.6 MiB peak with an arena per thread, 57.9 with one).
     // Threads keep their own small-chunk caches, so they rarely share the lock.
     strata_core::host::sys::limit_malloc_arenas(1);
     init_logging(if daemon_child { "info" } else { "warn" });
