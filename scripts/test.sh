@@ -37,6 +37,9 @@ cargo test --manifest-path vendor/fuser/Cargo.toml --lib
 ./scripts/pjdfstest.sh --overlay
 ./scripts/pjdfstest.sh --image
 
+# The image manifest reader under libFuzzer, bounded (FUZZ_SECONDS, default 60).
+./scripts/fuzz.sh
+
 left=$(leftover_mounts)
 if [[ -n $left ]]; then
     echo "leftover mounts after the tests:" >&2

@@ -27,7 +27,7 @@ mod tests;
 
 pub use build::{BuildOptions, BuildStats, Progress, build};
 pub use gc::{GcStats, ImageInfo, RemoveOutcome, gc, list_images, remove_image, verify_image};
-pub use manifest::{Children, Entry, Image, Kind};
+pub use manifest::{Children, Entry, Image, Kind, entry_name_problem, seal_manifest};
 pub use store::{BlobReader, BlobRef, Store};
 
 use std::fmt;

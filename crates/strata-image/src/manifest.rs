@@ -234,6 +234,42 @@ impl ManifestBuilder {
     }
 }
 
+/// Why `name` cannot be a directory entry, if it cannot: it must be one path
+/// component (the rule the kernel applies to names it sends), or a layer
+/// handing it to `*at()` calls could be led out of its directory.
+pub fn entry_name_problem(name: &[u8]) -> Option<&'static str> {
+    match name {
+        b"" => Some("is empty"),
+        b"." | b".." => Some("is a dot entry"),
+        _ if name.len() > 255 => Some("is longer than 255 bytes"),
+        _ if name.contains(&b'/') => Some("contains '/'"),
+        _ if name.contains(&0) => Some("contains NUL"),
+        _ => None,
+    }
+}
+
+/// Why `target` cannot be a symlink target (any path is fine: it is only
+/// ever stored, never followed by the daemon).
+fn symlink_target_problem(target: &[u8]) -> Option<&'static str> {
+    match target {
+        b"" => Some("is empty"),
+        _ if target.len() >= 4096 => Some("is longer than 4095 bytes"),
+        _ if target.contains(&0) => Some("contains NUL"),
+        _ => None,
+    }
+}
+
+/// Recomputes the checksum of an edited manifest. For tests and the fuzz
+/// target, which hand the reader what a hostile store could hold: a sealed
+/// manifest still goes through every other check.
+#[doc(hidden)]
+pub fn seal_manifest(file: &mut [u8]) {
+    if file.len() >= HEADER_LEN {
+        let sum = checksum(file);
+        file[CHECKSUM_AT..HEADER_LEN].copy_from_slice(&sum);
+    }
+}
+
 fn checksum(file: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&file[..CHECKSUM_AT]);
@@ -442,7 +478,91 @@ impl Image {
         if !img.root()?.is_dir() {
             return Err(img.bad("root entry is not a directory"));
         }
+        if verify {
+            img.check_tree()?;
+        }
         Ok(img)
+    }
+
+    /// Checks the whole tree once, so that what a mount later reads is
+    /// well-formed: every name a single path component, every entry listed
+    /// exactly by its parent, siblings strictly sorted (no duplicates), hard
+    /// links pointing at a first name of the same type, symlink targets and
+    /// xattr names without NUL. A hostile manifest with a valid checksum is
+    /// refused here, naming the entry, before any layer hands its names to
+    /// `*at()` calls. O(entries): ≈0.1 ms per 10,000 entries.
+    fn check_tree(&self) -> Result<()> {
+        // Children are checked to name their directory as parent, so no entry
+        // is listed twice; all listed means every entry is reachable.
+        let mut listed: u64 = 0;
+        for index in 0..self.hdr.entry_count {
+            let e = self.entry(index)?;
+            let bad = |what: String| self.bad(format!("{}: {what}", self.describe(&e)));
+            if e.is_dir() {
+                listed += e.raw.b as u64;
+                let mut prev: Option<&[u8]> = None;
+                for child in self.children(&e) {
+                    let child = child?;
+                    let name = self.entry_name(&child);
+                    if prev.is_some_and(|p| p >= name) {
+                        return Err(self.bad(format!(
+                            "{}: names not strictly sorted (duplicate or out of order)",
+                            self.describe(&child)
+                        )));
+                    }
+                    prev = Some(name);
+                }
+            }
+            if e.inode != index {
+                let first = self.entry(e.inode)?;
+                if e.is_dir()
+                    || first.inode != first.index
+                    || first.kind != e.kind
+                    || (first.raw.a, first.raw.b) != (e.raw.a, e.raw.b)
+                {
+                    return Err(bad(format!(
+                        "hard link to entry {} which is not a first name of the same type and content",
+                        e.inode
+                    )));
+                }
+            }
+            if let Some(target) = self.symlink_target(&e)
+                && let Some(why) = symlink_target_problem(target)
+            {
+                return Err(bad(format!("symlink target {why}")));
+            }
+            for (name, _) in self.xattrs(&e)? {
+                if name.is_empty() || name.contains(&0) {
+                    return Err(bad(format!(
+                        "bad xattr name {:?}",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
+            }
+        }
+        if listed != self.hdr.entry_count as u64 - 1 {
+            return Err(self.bad(format!(
+                "{} entries but directories list {listed} children",
+                self.hdr.entry_count
+            )));
+        }
+        Ok(())
+    }
+
+    /// `entry N "path/from/root"` for messages; the path is built from
+    /// already-validated parents where possible.
+    fn describe(&self, e: &Entry) -> String {
+        let mut parts = Vec::new();
+        let mut cur = *e;
+        while cur.index != 0 && parts.len() < 64 {
+            parts.push(String::from_utf8_lossy(self.entry_name(&cur)).into_owned());
+            match self.entry(cur.parent) {
+                Ok(p) => cur = p,
+                Err(_) => break,
+            }
+        }
+        parts.reverse();
+        format!("entry {} {:?}", e.index, parts.join("/"))
     }
 
     fn bad(&self, reason: impl Into<String>) -> Error {
@@ -491,6 +611,18 @@ impl Image {
         let kind = Kind::from_mode(raw.mode).ok_or_else(|| bad("unknown file type"))?;
         if (raw.name_off as u64 + raw.name_len as u64) > h.strings_len as u64 {
             return Err(bad("name out of bounds"));
+        }
+        let name = self.string(raw.name_off, raw.name_len);
+        if index == 0 && !name.is_empty() {
+            return Err(bad("the root has a name"));
+        }
+        if index > 0
+            && let Some(why) = entry_name_problem(name)
+        {
+            return Err(bad(&format!(
+                "name {:?} {why}",
+                String::from_utf8_lossy(name)
+            )));
         }
         if (index == 0 && raw.parent != 0) || (index > 0 && raw.parent >= index) {
             return Err(bad("bad parent index"));

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -961,4 +962,145 @@ fn a_marked_zero_device_in_an_image_is_a_device_not_a_whiteout() {
         None,
         "private xattr shown"
     );
+}
+
+/// Replaces every occurrence of `from` by `to` (same length) in image
+/// `name`'s manifest and recomputes its checksum, as someone who can write
+/// the store could.
+fn tamper_manifest(s: &Scratch, name: &str, from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let path = s.store().join("images").join(name);
+    let mut bytes = fs::read(&path).unwrap();
+    // Only the string table (header fields at 56 and 64: its offset, length).
+    let field = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    let (start, len) = (field(56), field(64));
+    let mut hits = 0;
+    for i in start..=start + len - from.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + from.len()].copy_from_slice(to);
+            hits += 1;
+        }
+    }
+    assert!(hits > 0, "{from:?} not in the manifest");
+    strata_image::seal_manifest(&mut bytes);
+    let mut perm = fs::metadata(&path).unwrap().permissions();
+    perm.set_mode(0o644);
+    fs::set_permissions(&path, perm).unwrap();
+    fs::write(&path, bytes).unwrap();
+}
+
+/// A manifest whose names lead out of the upper (`../..` paths, absolute
+/// names, dot entries, a hard link named `../../ESC`, a NUL in a symlink
+/// target), with a valid checksum: `strata mount image:X --upper` refuses it
+/// with one line naming the entry, and nothing is created outside the upper.
+#[test]
+fn a_manifest_with_names_leading_out_of_the_upper_is_refused() {
+    let s = Scratch::new();
+    let outside = s.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let escape = format!("{}/ESC", outside.display());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "traversal",
+            b"../../../../../../../../../../../../ESC".to_vec(),
+        ),
+        ("absolute", escape.as_bytes().to_vec()),
+        ("dot-dot", b"..".to_vec()),
+        ("dot", b".".to_vec()),
+        ("hard link", b"../../ESC".to_vec()),
+        ("symlink target with NUL", b"t\0rget".to_vec()),
+    ];
+    for (i, (what, hostile)) in cases.into_iter().enumerate() {
+        // Placeholders as long as the hostile bytes, unique in the manifest.
+        let placeholder: Vec<u8> = (0..hostile.len()).map(|k| b"QWXYZJ"[k % 6]).collect();
+        let src = s.path(&format!("src{i}"));
+        fs::create_dir_all(src.join("dir/sub")).unwrap();
+        fs::write(src.join("dir/file"), b"content").unwrap();
+        let p = std::ffi::OsStr::from_bytes(&placeholder);
+        match what {
+            "hard link" => {
+                fs::hard_link(src.join("dir/file"), src.join("dir/sub").join(p)).unwrap()
+            }
+            "symlink target with NUL" => {
+                std::os::unix::fs::symlink(p, src.join("dir/link")).unwrap()
+            }
+            "dot-dot" | "dot" => fs::create_dir(src.join("dir").join(p)).unwrap(),
+            _ => fs::write(src.join("dir/sub").join(p), b"escape").unwrap(),
+        }
+        let name = format!("evil{i}");
+        s.build(&src, &name);
+        tamper_manifest(&s, &name, &placeholder, &hostile);
+        let work = s.path(&format!("work{i}"));
+        let (up, mnt) = (work.join("upper"), work.join("mnt"));
+        fs::create_dir_all(&up).unwrap();
+        fs::create_dir_all(&mnt).unwrap();
+        let out = output_with_timeout(
+            Command::new(STRATA)
+                .arg("mount")
+                .arg("-o")
+                .arg(format!("store={}", s.store().display()))
+                .arg(format!("image:{name}"))
+                .arg("--upper")
+                .arg(&up)
+                .arg(&mnt)
+                .env("STRATA_STATE_DIR", work.join("state"))
+                .env_remove("RUST_LOG"),
+            Duration::from_secs(60),
+        )
+        .expect("strata mount timed out");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if is_mounted(&mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+            panic!("{what}: a hostile manifest was mounted ({err})");
+        }
+        assert!(!out.status.success(), "{what}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
+        assert!(
+            err.contains(&name) && err.contains("entry "),
+            "{what}: {err}"
+        );
+        assert!(
+            !outside.join("ESC").exists() && !s.path("ESC").exists(),
+            "{what}"
+        );
+        assert_eq!(
+            fs::read_dir(&up).unwrap().count(),
+            0,
+            "{what}: upper written"
+        );
+    }
+}
+
+/// Symlink targets that point out of the mount are data, not paths: a copy
+/// of the tree holding them (a directory rename) puts symlinks with the same
+/// targets in the upper and writes nothing where they point.
+#[test]
+fn symlinks_pointing_out_of_an_image_are_copied_up_as_symlinks() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    let target = s.path("target-outside");
+    let targets = [
+        "../../../../../../../../../../ESC".to_owned(),
+        target.display().to_string(),
+    ];
+    for (i, t) in targets.iter().enumerate() {
+        std::os::unix::fs::symlink(t, src.join(format!("dir/l{i}"))).unwrap();
+    }
+    s.build(&src, "links");
+    let m = s.mount("image:links", true, &[]);
+    fs::rename(m.m("dir"), m.m("moved")).unwrap();
+    fs::write(m.m("moved/new"), b"x").unwrap();
+    for (i, t) in targets.iter().enumerate() {
+        let l = upper(&m).join(format!("moved/l{i}"));
+        assert_eq!(fs::read_link(&l).unwrap().to_str().unwrap(), t);
+        assert_eq!(
+            fs::read_link(m.m(&format!("moved/l{i}")))
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            t
+        );
+    }
+    assert!(!target.exists() && !Path::new("/ESC").exists());
 }

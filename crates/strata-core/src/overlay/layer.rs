@@ -193,6 +193,22 @@ pub(crate) struct LName {
     pub key: (u64, u64),
 }
 
+/// A name from a layer as a `*at()` argument. Image manifests are checked
+/// when opened, but no name from any layer reaches a syscall unchecked: one
+/// that is not a single component (`..`, `a/b`, `/x`, empty) would lead the
+/// copy-up, link or whiteout it names out of the upper.
+pub(crate) fn layer_name(layer: &str, name: &[u8]) -> Result<CString> {
+    if let Some(why) = strata_image::entry_name_problem(name) {
+        tracing::error!(
+            layer,
+            "refusing name {:?}: {why}",
+            String::from_utf8_lossy(name)
+        );
+        return Err(Errno::EIO);
+    }
+    CString::new(name).map_err(|_| Errno::EIO)
+}
+
 fn image_error(layer: &ImageLayer, what: &str, e: strata_image::Error) -> Errno {
     tracing::error!(image = layer.image.name(), "{what}: {e}");
     Errno::EIO
@@ -349,7 +365,7 @@ impl Layer {
                 for child in i.image.children(&dir) {
                     let e = child.map_err(|e| image_error(i, "manifest", e))?;
                     out.push(LName {
-                        name: CString::new(i.image.entry_name(&e)).map_err(|_| Errno::EIO)?,
+                        name: layer_name(i.image.name(), i.image.entry_name(&e))?,
                         kind: kind_of(e.kind),
                         whiteout: i.is_whiteout(&e),
                         key: (0, e.inode as u64),

@@ -867,13 +867,14 @@ impl OverlayFs {
         path: &[Vec<u8>],
         up: &Arc<HostNode>,
     ) -> Result<()> {
+        let describe = || self.layers[layer as usize].describe();
         let (name, dirs) = path.split_last().ok_or(Errno::EINVAL)?;
-        let name = CString::new(name.clone()).map_err(|_| Errno::EINVAL)?;
+        let name = layer::layer_name(&describe(), name)?;
         // Walk down with lookup references, given back at the end.
         let mut taken = Vec::new();
         let mut dir = ROOT_ID;
         let walked = dirs.iter().try_for_each(|c| {
-            let c = CString::new(c.clone()).map_err(|_| Errno::EINVAL)?;
+            let c = layer::layer_name(&describe(), c)?;
             dir = self.lookup_in(dir, &c)?.attr.ino;
             taken.push(dir);
             Ok(())

@@ -259,3 +259,23 @@ fn the_first_lower_wins() {
     assert_eq!(read_all(&fs, path(&fs, "f").unwrap()), b"other f");
     assert_eq!(list(&fs, ROOT_ID), ["d", "f", "only"]);
 }
+
+/// The second line of defence behind the manifest check: a layer's name
+/// that is not one component never becomes a `*at()` argument.
+#[test]
+fn layer_names_that_are_not_one_component_never_reach_a_syscall() {
+    for bad in [
+        &b".."[..],
+        b".",
+        b"",
+        b"../../x",
+        b"/etc/x",
+        b"a/b",
+        b"a\0b",
+    ] {
+        assert_eq!(layer::layer_name("test", bad), Err(Errno::EIO), "{bad:?}");
+    }
+    for good in [&b"..."[..], b"a b", b"\xff\n"] {
+        assert_eq!(layer::layer_name("test", good).unwrap().as_bytes(), good);
+    }
+}
