@@ -2327,3 +2327,87 @@ fn the_mount_reads_ahead_a_whole_request() {
     assert_eq!(readahead(&overlay(|_| {})), "1024");
     assert_eq!(readahead(&overlay_opts(&["readahead=256"], |_| {})), "256");
 }
+
+/// What a descriptor opened read-only before a copy-up reads afterwards:
+/// kernel overlayfs (since 4.19) gives it the upper's data, so must we. The
+/// reader has read (and cached) the start before the writer changes the
+/// start, appends past it, and truncates a second file.
+fn readers_follow_the_copy_up(m: &Mounted) {
+    use std::os::unix::fs::FileExt;
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let reader = fs::File::open(m.m("big")).unwrap();
+    let mut head = vec![0u8; 4096];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, big[..4096]);
+    let short = fs::File::open(m.m("short")).unwrap();
+    let mut buf = [0u8; 5];
+    short.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"lower");
+
+    let writer = fs::OpenOptions::new().write(true).open(m.m("big")).unwrap();
+    writer.write_all_at(b"NEW START", 0).unwrap();
+    writer.write_all_at(b"appended", big.len() as u64).unwrap();
+    writer.write_all_at(b"middle", 200_000).unwrap();
+    drop(writer);
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.m("short"))
+        .unwrap()
+        .write_all(b"upper!")
+        .unwrap();
+
+    let mut want = big.clone();
+    want[..9].copy_from_slice(b"NEW START");
+    want[200_000..200_006].copy_from_slice(b"middle");
+    want.extend_from_slice(b"appended");
+    let mut got = vec![0u8; want.len() + 100];
+    let n = reader.read_at(&mut got, 0).unwrap();
+    let mut total = n;
+    while total < got.len() {
+        match reader.read_at(&mut got[total..], total as u64).unwrap() {
+            0 => break,
+            k => total += k,
+        }
+    }
+    got.truncate(total);
+    assert_eq!(got.len(), want.len(), "the reader sees the old size");
+    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "the reader sees the lower's old data");
+    let mut again = [0u8; 16];
+    let n = short.read_at(&mut again, 0).unwrap();
+    assert_eq!(&again[..n], b"upper!");
+}
+
+fn copy_up_sources(src: &Path) {
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(src.join("big"), big).unwrap();
+    fs::write(src.join("short"), b"lower file").unwrap();
+}
+
+#[test]
+fn a_descriptor_opened_before_a_copy_up_reads_the_copy() {
+    let m = overlay(copy_up_sources);
+    readers_follow_the_copy_up(&m);
+}
+
+#[test]
+fn a_descriptor_opened_before_a_copy_up_reads_the_copy_from_an_image() {
+    let m = Mounted::build_with(&[], &[], |dir| {
+        let src = dir.join("imgsrc");
+        fs::create_dir(&src).unwrap();
+        copy_up_sources(&src);
+        let store = dir.join("store");
+        build_image(&src, &store, "cu");
+        let upper = dir.join("upper");
+        fs::create_dir(&upper).unwrap();
+        (
+            "image:cu".to_owned(),
+            vec![
+                format!("upper={}", upper.display()),
+                format!("store={}", store.display()),
+            ],
+        )
+    });
+    readers_follow_the_copy_up(&m);
+}

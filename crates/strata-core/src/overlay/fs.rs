@@ -14,7 +14,7 @@ use super::layer::host_xattrs;
 use super::{OpenDir, OverlayFs, is_private_xattr, tmp_name};
 use crate::fs::*;
 use crate::host::component;
-use crate::host::files::{open_file_methods, sync_fd};
+use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::ops;
 use crate::listing;
 use crate::{Errno, Result};
@@ -376,10 +376,27 @@ impl Filesystem for OverlayFs {
         // An image never changes, and a watched host lower's changes drop the
         // page cache: it stays valid across opens.
         opened.keep_cache = !self.unwatched(std::slice::from_ref(&top));
+        if self.upper.is_some() {
+            self.add_lower_reader(ino, &node, opened.fh);
+        }
         Ok(opened)
     }
 
-    open_file_methods!(files);
+    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.files.read(fh, offset, size)
+    }
+
+    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.files.write(fh, offset, data)
+    }
+
+    fn release(&self, _ctx: &Ctx, ino: u64, fh: u64) -> Result<()> {
+        self.drop_lower_reader(ino, fh);
+        self.files.release(fh);
+        Ok(())
+    }
+
+    open_file_sync_methods!(files);
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
         let node = self.node(ino)?;

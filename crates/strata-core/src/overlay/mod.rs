@@ -186,6 +186,10 @@ pub struct OverlayFs {
     upper: Option<HostDir>,
     table: Arc<InodeTable<Key, ONode>>,
     files: OpenFiles,
+    /// Node → its read-only handles open on a lower file. A copy-up moves
+    /// them to the copy, so they read what writers wrote (kernel overlayfs
+    /// does the same since 4.19); an mmap made before stays on the lower.
+    lower_readers: Mutex<HashMap<u64, smallvec::SmallVec<[u64; 2]>>>,
     dirs: OpenDirs<OpenDir>,
     cfg: OverlayConfig,
     /// Serializes changes to the upper's namespace (copy-up, create, remove,
@@ -383,6 +387,7 @@ impl OverlayFs {
                 Box::new(Self::node_id),
             )),
             files: OpenFiles::default(),
+            lower_readers: Mutex::default(),
             dirs: OpenDirs::default(),
             cfg,
             ns_lock: Mutex::new(()),
@@ -914,6 +919,45 @@ impl OverlayFs {
         ops::link_fd(h, h.fd(up)?.as_fd(), pfd.as_fd(), name)
     }
 
+    /// Points the node's read-only handles on its lower file at its copy
+    /// `up` (set as the node's upper before this is called).
+    fn move_lower_readers(&self, id: u64, up: &Arc<HostNode>) {
+        let Some(fhs) = self.lower_readers.lock().remove(&id) else {
+            return;
+        };
+        let Ok(h) = self.upper_dir() else { return };
+        for fh in fhs {
+            match h.fd(up).and_then(|fd| h.reopen(fd.as_fd(), OFlags::RDONLY)) {
+                Ok(fd) => self.files.replace(fh, fd),
+                Err(e) => tracing::warn!(
+                    ino = id,
+                    fh,
+                    "a reader stays on the lower file after copy-up: {e}"
+                ),
+            }
+        }
+    }
+
+    /// Records a read-only handle on the node's lower file; if a copy-up
+    /// finished meanwhile, moves it at once (the copy-up sets the upper
+    /// before it looks for readers, so one of the two sees the other).
+    fn add_lower_reader(&self, id: u64, node: &ONode, fh: u64) {
+        self.lower_readers.lock().entry(id).or_default().push(fh);
+        if let Some(up) = node.upper() {
+            self.move_lower_readers(id, &up);
+        }
+    }
+
+    fn drop_lower_reader(&self, id: u64, fh: u64) {
+        let mut readers = self.lower_readers.lock();
+        if let Some(fhs) = readers.get_mut(&id) {
+            fhs.retain(|f| *f != fh);
+            if fhs.is_empty() {
+                readers.remove(&id);
+            }
+        }
+    }
+
     /// Copies one node up into its parent's upper directory (which exists).
     fn copy_up_one(&self, id: u64, node: &ONode) -> Result<()> {
         if node.upper().is_some() {
@@ -928,8 +972,9 @@ impl OverlayFs {
         let top = lowers.first().ok_or(Errno::EIO)?;
         let st = self.copy_object(pfd.as_fd(), &name, top)?;
         let up = Arc::new(h.make_node(pfd.as_fd(), &name, &st)?);
-        *node.upper.write() = Some(up);
+        *node.upper.write() = Some(up.clone());
         if node.kind != FileKind::Directory {
+            self.move_lower_readers(id, &up);
             let lst = self.layer(top).stat(&top.obj)?;
             self.table
                 .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
@@ -1131,6 +1176,9 @@ impl OverlayFs {
             if let Some((cid, cnode)) = self.table.get_by_key(&lkey) {
                 *cnode.upper.write() = Some(child_up.clone());
                 *cnode.lowers.write() = Lowers::new();
+                if cnode.kind != FileKind::Directory {
+                    self.move_lower_readers(cid, &child_up);
+                }
                 self.table.rekey(cid, lkey.copied_up());
             }
             if found.kind == FileKind::Directory {
