@@ -371,6 +371,25 @@ fn bad_manifests_give_clean_errors() {
             v[8] = 9;
             v
         }),
+        ("entry count beyond the file, sealed", {
+            let mut v = good.clone();
+            v[24..32].copy_from_slice(&(u32::MAX as u64).to_le_bytes());
+            seal_manifest(&mut v);
+            v
+        }),
+        ("string region beyond the file, sealed", {
+            let mut v = good.clone();
+            v[64..72].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            seal_manifest(&mut v);
+            v
+        }),
+        ("region offsets that overflow, sealed", {
+            let mut v = good.clone();
+            v[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
+            v[80..88].copy_from_slice(&16u64.to_le_bytes());
+            seal_manifest(&mut v);
+            v
+        }),
         ("flipped body byte", {
             let mut v = good.clone();
             let n = v.len();

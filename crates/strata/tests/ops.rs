@@ -412,3 +412,81 @@ fn writes_by_other_users_clear_setuid_and_setgid_as_the_kernel_does() {
         assert_eq!(modes, [0o766, 0o766, 0o766, 0o6766], "{opts:?}");
     }
 }
+
+/// A user swapping a directory of the source for a symlink (RENAME_EXCHANGE,
+/// thousands of times) while root creates, makes directories, links,
+/// renames and symlinks inside it through the mount: every syscall of the
+/// daemon is `*at()` on a descriptor of the directory as it was looked up,
+/// with no symlink followed, so nothing is ever made where the link points
+/// from the source. The link is relative and the source sits one level
+/// deeper than the mountpoint: followed by the caller's kernel (as on the
+/// host) it leads to `SCRATCH/out`, followed by the daemon it would lead to
+/// `SCRATCH/a/out`, which must stay empty. A single directory and a union.
+#[test]
+fn swapping_a_directory_for_a_symlink_never_leads_writes_outside() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let source = |dir: &std::path::Path, second: bool| {
+        let src = dir.join("a/src");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::create_dir_all(dir.join("a/out")).unwrap();
+        fs::create_dir_all(dir.join("out")).unwrap();
+        std::os::unix::fs::symlink("../out", src.join("swap")).unwrap();
+        if !second {
+            return src.display().to_string();
+        }
+        let b = dir.join("b");
+        fs::create_dir(&b).unwrap();
+        format!("{}:{}", src.display(), b.display())
+    };
+    let single = Mounted::build_source(&[], &[], |dir| source(dir, false));
+    let union = Mounted::build_source(&[], &[], |dir| source(dir, true));
+    for m in [&single, &union] {
+        let src = m.dir.path().join("a/src");
+        let stop = AtomicBool::new(false);
+        let swaps = std::thread::scope(|s| {
+            let swapper = s.spawn(|| {
+                let mut n = 0u64;
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                while std::time::Instant::now() < deadline {
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        src.join("d"),
+                        rustix::fs::CWD,
+                        src.join("swap"),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                    n += 1;
+                }
+                stop.store(true, Ordering::Relaxed);
+                n
+            });
+            for t in 0..2 {
+                let (m, stop) = (m, &stop);
+                s.spawn(move || {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let f = m.m(&format!("d/f{t}-{i}"));
+                        let _ = fs::write(&f, b"x");
+                        let _ = fs::create_dir(m.m(&format!("d/dir{t}-{i}")));
+                        let _ = fs::hard_link(&f, m.m(&format!("d/l{t}-{i}")));
+                        let _ = fs::rename(&f, m.m(&format!("d/r{t}-{i}")));
+                        let _ = std::os::unix::fs::symlink("t", m.m(&format!("d/s{t}-{i}")));
+                        i += 1;
+                    }
+                });
+            }
+            swapper.join().unwrap()
+        });
+        assert!(swaps > 1000, "only {swaps} swaps");
+        let leaked: Vec<_> = fs::read_dir(m.dir.path().join("a/out"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(leaked.is_empty(), "{swaps} swaps, made outside: {leaked:?}");
+        // The creates did happen, in the directory wherever it was.
+        let made = fs::read_dir(src.join("d")).unwrap().count()
+            + fs::read_dir(src.join("swap")).unwrap().count();
+        assert!(made > 10, "only {made} objects made");
+    }
+}

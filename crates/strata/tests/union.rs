@@ -254,13 +254,44 @@ fn control_file_and_ctl_read_and_change_settings_and_branches() {
         set_raw("user.strata.nope", "1"),
         Err(rustix::io::Errno::NODATA)
     );
+    // Only root changes settings or branches; others may read them.
+    let before = xattr(&control, "user.strata.category.create").unwrap();
+    for (key, value) in [
+        ("user.strata.category.create", "ff".to_owned()),
+        ("user.strata.branches", "+>/".to_owned()),
+        (
+            "user.mergerfs.branches",
+            format!("={}", b.path(2).display()),
+        ),
+        ("user.strata.cmd.invalidate-all-nodes", "1".to_owned()),
+    ] {
+        let out = as_nobody(&format!(
+            "python3 -c 'import os, sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode())' {} {key} '{value}'",
+            control.display()
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("PermissionError"),
+            "nobody set {key}={value}: {err}"
+        );
+    }
+    assert_eq!(
+        xattr(&control, "user.strata.category.create").unwrap(),
+        before
+    );
+    assert!(
+        !xattr(&control, "user.strata.branches")
+            .unwrap()
+            .contains("=RW:/=")
+    );
     let out = as_nobody(&format!(
-        "setfattr -n user.strata.category.create -v ff {} 2>&1 || echo refused",
+        "python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], \"user.strata.category.create\").decode())' {}",
         control.display()
     ));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("refused"),
-        "only root changes settings"
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        before,
+        "{out:?}"
     );
 
     // Branches at runtime.
