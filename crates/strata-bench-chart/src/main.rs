@@ -8,6 +8,8 @@
 //! out. Any bad input is one line on stderr and exit status 2: bench.py only
 //! warns then and keeps its tables.
 
+#![deny(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -5,6 +5,8 @@
 //! See docs/ARCHITECTURE.md for the model: layers, the inode table, and how
 //! union, images, upper, snapshots and views plug in.
 
+#![deny(unsafe_code)]
+
 pub mod errno;
 pub mod fs;
 pub mod host;

@@ -5,6 +5,8 @@
 //! passthrough), manages passthrough backing ids, and keeps the mount alive
 //! when a handler panics (the request gets EIO and the panic is logged).
 
+#![deny(unsafe_code)]
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;

@@ -17,10 +17,14 @@
 //! The on-disk format is documented in `docs/IMAGE-FORMAT.md`. This crate knows
 //! nothing of FUSE.
 
+#![deny(unsafe_code)]
+
 mod build;
 mod gc;
 mod manifest;
 mod store;
+// The crate's only unsafe code: mapping the manifest.
+#[allow(unsafe_code)]
 mod sys;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,7 @@
 //! `strata`: mount layered namespaces through FUSE.
 
+#![deny(unsafe_code)]
+
 mod commands;
 mod ctl;
 mod image_cmd;
