@@ -11,6 +11,7 @@ pub mod errno;
 pub mod fs;
 pub mod host;
 pub mod inode;
+pub mod layer;
 pub mod listing;
 pub mod overlay;
 pub mod passthrough;

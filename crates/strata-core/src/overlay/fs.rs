@@ -10,12 +10,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
-use super::layer::host_xattrs;
 use super::{OpenDir, OverlayFs, is_private_xattr, tmp_name};
 use crate::fs::*;
 use crate::host::component;
 use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::ops;
+use crate::layer::host_xattrs;
 use crate::listing;
 use crate::{Errno, Result};
 
@@ -93,7 +93,7 @@ impl OverlayFs {
             RenameFlags::NOREPLACE,
             whiteout,
         )?;
-        super::layer::mark_tmp(pfd.as_fd(), &tmp);
+        super::format::mark_tmp(pfd.as_fd(), &tmp);
         if is_dir {
             let dfd = rustix::fs::openat(
                 &*pfd,
@@ -214,7 +214,7 @@ impl Filesystem for OverlayFs {
             let perm = ops::create_perm(h, pfd, mode, umask);
             let kind = rustix::fs::FileType::from_raw_mode(mode);
             if kind == rustix::fs::FileType::CharacterDevice && rdev == 0 {
-                return super::layer::make_zero_device(pfd, n, perm);
+                return super::format::make_zero_device(pfd, n, perm);
             }
             rustix::fs::mknodat(pfd, n, kind, Mode::from_raw_mode(perm), rdev as u64)?;
             Ok(())
@@ -467,7 +467,7 @@ impl Filesystem for OverlayFs {
     fn statfs(&self, _ctx: &Ctx, _ino: u64) -> Result<StatFs> {
         let s = match &self.upper {
             Some(h) => rustix::fs::fstatvfs(&*h.fd(h.root())?)?,
-            None => rustix::fs::statvfs(self.layers[0].path())?,
+            None => rustix::fs::statvfs(self.layers[0].statfs_path())?,
         };
         Ok(crate::host::statfs_from(&s))
     }

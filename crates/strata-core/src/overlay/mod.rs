@@ -19,8 +19,8 @@
 //!
 //! Without an upper the mount is read-only: one or more images served as is.
 
+mod format;
 mod fs;
-mod layer;
 #[cfg(test)]
 mod tests;
 
@@ -40,9 +40,10 @@ use crate::host::files::OpenFiles;
 use crate::host::watch::{self, HostAliases, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
 use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
+use crate::layer::{self, LObj, LStat, Layer};
 use crate::listing::{DirEnt, OpenDirs};
 use crate::{Errno, Result};
-use layer::{LName, LObj, LStat, Layer, OPAQUE_XATTRS, host_opaque, host_whiteout};
+use format::{Listed, OPAQUE_XATTRS, host_opaque, host_whiteout};
 
 /// Where a lower layer comes from.
 #[derive(Clone, Debug)]
@@ -182,7 +183,7 @@ struct OpenDir {
 }
 
 pub struct OverlayFs {
-    layers: Vec<Layer>,
+    layers: Vec<Box<dyn Layer>>,
     upper: Option<HostDir>,
     table: Arc<InodeTable<Key, ONode>>,
     files: OpenFiles,
@@ -210,14 +211,8 @@ static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A watch on the filesystems of the host lowers, when there are any and it
 /// can be had (root, file handles); `None` leaves them on short timeouts.
-fn watch_host_lowers(layers: &[Layer]) -> Option<Arc<HostWatch>> {
-    let hosts: Vec<&HostDir> = layers
-        .iter()
-        .filter_map(|l| match l {
-            Layer::Host(h) => Some(h),
-            Layer::Image(_) => None,
-        })
-        .collect();
+fn watch_host_lowers(layers: &[Box<dyn Layer>]) -> Option<Arc<HostWatch>> {
+    let hosts: Vec<&HostDir> = layers.iter().filter_map(|l| l.host()).collect();
     if hosts.is_empty() || !hosts.iter().all(|h| h.handles_usable()) {
         return None;
     }
@@ -331,8 +326,8 @@ impl OverlayFs {
         let mut layers = Vec::new();
         for spec in &cfg.lowers {
             layers.push(match spec {
-                LowerSpec::Host(p) => Layer::open_host(p, cfg.fd_cache)?,
-                LowerSpec::Image { store, name } => Layer::open_image(store, name)?,
+                LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
+                LowerSpec::Image { store, name } => layer::open_image(store, name)?,
             });
         }
         for l in &layers {
@@ -376,7 +371,7 @@ impl OverlayFs {
             None
         };
         Ok(OverlayFs {
-            any_host_lower: layers.iter().any(Layer::is_host),
+            any_host_lower: layers.iter().any(|l| l.host().is_some()),
             layers,
             upper,
             watch,
@@ -402,7 +397,7 @@ impl OverlayFs {
 
     /// Which layers serve this mount, top first, for logs and status.
     pub fn describe(&self) -> String {
-        let mut parts: Vec<String> = self.layers.iter().map(Layer::describe).collect();
+        let mut parts: Vec<String> = self.layers.iter().map(|l| l.describe()).collect();
         if let Some(u) = &self.upper {
             parts.insert(0, format!("upper {}", u.path().display()));
         }
@@ -417,8 +412,8 @@ impl OverlayFs {
         self.upper.as_ref().ok_or(Errno::EROFS)
     }
 
-    fn layer(&self, r: &LRef) -> &Layer {
-        &self.layers[r.layer as usize]
+    fn layer(&self, r: &LRef) -> &dyn Layer {
+        &*self.layers[r.layer as usize]
     }
 
     /// Node id for a key: the upper's inode number for upper-only objects,
@@ -446,7 +441,7 @@ impl OverlayFs {
         self.any_host_lower
             && lowers.iter().any(|r| match &r.obj {
                 LObj::Host(h) => !self.watch.as_ref().is_some_and(|w| w.is_watched(h.dev)),
-                LObj::Image(_) => false,
+                LObj::Entry(_) => false,
             })
     }
 
@@ -478,7 +473,7 @@ impl OverlayFs {
             .zip(&self.layers)
             .filter_map(|(l, layer)| match layer.root() {
                 LObj::Host(h) => Some((l, h.host_id())),
-                LObj::Image(_) => None,
+                LObj::Entry(_) => None,
             })
             .collect();
         let (table, aliases) = (self.table.clone(), self.host_aliases.clone());
@@ -526,7 +521,7 @@ impl OverlayFs {
                 let Some((obj, st)) = layer.lookup(&r.obj, name)? else {
                     continue;
                 };
-                if st.whiteout {
+                if format::lower_whiteout(layer, &obj, &st) {
                     break;
                 }
                 let have_dir = upper.is_some() || !lowers.is_empty();
@@ -535,7 +530,7 @@ impl OverlayFs {
                     break;
                 }
                 let is_dir = st.is_dir();
-                let opaque = is_dir && layer.is_opaque(&obj);
+                let opaque = is_dir && format::lower_opaque(layer, &obj);
                 lowers.push((
                     LRef {
                         layer: r.layer,
@@ -565,8 +560,9 @@ impl OverlayFs {
     /// upper's copy must leave a whiteout).
     fn lower_has(&self, dir: &ONode, name: &CStr) -> Result<bool> {
         for r in dir.lowers().iter() {
-            if let Some((_, st)) = self.layer(r).lookup(&r.obj, name)? {
-                return Ok(!st.whiteout);
+            let layer = self.layer(r);
+            if let Some((obj, st)) = layer.lookup(&r.obj, name)? {
+                return Ok(!format::lower_whiteout(layer, &obj, &st));
             }
         }
         Ok(false)
@@ -748,13 +744,13 @@ impl OverlayFs {
         let mut seen: HashSet<CString> = HashSet::new();
         let mut names = Vec::new();
         if let Some(up) = node.upper() {
-            layer::list_host(self.upper_dir()?, &up, &mut names)?;
+            format::list_host_dir(self.upper_dir()?, &up, &mut names)?;
             Self::merge_names(&mut names, &mut seen, &mut out, |(dev, ino)| {
                 Key::Upper(dev, ino)
             });
         }
         for r in node.lowers().iter() {
-            self.layer(r).list(&r.obj, &mut names)?;
+            format::list_layer(self.layer(r), &r.obj, &mut names)?;
             Self::merge_names(&mut names, &mut seen, &mut out, |(a, b)| {
                 Key::Lower(r.layer, a, b)
             });
@@ -768,7 +764,7 @@ impl OverlayFs {
     /// them; readdirplus replaces them with the looked-up ones, which differ
     /// for merged directories and copied-up files).
     fn merge_names(
-        names: &mut Vec<LName>,
+        names: &mut Vec<Listed>,
         seen: &mut HashSet<CString>,
         out: &mut Vec<DirEnt>,
         key_of: impl Fn((u64, u64)) -> Key,
@@ -1039,7 +1035,7 @@ impl OverlayFs {
                 rustix::fs::symlinkat(target.as_slice(), pfd, tmp)?;
             }
             FileKind::CharDevice if lst.rdev == 0 => {
-                layer::make_zero_device(pfd, tmp, lst.mode & 0o7777)?
+                format::make_zero_device(pfd, tmp, lst.mode & 0o7777)?
             }
             _ => rustix::fs::mknodat(
                 pfd,
@@ -1049,7 +1045,7 @@ impl OverlayFs {
                 lst.rdev,
             )?,
         }
-        layer::mark_tmp(pfd, tmp);
+        format::mark_tmp(pfd, tmp);
         let h = self.upper_dir()?;
         if kind != FileKind::Symlink {
             let target = rustix::fs::openat(
@@ -1145,7 +1141,7 @@ impl OverlayFs {
         );
         let mut names = Vec::new();
         for r in lowers {
-            self.layer(r).list(&r.obj, &mut names)?;
+            format::list_layer(self.layer(r), &r.obj, &mut names)?;
         }
         let mut done = HashSet::new();
         for n in names {
@@ -1267,7 +1263,7 @@ impl OverlayFs {
                 continue;
             }
             let st = rustix::fs::statat(&rd, name, AtFlags::SYMLINK_NOFOLLOW)?;
-            if host_whiteout(rd.as_fd(), name, &st) || layer::is_strata_tmp(rd.as_fd(), name) {
+            if host_whiteout(rd.as_fd(), name, &st) || format::is_strata_tmp(rd.as_fd(), name) {
                 let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 gone.push((name.to_owned(), dir));
             } else if only_hidden {
@@ -1317,7 +1313,7 @@ impl OverlayFs {
         }
         let tmp = tmp_name();
         let out = make(&tmp)?;
-        layer::mark_tmp(pfd, &tmp);
+        format::mark_tmp(pfd, &tmp);
         let res = give(&tmp).and_then(|()| {
             if is_dir {
                 let fd = rustix::fs::openat(
@@ -1332,7 +1328,7 @@ impl OverlayFs {
             } else {
                 rustix::fs::renameat(pfd, tmp.as_c_str(), pfd, name)?;
             }
-            layer::unmark_tmp(pfd, name);
+            format::unmark_tmp(pfd, name);
             Ok(())
         });
         if let Err(e) = res {

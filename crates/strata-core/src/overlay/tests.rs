@@ -273,9 +273,16 @@ fn layer_names_that_are_not_one_component_never_reach_a_syscall() {
         b"a/b",
         b"a\0b",
     ] {
-        assert_eq!(layer::layer_name("test", bad), Err(Errno::EIO), "{bad:?}");
+        assert_eq!(
+            crate::layer::layer_name("test", bad),
+            Err(Errno::EIO),
+            "{bad:?}"
+        );
     }
     for good in [&b"..."[..], b"a b", b"\xff\n"] {
-        assert_eq!(layer::layer_name("test", good).unwrap().as_bytes(), good);
+        assert_eq!(
+            crate::layer::layer_name("test", good).unwrap().as_bytes(),
+            good
+        );
     }
 }

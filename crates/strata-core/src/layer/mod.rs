@@ -1,0 +1,151 @@
+//! Layers: the read side of one source of names and data, behind one small
+//! interface (look a name up, stat, list, read a link, read xattrs, open the
+//! data, the object's identity). Composition rules (the overlay today; the
+//! union, snapshots' frozen uppers, views and archives next) resolve names
+//! across a stack of them and interpret what they find: a layer knows
+//! nothing of whiteouts, opaque directories or branches.
+//!
+//! Implementations: a host directory ([`HostLayer`], descriptors and `*at()`
+//! calls, see `crate::host`) and an image ([`ImageLayer`], a verified
+//! manifest and content-addressed blobs). Every name a layer hands out is
+//! one path component ([`layer_name`]), whatever its source claims.
+
+mod host;
+mod image;
+
+use std::ffi::{CStr, CString};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustix::fs::Stat;
+
+use crate::fs::FileKind;
+use crate::host::{HostDir, HostNode};
+use crate::{Errno, Result};
+
+pub use host::{HostLayer, host_xattrs, list_host};
+pub use image::ImageLayer;
+
+/// An object in a layer.
+#[derive(Clone)]
+pub enum LObj {
+    /// A host object (descriptor cache and file handle in [`HostNode`]).
+    Host(Arc<HostNode>),
+    /// An entry of a manifest-backed layer, by index.
+    Entry(u32),
+}
+
+/// An object's metadata as a layer reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct LStat {
+    /// Full `st_mode`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub nlink: u32,
+    pub rdev: u64,
+    pub atime: (i64, u32),
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    /// Identity within the layer, equal for hard links: (dev, ino) for
+    /// hosts, (0, inode index) for images.
+    pub key: (u64, u64),
+}
+
+impl LStat {
+    pub fn kind(&self) -> Option<FileKind> {
+        FileKind::from_mode(self.mode)
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    pub fn from_stat(st: &Stat) -> LStat {
+        LStat {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            nlink: st.st_nlink as u32,
+            rdev: st.st_rdev,
+            atime: (st.st_atime, st.st_atime_nsec as u32),
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime, st.st_ctime_nsec as u32),
+            key: (st.st_dev, st.st_ino),
+        }
+    }
+}
+
+/// A name in a layer's directory listing.
+pub struct LName {
+    pub name: CString,
+    pub kind: FileKind,
+    /// Identity, as in [`LStat::key`] (from the directory entry: no stat).
+    pub key: (u64, u64),
+}
+
+/// The read side of one source.
+pub trait Layer: Send + Sync {
+    /// The layer as users name it: a path, `image:NAME`.
+    fn describe(&self) -> String;
+    fn root(&self) -> LObj;
+    fn stat(&self, obj: &LObj) -> Result<LStat>;
+    /// `name` in the directory `dir`, if there.
+    fn lookup(&self, dir: &LObj, name: &CStr) -> Result<Option<(LObj, LStat)>>;
+    /// The names in a directory, without `.` and `..`.
+    fn list(&self, dir: &LObj, out: &mut Vec<LName>) -> Result<()>;
+    fn readlink(&self, obj: &LObj) -> Result<Vec<u8>>;
+    /// All extended attributes (name, value).
+    fn xattrs(&self, obj: &LObj) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// One extended attribute, `None` when absent or unreadable.
+    fn xattr(&self, obj: &LObj, name: &CStr) -> Option<Vec<u8>>;
+    /// A read-only descriptor of a regular file's content.
+    fn open(&self, obj: &LObj) -> Result<OwnedFd>;
+    /// The other names (paths from the root, as components) of a multiply
+    /// linked file, where the layer knows them.
+    fn other_names(&self, _obj: &LObj) -> Vec<Vec<Vec<u8>>> {
+        Vec::new()
+    }
+    /// Host descriptors the layer keeps open.
+    fn cached_fds(&self) -> usize {
+        0
+    }
+    /// A path on the layer's filesystem, for statfs.
+    fn statfs_path(&self) -> &Path;
+    /// The host directory the layer is, if it is one: it may change behind
+    /// the mount's back (and can be watched).
+    fn host(&self) -> Option<&HostDir> {
+        None
+    }
+}
+
+/// A name from a layer as a `*at()` argument. Image manifests are checked
+/// when opened, but no name from any layer reaches a syscall unchecked: one
+/// that is not a single component (`..`, `a/b`, `/x`, empty) would lead the
+/// copy-up, link or whiteout it names out of the upper.
+pub fn layer_name(layer: &str, name: &[u8]) -> Result<CString> {
+    if let Some(why) = strata_image::entry_name_problem(name) {
+        tracing::error!(
+            layer,
+            "refusing name {:?}: {why}",
+            String::from_utf8_lossy(name)
+        );
+        return Err(Errno::EIO);
+    }
+    CString::new(name).map_err(|_| Errno::EIO)
+}
+
+/// Opens a host directory as a layer.
+pub fn open_host(path: &Path, fd_cache: usize) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(HostLayer::new(HostDir::open(path, fd_cache)?)))
+}
+
+/// Opens image `name` of the store at `store_root` as a layer.
+pub fn open_image(store_root: &Path, name: &str) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(ImageLayer::open(store_root, name)?))
+}
