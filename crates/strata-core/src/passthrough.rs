@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
+use rustix::fs::{AtFlags, Mode, RenameFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
@@ -403,13 +403,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
-        let fd = self.node_fd(ino)?;
-        let dfd = rustix::fs::openat(
-            &*fd,
-            c".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let dfd = crate::host::open_dir(self.node_fd(ino)?.as_fd())?;
         let st = rustix::fs::fstat(&dfd)?;
         Ok(self.dirs.insert(
             OpenDir {

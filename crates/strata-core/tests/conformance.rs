@@ -389,28 +389,23 @@ fn renames(c: &Client) {
     // A union cannot swap names that live on different branches atomically
     // (here `top2` on the second, `sub/a` on the first): EXDEV, as for any
     // rename it cannot do in one host call; callers fall back.
-    match c.fs.rename(
-        &ROOT,
-        ROOT_ID,
-        os("top2"),
-        sub,
-        os("a"),
-        libc::RENAME_EXCHANGE,
-    ) {
+    let exchange = || {
+        c.fs.rename(
+            &ROOT,
+            ROOT_ID,
+            os("top2"),
+            sub,
+            os("a"),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    match exchange() {
         Err(Errno::EXDEV) if matches!(c.mode, Mode::Union3) => {}
         r => {
             r.unwrap();
             assert_eq!(c.read("top2").unwrap(), b"a\n");
             assert_eq!(c.read("sub/a").unwrap(), b"top file\n");
-            c.fs.rename(
-                &ROOT,
-                ROOT_ID,
-                os("top2"),
-                sub,
-                os("a"),
-                libc::RENAME_EXCHANGE,
-            )
-            .unwrap();
+            exchange().unwrap();
         }
     }
     // Over an existing file.
@@ -525,10 +520,13 @@ fn unlink_and_recreate(c: &Client) {
 }
 
 fn stable_ids_and_lookup_counts(c: &Client) {
-    let ids: Vec<u64> = ["d", "d/a", "d/b", "top", "sub/deep/f"]
-        .iter()
-        .map(|p| c.at(p).unwrap())
-        .collect();
+    let ids_of = || -> Vec<u64> {
+        ["d", "d/a", "d/b", "top", "sub/deep/f"]
+            .iter()
+            .map(|p| c.at(p).unwrap())
+            .collect()
+    };
+    let ids = ids_of();
     let plus = c.list_plus("d");
     assert_eq!(plus, [("a".to_owned(), ids[1]), ("b".to_owned(), ids[2])]);
     let mut unique = ids.clone();
@@ -537,10 +535,7 @@ fn stable_ids_and_lookup_counts(c: &Client) {
     assert_eq!(unique.len(), ids.len(), "distinct objects, distinct ids");
     // Forgotten and looked up again: the same ids.
     c.forget_all();
-    let again: Vec<u64> = ["d", "d/a", "d/b", "top", "sub/deep/f"]
-        .iter()
-        .map(|p| c.at(p).unwrap())
-        .collect();
+    let again = ids_of();
     assert_eq!(again, ids);
     // After a write (a copy-up in an overlay) and a rename, still the same.
     c.write_at("d/a", 0, b"x");

@@ -109,6 +109,37 @@ fn system_time(sec: i64, nsec: u64) -> SystemTime {
     }
 }
 
+/// A readable descriptor of the directory `fd` (an O_PATH one) holds, for
+/// getdents.
+pub fn open_dir(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        fd,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Calls `f` with each entry of the directory `dfd` (from [`open_dir`])
+/// but `.` and `..`: its name (one component), type and inode number.
+pub fn each_entry(
+    dfd: &OwnedFd,
+    mut f: impl FnMut(&CStr, FileKind, u64) -> Result<()>,
+) -> Result<()> {
+    let mut reader = rustix::fs::Dir::read_from(dfd)?;
+    for ent in &mut reader {
+        let ent = ent?;
+        let name = ent.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        if let Some(kind) = dirent_kind(dfd.as_fd(), &ent) {
+            f(name, kind, ent.ino())?;
+        }
+    }
+    Ok(())
+}
+
 /// The type of a directory entry; filesystems that leave `d_type` unknown
 /// are asked with `fstatat`. `None`: the entry is gone.
 pub fn dirent_kind(dir: BorrowedFd<'_>, ent: &rustix::fs::DirEntry) -> Option<FileKind> {

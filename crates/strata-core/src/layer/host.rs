@@ -6,10 +6,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::OFlags;
 
 use super::{LName, LObj, LStat, Layer};
-use crate::host::{HostDir, HostNode, dirent_kind};
+use crate::host::{HostDir, HostNode, each_entry, open_dir};
 use crate::{Errno, Result};
 
 pub struct HostLayer {
@@ -134,28 +134,13 @@ pub fn host_xattrs(h: &HostDir, fd: BorrowedFd<'_>) -> Result<Vec<(Vec<u8>, Vec<
 
 /// Lists the host directory `dir` (names from getdents: one component each).
 pub fn list_host(h: &HostDir, dir: &Arc<HostNode>, out: &mut Vec<LName>) -> Result<()> {
-    let fd = h.fd(dir)?;
-    let dfd = rustix::fs::openat(
-        &*fd,
-        c".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut reader = rustix::fs::Dir::read_from(&dfd)?;
-    for ent in &mut reader {
-        let ent = ent?;
-        let name = ent.file_name();
-        if matches!(name.to_bytes(), b"." | b"..") {
-            continue;
-        }
-        let Some(kind) = dirent_kind(dfd.as_fd(), &ent) else {
-            continue;
-        };
+    let dfd = open_dir(h.fd(dir)?.as_fd())?;
+    each_entry(&dfd, |name, kind, ino| {
         out.push(LName {
             name: name.to_owned(),
             kind,
-            key: (dir.dev, ent.ino()),
+            key: (dir.dev, ino),
         });
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -8,10 +8,10 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use rustix::fs::{AtFlags, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, Mode, Stat};
 
 use crate::fs::FileKind;
-use crate::host::{HostDir, HostNode, dirent_kind};
+use crate::host::{HostDir, HostNode, each_entry, open_dir};
 use crate::layer::{LObj, LStat, Layer};
 use crate::{Errno, Result};
 
@@ -171,25 +171,10 @@ pub(crate) fn list_layer(layer: &dyn Layer, dir: &LObj, out: &mut Vec<Listed>) -
 /// Lists a host directory (a host lower or the upper); character devices
 /// are stat'ed to tell whiteouts.
 pub(crate) fn list_host_dir(h: &HostDir, dir: &Arc<HostNode>, out: &mut Vec<Listed>) -> Result<()> {
-    let fd = h.fd(dir)?;
-    let dfd = rustix::fs::openat(
-        &*fd,
-        c".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut reader = rustix::fs::Dir::read_from(&dfd)?;
-    for ent in &mut reader {
-        let ent = ent?;
-        let name = ent.file_name();
-        if matches!(name.to_bytes(), b"." | b"..") {
-            continue;
-        }
-        let Some(kind) = dirent_kind(dfd.as_fd(), &ent) else {
-            continue;
-        };
+    let dfd = open_dir(h.fd(dir)?.as_fd())?;
+    each_entry(&dfd, |name, kind, ino| {
         if is_strata_tmp(dfd.as_fd(), name) {
-            continue;
+            return Ok(());
         }
         let whiteout = kind == FileKind::CharDevice
             && rustix::fs::statat(&dfd, name, AtFlags::SYMLINK_NOFOLLOW)
@@ -197,9 +182,9 @@ pub(crate) fn list_host_dir(h: &HostDir, dir: &Arc<HostNode>, out: &mut Vec<List
         out.push(Listed {
             name: name.to_owned(),
             kind,
-            key: (dir.dev, ent.ino()),
+            key: (dir.dev, ino),
             whiteout,
         });
-    }
-    Ok(())
+        Ok(())
+    })
 }
