@@ -38,6 +38,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
+            // "lots" is no number with a unit 's': say what a size looks like.
+            if s[..i].trim().parse::<u64>().is_err() {
+                return Err(format!(
+                    "bad size '{s}': expected a number with an optional K/M/G/T unit"
+                ));
+            }
             let mult: u64 = match c.to_ascii_uppercase() {
                 'K' => 1 << 10,
                 'M' => 1 << 20,
@@ -202,5 +208,7 @@ mod tests {
         assert_eq!(parse_size("1K").unwrap(), 1024);
         assert_eq!(parse_size("2m").unwrap(), 2 << 20);
         assert!(parse_size("x").is_err());
+        let e = parse_size("lots").unwrap_err();
+        assert!(e.contains("'lots'") && !e.contains("unit 's'"), "{e}");
     }
 }
