@@ -2,7 +2,7 @@
 //! joined by `:`, e.g. `/disk1:/disk2=NC:/archive=RO`.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BranchMode {
@@ -64,6 +64,49 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("bad size '{s}': expected a number with an optional K/M/G/T unit"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("bad size '{s}': too large"))
+}
+
+/// Whether `inner` is `outer` or lies beneath it, comparing whole
+/// components (`/a/bc` is not inside `/a/b`).
+pub fn is_within(inner: &Path, outer: &Path) -> bool {
+    inner.starts_with(outer)
+}
+
+/// Refuses a layer directory (`what`: branch, lower, upper, store) that is,
+/// holds or lies inside the mountpoint: the daemon would wait on its own
+/// mount. `mountpoint` must already be canonical, since a running daemon
+/// cannot resolve it without calling itself. `dir` is checked as spelt
+/// first, so a path through the mountpoint is refused before anything looks
+/// it up, then resolved (realpath); a `dir` that does not resolve is left to
+/// the caller's own existence checks.
+pub fn check_apart(mountpoint: &Path, what: &str, dir: &Path) -> Result<(), String> {
+    if mountpoint.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let (mp, shown) = (mountpoint.display(), dir.display());
+    let inside =
+        || format!("{what} {shown} is inside the mountpoint {mp}: the mount would wait on itself");
+    let spelt = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if is_within(&spelt, mountpoint) && spelt != mountpoint {
+        return Err(inside());
+    }
+    let Ok(real) = std::fs::canonicalize(&spelt) else {
+        return Ok(());
+    };
+    if real == mountpoint {
+        return Err(format!(
+            "mountpoint {mp} is the {what} {shown} itself: the mount would wait on itself"
+        ));
+    }
+    if is_within(&real, mountpoint) {
+        return Err(inside());
+    }
+    if is_within(mountpoint, &real) {
+        return Err(format!(
+            "mountpoint {mp} is inside the {what} {shown}: the mount would wait on itself"
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a branch list. Paths are taken as given; existence is checked on mount.
@@ -200,6 +243,47 @@ mod tests {
                 .contains("unknown unit")
         );
         assert!(parse_branches("=RO").unwrap_err().contains("no path"));
+    }
+
+    #[test]
+    fn within_compares_whole_components() {
+        assert!(is_within(Path::new("/a/b/c"), Path::new("/a/b")));
+        assert!(is_within(Path::new("/a/b"), Path::new("/a/b")));
+        assert!(!is_within(Path::new("/a/bc"), Path::new("/a/b")));
+        assert!(!is_within(Path::new("/a"), Path::new("/a/b")));
+    }
+
+    #[test]
+    fn layers_apart_from_the_mountpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for d in ["l/sub", "mnt", "b", "bc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(root.join("mnt"), root.join("link")).unwrap();
+        let err = |mp: &str, d: &str| check_apart(&root.join(mp), "branch", &root.join(d));
+        // mountpoint inside or equal to a branch
+        assert!(
+            err("l/sub", "l")
+                .unwrap_err()
+                .contains("is inside the branch")
+        );
+        assert!(err("mnt", "mnt").unwrap_err().contains("itself"));
+        // a branch inside the mountpoint, as spelt (never looked up) or by a symlink
+        assert!(
+            err("mnt", "mnt/x/y")
+                .unwrap_err()
+                .contains("inside the mountpoint")
+        );
+        assert!(err("mnt", "link").unwrap_err().contains("itself"));
+        // names sharing a prefix are apart
+        assert!(err("bc", "b").is_ok());
+        assert!(err("b", "bc").is_ok());
+        let e = err("l/sub", "l").unwrap_err();
+        assert!(
+            e.contains(&root.join("l").display().to_string()) && e.contains("l/sub"),
+            "{e}"
+        );
     }
 
     #[test]
