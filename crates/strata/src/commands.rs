@@ -14,6 +14,7 @@ use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
 
 use crate::options::MountOptions;
+use crate::output::outln;
 use crate::state::{self, MountRecord};
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
@@ -21,6 +22,16 @@ use crate::{EXIT_FAILURE, EXIT_USAGE};
 pub struct Failure {
     pub code: u8,
     pub message: String,
+}
+
+impl Failure {
+    /// Stops the command without a message, exit status 0 (stdout closed).
+    pub fn quiet() -> Failure {
+        Failure {
+            code: 0,
+            message: String::new(),
+        }
+    }
 }
 
 pub(crate) fn usage(message: impl Into<String>) -> Failure {
@@ -608,20 +619,23 @@ pub fn status(json: bool) -> Result<(), Failure> {
         }));
     }
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&rows).expect("serializable")
-        );
+        )?;
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no strata mounts");
+        outln!("no strata mounts")?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<30} {:<30} {:>8} {:>8}  STATE",
-        "MOUNTPOINT", "SOURCE", "PID", "UPTIME"
-    );
+        "MOUNTPOINT",
+        "SOURCE",
+        "PID",
+        "UPTIME"
+    )?;
     for r in rows {
         let s = |k: &str| {
             r[k].as_str()
@@ -630,14 +644,14 @@ pub fn status(json: bool) -> Result<(), Failure> {
         };
         let pid = r["pid"].as_u64().map_or("-".into(), |p| p.to_string());
         let up = r["uptime_secs"].as_u64().map_or("-".into(), uptime);
-        println!(
+        outln!(
             "{:<30} {:<30} {:>8} {:>8}  {}",
             s("mountpoint"),
             s("source"),
             pid,
             up,
             s("state")
-        );
+        )?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use strata_core::union::control::edit_branches;
 use strata_core::union::{CONTROL_NAME, Settings};
 
 use crate::commands::{Failure, failure, usage};
+use crate::output::outln;
 
 const PREFIX: &str = "user.strata.";
 
@@ -71,10 +72,10 @@ pub fn run(mountpoint: &Path, action: &str, args: &[String]) -> Result<(), Failu
     match (action, args) {
         ("list", []) => {
             for k in keys(&control)? {
-                println!("{k}={}", get(&control, &k)?);
+                outln!("{k}={}", get(&control, &k)?)?;
             }
         }
-        ("get", [key]) => println!("{}", get(&control, key)?),
+        ("get", [key]) => outln!("{}", get(&control, key)?)?,
         ("set", pairs) if !pairs.is_empty() => {
             for pair in pairs {
                 let (k, v) = pair

@@ -4,8 +4,10 @@ mod commands;
 mod ctl;
 mod image_cmd;
 mod options;
+mod output;
 mod state;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -176,7 +178,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("strata: {}", e.message);
+            if !e.message.is_empty() {
+                // Not eprintln!: a closed stderr must not turn into a panic.
+                let _ = writeln!(std::io::stderr(), "strata: {}", e.message);
+            }
             ExitCode::from(e.code)
         }
     }
