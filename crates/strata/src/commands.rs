@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
 use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_core::source::is_within;
 use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
 
@@ -56,8 +57,9 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 }
 
 /// Everything that can be checked before a daemon starts, so bad input fails
-/// with a clear message and leaves nothing behind.
-fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failure> {
+/// with a clear message and leaves nothing behind. Returns the mountpoint
+/// resolved (realpath), for the checks that layers keep apart from it.
+fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<PathBuf, Failure> {
     let mp = mountpoint.display();
     if state::is_stale(mountpoint) {
         return Err(usage(format!(
@@ -92,7 +94,30 @@ fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failur
             "/dev/fuse: no such device; load the fuse module (modprobe fuse) or give the container /dev/fuse",
         ));
     }
+    fs::canonicalize(mountpoint).map_err(|e| usage(format!("{mp}: {e}")))
+}
+
+/// Refuses layers (`what`, directory) that are, hold or lie inside the
+/// mountpoint (see [`strata_core::source::check_apart`]).
+fn check_layers_apart(real_mountpoint: &Path, layers: &[(&str, &Path)]) -> Result<(), Failure> {
+    for (what, dir) in layers {
+        strata_core::source::check_apart(real_mountpoint, what, dir).map_err(usage)?;
+    }
     Ok(())
+}
+
+/// An overlay directory given on the command line must exist: the message
+/// names the option (`--upper`) or role (`lower`) and the path.
+fn check_dir(what: &str, dir: &Path) -> Result<(), Failure> {
+    let shown = dir.display();
+    match fs::metadata(dir) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(usage(format!("{what} {shown}: not a directory"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(usage(format!("{what} {shown}: no such directory")))
+        }
+        Err(e) => Err(usage(format!("{what} {shown}: {e}"))),
+    }
 }
 
 /// The layer a SOURCE asks for: one directory, a union of branches, or an
@@ -155,7 +180,14 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
     for b in &mut branches {
         b.path = absolute(&b.path)?;
     }
-    check_mountpoint(mountpoint, &opts)?;
+    let real_mountpoint = check_mountpoint(mountpoint, &opts)?;
+    check_layers_apart(
+        &real_mountpoint,
+        &branches
+            .iter()
+            .map(|b| ("branch", b.path.as_path()))
+            .collect::<Vec<_>>(),
+    )?;
     let all_ro = branches
         .iter()
         .all(|b| b.mode == strata_core::source::BranchMode::RO);
@@ -224,10 +256,33 @@ fn prepare_overlay(
     };
     let lowers = overlay_lowers(source, &store)?;
     let upper = opts.upper.as_deref().map(absolute).transpose()?;
+    let mut layers: Vec<(&str, &Path)> = Vec::new();
+    if let Some(up) = &upper {
+        check_dir("--upper", up)?;
+        layers.push(("upper", up));
+    }
+    for l in &lowers {
+        if let LowerSpec::Host(p) = l {
+            check_dir("lower", p)?;
+            layers.push(("lower", p));
+        }
+    }
+    if let Some(LowerSpec::Image { name, .. }) =
+        lowers.iter().find(|l| matches!(l, LowerSpec::Image { .. }))
+    {
+        if !store.exists() {
+            return Err(usage(format!(
+                "image:{name}: image store {} does not exist (give -o store=DIR or set STRATA_STORE)",
+                store.display()
+            )));
+        }
+        layers.push(("image store", &store));
+    }
     if let Some(up) = &upper {
         check_upper_apart(up, &lowers)?;
     }
-    check_mountpoint(mountpoint, opts)?;
+    let real_mountpoint = check_mountpoint(mountpoint, opts)?;
+    check_layers_apart(&real_mountpoint, &layers)?;
     let fs = OverlayFs::new(OverlayConfig {
         lowers,
         upper: upper.clone(),
@@ -255,7 +310,7 @@ fn check_upper_apart(upper: &Path, lowers: &[LowerSpec]) -> Result<(), Failure> 
     for l in lowers {
         if let LowerSpec::Host(p) = l {
             let low = real(p)?;
-            if up.starts_with(&low) || low.starts_with(&up) {
+            if is_within(&up, &low) || is_within(&low, &up) {
                 return Err(usage(format!(
                     "upper {} and lower {} overlap; they must be separate directories",
                     upper.display(),
@@ -385,7 +440,7 @@ impl Serving<'_> {
         let session = match strata_fuse::mount(fs, mountpoint, cfg) {
             Ok(s) => s,
             Err(e) => {
-                let f = failure(format!("{}: mount failed: {e}", mountpoint.display()));
+                let f = failure(mount_error(mountpoint, &e));
                 report(&format!("error {} {}", f.code, f.message));
                 return Err(f);
             }
@@ -414,6 +469,27 @@ impl Serving<'_> {
         report("ready");
         serve(session, mountpoint)
     }
+}
+
+/// Why the kernel mount failed, in one line. Without access to /dev/fuse
+/// (and no setuid fusermount3 to fall back on) the error is a bare EACCES:
+/// name the device.
+fn mount_error(mountpoint: &Path, e: &std::io::Error) -> String {
+    let mp = mountpoint.display();
+    if e.kind() == std::io::ErrorKind::PermissionDenied
+        && rustix::fs::access(
+            "/dev/fuse",
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        )
+        .is_err()
+    {
+        return format!(
+            "{mp}: mount failed: /dev/fuse: permission denied for uid {} \
+             (needs read-write access to /dev/fuse, or fusermount3 installed setuid root)",
+            rustix::process::geteuid().as_raw()
+        );
+    }
+    format!("{mp}: mount failed: {e}")
 }
 
 /// Sets the readahead of the mount just made, for the reads the daemon

@@ -139,7 +139,13 @@ fn open_store(root: &Path, create: bool) -> Result<Option<Store>, Failure> {
 
 /// The store for commands that need an existing image.
 fn store_with(root: &Path, name: &str) -> Result<Store, Failure> {
-    open_store(root, false)?.ok_or_else(|| fail(Error::NoSuchImage(name.to_owned())))
+    open_store(root, false)?.ok_or_else(|| {
+        usage(format!(
+            "no image named {:?}: the store {} does not exist",
+            printable(name),
+            printable(&root.display().to_string())
+        ))
+    })
 }
 
 /// "1.5 MiB": binary units, one decimal from KiB on, exact bytes below.

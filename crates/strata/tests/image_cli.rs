@@ -284,7 +284,13 @@ fn bad_input_is_one_line_and_exit_2() {
 
     // Reading commands on a store that does not exist yet.
     let line = one_line_failure(&s.run(&["image", "verify", "ghost"]), 2);
-    assert_eq!(line, "strata: no image named \"ghost\"");
+    assert_eq!(
+        line,
+        format!(
+            "strata: no image named \"ghost\": the store {} does not exist",
+            s.store().display()
+        )
+    );
     one_line_failure(&s.run(&["image", "rm", "ghost"]), 2);
     assert!(s.ok(&["image", "ls"]).starts_with("no images in "));
     assert!(s.ok(&["gc"]).starts_with("no store at "));
