@@ -61,10 +61,19 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 /// resolved (realpath), for the checks that layers keep apart from it.
 fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<PathBuf, Failure> {
     let mp = mountpoint.display();
-    if state::is_stale(mountpoint) {
-        return Err(usage(format!(
-            "{mp}: stale mount (its daemon is gone); run `strata umount {mp}` first"
-        )));
+    match state::health(mountpoint) {
+        state::Health::Stale => {
+            return Err(usage(format!(
+                "{mp}: stale mount (its daemon is gone); run `strata umount {mp}` first"
+            )));
+        }
+        state::Health::Hung => {
+            return Err(usage(format!(
+                "{mp}: the mount there does not answer (its daemon is stopped or stuck); \
+                 `strata umount -l {mp}` detaches it"
+            )));
+        }
+        state::Health::Ok => {}
     }
     let meta = fs::metadata(mountpoint).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => usage(format!("{mp}: mountpoint does not exist")),
@@ -634,7 +643,7 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
     if m.fstype != state::FSTYPE {
         return Err(usage(format!("{mp}: not a strata mount ({})", m.fstype)));
     }
-    let stale = state::is_stale(&mountpoint);
+    let stale = state::health(&mountpoint) == state::Health::Stale;
     unmount_syscall(&mountpoint, lazy || stale).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {
             usage(format!("{mp}: busy (files open or a process inside); `strata umount -l {mp}` detaches it anyway"))
@@ -662,28 +671,29 @@ fn uptime(secs: u64) -> String {
     }
 }
 
-fn stats_of(mountpoint: &Path) -> Option<serde_json::Value> {
-    let mut buf = vec![0u8; 4096];
-    let n = rustix::fs::getxattr(mountpoint, strata_fuse::STATS_XATTR, &mut buf[..]).ok()?;
-    serde_json::from_slice(&buf[..n]).ok()
-}
-
 pub fn status(json: bool) -> Result<(), Failure> {
     let now = state::now();
-    let mut rows = Vec::new();
-    for m in state::kernel_mounts()
+    let mounts: Vec<_> = state::kernel_mounts()
         .into_iter()
         .filter(|m| m.fstype == state::FSTYPE)
-    {
+        .collect();
+    // All mounts are probed at once, so hung ones cost one timeout in all.
+    let probes: Vec<_> = mounts
+        .iter()
+        .map(|m| state::Probe::start(&m.mountpoint, true))
+        .collect();
+    let deadline = Instant::now() + state::PROBE_TIMEOUT;
+    let mut rows = Vec::new();
+    for (m, probe) in mounts.iter().zip(probes) {
+        let (health, stats) = probe.finish(deadline);
         let rec = state::read_record(&m.mountpoint);
-        let stale = state::is_stale(&m.mountpoint);
         let pid = rec.as_ref().map(|r| r.pid).filter(|p| state::pid_alive(*p));
-        let state = if stale || pid.is_none() && rec.is_some() {
-            "stale"
-        } else {
-            "ok"
+        let state = match health {
+            state::Health::Hung => "hung",
+            state::Health::Stale => "stale",
+            state::Health::Ok if pid.is_none() && rec.is_some() => "stale",
+            state::Health::Ok => "ok",
         };
-        let stats = if stale { None } else { stats_of(&m.mountpoint) };
         rows.push(serde_json::json!({
             "mountpoint": m.mountpoint,
             "source": rec.as_ref().map_or(m.source.clone(), |r| r.source.clone()),

@@ -132,7 +132,15 @@ enum Command {
         #[command(flatten)]
         store: image_cmd::StoreArg,
     },
-    /// List strata mounts: mountpoint, source, pid, uptime.
+    /// Internal: probe a mountpoint for `status` (in a child process, so a
+    /// hung mount never blocks the command itself).
+    #[command(hide = true)]
+    ProbeMount {
+        #[arg(long)]
+        stats: bool,
+        path: PathBuf,
+    },
+    /// List strata mounts: mountpoint, source, pid, uptime, state.
     Status {
         /// Machine-readable output, with inode and handle counters.
         #[arg(long)]
@@ -167,6 +175,10 @@ fn main() -> ExitCode {
         ),
         Command::Umount { lazy, mountpoint } => commands::umount(&mountpoint, lazy),
         Command::Status { json } => commands::status(json),
+        Command::ProbeMount { stats, path } => {
+            state::probe_mount(&path, stats);
+            Ok(())
+        }
         Command::Ctl {
             mountpoint,
             action,

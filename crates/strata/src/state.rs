@@ -3,9 +3,11 @@
 //! written by its daemon (pid, source, start time).
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -154,9 +156,111 @@ pub fn mount_at(path: &Path) -> Option<KernelMount> {
         .find(|m| m.mountpoint == path)
 }
 
-/// Whether `path` is a FUSE mount whose daemon is gone (ENOTCONN).
-pub fn is_stale(path: &Path) -> bool {
-    matches!(fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+/// How long a probe of a mount (stat, the stats xattr) may take before the
+/// mount counts as hung.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What a probe of a mountpoint found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// FUSE mount whose daemon is gone (ENOTCONN).
+    Stale,
+    /// No answer within [`PROBE_TIMEOUT`] (daemon stopped or stuck).
+    Hung,
+}
+
+/// A probe running in a child process (`strata probe-mount`). A syscall on
+/// a mount whose daemon is stopped blocks its caller, and with FUSE over
+/// io_uring uninterruptibly once the request is queued: a thread of ours
+/// stuck there would keep this process from exiting. A child is killed and
+/// left behind instead (init reaps it once the mount answers or goes).
+pub struct Probe {
+    child: Option<Child>,
+    out: Receiver<String>,
+}
+
+impl Probe {
+    /// Starts probing `path`: a stat, and with `stats` the daemon's counters.
+    pub fn start(path: &Path, stats: bool) -> Probe {
+        let (tx, out) = std::sync::mpsc::channel();
+        let child = std::env::current_exe().ok().and_then(|exe| {
+            let mut cmd = Command::new(exe);
+            cmd.arg("probe-mount");
+            if stats {
+                cmd.arg("--stats");
+            }
+            cmd.arg(path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        });
+        let child = child.map(|mut c| {
+            let mut pipe = c.stdout.take().expect("piped");
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                let _ = tx.send(text);
+            });
+            c
+        });
+        Probe { child, out }
+    }
+
+    /// The result, waiting until `deadline` at most; a probe that cannot
+    /// run at all reports `Ok` without counters.
+    pub fn finish(mut self, deadline: Instant) -> (Health, Option<serde_json::Value>) {
+        let Some(mut child) = self.child.take() else {
+            return (Health::Ok, None);
+        };
+        match self
+            .out
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(text) => {
+                let _ = child.wait();
+                let mut lines = text.lines();
+                let health = match lines.next() {
+                    Some("stale") => Health::Stale,
+                    _ => Health::Ok,
+                };
+                (
+                    health,
+                    lines.next().and_then(|l| serde_json::from_str(l).ok()),
+                )
+            }
+            Err(_) => {
+                // Not waited for: it may stay blocked until the mount answers.
+                let _ = child.kill();
+                (Health::Hung, None)
+            }
+        }
+    }
+}
+
+/// The probe child's work: prints `ok` or `stale`, then with `stats` the
+/// counters as one JSON line (`null` if there are none).
+pub fn probe_mount(path: &Path, stats: bool) {
+    let stale = matches!(fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let mut out = String::from(if stale { "stale\n" } else { "ok\n" });
+    if stats && !stale {
+        let mut buf = vec![0u8; 4096];
+        match rustix::fs::getxattr(path, strata_fuse::STATS_XATTR, &mut buf[..]) {
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n]).replace('\n', " ")),
+            Err(_) => out.push_str("null"),
+        }
+        out.push('\n');
+    }
+    let _ = std::io::stdout().write_all(out.as_bytes());
+}
+
+/// Stats `path` with a timeout (in a child, see [`Probe`]).
+pub fn health(path: &Path) -> Health {
+    Probe::start(path, false)
+        .finish(Instant::now() + PROBE_TIMEOUT)
+        .0
 }
 
 pub fn pid_alive(pid: u32) -> bool {

@@ -210,3 +210,73 @@ fn a_panicking_handler_costs_one_eio_not_the_mount() {
         m.log()
     );
 }
+
+/// Sends SIGCONT to a stopped daemon when dropped (also when the test fails),
+/// and from a watchdog after `limit`, so that even a status that waits on the
+/// mount forever (the bug) ends and the test reports it instead of hanging.
+struct Resume(i32);
+
+impl Resume {
+    fn new(pid: u32, limit: Duration) -> Resume {
+        let pid = pid as i32;
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            cont(pid);
+        });
+        Resume(pid)
+    }
+}
+
+fn cont(pid: i32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+    }
+}
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        cont(self.0);
+    }
+}
+
+#[test]
+fn status_shows_a_stopped_daemon_as_hung_and_returns() {
+    let m = Mounted::new(&[]);
+    let state = m.dir.path().join("state");
+    let _resume = Resume::new(m.pid(), Duration::from_secs(20));
+    m.signal(rustix::process::Signal::STOP);
+    let mp = m.mnt.to_str().unwrap();
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let start = std::time::Instant::now();
+        let out = output_with_timeout(
+            std::process::Command::new(STRATA)
+                .args(args)
+                .env("STRATA_STATE_DIR", &state),
+            Duration::from_secs(60),
+        )
+        .expect("status returns");
+        let took = start.elapsed();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            took < Duration::from_secs(8),
+            "strata {args:?} took {took:?}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if args.len() == 1 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{mp} ")))
+                .unwrap_or_else(|| panic!("{mp} not listed: {text}"));
+            assert!(line.split_whitespace().any(|w| w == "hung"), "{line}");
+        } else {
+            let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let row = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["mountpoint"] == mp)
+                .unwrap_or_else(|| panic!("{mp} not listed: {text}"));
+            assert_eq!(row["state"], "hung", "{row}");
+        }
+    }
+}
