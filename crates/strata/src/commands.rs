@@ -651,8 +651,9 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
             failure(format!("{mp}: unmount failed: {e}"))
         }
     })?;
-    // Give the daemon a moment to finish, so a remount right after works.
-    if let Some(rec) = record {
+    // Give a live daemon a moment to finish, so a remount right after works.
+    // A stale mount's daemon is gone already (at most a zombie).
+    if let Some(rec) = record.filter(|_| !stale) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while state::pid_alive(rec.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

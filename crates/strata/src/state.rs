@@ -263,8 +263,15 @@ pub fn health(path: &Path) -> Health {
         .0
 }
 
+/// Whether process `pid` still runs: a zombie (killed, not yet reaped by its
+/// parent) holds nothing and counts as gone.
 pub fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which may itself hold ") ".
+    let state = stat.rfind(") ").and_then(|i| stat[i + 2..].chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 #[cfg(test)]
@@ -282,6 +289,24 @@ mod tests {
         assert_eq!(m[0].fstype, FSTYPE);
         assert_eq!(m[0].source, "/srv/a:/srv/b=RO");
         assert_eq!(m[1].fstype, "proc");
+    }
+
+    #[test]
+    fn zombies_and_missing_processes_are_not_alive() {
+        assert!(pid_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!pid_alive(pid), "zombie {pid} counts as alive");
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "not reaped yet"
+        );
+        child.wait().unwrap();
     }
 
     #[test]

@@ -280,3 +280,39 @@ fn status_shows_a_stopped_daemon_as_hung_and_returns() {
         }
     }
 }
+
+#[test]
+fn umount_of_a_killed_daemon_returns_without_waiting_for_its_zombie() {
+    // A foreground daemon is this test's child: killed, it stays a zombie
+    // until the harness reaps it when `m` drops.
+    let m = Mounted::new(&[]);
+    let state = m.dir.path().join("state");
+    let pid = m.pid();
+    m.signal(rustix::process::Signal::KILL);
+    let zombie = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), zombie),
+        "daemon is a zombie"
+    );
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || matches!(fs::metadata(&m.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    ));
+    let start = std::time::Instant::now();
+    let out = output_with_timeout(
+        std::process::Command::new(STRATA)
+            .args(["umount", m.mnt.to_str().unwrap()])
+            .env("STRATA_STATE_DIR", &state),
+        Duration::from_secs(60),
+    )
+    .expect("umount returns");
+    let took = start.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&m.mnt));
+    // It used to poll /proc until the zombie went (10 s here, as nobody reaps it).
+    assert!(took < Duration::from_secs(3), "umount took {took:?}");
+    assert!(zombie(), "still a zombie: nothing waited for it");
+}
