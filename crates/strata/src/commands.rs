@@ -1,7 +1,7 @@
 //! The subcommands.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -334,8 +334,11 @@ fn check_upper_apart(upper: &Path, lowers: &[LowerSpec]) -> Result<(), Failure> 
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only for a person at a terminal: a background daemon's stderr
+    // is its log file.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
     // Panics are caught per request; make sure they land in the log.
@@ -462,8 +465,9 @@ impl Serving<'_> {
             source: source.to_string(),
             pid: std::process::id(),
             started: state::now(),
+            // The file the parent opened as our stderr, one per daemon.
             log: if self.daemon_child {
-                state::log_path(mountpoint)
+                fs::read_link("/proc/self/fd/2").unwrap_or_default()
             } else {
                 PathBuf::new()
             },
@@ -548,11 +552,13 @@ fn serve<F: strata_core::Filesystem>(
 fn spawn_daemon(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<(), Failure> {
     let exe =
         std::env::current_exe().map_err(|e| failure(format!("cannot find own executable: {e}")))?;
-    let log = state::log_path(mountpoint);
+    let log = state::new_log_path(mountpoint);
     fs::create_dir_all(log.parent().expect("has parent"))
         .map_err(|e| failure(format!("{}: {e}", log.display())))?;
+    // Room for the new log among the kept ones.
+    state::prune_logs(mountpoint, state::LOGS_KEPT - 1);
     let log_file = fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .append(true)
         .open(&log)
         .map_err(|e| failure(format!("{}: {e}", log.display())))?;
@@ -595,6 +601,8 @@ fn spawn_daemon(source: &str, mountpoint: &Path, option_lists: &[String]) -> Res
     }
     let _ = child.wait();
     if let Some(rest) = line.strip_prefix("error ") {
+        // The error is the user's now; the attempt's log holds nothing more.
+        let _ = fs::remove_file(&log);
         let (code, msg) = rest.split_once(' ').unwrap_or(("1", rest));
         return Err(Failure {
             code: code.parse().unwrap_or(EXIT_FAILURE),
@@ -717,11 +725,12 @@ pub fn status(json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     outln!(
-        "{:<30} {:<30} {:>8} {:>8}  STATE",
+        "{:<30} {:<30} {:>8} {:>8}  {:<5}  LOG",
         "MOUNTPOINT",
         "SOURCE",
         "PID",
-        "UPTIME"
+        "UPTIME",
+        "STATE"
     )?;
     for r in rows {
         let s = |k: &str| {
@@ -732,12 +741,13 @@ pub fn status(json: bool) -> Result<(), Failure> {
         let pid = r["pid"].as_u64().map_or("-".into(), |p| p.to_string());
         let up = r["uptime_secs"].as_u64().map_or("-".into(), uptime);
         outln!(
-            "{:<30} {:<30} {:>8} {:>8}  {}",
+            "{:<30} {:<30} {:>8} {:>8}  {:<5}  {}",
             s("mountpoint"),
             s("source"),
             pid,
             up,
-            s("state")
+            s("state"),
+            s("log")
         )?;
     }
     Ok(())

@@ -140,7 +140,7 @@ enum Command {
         stats: bool,
         path: PathBuf,
     },
-    /// List strata mounts: mountpoint, source, pid, uptime, state.
+    /// List strata mounts: mountpoint, source, pid, uptime, state, log.
     Status {
         /// Machine-readable output, with inode and handle counters.
         #[arg(long)]

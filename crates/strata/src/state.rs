@@ -25,17 +25,34 @@ pub struct MountRecord {
 
 /// Per-user directory for mount records and daemon logs.
 pub fn state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("STRATA_STATE_DIR") {
-        return PathBuf::from(dir);
+    state_dir_from(
+        std::env::var_os("STRATA_STATE_DIR"),
+        rustix::process::geteuid().is_root(),
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
+}
+
+/// [`state_dir`] from its inputs. The result is always absolute: an empty
+/// `STRATA_STATE_DIR` is unset and a relative one is taken from the current
+/// directory (the daemon's records and logs must not depend on where a later
+/// command runs); an empty or relative `XDG_RUNTIME_DIR` is ignored, as the
+/// XDG base directory spec asks.
+fn state_dir_from(
+    strata: Option<std::ffi::OsString>,
+    root: bool,
+    xdg: Option<std::ffi::OsString>,
+) -> PathBuf {
+    if let Some(dir) = strata.filter(|d| !d.is_empty()) {
+        return std::path::absolute(&dir).unwrap_or_else(|_| PathBuf::from(dir));
     }
-    if rustix::process::geteuid().is_root() {
+    if root {
         return PathBuf::from("/run/strata");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d).join("strata"),
-        None => {
-            std::env::temp_dir().join(format!("strata-{}", rustix::process::geteuid().as_raw()))
-        }
+    match xdg.map(PathBuf::from).filter(|d| d.is_absolute()) {
+        Some(d) => d.join("strata"),
+        None => std::path::absolute(std::env::temp_dir())
+            .unwrap_or_else(|_| PathBuf::from("/tmp"))
+            .join(format!("strata-{}", rustix::process::geteuid().as_raw())),
     }
 }
 
@@ -65,10 +82,51 @@ pub fn record_path(mountpoint: &Path) -> PathBuf {
         .join(format!("{}.json", slug(mountpoint)))
 }
 
-pub fn log_path(mountpoint: &Path) -> PathBuf {
-    state_dir()
-        .join("logs")
-        .join(format!("{}.log", slug(mountpoint)))
+/// Logs kept per mountpoint: the running daemon's and a few of its
+/// predecessors' (older ones are removed when a new daemon starts).
+pub const LOGS_KEPT: usize = 5;
+
+fn logs_dir() -> PathBuf {
+    state_dir().join("logs")
+}
+
+/// A new log file name for one daemon of `mountpoint`: every mount attempt
+/// gets its own, so a failed attempt never writes into the log of the mount
+/// already there.
+pub fn new_log_path(mountpoint: &Path) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    logs_dir().join(format!(
+        "{}.{nanos}-{}.log",
+        slug(mountpoint),
+        std::process::id()
+    ))
+}
+
+/// Removes the oldest logs of `mountpoint` so that at most `keep` remain.
+pub fn prune_logs(mountpoint: &Path, keep: usize) {
+    let prefix = format!("{}.", slug(mountpoint));
+    let Ok(entries) = fs::read_dir(logs_dir()) else {
+        return;
+    };
+    let mut logs: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".log")
+        })
+        .filter_map(|e| {
+            let md = e.metadata().ok().filter(|m| m.is_file())?;
+            Some((md.modified().unwrap_or(UNIX_EPOCH), e.path()))
+        })
+        .collect();
+    logs.sort();
+    let excess = logs.len().saturating_sub(keep);
+    for (_, path) in logs.into_iter().take(excess) {
+        let _ = fs::remove_file(path);
+    }
 }
 
 pub fn write_record(rec: &MountRecord) -> io::Result<()> {
@@ -289,6 +347,23 @@ mod tests {
         assert_eq!(m[0].fstype, FSTYPE);
         assert_eq!(m[0].source, "/srv/a:/srv/b=RO");
         assert_eq!(m[1].fstype, "proc");
+    }
+
+    #[test]
+    fn state_dir_is_absolute() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        let user = |xdg| state_dir_from(None, false, xdg);
+        assert_eq!(user(os("/run/user/7")), PathBuf::from("/run/user/7/strata"));
+        for xdg in [os(""), os("relative/dir"), None] {
+            let d = user(xdg.clone());
+            assert!(d.is_absolute(), "{xdg:?} gave {}", d.display());
+            assert!(!d.starts_with("relative"), "{}", d.display());
+        }
+        assert_eq!(
+            state_dir_from(os(""), true, None),
+            PathBuf::from("/run/strata")
+        );
+        assert!(state_dir_from(os("rel"), true, None).is_absolute());
     }
 
     #[test]
