@@ -86,17 +86,20 @@ pub fn check_apart(mountpoint: &Path, what: &str, dir: &Path) -> Result<(), Stri
     let (mp, shown) = (mountpoint.display(), dir.display());
     let inside =
         || format!("{what} {shown} is inside the mountpoint {mp}: the mount would wait on itself");
+    let itself =
+        || format!("mountpoint {mp} is the {what} {shown} itself: the mount would wait on itself");
     let spelt = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    if is_within(&spelt, mountpoint) && spelt != mountpoint {
+    if spelt == mountpoint {
+        return Err(itself());
+    }
+    if is_within(&spelt, mountpoint) {
         return Err(inside());
     }
     let Ok(real) = std::fs::canonicalize(&spelt) else {
         return Ok(());
     };
     if real == mountpoint {
-        return Err(format!(
-            "mountpoint {mp} is the {what} {shown} itself: the mount would wait on itself"
-        ));
+        return Err(itself());
     }
     if is_within(&real, mountpoint) {
         return Err(inside());
