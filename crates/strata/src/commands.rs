@@ -61,7 +61,13 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 /// resolved (realpath), for the checks that layers keep apart from it.
 fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<PathBuf, Failure> {
     let mp = mountpoint.display();
-    match state::health(mountpoint) {
+    // Only a mount can hang a stat; a plain directory needs no probe (which
+    // a busy machine could mistake for a hung mount).
+    let health = match state::mount_at(mountpoint) {
+        Some(_) => state::health(mountpoint),
+        None => state::Health::Ok,
+    };
+    match health {
         state::Health::Stale => {
             return Err(usage(format!(
                 "{mp}: stale mount (its daemon is gone); run `strata umount {mp}` first"

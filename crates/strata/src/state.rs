@@ -216,7 +216,7 @@ pub fn mount_at(path: &Path) -> Option<KernelMount> {
 
 /// How long a probe of a mount (stat, the stats xattr) may take before the
 /// mount counts as hung.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a probe of a mountpoint found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
