@@ -2,7 +2,7 @@
 //! joined by `:`, e.g. `/disk1:/disk2=NC:/archive=RO`.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BranchMode {
@@ -38,6 +38,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
+            // "lots" is no number with a unit 's': say what a size looks like.
+            if s[..i].trim().parse::<u64>().is_err() {
+                return Err(format!(
+                    "bad size '{s}': expected a number with an optional K/M/G/T unit"
+                ));
+            }
             let mult: u64 = match c.to_ascii_uppercase() {
                 'K' => 1 << 10,
                 'M' => 1 << 20,
@@ -58,6 +64,52 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("bad size '{s}': expected a number with an optional K/M/G/T unit"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("bad size '{s}': too large"))
+}
+
+/// Whether `inner` is `outer` or lies beneath it, comparing whole
+/// components (`/a/bc` is not inside `/a/b`).
+pub fn is_within(inner: &Path, outer: &Path) -> bool {
+    inner.starts_with(outer)
+}
+
+/// Refuses a layer directory (`what`: branch, lower, upper, store) that is,
+/// holds or lies inside the mountpoint: the daemon would wait on its own
+/// mount. `mountpoint` must already be canonical, since a running daemon
+/// cannot resolve it without calling itself. `dir` is checked as spelt
+/// first, so a path through the mountpoint is refused before anything looks
+/// it up, then resolved (realpath); a `dir` that does not resolve is left to
+/// the caller's own existence checks.
+pub fn check_apart(mountpoint: &Path, what: &str, dir: &Path) -> Result<(), String> {
+    if mountpoint.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let (mp, shown) = (mountpoint.display(), dir.display());
+    let inside =
+        || format!("{what} {shown} is inside the mountpoint {mp}: the mount would wait on itself");
+    let itself =
+        || format!("mountpoint {mp} is the {what} {shown} itself: the mount would wait on itself");
+    let spelt = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if spelt == mountpoint {
+        return Err(itself());
+    }
+    if is_within(&spelt, mountpoint) {
+        return Err(inside());
+    }
+    let Ok(real) = std::fs::canonicalize(&spelt) else {
+        return Ok(());
+    };
+    if real == mountpoint {
+        return Err(itself());
+    }
+    if is_within(&real, mountpoint) {
+        return Err(inside());
+    }
+    if is_within(mountpoint, &real) {
+        return Err(format!(
+            "mountpoint {mp} is inside the {what} {shown}: the mount would wait on itself"
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a branch list. Paths are taken as given; existence is checked on mount.
@@ -197,10 +249,53 @@ mod tests {
     }
 
     #[test]
+    fn within_compares_whole_components() {
+        assert!(is_within(Path::new("/a/b/c"), Path::new("/a/b")));
+        assert!(is_within(Path::new("/a/b"), Path::new("/a/b")));
+        assert!(!is_within(Path::new("/a/bc"), Path::new("/a/b")));
+        assert!(!is_within(Path::new("/a"), Path::new("/a/b")));
+    }
+
+    #[test]
+    fn layers_apart_from_the_mountpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for d in ["l/sub", "mnt", "b", "bc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(root.join("mnt"), root.join("link")).unwrap();
+        let err = |mp: &str, d: &str| check_apart(&root.join(mp), "branch", &root.join(d));
+        // mountpoint inside or equal to a branch
+        assert!(
+            err("l/sub", "l")
+                .unwrap_err()
+                .contains("is inside the branch")
+        );
+        assert!(err("mnt", "mnt").unwrap_err().contains("itself"));
+        // a branch inside the mountpoint, as spelt (never looked up) or by a symlink
+        assert!(
+            err("mnt", "mnt/x/y")
+                .unwrap_err()
+                .contains("inside the mountpoint")
+        );
+        assert!(err("mnt", "link").unwrap_err().contains("itself"));
+        // names sharing a prefix are apart
+        assert!(err("bc", "b").is_ok());
+        assert!(err("b", "bc").is_ok());
+        let e = err("l/sub", "l").unwrap_err();
+        assert!(
+            e.contains(&root.join("l").display().to_string()) && e.contains("l/sub"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("100").unwrap(), 100);
         assert_eq!(parse_size("1K").unwrap(), 1024);
         assert_eq!(parse_size("2m").unwrap(), 2 << 20);
         assert!(parse_size("x").is_err());
+        let e = parse_size("lots").unwrap_err();
+        assert!(e.contains("'lots'") && !e.contains("unit 's'"), "{e}");
     }
 }

@@ -7,7 +7,7 @@
 //! later `remove_image`/`gc` finds it unlocked.
 
 use crate::manifest::{HEADER_LEN, Header};
-use crate::{Digest, Error, Image, IoContext, Result, Store, check_name};
+use crate::{Digest, Error, Image, IoContext, Result, Store, check_name, open_regular};
 use rustix::fs::FlockOperation;
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -28,7 +28,7 @@ pub struct ImageInfo {
 }
 
 fn read_info(path: &Path, name: &str) -> Result<ImageInfo> {
-    let mut f = File::open(path).ctx("open", path)?;
+    let mut f = open_regular(path).ctx("open", path)?;
     let len = f.metadata().ctx("stat", path)?.len();
     let mut h = vec![0u8; HEADER_LEN];
     let n = f.read(&mut h).ctx("read", path)?;
@@ -109,7 +109,7 @@ pub(crate) fn retire_manifest(store: &Store, name: &str) -> Result<std::path::Pa
 /// Unlinks a retired manifest unless an [`Image`] still holds it. Returns
 /// whether it was removed.
 fn reap(path: &Path) -> Result<bool> {
-    let f = match File::open(path) {
+    let f = match open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
         Err(e) => return Err(Error::io("open", path, e)),

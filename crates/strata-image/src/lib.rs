@@ -137,6 +137,27 @@ impl fmt::Debug for Digest {
     }
 }
 
+/// Opens a store file (manifest, blob, cached blob) for reading without ever
+/// blocking or following a symlink: a FIFO or device planted in the store
+/// would otherwise hang whoever lists or mounts it. Anything but a regular
+/// file is an error.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// Image names: non-empty, ≤ 255 bytes, no '/', no NUL, not starting with '.'
 /// (dot names are reserved for the store's own entries such as `.removed`).
 pub(crate) fn check_name(name: &str) -> Result<()> {

@@ -424,7 +424,7 @@ impl Image {
         // Lock, then check the name still refers to the locked file: a removal
         // between our open and our lock renames it away (and may unlink it).
         for _ in 0..100 {
-            let file = match File::open(&path) {
+            let file = match crate::open_regular(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(Error::NoSuchImage(name.to_owned()));
@@ -446,7 +446,7 @@ impl Image {
     /// Opens a manifest file by path (no pin-lock protocol); `verify` checks
     /// the body checksum.
     pub(crate) fn open_path(path: &Path, verify: bool) -> Result<Image> {
-        let file = File::open(path).ctx("open", path)?;
+        let file = crate::open_regular(path).ctx("open", path)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -350,7 +350,7 @@ impl Store {
     /// digest on a mismatch; read it to EOF before trusting the data.
     pub fn open_blob(&self, digest: &Digest) -> Result<BlobReader> {
         let p = self.blob_path(digest);
-        let f = match File::open(&p) {
+        let f = match crate::open_regular(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(Error::MissingBlob(*digest));
@@ -411,7 +411,7 @@ impl Store {
     /// [`Error::CorruptBlob`], and neither leaves a cache file.
     pub fn materialize(&self, digest: &Digest) -> Result<File> {
         let dest = self.cache_path(digest);
-        match File::open(&dest) {
+        match crate::open_regular(&dest) {
             Ok(f) => return Ok(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("open cached blob", &dest, e)),
@@ -463,7 +463,7 @@ impl Store {
                 Ok(ro)
             }
             // Another writer won: its file has the same (verified) content.
-            Err(rustix::io::Errno::EXIST) => Ok(File::open(&dest).unwrap_or(ro)),
+            Err(rustix::io::Errno::EXIST) => Ok(crate::open_regular(&dest).unwrap_or(ro)),
             // No RENAME_NOREPLACE on this filesystem: a plain rename replaces
             // an identical file, which is just as correct.
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {

@@ -1,7 +1,7 @@
 //! The subcommands.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
 use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_core::source::is_within;
 use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
 
 use crate::options::MountOptions;
+use crate::output::outln;
 use crate::state::{self, MountRecord};
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
@@ -21,6 +23,16 @@ use crate::{EXIT_FAILURE, EXIT_USAGE};
 pub struct Failure {
     pub code: u8,
     pub message: String,
+}
+
+impl Failure {
+    /// Stops the command without a message, exit status 0 (stdout closed).
+    pub fn quiet() -> Failure {
+        Failure {
+            code: 0,
+            message: String::new(),
+        }
+    }
 }
 
 pub(crate) fn usage(message: impl Into<String>) -> Failure {
@@ -45,13 +57,29 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 }
 
 /// Everything that can be checked before a daemon starts, so bad input fails
-/// with a clear message and leaves nothing behind.
-fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failure> {
+/// with a clear message and leaves nothing behind. Returns the mountpoint
+/// resolved (realpath), for the checks that layers keep apart from it.
+fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<PathBuf, Failure> {
     let mp = mountpoint.display();
-    if state::is_stale(mountpoint) {
-        return Err(usage(format!(
-            "{mp}: stale mount (its daemon is gone); run `strata umount {mp}` first"
-        )));
+    // Only a mount can hang a stat; a plain directory needs no probe (which
+    // a busy machine could mistake for a hung mount).
+    let health = match state::mount_at(mountpoint) {
+        Some(_) => state::health(mountpoint),
+        None => state::Health::Ok,
+    };
+    match health {
+        state::Health::Stale => {
+            return Err(usage(format!(
+                "{mp}: stale mount (its daemon is gone); run `strata umount {mp}` first"
+            )));
+        }
+        state::Health::Hung => {
+            return Err(usage(format!(
+                "{mp}: the mount there does not answer (its daemon is stopped or stuck); \
+                 `strata umount -l {mp}` detaches it"
+            )));
+        }
+        state::Health::Ok => {}
     }
     let meta = fs::metadata(mountpoint).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => usage(format!("{mp}: mountpoint does not exist")),
@@ -81,7 +109,30 @@ fn check_mountpoint(mountpoint: &Path, opts: &MountOptions) -> Result<(), Failur
             "/dev/fuse: no such device; load the fuse module (modprobe fuse) or give the container /dev/fuse",
         ));
     }
+    fs::canonicalize(mountpoint).map_err(|e| usage(format!("{mp}: {e}")))
+}
+
+/// Refuses layers (`what`, directory) that are, hold or lie inside the
+/// mountpoint (see [`strata_core::source::check_apart`]).
+fn check_layers_apart(real_mountpoint: &Path, layers: &[(&str, &Path)]) -> Result<(), Failure> {
+    for (what, dir) in layers {
+        strata_core::source::check_apart(real_mountpoint, what, dir).map_err(usage)?;
+    }
     Ok(())
+}
+
+/// An overlay directory given on the command line must exist: the message
+/// names the option (`--upper`) or role (`lower`) and the path.
+fn check_dir(what: &str, dir: &Path) -> Result<(), Failure> {
+    let shown = dir.display();
+    match fs::metadata(dir) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(usage(format!("{what} {shown}: not a directory"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(usage(format!("{what} {shown}: no such directory")))
+        }
+        Err(e) => Err(usage(format!("{what} {shown}: {e}"))),
+    }
 }
 
 /// The layer a SOURCE asks for: one directory, a union of branches, or an
@@ -144,7 +195,14 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
     for b in &mut branches {
         b.path = absolute(&b.path)?;
     }
-    check_mountpoint(mountpoint, &opts)?;
+    let real_mountpoint = check_mountpoint(mountpoint, &opts)?;
+    check_layers_apart(
+        &real_mountpoint,
+        &branches
+            .iter()
+            .map(|b| ("branch", b.path.as_path()))
+            .collect::<Vec<_>>(),
+    )?;
     let all_ro = branches
         .iter()
         .all(|b| b.mode == strata_core::source::BranchMode::RO);
@@ -213,10 +271,33 @@ fn prepare_overlay(
     };
     let lowers = overlay_lowers(source, &store)?;
     let upper = opts.upper.as_deref().map(absolute).transpose()?;
+    let mut layers: Vec<(&str, &Path)> = Vec::new();
+    if let Some(up) = &upper {
+        check_dir("--upper", up)?;
+        layers.push(("upper", up));
+    }
+    for l in &lowers {
+        if let LowerSpec::Host(p) = l {
+            check_dir("lower", p)?;
+            layers.push(("lower", p));
+        }
+    }
+    if let Some(LowerSpec::Image { name, .. }) =
+        lowers.iter().find(|l| matches!(l, LowerSpec::Image { .. }))
+    {
+        if !store.exists() {
+            return Err(usage(format!(
+                "image:{name}: image store {} does not exist (give -o store=DIR or set STRATA_STORE)",
+                store.display()
+            )));
+        }
+        layers.push(("image store", &store));
+    }
     if let Some(up) = &upper {
         check_upper_apart(up, &lowers)?;
     }
-    check_mountpoint(mountpoint, opts)?;
+    let real_mountpoint = check_mountpoint(mountpoint, opts)?;
+    check_layers_apart(&real_mountpoint, &layers)?;
     let fs = OverlayFs::new(OverlayConfig {
         lowers,
         upper: upper.clone(),
@@ -244,7 +325,7 @@ fn check_upper_apart(upper: &Path, lowers: &[LowerSpec]) -> Result<(), Failure> 
     for l in lowers {
         if let LowerSpec::Host(p) = l {
             let low = real(p)?;
-            if up.starts_with(&low) || low.starts_with(&up) {
+            if is_within(&up, &low) || is_within(&low, &up) {
                 return Err(usage(format!(
                     "upper {} and lower {} overlap; they must be separate directories",
                     upper.display(),
@@ -259,8 +340,11 @@ fn check_upper_apart(upper: &Path, lowers: &[LowerSpec]) -> Result<(), Failure> 
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only for a person at a terminal: a background daemon's stderr
+    // is its log file.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
     // Panics are caught per request; make sure they land in the log.
@@ -374,7 +458,7 @@ impl Serving<'_> {
         let session = match strata_fuse::mount(fs, mountpoint, cfg) {
             Ok(s) => s,
             Err(e) => {
-                let f = failure(format!("{}: mount failed: {e}", mountpoint.display()));
+                let f = failure(mount_error(mountpoint, &e));
                 report(&format!("error {} {}", f.code, f.message));
                 return Err(f);
             }
@@ -387,8 +471,9 @@ impl Serving<'_> {
             source: source.to_string(),
             pid: std::process::id(),
             started: state::now(),
+            // The file the parent opened as our stderr, one per daemon.
             log: if self.daemon_child {
-                state::log_path(mountpoint)
+                fs::read_link("/proc/self/fd/2").unwrap_or_default()
             } else {
                 PathBuf::new()
             },
@@ -403,6 +488,27 @@ impl Serving<'_> {
         report("ready");
         serve(session, mountpoint)
     }
+}
+
+/// Why the kernel mount failed, in one line. Without access to /dev/fuse
+/// (and no setuid fusermount3 to fall back on) the error is a bare EACCES:
+/// name the device.
+fn mount_error(mountpoint: &Path, e: &std::io::Error) -> String {
+    let mp = mountpoint.display();
+    if e.kind() == std::io::ErrorKind::PermissionDenied
+        && rustix::fs::access(
+            "/dev/fuse",
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        )
+        .is_err()
+    {
+        return format!(
+            "{mp}: mount failed: /dev/fuse: permission denied for uid {} \
+             (needs read-write access to /dev/fuse, or fusermount3 installed setuid root)",
+            rustix::process::geteuid().as_raw()
+        );
+    }
+    format!("{mp}: mount failed: {e}")
 }
 
 /// Sets the readahead of the mount just made, for the reads the daemon
@@ -452,11 +558,13 @@ fn serve<F: strata_core::Filesystem>(
 fn spawn_daemon(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<(), Failure> {
     let exe =
         std::env::current_exe().map_err(|e| failure(format!("cannot find own executable: {e}")))?;
-    let log = state::log_path(mountpoint);
+    let log = state::new_log_path(mountpoint);
     fs::create_dir_all(log.parent().expect("has parent"))
         .map_err(|e| failure(format!("{}: {e}", log.display())))?;
+    // Room for the new log among the kept ones.
+    state::prune_logs(mountpoint, state::LOGS_KEPT - 1);
     let log_file = fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .append(true)
         .open(&log)
         .map_err(|e| failure(format!("{}: {e}", log.display())))?;
@@ -499,6 +607,8 @@ fn spawn_daemon(source: &str, mountpoint: &Path, option_lists: &[String]) -> Res
     }
     let _ = child.wait();
     if let Some(rest) = line.strip_prefix("error ") {
+        // The error is the user's now; the attempt's log holds nothing more.
+        let _ = fs::remove_file(&log);
         let (code, msg) = rest.split_once(' ').unwrap_or(("1", rest));
         return Err(Failure {
             code: code.parse().unwrap_or(EXIT_FAILURE),
@@ -547,7 +657,7 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
     if m.fstype != state::FSTYPE {
         return Err(usage(format!("{mp}: not a strata mount ({})", m.fstype)));
     }
-    let stale = state::is_stale(&mountpoint);
+    let stale = state::health(&mountpoint) == state::Health::Stale;
     unmount_syscall(&mountpoint, lazy || stale).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {
             usage(format!("{mp}: busy (files open or a process inside); `strata umount -l {mp}` detaches it anyway"))
@@ -555,8 +665,9 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
             failure(format!("{mp}: unmount failed: {e}"))
         }
     })?;
-    // Give the daemon a moment to finish, so a remount right after works.
-    if let Some(rec) = record {
+    // Give a live daemon a moment to finish, so a remount right after works.
+    // A stale mount's daemon is gone already (at most a zombie).
+    if let Some(rec) = record.filter(|_| !stale) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while state::pid_alive(rec.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -575,28 +686,29 @@ fn uptime(secs: u64) -> String {
     }
 }
 
-fn stats_of(mountpoint: &Path) -> Option<serde_json::Value> {
-    let mut buf = vec![0u8; 4096];
-    let n = rustix::fs::getxattr(mountpoint, strata_fuse::STATS_XATTR, &mut buf[..]).ok()?;
-    serde_json::from_slice(&buf[..n]).ok()
-}
-
 pub fn status(json: bool) -> Result<(), Failure> {
     let now = state::now();
-    let mut rows = Vec::new();
-    for m in state::kernel_mounts()
+    let mounts: Vec<_> = state::kernel_mounts()
         .into_iter()
         .filter(|m| m.fstype == state::FSTYPE)
-    {
+        .collect();
+    // All mounts are probed at once, so hung ones cost one timeout in all.
+    let probes: Vec<_> = mounts
+        .iter()
+        .map(|m| state::Probe::start(&m.mountpoint, true))
+        .collect();
+    let deadline = Instant::now() + state::PROBE_TIMEOUT;
+    let mut rows = Vec::new();
+    for (m, probe) in mounts.iter().zip(probes) {
+        let (health, stats) = probe.finish(deadline);
         let rec = state::read_record(&m.mountpoint);
-        let stale = state::is_stale(&m.mountpoint);
         let pid = rec.as_ref().map(|r| r.pid).filter(|p| state::pid_alive(*p));
-        let state = if stale || pid.is_none() && rec.is_some() {
-            "stale"
-        } else {
-            "ok"
+        let state = match health {
+            state::Health::Hung => "hung",
+            state::Health::Stale => "stale",
+            state::Health::Ok if pid.is_none() && rec.is_some() => "stale",
+            state::Health::Ok => "ok",
         };
-        let stats = if stale { None } else { stats_of(&m.mountpoint) };
         rows.push(serde_json::json!({
             "mountpoint": m.mountpoint,
             "source": rec.as_ref().map_or(m.source.clone(), |r| r.source.clone()),
@@ -608,20 +720,24 @@ pub fn status(json: bool) -> Result<(), Failure> {
         }));
     }
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&rows).expect("serializable")
-        );
+        )?;
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no strata mounts");
+        outln!("no strata mounts")?;
         return Ok(());
     }
-    println!(
-        "{:<30} {:<30} {:>8} {:>8}  STATE",
-        "MOUNTPOINT", "SOURCE", "PID", "UPTIME"
-    );
+    outln!(
+        "{:<30} {:<30} {:>8} {:>8}  {:<5}  LOG",
+        "MOUNTPOINT",
+        "SOURCE",
+        "PID",
+        "UPTIME",
+        "STATE"
+    )?;
     for r in rows {
         let s = |k: &str| {
             r[k].as_str()
@@ -630,14 +746,15 @@ pub fn status(json: bool) -> Result<(), Failure> {
         };
         let pid = r["pid"].as_u64().map_or("-".into(), |p| p.to_string());
         let up = r["uptime_secs"].as_u64().map_or("-".into(), uptime);
-        println!(
-            "{:<30} {:<30} {:>8} {:>8}  {}",
+        outln!(
+            "{:<30} {:<30} {:>8} {:>8}  {:<5}  {}",
             s("mountpoint"),
             s("source"),
             pid,
             up,
-            s("state")
-        );
+            s("state"),
+            s("log")
+        )?;
     }
     Ok(())
 }

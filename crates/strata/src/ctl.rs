@@ -4,10 +4,12 @@
 
 use std::path::Path;
 
+use strata_core::source::check_apart;
 use strata_core::union::control::edit_branches;
 use strata_core::union::{CONTROL_NAME, Settings};
 
 use crate::commands::{Failure, failure, usage};
+use crate::output::outln;
 
 const PREFIX: &str = "user.strata.";
 
@@ -32,12 +34,16 @@ fn keys(control: &Path) -> Result<Vec<String>, Failure> {
         .collect())
 }
 
-fn set(control: &Path, key: &str, value: &str) -> Result<(), Failure> {
+fn set(control: &Path, mountpoint: &Path, key: &str, value: &str) -> Result<(), Failure> {
     // Same checks as the daemon, so a refusal comes with its reason.
     if key == "branches" {
         let current = strata_core::source::parse_branches(&get(control, "branches")?)
             .map_err(|e| failure(format!("daemon reported bad branches: {e}")))?;
-        edit_branches(&current, value).map_err(|e| usage(format!("branches: {e}")))?;
+        let next = edit_branches(&current, value).map_err(|e| usage(format!("branches: {e}")))?;
+        for b in next.iter().filter(|b| !current.contains(b)) {
+            check_apart(mountpoint, "branch", &b.path)
+                .map_err(|e| usage(format!("branches: {e}")))?;
+        }
     } else if Settings::default().get(key).is_some() {
         Settings::default()
             .set(key, value)
@@ -68,19 +74,22 @@ pub fn run(mountpoint: &Path, action: &str, args: &[String]) -> Result<(), Failu
             mountpoint.display()
         )));
     }
+    // Resolved from outside the mount, as the daemon did when it mounted.
+    let mountpoint = &std::fs::canonicalize(mountpoint)
+        .map_err(|e| failure(format!("{}: {e}", mountpoint.display())))?;
     match (action, args) {
         ("list", []) => {
             for k in keys(&control)? {
-                println!("{k}={}", get(&control, &k)?);
+                outln!("{k}={}", get(&control, &k)?)?;
             }
         }
-        ("get", [key]) => println!("{}", get(&control, key)?),
+        ("get", [key]) => outln!("{}", get(&control, key)?)?,
         ("set", pairs) if !pairs.is_empty() => {
             for pair in pairs {
                 let (k, v) = pair
                     .split_once('=')
                     .ok_or_else(|| usage(format!("'{pair}': expected KEY=VALUE")))?;
-                set(&control, k, v)?;
+                set(&control, mountpoint, k, v)?;
             }
         }
         _ => {

@@ -14,6 +14,7 @@ use clap::{Args, Subcommand};
 use strata_image::{BuildOptions, Digest, Error, Image, Kind, RemoveOutcome, Store};
 
 use crate::commands::{Failure, failure, usage};
+use crate::output::outln;
 
 /// `--store DIR`, shared by every store subcommand.
 #[derive(Args, Debug)]
@@ -138,7 +139,13 @@ fn open_store(root: &Path, create: bool) -> Result<Option<Store>, Failure> {
 
 /// The store for commands that need an existing image.
 fn store_with(root: &Path, name: &str) -> Result<Store, Failure> {
-    open_store(root, false)?.ok_or_else(|| fail(Error::NoSuchImage(name.to_owned())))
+    open_store(root, false)?.ok_or_else(|| {
+        usage(format!(
+            "no image named {:?}: the store {} does not exist",
+            printable(name),
+            printable(&root.display().to_string())
+        ))
+    })
 }
 
 /// "1.5 MiB": binary units, one decimal from KiB on, exact bytes below.
@@ -233,7 +240,7 @@ impl Meter {
 
     fn clear(&mut self) {
         if self.drawn {
-            eprint!("\r\x1b[K");
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
             self.drawn = false;
         }
     }
@@ -301,7 +308,7 @@ fn build(src: &Path, name: &str, replace: bool, root: &Path) -> Result<(), Failu
     } else {
         String::new()
     };
-    println!(
+    outln!(
         "built image {}: {files}, {}, {}{others}; {} content, {} stored, {}; {}",
         printable(name),
         count(stats.dirs, "dir", "dirs"),
@@ -310,7 +317,7 @@ fn build(src: &Path, name: &str, replace: bool, root: &Path) -> Result<(), Failu
         human(stats.stored_bytes),
         count(stats.dedup_hits, "dedup hit", "dedup hits"),
         elapsed(stats.elapsed)
-    );
+    )?;
     Ok(())
 }
 
@@ -336,14 +343,14 @@ fn ls(json: bool, root: &Path) -> Result<(), Failure> {
                 Err(e) => serde_json::json!({ "name": name, "error": e.to_string() }),
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&rows).expect("serializable")
-        );
+        )?;
         return Ok(());
     }
     if images.is_empty() {
-        println!("no images in {}", printable(&root.display().to_string()));
+        outln!("no images in {}", printable(&root.display().to_string()))?;
         return Ok(());
     }
     let width = images
@@ -352,25 +359,27 @@ fn ls(json: bool, root: &Path) -> Result<(), Failure> {
         .max()
         .unwrap_or(0)
         .max(4);
-    println!(
+    outln!(
         "{:<width$}  {:>9}  {:>10}  CREATED (UTC)",
-        "NAME", "ENTRIES", "SIZE"
-    );
+        "NAME",
+        "ENTRIES",
+        "SIZE"
+    )?;
     for (name, info) in &images {
         let name = printable(name);
         match info {
-            Ok(i) => println!(
+            Ok(i) => outln!(
                 "{name:<width$}  {:>9}  {:>10}  {}",
                 i.entries,
                 human(i.total_size),
                 iso8601(i.created)
-            ),
-            Err(e) => println!(
+            )?,
+            Err(e) => outln!(
                 "{name:<width$}  {:>9}  {:>10}  unreadable: {}",
                 "-",
                 "-",
                 printable(&e.to_string())
-            ),
+            )?,
         }
     }
     Ok(())
@@ -423,10 +432,10 @@ fn verify(name: &str, root: &Path) -> Result<(), Failure> {
     meter.clear();
     let shown = printable(name);
     if failures.is_empty() {
-        println!(
+        outln!(
             "{shown}: {} OK",
             count(digests.len() as u64, "blob", "blobs")
-        );
+        )?;
         return Ok(());
     }
     let wanted: HashSet<Digest> = failures.iter().map(|f| f.0).collect();
@@ -442,7 +451,7 @@ fn verify(name: &str, root: &Path) -> Result<(), Failure> {
         if used.len() > MAX_PATHS {
             list.push(format!("and {} more", used.len() - MAX_PATHS));
         }
-        println!("{d}: {}; used by {}", printable(&reason), list.join(", "));
+        outln!("{d}: {}; used by {}", printable(&reason), list.join(", "))?;
     }
     Err(failure(format!(
         "{shown}: {} of {} corrupt or missing",
@@ -455,13 +464,11 @@ fn rm(name: &str, root: &Path) -> Result<(), Failure> {
     let store = store_with(root, name)?;
     let shown = printable(name);
     match strata_image::remove_image(&store, name).map_err(fail)? {
-        RemoveOutcome::Removed => {
-            println!("removed image {shown} (`strata gc` frees its blobs)")
-        }
-        RemoveOutcome::Deferred => println!(
+        RemoveOutcome::Removed => outln!("removed image {shown} (`strata gc` frees its blobs)")?,
+        RemoveOutcome::Deferred => outln!(
             "image {shown} is in use (mounted): removed from the list now; \
              its blobs are kept until the last mount of it ends, then `strata gc` frees them"
-        ),
+        )?,
     }
     Ok(())
 }
@@ -470,10 +477,10 @@ fn rm(name: &str, root: &Path) -> Result<(), Failure> {
 pub fn gc(store: &StoreArg) -> Result<(), Failure> {
     let root = store.root();
     let Some(store) = open_store(&root, false)? else {
-        println!(
+        outln!(
             "no store at {}: nothing to collect",
             printable(&root.display().to_string())
-        );
+        )?;
         return Ok(());
     };
     let st = strata_image::gc(&store).map_err(|e| {
@@ -487,26 +494,27 @@ pub fn gc(store: &StoreArg) -> Result<(), Failure> {
         f.message = format!("{what}: {}", f.message);
         f
     })?;
-    println!(
+    outln!(
         "blobs:     removed {} ({}), kept {}",
         st.blobs_removed,
         human(st.bytes_removed),
         st.blobs_kept
-    );
-    println!(
+    )?;
+    outln!(
         "manifests: removed {} retired, {} still pinned by a mount (their blobs kept)",
-        st.manifests_removed, st.manifests_pinned
-    );
-    println!(
+        st.manifests_removed,
+        st.manifests_pinned
+    )?;
+    outln!(
         "cache:     removed {} ({}), kept {}",
         count(st.cache_removed, "file", "files"),
         human(st.cache_bytes_removed),
         st.cache_kept
-    );
-    println!(
+    )?;
+    outln!(
         "tmp:       removed {}",
         count(st.tmp_removed, "stale staging file", "stale staging files")
-    );
+    )?;
     Ok(())
 }
 

@@ -6,8 +6,10 @@ mod commands;
 mod ctl;
 mod image_cmd;
 mod options;
+mod output;
 mod state;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -132,7 +134,15 @@ enum Command {
         #[command(flatten)]
         store: image_cmd::StoreArg,
     },
-    /// List strata mounts: mountpoint, source, pid, uptime.
+    /// Internal: probe a mountpoint for `status` (in a child process, so a
+    /// hung mount never blocks the command itself).
+    #[command(hide = true)]
+    ProbeMount {
+        #[arg(long)]
+        stats: bool,
+        path: PathBuf,
+    },
+    /// List strata mounts: mountpoint, source, pid, uptime, state, log.
     Status {
         /// Machine-readable output, with inode and handle counters.
         #[arg(long)]
@@ -167,6 +177,10 @@ fn main() -> ExitCode {
         ),
         Command::Umount { lazy, mountpoint } => commands::umount(&mountpoint, lazy),
         Command::Status { json } => commands::status(json),
+        Command::ProbeMount { stats, path } => {
+            state::probe_mount(&path, stats);
+            Ok(())
+        }
         Command::Ctl {
             mountpoint,
             action,
@@ -178,7 +192,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("strata: {}", e.message);
+            if !e.message.is_empty() {
+                // Not eprintln!: a closed stderr must not turn into a panic.
+                let _ = writeln!(std::io::stderr(), "strata: {}", e.message);
+            }
             ExitCode::from(e.code)
         }
     }

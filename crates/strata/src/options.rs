@@ -176,6 +176,14 @@ impl MountOptions {
                 }
             }
         }
+        if o.read_only
+            && let Some(up) = &o.upper
+        {
+            return Err(format!(
+                "options 'ro' and 'upper={}' contradict: an upper only takes writes; drop one",
+                up.display()
+            ));
+        }
         // The cache timeouts apply to the union too.
         o.union.entry_ttl = o.entry_ttl;
         o.union.attr_ttl = o.attr_ttl;
@@ -232,6 +240,17 @@ mod tests {
             MountOptions::parse(["cache.entry"])
                 .unwrap_err()
                 .contains("needs a value")
+        );
+        assert!(
+            MountOptions::parse(["ro", "upper=/u"])
+                .unwrap_err()
+                .contains("'ro' and 'upper=/u' contradict")
+        );
+        assert!(MountOptions::parse(["ro,rw", "upper=/u"]).is_ok());
+        assert!(
+            MountOptions::parse(["minfreespace=lots"])
+                .unwrap_err()
+                .contains("option 'minfreespace': bad size 'lots'")
         );
         assert!(
             MountOptions::parse(["passthrough=maybe"])

@@ -3,9 +3,11 @@
 //! written by its daemon (pid, source, start time).
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,17 +25,34 @@ pub struct MountRecord {
 
 /// Per-user directory for mount records and daemon logs.
 pub fn state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("STRATA_STATE_DIR") {
-        return PathBuf::from(dir);
+    state_dir_from(
+        std::env::var_os("STRATA_STATE_DIR"),
+        rustix::process::geteuid().is_root(),
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
+}
+
+/// [`state_dir`] from its inputs. The result is always absolute: an empty
+/// `STRATA_STATE_DIR` is unset and a relative one is taken from the current
+/// directory (the daemon's records and logs must not depend on where a later
+/// command runs); an empty or relative `XDG_RUNTIME_DIR` is ignored, as the
+/// XDG base directory spec asks.
+fn state_dir_from(
+    strata: Option<std::ffi::OsString>,
+    root: bool,
+    xdg: Option<std::ffi::OsString>,
+) -> PathBuf {
+    if let Some(dir) = strata.filter(|d| !d.is_empty()) {
+        return std::path::absolute(&dir).unwrap_or_else(|_| PathBuf::from(dir));
     }
-    if rustix::process::geteuid().is_root() {
+    if root {
         return PathBuf::from("/run/strata");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d).join("strata"),
-        None => {
-            std::env::temp_dir().join(format!("strata-{}", rustix::process::geteuid().as_raw()))
-        }
+    match xdg.map(PathBuf::from).filter(|d| d.is_absolute()) {
+        Some(d) => d.join("strata"),
+        None => std::path::absolute(std::env::temp_dir())
+            .unwrap_or_else(|_| PathBuf::from("/tmp"))
+            .join(format!("strata-{}", rustix::process::geteuid().as_raw())),
     }
 }
 
@@ -63,10 +82,51 @@ pub fn record_path(mountpoint: &Path) -> PathBuf {
         .join(format!("{}.json", slug(mountpoint)))
 }
 
-pub fn log_path(mountpoint: &Path) -> PathBuf {
-    state_dir()
-        .join("logs")
-        .join(format!("{}.log", slug(mountpoint)))
+/// Logs kept per mountpoint: the running daemon's and a few of its
+/// predecessors' (older ones are removed when a new daemon starts).
+pub const LOGS_KEPT: usize = 5;
+
+fn logs_dir() -> PathBuf {
+    state_dir().join("logs")
+}
+
+/// A new log file name for one daemon of `mountpoint`: every mount attempt
+/// gets its own, so a failed attempt never writes into the log of the mount
+/// already there.
+pub fn new_log_path(mountpoint: &Path) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    logs_dir().join(format!(
+        "{}.{nanos}-{}.log",
+        slug(mountpoint),
+        std::process::id()
+    ))
+}
+
+/// Removes the oldest logs of `mountpoint` so that at most `keep` remain.
+pub fn prune_logs(mountpoint: &Path, keep: usize) {
+    let prefix = format!("{}.", slug(mountpoint));
+    let Ok(entries) = fs::read_dir(logs_dir()) else {
+        return;
+    };
+    let mut logs: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".log")
+        })
+        .filter_map(|e| {
+            let md = e.metadata().ok().filter(|m| m.is_file())?;
+            Some((md.modified().unwrap_or(UNIX_EPOCH), e.path()))
+        })
+        .collect();
+    logs.sort();
+    let excess = logs.len().saturating_sub(keep);
+    for (_, path) in logs.into_iter().take(excess) {
+        let _ = fs::remove_file(path);
+    }
 }
 
 pub fn write_record(rec: &MountRecord) -> io::Result<()> {
@@ -154,13 +214,122 @@ pub fn mount_at(path: &Path) -> Option<KernelMount> {
         .find(|m| m.mountpoint == path)
 }
 
-/// Whether `path` is a FUSE mount whose daemon is gone (ENOTCONN).
-pub fn is_stale(path: &Path) -> bool {
-    matches!(fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+/// How long a probe of a mount (stat, the stats xattr) may take before the
+/// mount counts as hung.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a probe of a mountpoint found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// FUSE mount whose daemon is gone (ENOTCONN).
+    Stale,
+    /// No answer within [`PROBE_TIMEOUT`] (daemon stopped or stuck).
+    Hung,
 }
 
+/// A probe running in a child process (`strata probe-mount`). A syscall on
+/// a mount whose daemon is stopped blocks its caller, and with FUSE over
+/// io_uring uninterruptibly once the request is queued: a thread of ours
+/// stuck there would keep this process from exiting. A child is killed and
+/// left behind instead (init reaps it once the mount answers or goes).
+pub struct Probe {
+    child: Option<Child>,
+    out: Receiver<String>,
+}
+
+impl Probe {
+    /// Starts probing `path`: a stat, and with `stats` the daemon's counters.
+    pub fn start(path: &Path, stats: bool) -> Probe {
+        let (tx, out) = std::sync::mpsc::channel();
+        let child = std::env::current_exe().ok().and_then(|exe| {
+            let mut cmd = Command::new(exe);
+            cmd.arg("probe-mount");
+            if stats {
+                cmd.arg("--stats");
+            }
+            cmd.arg(path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        });
+        let child = child.map(|mut c| {
+            let mut pipe = c.stdout.take().expect("piped");
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                let _ = tx.send(text);
+            });
+            c
+        });
+        Probe { child, out }
+    }
+
+    /// The result, waiting until `deadline` at most; a probe that cannot
+    /// run at all reports `Ok` without counters.
+    pub fn finish(mut self, deadline: Instant) -> (Health, Option<serde_json::Value>) {
+        let Some(mut child) = self.child.take() else {
+            return (Health::Ok, None);
+        };
+        match self
+            .out
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(text) => {
+                let _ = child.wait();
+                let mut lines = text.lines();
+                let health = match lines.next() {
+                    Some("stale") => Health::Stale,
+                    _ => Health::Ok,
+                };
+                (
+                    health,
+                    lines.next().and_then(|l| serde_json::from_str(l).ok()),
+                )
+            }
+            Err(_) => {
+                // Not waited for: it may stay blocked until the mount answers.
+                let _ = child.kill();
+                (Health::Hung, None)
+            }
+        }
+    }
+}
+
+/// The probe child's work: prints `ok` or `stale`, then with `stats` the
+/// counters as one JSON line (`null` if there are none).
+pub fn probe_mount(path: &Path, stats: bool) {
+    let stale = matches!(fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let mut out = String::from(if stale { "stale\n" } else { "ok\n" });
+    if stats && !stale {
+        let mut buf = vec![0u8; 4096];
+        match rustix::fs::getxattr(path, strata_fuse::STATS_XATTR, &mut buf[..]) {
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n]).replace('\n', " ")),
+            Err(_) => out.push_str("null"),
+        }
+        out.push('\n');
+    }
+    let _ = std::io::stdout().write_all(out.as_bytes());
+}
+
+/// Stats `path` with a timeout (in a child, see [`Probe`]).
+pub fn health(path: &Path) -> Health {
+    Probe::start(path, false)
+        .finish(Instant::now() + PROBE_TIMEOUT)
+        .0
+}
+
+/// Whether process `pid` still runs: a zombie (killed, not yet reaped by its
+/// parent) holds nothing and counts as gone.
 pub fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which may itself hold ") ".
+    let state = stat.rfind(") ").and_then(|i| stat[i + 2..].chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 #[cfg(test)]
@@ -178,6 +347,41 @@ mod tests {
         assert_eq!(m[0].fstype, FSTYPE);
         assert_eq!(m[0].source, "/srv/a:/srv/b=RO");
         assert_eq!(m[1].fstype, "proc");
+    }
+
+    #[test]
+    fn state_dir_is_absolute() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        let user = |xdg| state_dir_from(None, false, xdg);
+        assert_eq!(user(os("/run/user/7")), PathBuf::from("/run/user/7/strata"));
+        for xdg in [os(""), os("relative/dir"), None] {
+            let d = user(xdg.clone());
+            assert!(d.is_absolute(), "{xdg:?} gave {}", d.display());
+            assert!(!d.starts_with("relative"), "{}", d.display());
+        }
+        assert_eq!(
+            state_dir_from(os(""), true, None),
+            PathBuf::from("/run/strata")
+        );
+        assert!(state_dir_from(os("rel"), true, None).is_absolute());
+    }
+
+    #[test]
+    fn zombies_and_missing_processes_are_not_alive() {
+        assert!(pid_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!pid_alive(pid), "zombie {pid} counts as alive");
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "not reaped yet"
+        );
+        child.wait().unwrap();
     }
 
     #[test]

@@ -284,7 +284,13 @@ fn bad_input_is_one_line_and_exit_2() {
 
     // Reading commands on a store that does not exist yet.
     let line = one_line_failure(&s.run(&["image", "verify", "ghost"]), 2);
-    assert_eq!(line, "strata: no image named \"ghost\"");
+    assert_eq!(
+        line,
+        format!(
+            "strata: no image named \"ghost\": the store {} does not exist",
+            s.store().display()
+        )
+    );
     one_line_failure(&s.run(&["image", "rm", "ghost"]), 2);
     assert!(s.ok(&["image", "ls"]).starts_with("no images in "));
     assert!(s.ok(&["gc"]).starts_with("no store at "));
@@ -351,4 +357,58 @@ fn broken_manifest_is_reported_not_fatal() {
             .contains("blobs:     removed 0 (0 B), kept 3\n")
     );
     assert_eq!(s.ok(&["image", "verify", "good"]), "good: 3 blobs OK\n");
+}
+
+/// A FIFO (or a symlink) in `images/` is listed as unreadable, never opened
+/// for reading: `ls` and `gc` return at once.
+#[test]
+fn a_fifo_in_images_does_not_hang_ls_or_gc() {
+    let sc = Scratch::new();
+    fs::create_dir(sc.path("src")).unwrap();
+    fs::write(sc.path("src/f"), b"x").unwrap();
+    sc.ok(&[
+        "image",
+        "build",
+        sc.path("src").to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+    let fifo = sc.store().join("images/pipe");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    std::os::unix::fs::symlink("/dev/zero", sc.store().join("images/zero")).unwrap();
+    for args in [&["image", "ls"][..], &["image", "ls", "--json"], &["gc"]] {
+        let mut child = Command::new(STRATA)
+            .args(args)
+            .env("STRATA_STORE", sc.store())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("strata {args:?} hangs on a FIFO in images/");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        if args[0] == "gc" {
+            // gc stops before deleting anything, naming the entry.
+            assert!(
+                stderr.contains("pipe") || stderr.contains("zero"),
+                "{stderr}"
+            );
+        } else {
+            assert!(out.status.success(), "{stderr}");
+            assert!(stdout.contains("base"), "{stdout}");
+            assert!(stdout.contains("not a regular file"), "{stdout}");
+        }
+    }
 }

@@ -210,3 +210,200 @@ fn a_panicking_handler_costs_one_eio_not_the_mount() {
         m.log()
     );
 }
+
+/// Sends SIGCONT to a stopped daemon when dropped (also when the test fails),
+/// and from a watchdog after `limit`, so that even a status that waits on the
+/// mount forever (the bug) ends and the test reports it instead of hanging.
+struct Resume(i32);
+
+impl Resume {
+    fn new(pid: u32, limit: Duration) -> Resume {
+        let pid = pid as i32;
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            cont(pid);
+        });
+        Resume(pid)
+    }
+}
+
+fn cont(pid: i32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+    }
+}
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        cont(self.0);
+    }
+}
+
+#[test]
+fn status_shows_a_stopped_daemon_as_hung_and_returns() {
+    let m = Mounted::new(&[]);
+    let state = m.dir.path().join("state");
+    let _resume = Resume::new(m.pid(), Duration::from_secs(20));
+    m.signal(rustix::process::Signal::STOP);
+    let mp = m.mnt.to_str().unwrap();
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let start = std::time::Instant::now();
+        let out = output_with_timeout(
+            std::process::Command::new(STRATA)
+                .args(args)
+                .env("STRATA_STATE_DIR", &state),
+            Duration::from_secs(60),
+        )
+        .expect("status returns");
+        let took = start.elapsed();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            took < Duration::from_secs(8),
+            "strata {args:?} took {took:?}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if args.len() == 1 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{mp} ")))
+                .unwrap_or_else(|| panic!("{mp} not listed: {text}"));
+            assert!(line.split_whitespace().any(|w| w == "hung"), "{line}");
+        } else {
+            let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let row = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["mountpoint"] == mp)
+                .unwrap_or_else(|| panic!("{mp} not listed: {text}"));
+            assert_eq!(row["state"], "hung", "{row}");
+        }
+    }
+}
+
+#[test]
+fn umount_of_a_killed_daemon_returns_without_waiting_for_its_zombie() {
+    // A foreground daemon is this test's child: killed, it stays a zombie
+    // until the harness reaps it when `m` drops.
+    let m = Mounted::new(&[]);
+    let state = m.dir.path().join("state");
+    let pid = m.pid();
+    m.signal(rustix::process::Signal::KILL);
+    let zombie = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), zombie),
+        "daemon is a zombie"
+    );
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || matches!(fs::metadata(&m.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    ));
+    let start = std::time::Instant::now();
+    let out = output_with_timeout(
+        std::process::Command::new(STRATA)
+            .args(["umount", m.mnt.to_str().unwrap()])
+            .env("STRATA_STATE_DIR", &state),
+        Duration::from_secs(60),
+    )
+    .expect("umount returns");
+    let took = start.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&m.mnt));
+    // It used to poll /proc until the zombie went (10 s here, as nobody reaps it).
+    assert!(took < Duration::from_secs(3), "umount took {took:?}");
+    assert!(zombie(), "still a zombie: nothing waited for it");
+}
+
+#[test]
+fn daemon_logs_are_plain_text_and_one_per_mount() {
+    // A foreground daemon's stderr (a file here) has no colour escapes.
+    let mut m = Mounted::with_env(&[], &[("RUST_LOG", "info")]);
+    m.unmount();
+    assert!(m.log().contains("mounted"), "{}", m.log());
+    assert!(!m.log().contains('\x1b'), "escapes in {:?}", m.log());
+
+    let dir = tempfile::Builder::new()
+        .prefix("strata-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (src, mnt, state) = (
+        dir.path().join("src"),
+        dir.path().join("mnt"),
+        dir.path().join("state"),
+    );
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let (s, mp) = (src.to_str().unwrap(), mnt.to_str().unwrap());
+    let logs = || {
+        let mut v: Vec<_> = fs::read_dir(state.join("logs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let out = strata(&["mount", s, mp], &state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = strata(&["status", "--json"], &state);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["mountpoint"] == mp)
+        .unwrap()
+        .clone();
+    let log = std::path::PathBuf::from(row["log"].as_str().expect("log in the record"));
+    assert!(log.starts_with(state.join("logs")), "{}", log.display());
+    // A failed attempt at the same mountpoint writes nowhere near that log,
+    // and its own log goes once its error is reported.
+    let out = strata(&["mount", s, mp], &state);
+    assert!(stderr(&out).contains("already mounted"), "{}", stderr(&out));
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("mounted"), "{text}");
+    assert!(!text.contains("already mounted"), "{text}");
+    assert!(!text.contains('\x1b'), "escapes in {text:?}");
+    assert_eq!(logs(), vec![log.clone()]);
+    let out = strata(&["status"], &state);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(log.to_str().unwrap()),
+        "status shows the log"
+    );
+    assert!(strata(&["umount", mp], &state).status.success());
+    // Old logs do not pile up: a few are kept.
+    for _ in 0..7 {
+        let out = strata(&["mount", s, mp], &state);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(strata(&["umount", mp], &state).status.success());
+    }
+    let kept = logs();
+    assert!((2..=5).contains(&kept.len()), "{kept:?}");
+    assert!(!kept.contains(&log), "the oldest log went");
+}
+
+#[test]
+fn an_empty_xdg_runtime_dir_keeps_state_out_of_the_cwd() {
+    let dir = tempfile::Builder::new()
+        .prefix("strata-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    for sub in ["", "cwd", "tmp"] {
+        let p = d.join(sub);
+        fs::create_dir_all(&p).unwrap();
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    // A bad option fails in the daemon, after the CLI made its log.
+    let out = as_nobody(&format!(
+        "cd {0}/cwd && env -u STRATA_STATE_DIR XDG_RUNTIME_DIR= TMPDIR={0}/tmp \
+         {STRATA} mount -o frobnicate=1 {0}/cwd {0}/cwd",
+        d.display()
+    ));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("frobnicate"), "{}", stderr(&out));
+    assert!(!d.join("cwd/strata").exists(), "state dir made in the cwd");
+    assert!(d.join("tmp/strata-65534/logs").is_dir());
+}

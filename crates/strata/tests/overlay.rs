@@ -1194,15 +1194,8 @@ fn without_an_upper_or_with_ro_nothing_can_be_written() {
     assert_eq!(read(&m.m("from_host")), "host");
     assert_eq!(read(&m.m("from_image")), "image");
 
-    // -o ro with an upper: nothing reaches the upper.
-    let r = overlay_opts(&["ro"], |src| write(&src.join("f"), b"f"));
-    assert_eq!(errno(fs::create_dir(r.m("d"))), libc::EROFS);
-    assert_eq!(
-        errno(fs::OpenOptions::new().append(true).open(r.m("f"))),
-        libc::EROFS
-    );
-    assert_eq!(read(&r.m("f")), "f");
-    assert!(names(&r.dir.path().join("upper")).is_empty());
+    // `-o ro` with an upper contradicts itself and is refused: see
+    // tests/cli_errors.rs.
 }
 
 // ---- 13. bad input --------------------------------------------------------

@@ -158,6 +158,10 @@ pub struct UnionFs {
     aliases: Arc<Mutex<HostAliases>>,
     watch: Option<Arc<HostWatch>>,
     mountpoint: PathBuf,
+    /// `mountpoint` resolved before mounting (empty if it did not resolve):
+    /// branches added at runtime must keep apart from it, and resolving it
+    /// then would go through this very mount.
+    real_mountpoint: PathBuf,
     files: OpenFiles,
     open: Mutex<HashMap<u64, UFile>>,
     /// Serialises `moveonenospc` moves.
@@ -272,6 +276,7 @@ impl UnionFs {
             settings: RwLock::new(cfg.settings),
             aliases: Arc::default(),
             watch,
+            real_mountpoint: std::fs::canonicalize(&cfg.mountpoint).unwrap_or_default(),
             mountpoint: cfg.mountpoint,
             table: Arc::new(InodeTable::with_derived_ids(
                 (0, 0),
@@ -307,6 +312,7 @@ impl UnionFs {
     }
 
     fn open_branch(&self, b: &source::Branch) -> std::result::Result<Arc<Branch>, String> {
+        source::check_apart(&self.real_mountpoint, "branch", &b.path)?;
         let dir = HostDir::open(&b.path, self.fd_cache_per_branch())?;
         self.watch_dir(&dir, dir.root());
         Ok(Arc::new(Branch {
