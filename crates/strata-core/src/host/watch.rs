@@ -36,8 +36,13 @@ pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 /// Directory-entry events: the named child of a directory appeared or went.
 pub const DIRENT: u64 =
     libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO;
-/// The object's attributes (mode, owner, times, link count) changed.
-pub const ATTRIB: u64 = libc::FAN_ATTRIB | libc::FAN_DELETE_SELF | libc::FAN_MOVE_SELF;
+/// The object's attributes (mode, owner, times, link count) changed. A file
+/// open for writing was closed: stores through a shared mapping of it
+/// changed its times without a MODIFY event, and a mapping that outlived its
+/// descriptor is only gone at this close (of the kernel's passthrough
+/// file, by the process that unmapped it).
+pub const ATTRIB: u64 =
+    libc::FAN_ATTRIB | libc::FAN_DELETE_SELF | libc::FAN_MOVE_SELF | libc::FAN_CLOSE_WRITE;
 /// The object's data changed.
 pub const MODIFY: u64 = libc::FAN_MODIFY;
 
