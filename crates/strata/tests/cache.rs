@@ -429,22 +429,40 @@ fn times_follow_writes_through_passthrough_handles() {
     check_times_after_passthrough_writes(&m, true, |name| m.s(name));
 }
 
-/// The upper is not watched (only strata writes it): a store through a
-/// mapping that outlived its descriptor does not show there.
-#[test]
-fn times_follow_writes_through_passthrough_handles_in_the_overlay() {
-    let m = Mounted::build_with(&[], &[], |dir| {
+/// An overlay whose lower holds `lower_files`.
+fn overlay_with(lower_files: &[&str]) -> Mounted {
+    Mounted::build_with(&[], &[], |dir| {
         let src = dir.join("src");
         let upper = dir.join("upper");
         fs::create_dir(&src).unwrap();
         fs::create_dir(&upper).unwrap();
+        for name in lower_files {
+            fs::write(src.join(name), b"lower").unwrap();
+        }
         (
             src.display().to_string(),
             vec![format!("upper={}", upper.display())],
         )
-    });
+    })
+}
+
+#[test]
+fn times_follow_writes_through_passthrough_handles_in_the_overlay() {
+    let m = overlay_with(&[]);
     let upper = m.dir.path().join("upper");
-    check_times_after_passthrough_writes(&m, false, |name| upper.join(name));
+    check_times_after_passthrough_writes(&m, true, |name| upper.join(name));
+}
+
+/// The same for files copied up from the lower (their node is keyed by
+/// the lower object, not by the upper one the kernel writes).
+#[test]
+fn times_follow_writes_through_passthrough_handles_of_copied_up_files() {
+    let m = overlay_with(&["write", "mmap", "mmap-after-close", "ftruncate"]);
+    for name in ["write", "mmap", "mmap-after-close", "ftruncate"] {
+        assert_eq!(fs::read(m.m(name)).unwrap(), b"lower");
+    }
+    let upper = m.dir.path().join("upper");
+    check_times_after_passthrough_writes(&m, true, |name| upper.join(name));
 }
 
 #[test]
