@@ -726,6 +726,33 @@ mod tests {
     }
 
     #[test]
+    fn forgotten_nodes_leave_no_cached_descriptors_counted() {
+        let (dir, fs) = fs_with(PassthroughConfig {
+            fd_cache: 64,
+            ..PassthroughConfig::default()
+        });
+        if !fs.host.handles_usable() {
+            return; // every fd is pinned, none cached
+        }
+        let mut ids = Vec::new();
+        for i in 0..32 {
+            std::fs::write(dir.path().join(format!("f{i}")), b"").unwrap();
+            let ino = fs
+                .lookup(&ROOT, ROOT_ID, OsStr::new(&format!("f{i}")))
+                .unwrap()
+                .attr
+                .ino;
+            fs.getattr(&ROOT, ino, None).unwrap();
+            ids.push(ino);
+        }
+        assert_eq!(fs.stats().cached_fds, 32, "{:?}", fs.stats());
+        for &ino in &ids[..24] {
+            fs.forget(ino, 1);
+        }
+        assert_eq!(fs.stats().cached_fds, 8, "{:?}", fs.stats());
+    }
+
+    #[test]
     fn setattr_changes_what_it_is_asked_to() {
         let (dir, fs) = fs();
         std::fs::write(dir.path().join("f"), b"0123456789").unwrap();

@@ -12,8 +12,8 @@ use std::ffi::OsStr;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -55,6 +55,11 @@ pub struct Adapter<F: core::Filesystem> {
     cfg: MountConfig,
     passthrough: AtomicBool,
     io_modes: Mutex<IoModes>,
+    /// Open passthrough handles that can write, on all inodes: while there
+    /// are none, replies need not look their inode up in `io_modes`.
+    writers: AtomicUsize,
+    /// Reverse notifications, once the session exists.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 /// How each inode's open handles do I/O. The kernel puts an inode in one
@@ -70,8 +75,9 @@ struct IoModes {
     backed: HashMap<u64, Backed>,
     /// Inode → its open handles doing cached I/O through the daemon.
     cached: HashMap<u64, usize>,
-    /// Handle → its inode, and whether it counts in `backed`.
-    handles: HashMap<u64, (u64, bool)>,
+    /// Handle → its inode, whether it counts in `backed`, and whether it
+    /// counts in its `writers`.
+    handles: HashMap<u64, (u64, bool, bool)>,
 }
 
 struct Backed {
@@ -79,6 +85,8 @@ struct Backed {
     /// (st_dev, st_ino) of the backing file.
     file: (u64, u64),
     handles: usize,
+    /// Of those, the ones open for writing.
+    writers: usize,
 }
 
 /// The I/O mode chosen for a new handle.
@@ -193,7 +201,12 @@ impl DirSink for DirReply<'_> {
     }
 }
 
-struct DirPlusReply<'a>(&'a mut ReplyDirectoryPlus);
+/// The entries and the one timeout READDIRPLUS gives each for its name and
+/// attributes: none for a file open for writing (`Adapter::attr_ttl`).
+struct DirPlusReply<'a>(
+    &'a mut ReplyDirectoryPlus,
+    &'a dyn Fn(u64, Duration) -> Duration,
+);
 impl DirPlusSink for DirPlusReply<'_> {
     fn add(&mut self, next_offset: u64, name: &OsStr, e: &core::Entry) -> bool {
         let a = attr(&e.attr);
@@ -201,7 +214,7 @@ impl DirPlusSink for DirPlusReply<'_> {
             a.ino,
             next_offset,
             name,
-            &e.entry_ttl,
+            &(self.1)(e.attr.ino, e.entry_ttl),
             &a,
             Generation(e.generation),
         )
@@ -215,13 +228,44 @@ impl<F: core::Filesystem> Adapter<F> {
             passthrough: AtomicBool::new(cfg.passthrough),
             cfg,
             io_modes: Mutex::new(IoModes::default()),
+            writers: AtomicUsize::new(0),
+            notifier: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The attribute timeout for `ino`: none while a passthrough handle
+    /// that can write is open on it. The kernel learns of write(2) and
+    /// truncate through such a handle, but not of stores through a shared
+    /// mapping of it, which change the host file's times behind its back.
+    fn attr_ttl(&self, ino: u64, ttl: Duration) -> Duration {
+        if self.writers.load(Ordering::Relaxed) > 0
+            && self
+                .io_modes
+                .lock()
+                .backed
+                .get(&ino)
+                .is_some_and(|b| b.writers > 0)
+        {
+            Duration::ZERO
+        } else {
+            ttl
+        }
+    }
+
+    /// Drops the kernel's attributes of `ino` (not its pages).
+    fn inval_attrs(&self, ino: u64) {
+        if let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(INodeNo(ino), -1, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(ino, "attribute invalidation failed: {e}");
         }
     }
 
     fn reply_entry(&self, res: core::Result<core::Entry>, reply: ReplyEntry) {
         match res {
             Ok(e) => reply.entry_with_ttls(
-                &e.attr_ttl,
+                &self.attr_ttl(e.attr.ino, e.attr_ttl),
                 &e.entry_ttl,
                 &attr(&e.attr),
                 Generation(e.generation),
@@ -232,11 +276,13 @@ impl<F: core::Filesystem> Adapter<F> {
 
     /// Picks the I/O mode of a new handle (see [`IoModes`]) and records it,
     /// unless the handle cannot join the inode's active backing file.
+    /// `writer`: the handle is open for writing.
     fn io_mode(
         &self,
         ino: u64,
         fh: u64,
         opened: &Opened,
+        writer: bool,
         open: impl FnOnce(&std::os::fd::OwnedFd) -> io::Result<BackingId>,
     ) -> IoMode {
         if opened.direct_io {
@@ -253,8 +299,11 @@ impl<F: core::Filesystem> Adapter<F> {
             match m.backed.get_mut(&ino) {
                 Some(b) if b.file == file => {
                     b.handles += 1;
+                    b.writers += usize::from(writer);
                     let id = b.id.clone();
-                    m.handles.insert(fh, (ino, true));
+                    m.handles.insert(fh, (ino, true, writer));
+                    self.writers
+                        .fetch_add(usize::from(writer), Ordering::Relaxed);
                     return IoMode::Backed(id);
                 }
                 Some(_) => {}
@@ -267,9 +316,12 @@ impl<F: core::Filesystem> Adapter<F> {
                                 id: id.clone(),
                                 file,
                                 handles: 1,
+                                writers: usize::from(writer),
                             },
                         );
-                        m.handles.insert(fh, (ino, true));
+                        m.handles.insert(fh, (ino, true, writer));
+                        self.writers
+                            .fetch_add(usize::from(writer), Ordering::Relaxed);
                         return IoMode::Backed(id);
                     }
                     Err(e) => {
@@ -288,7 +340,7 @@ impl<F: core::Filesystem> Adapter<F> {
             return IoMode::Conflict;
         }
         *m.cached.entry(ino).or_default() += 1;
-        m.handles.insert(fh, (ino, false));
+        m.handles.insert(fh, (ino, false, false));
         IoMode::Daemon
     }
 
@@ -307,12 +359,15 @@ impl<F: core::Filesystem> Adapter<F> {
 
     fn release_backing(&self, fh: u64) {
         let mut m = self.io_modes.lock();
-        let Some((ino, backed)) = m.handles.remove(&fh) else {
+        let Some((ino, backed, writer)) = m.handles.remove(&fh) else {
             return;
         };
         if backed {
             if let Some(b) = m.backed.get_mut(&ino) {
                 b.handles -= 1;
+                b.writers -= usize::from(writer);
+                self.writers
+                    .fetch_sub(usize::from(writer), Ordering::Relaxed);
                 if b.handles == 0 {
                     m.backed.remove(&ino);
                 }
@@ -452,7 +507,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         guarded("getattr", || {
             match self.fs.getattr(&ctx(req), ino.0, fh.map(|f| f.0)) {
-                Ok(a) => reply.attr(&a.ttl, &attr(&a.attr)),
+                Ok(a) => reply.attr(&self.attr_ttl(ino.0, a.ttl), &attr(&a.attr)),
                 Err(e) => reply.error(errno(e)),
             }
         })
@@ -502,7 +557,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                 set.kill_suidgid = Some(ctx(req));
             }
             match self.fs.setattr(&ctx(req), ino.0, fh.map(|f| f.0), &set) {
-                Ok(a) => reply.attr(&a.ttl, &attr(&a.attr)),
+                Ok(a) => reply.attr(&self.attr_ttl(ino.0, a.ttl), &attr(&a.attr)),
                 Err(e) => reply.error(errno(e)),
             }
         })
@@ -624,8 +679,14 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                     Ok(o) => o,
                     Err(e) => return reply.error(errno(e)),
                 };
-                match self.io_mode(ino.0, o.fh, &o, |fd| reply.open_backing(fd)) {
+                let writer = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+                match self.io_mode(ino.0, o.fh, &o, writer, |fd| reply.open_backing(fd)) {
                     IoMode::Backed(id) => {
+                        if writer {
+                            // What the kernel has cached may be from before;
+                            // from now on it caches nothing (`attr_ttl`).
+                            self.inval_attrs(ino.0);
+                        }
                         return reply.opened_passthrough(
                             FileHandle(o.fh),
                             passthrough_flags(&o),
@@ -785,7 +846,7 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                 ino.0,
                 fh.0,
                 offset,
-                &mut DirPlusReply(&mut reply),
+                &mut DirPlusReply(&mut reply, &|ino, ttl| self.attr_ttl(ino, ttl)),
             ) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
@@ -894,7 +955,9 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                 Ok((e, mut o)) => {
                     let a = attr(&e.attr);
                     let generation = Generation(e.generation);
-                    let mode = match self.io_mode(e.attr.ino, o.fh, &o, |fd| reply.open_backing(fd))
+                    let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                    let mode = match self
+                        .io_mode(e.attr.ino, o.fh, &o, writer, |fd| reply.open_backing(fd))
                     {
                         IoMode::Conflict => {
                             Self::conflicting(e.attr.ino, o.fh, &mut o);
@@ -902,6 +965,13 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                         }
                         mode => mode,
                     };
+                    // The attributes keep their timeout here, unlike in every
+                    // other reply while the file is open for writing: they are
+                    // fresh, and a file must grow (write, truncate, fallocate:
+                    // each drops them) before a mapping can store into it. With
+                    // default_permissions the kernel checks the new inode's
+                    // permissions right after CREATE; expired attributes cost a
+                    // GETATTR there, on every create.
                     match mode {
                         IoMode::Backed(id) => reply.created_passthrough(
                             &e.entry_ttl,
@@ -1024,7 +1094,10 @@ pub fn mount<F: core::Filesystem>(
     // run elsewhere for those that overlap (readahead, a handler waiting on
     // the disk).
     config.io_uring_workers_per_cpu = 2;
-    let session = Session::new(Adapter::new(fs.clone(), cfg.clone()), mountpoint, &config)?;
+    let adapter = Adapter::new(fs.clone(), cfg.clone());
+    let notifier = adapter.notifier.clone();
+    let session = Session::new(adapter, mountpoint, &config)?;
+    let _ = notifier.set(session.notifier());
     fs.attach(Arc::new(KernelInvalidator(session.notifier())));
     Ok(session)
 }

@@ -529,7 +529,7 @@ fn set_readahead(mountpoint: &Path, kib: u64) {
 }
 
 fn serve<F: strata_core::Filesystem>(
-    session: strata_fuse::Session<strata_fuse::Adapter<F>>,
+    mut session: strata_fuse::Session<strata_fuse::Adapter<F>>,
     mountpoint: &Path,
 ) -> Result<(), Failure> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -537,12 +537,15 @@ fn serve<F: strata_core::Filesystem>(
         .map_err(|e| failure(format!("cannot install signal handlers: {e}")))?;
     let signal_handle = signals.handle();
     let mp = mountpoint.to_path_buf();
+    // Unmounts only our own mount, never by path alone: it may have been
+    // unmounted or detached from outside and another mounted in its place.
+    // Lazy, as libfuse does: a busy mount is detached now and the daemon
+    // keeps serving open files until their last close.
+    let mut unmounter = session.unmount_callable();
     let signal_thread = std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
-            // Lazy, as libfuse does: a busy mount is detached now and the
-            // daemon keeps serving open files until their last close.
-            if let Err(e) = unmount_syscall(&mp, true) {
+            if let Err(e) = unmounter.unmount() {
                 tracing::error!(mountpoint = %mp.display(), "unmount failed: {e}");
             }
         }
@@ -550,7 +553,10 @@ fn serve<F: strata_core::Filesystem>(
     let result = session.run();
     signal_handle.close();
     let _ = signal_thread.join();
-    state::remove_record(mountpoint);
+    // A successor mounted at the same place has a record of its own.
+    if state::read_record(mountpoint).is_some_and(|r| r.pid == std::process::id()) {
+        state::remove_record(mountpoint);
+    }
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     result.map_err(|e| failure(format!("{}: serving failed: {e}", mountpoint.display())))
 }

@@ -302,3 +302,184 @@ fn a_reused_inode_number_is_a_new_object() {
     assert_eq!(fs::metadata(m.s(&name)).unwrap().mode() & 0o777, 0o600);
     assert_eq!(fs::read(&via).unwrap(), b"new");
 }
+
+/// (mtime, ctime, size) of `p` by stat(2), as `make` and `ls -l` ask.
+/// (`fs::metadata` asks statx for the birth time too, which the kernel
+/// never has cached for a FUSE file: it always reaches the daemon.)
+fn times(p: &std::path::Path) -> (i64, i64, i64, i64, i64) {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: a NUL-terminated path and a stat buffer to fill.
+    let rc = unsafe { libc::stat(path.as_ptr(), st.as_mut_ptr()) };
+    assert_eq!(
+        rc,
+        0,
+        "stat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: stat succeeded and filled the buffer.
+    let st = unsafe { st.assume_init() };
+    (
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+        st.st_size,
+    )
+}
+
+/// Writes through a passthrough handle of `name` (created through the
+/// mount) in each way the kernel does not report to the daemon, and checks
+/// that `stat` through the mount shows the host's new times and size within
+/// a second, while the file is open and after it is closed. `host` finds the
+/// file on the host. `watched`: the host watch covers the file, which a
+/// mapping that outlives its descriptor needs.
+fn check_times_after_passthrough_writes(
+    m: &Mounted,
+    watched: bool,
+    host: impl Fn(&str) -> std::path::PathBuf,
+) {
+    use std::os::unix::fs::FileExt;
+    const SHOWS: Duration = Duration::from_secs(1);
+    let mapped_write = |f: &fs::File| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of 8 KiB of an 8 KiB file, written
+        // and unmapped here.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            p
+        }
+    };
+    let store_sync_unmap = |p: *mut libc::c_void| {
+        // SAFETY: `p` is the live 8 KiB mapping made by `mapped_write`.
+        unsafe {
+            *(p as *mut u8).add(100) = b'm';
+            assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0);
+            assert_eq!(libc::munmap(p, 8192), 0);
+        }
+    };
+    let ways: &[&str] = if watched {
+        &["write", "mmap", "mmap-after-close", "ftruncate"]
+    } else {
+        &["write", "mmap", "ftruncate"]
+    };
+    for &how in ways {
+        fs::write(m.m(how), vec![b'a'; 8192]).unwrap();
+    }
+    // Let the watch deliver what it saw of these writes: a late
+    // invalidation would hide stale times.
+    std::thread::sleep(Duration::from_millis(300));
+    for &how in ways {
+        let p = m.m(how);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        assert!(
+            m.stats()["passthrough_inodes"].as_u64().unwrap() >= 1,
+            "{how}: not a passthrough handle: {}",
+            m.stats()
+        );
+        // Mapped before the times are looked at (mapping marks the atime
+        // stale, which would make the next stat ask the daemon).
+        let map = how.starts_with("mmap").then(|| mapped_write(&f));
+        let f = (how != "mmap-after-close").then_some(f);
+        let before = times(&p);
+        // Past the host clock's granularity, so the times differ.
+        std::thread::sleep(Duration::from_millis(20));
+        match (how, &f, map) {
+            (_, _, Some(map)) => store_sync_unmap(map),
+            ("write", Some(f), _) => f.write_all_at(b"w", 10).unwrap(),
+            (_, Some(f), _) => f.set_len(100).unwrap(),
+            _ => unreachable!(),
+        }
+        let h = host(how);
+        assert_ne!(times(&h), before, "{how}: the host file did not change");
+        let check = |when: &str| {
+            let fresh = wait_until(SHOWS, || times(&p) == times(&h));
+            assert!(
+                fresh,
+                "{how} ({when}): the mount shows {:?}, the host {:?}",
+                times(&p),
+                times(&h)
+            );
+        };
+        if f.is_some() {
+            check("file still open");
+        }
+        drop(f);
+        check("file closed");
+    }
+}
+
+#[test]
+fn times_follow_writes_through_passthrough_handles() {
+    let m = Mounted::new(&[]);
+    check_times_after_passthrough_writes(&m, true, |name| m.s(name));
+}
+
+/// An overlay whose lower holds `lower_files`.
+fn overlay_with(lower_files: &[&str]) -> Mounted {
+    Mounted::build_with(&[], &[], |dir| {
+        let src = dir.join("src");
+        let upper = dir.join("upper");
+        fs::create_dir(&src).unwrap();
+        fs::create_dir(&upper).unwrap();
+        for name in lower_files {
+            fs::write(src.join(name), b"lower").unwrap();
+        }
+        (
+            src.display().to_string(),
+            vec![format!("upper={}", upper.display())],
+        )
+    })
+}
+
+#[test]
+fn times_follow_writes_through_passthrough_handles_in_the_overlay() {
+    let m = overlay_with(&[]);
+    let upper = m.dir.path().join("upper");
+    check_times_after_passthrough_writes(&m, true, |name| upper.join(name));
+}
+
+/// The same for files copied up from the lower (their node is keyed by
+/// the lower object, not by the upper one the kernel writes).
+#[test]
+fn times_follow_writes_through_passthrough_handles_of_copied_up_files() {
+    let m = overlay_with(&["write", "mmap", "mmap-after-close", "ftruncate"]);
+    for name in ["write", "mmap", "mmap-after-close", "ftruncate"] {
+        assert_eq!(fs::read(m.m(name)).unwrap(), b"lower");
+    }
+    let upper = m.dir.path().join("upper");
+    check_times_after_passthrough_writes(&m, true, |name| upper.join(name));
+}
+
+#[test]
+fn times_follow_writes_through_passthrough_handles_in_a_union() {
+    let m = Mounted::build_source(&[], &[], |dir| {
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        format!("{}:{}", a.display(), b.display())
+    });
+    let dir = m.dir.path().to_path_buf();
+    check_times_after_passthrough_writes(&m, true, |name| {
+        let a = dir.join("a").join(name);
+        if a.exists() {
+            a
+        } else {
+            dir.join("b").join(name)
+        }
+    });
+}

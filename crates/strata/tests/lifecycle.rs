@@ -93,6 +93,78 @@ fn sigterm_and_sigint_unmount_cleanly() {
     }
 }
 
+/// The pid in the mount record for `mnt` (what `strata status` shows; read
+/// directly, since `status` probes every strata mount on the machine).
+fn record_pid(state: &Path, mnt: &Path) -> Option<u64> {
+    fs::read_dir(state.join("mounts"))
+        .ok()?
+        .filter_map(|e| serde_json::from_slice(&fs::read(e.ok()?.path()).ok()?).ok())
+        .find(|r: &serde_json::Value| r["mountpoint"] == mnt.to_str().unwrap())
+        .and_then(|r| r["pid"].as_u64())
+}
+
+/// B is mounted at its mountpoint, serves, and its mount record is there.
+fn assert_serving(b: &mut Mounted, state: &Path) {
+    assert!(is_mounted(&b.mnt), "the successor's mount is gone");
+    assert_eq!(fs::read(b.m("b")).unwrap(), b"B");
+    assert_eq!(b.wait_exit(Duration::ZERO), None, "the successor exited");
+    assert_eq!(record_pid(state, &b.mnt), Some(b.pid() as u64));
+}
+
+/// A daemon stopped while its mount was taken away from outside, and then a
+/// new daemon mounted there: when the old one goes on and exits (on its own
+/// and on SIGTERM) it leaves the new mount alone, and its mount record too.
+#[test]
+fn an_exiting_daemon_leaves_its_successors_mount_alone() {
+    use rustix::process::Signal;
+    let mut a = Mounted::new(&[]);
+    let state = a.dir.path().join("state");
+    a.signal(Signal::STOP);
+    rustix::mount::unmount(&a.mnt, rustix::mount::UnmountFlags::DETACH).unwrap();
+    let mut b = Mounted::successor_of(&a, |src| fs::write(src.join("b"), b"B").unwrap());
+    a.signal(Signal::CONT);
+    a.signal(Signal::TERM);
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "log: {}",
+        a.log()
+    );
+    assert_serving(&mut b, &state);
+    b.unmount();
+}
+
+/// A daemon whose mount was detached while busy keeps serving the open
+/// files; SIGTERM then must not unmount the mount that took its place.
+#[test]
+fn a_signalled_daemon_of_a_detached_mount_leaves_its_successors_mount_alone() {
+    use std::io::Read;
+    let mut a = Mounted::with_source(&[], |src| fs::write(src.join("a"), b"A").unwrap());
+    let state = a.dir.path().join("state");
+    let mut held = fs::File::open(a.m("a")).unwrap();
+    rustix::mount::unmount(&a.mnt, rustix::mount::UnmountFlags::DETACH).unwrap();
+    let mut b = Mounted::successor_of(&a, |src| fs::write(src.join("b"), b"B").unwrap());
+    a.signal(rustix::process::Signal::TERM);
+    wait_until(Duration::from_secs(5), || {
+        !is_mounted(&b.mnt) || a.log().contains("not unmounting")
+    });
+    assert_serving(&mut b, &state);
+    // The detached mount still serves its open file, and its daemon exits
+    // once that is closed.
+    let mut data = Vec::new();
+    held.read_to_end(&mut data).unwrap();
+    assert_eq!(data, b"A");
+    drop(held);
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "log: {}",
+        a.log()
+    );
+    assert_serving(&mut b, &state);
+    b.unmount();
+}
+
 #[test]
 fn bad_input_gets_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir_in("/tmp").unwrap();

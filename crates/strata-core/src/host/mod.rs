@@ -281,9 +281,15 @@ impl HostDir {
         self.handles_usable
     }
 
-    /// Number of O_PATH fds currently in the bounded cache (an upper bound).
+    /// O_PATH fds the bounded cache holds open now. The queue also keeps
+    /// entries of nodes the kernel has forgotten (their fds closed with the
+    /// node) until they reach its front: those are not counted.
     pub fn cached_fds(&self) -> usize {
-        self.fd_cache.lock().len()
+        self.fd_cache
+            .lock()
+            .iter()
+            .filter(|w| w.upgrade().is_some_and(|n| n.fd.lock().is_some()))
+            .count()
     }
 
     /// The O_PATH fd of a node, reopened from its handle if it was evicted.

@@ -21,7 +21,7 @@ struct RawHandle {
 
 /// A persistent reference to a host inode (`name_to_handle_at`), small enough
 /// to keep for every inode the kernel knows, unlike an open fd.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FileHandle {
     handle_type: i32,
     bytes: HandleBytes,
@@ -33,7 +33,7 @@ const INLINE_HANDLE: usize = 14;
 
 // A thin pointer (a boxed slice is two words) keeps the enum at 16 bytes.
 #[allow(clippy::box_collection)]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum HandleBytes {
     /// Zero-filled past `len`, so equal handles compare equal.
     Inline {

@@ -36,8 +36,13 @@ pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 /// Directory-entry events: the named child of a directory appeared or went.
 pub const DIRENT: u64 =
     libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO;
-/// The object's attributes (mode, owner, times, link count) changed.
-pub const ATTRIB: u64 = libc::FAN_ATTRIB | libc::FAN_DELETE_SELF | libc::FAN_MOVE_SELF;
+/// The object's attributes (mode, owner, times, link count) changed. A file
+/// open for writing was closed: stores through a shared mapping of it
+/// changed its times without a MODIFY event, and a mapping that outlived its
+/// descriptor is only gone at this close (of the kernel's passthrough
+/// file, by the process that unmapped it).
+pub const ATTRIB: u64 =
+    libc::FAN_ATTRIB | libc::FAN_DELETE_SELF | libc::FAN_MOVE_SELF | libc::FAN_CLOSE_WRITE;
 /// The object's data changed.
 pub const MODIFY: u64 = libc::FAN_MODIFY;
 
@@ -46,7 +51,7 @@ const MASK: u64 = DIRENT | ATTRIB | MODIFY | libc::FAN_ONDIR;
 const METADATA_LEN: usize = 24;
 
 /// A host object as fanotify names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Fid {
     pub fsid: [i32; 2],
     pub handle: FileHandle,
@@ -190,7 +195,7 @@ pub fn forward_changes(
     let own_pid = std::process::id() as i32;
     let mut buf = vec![0u8; 64 * 1024];
     let mut changes = Vec::new();
-    let known = |fid: &Fid| node_of(watch.resolve(fid)?);
+    let mut resolved: HashMap<Fid, Option<u64>> = HashMap::new();
     loop {
         changes.clear();
         if let Err(e) = watch.read(&mut buf, &mut changes) {
@@ -199,6 +204,17 @@ pub fn forward_changes(
             );
             return;
         }
+        // Each object resolved once per batch: a file written and closed
+        // comes as a MODIFY and a CLOSE_WRITE.
+        resolved.clear();
+        let mut known = |fid: &Fid| {
+            if let Some(&id) = resolved.get(fid) {
+                return id;
+            }
+            let id = watch.resolve(fid).and_then(&node_of);
+            resolved.insert(fid.clone(), id);
+            id
+        };
         // One invalidation per name and per node for the whole batch.
         let mut entries: HashSet<(u64, CString)> = HashSet::new();
         let mut inodes: HashMap<u64, bool> = HashMap::new();
@@ -227,7 +243,7 @@ pub fn forward_changes(
                 // Its mtime, link count and cached listing changed too.
                 inodes.insert(parent, true);
             }
-            if let Some(id) = object.as_ref().and_then(known) {
+            if let Some(id) = object.as_ref().and_then(&mut known) {
                 *inodes.entry(id).or_default() |= mask & MODIFY != 0;
             }
         }

@@ -200,19 +200,29 @@ pub struct OverlayFs {
     origin_xattr: &'static CStr,
     opaque_xattr: &'static CStr,
     any_host_lower: bool,
-    /// Outside changes to host lowers, forwarded to the kernel.
+    /// Outside changes to host lowers, and times the kernel changes in the
+    /// upper behind the mount's back, forwarded to the kernel.
     watch: Option<Arc<HostWatch>>,
-    /// Host lower object → the node showing it, for the watch: only objects
-    /// that are not their node's key (lower directories merged below the top).
+    /// Host object → the node showing it, for the watch: only objects that
+    /// are not their node's key (lower directories merged below the top,
+    /// upper copies of lower objects).
     host_aliases: Arc<Mutex<HostAliases>>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// A watch on the filesystems of the host lowers, when there are any and it
-/// can be had (root, file handles); `None` leaves them on short timeouts.
-fn watch_host_lowers(layers: &[Box<dyn Layer>]) -> Option<Arc<HostWatch>> {
-    let hosts: Vec<&HostDir> = layers.iter().filter_map(|l| l.host()).collect();
+/// A watch on the filesystems of the host lowers and the upper, when there
+/// are any and it can be had (root, file handles); `None` leaves host lowers
+/// on short timeouts. Only strata changes the upper, but with kernel
+/// passthrough the kernel writes its files itself, and a store through a
+/// mapping that outlives its descriptor only shows as the close of the
+/// written file when the mapping goes.
+fn watch_host_layers(layers: &[Box<dyn Layer>], upper: Option<&HostDir>) -> Option<Arc<HostWatch>> {
+    let hosts: Vec<&HostDir> = layers
+        .iter()
+        .filter_map(|l| l.host())
+        .chain(upper)
+        .collect();
     if hosts.is_empty() || !hosts.iter().all(|h| h.handles_usable()) {
         return None;
     }
@@ -241,9 +251,10 @@ fn watch_host_lowers(layers: &[Box<dyn Layer>]) -> Option<Arc<HostWatch>> {
 /// Whether node `id` still shows the host object `obj` among its lowers.
 fn shows_host_object(table: &InodeTable<Key, ONode>, id: u64, obj: HostId) -> bool {
     table.get(id).is_some_and(|n| {
-        n.lowers()
-            .iter()
-            .any(|r| matches!(&r.obj, LObj::Host(h) if h.host_id() == obj))
+        n.upper().is_some_and(|u| u.host_id() == obj)
+            || n.lowers()
+                .iter()
+                .any(|r| matches!(&r.obj, LObj::Host(h) if h.host_id() == obj))
     })
 }
 
@@ -366,7 +377,7 @@ impl OverlayFs {
         );
         let root_user = rustix::process::geteuid().is_root();
         let watch = if cfg.watch {
-            watch_host_lowers(&layers)
+            watch_host_layers(&layers, upper.as_ref())
         } else {
             None
         };
@@ -445,13 +456,26 @@ impl OverlayFs {
             })
     }
 
-    /// Records the host lower objects node `id` shows, for the watch.
-    fn remember_host_lowers(&self, id: u64, lowers: &[LRef]) {
+    /// Records the host objects node `id` shows, for the watch.
+    fn remember_host_objects(&self, id: u64, node: &ONode) {
         if self.watch.is_none() {
             return;
         }
+        let lowers = node.lowers();
         let mut aliases = self.host_aliases.lock();
-        for r in lowers {
+        // An upper object is its node's key only where nothing was copied up.
+        if let Some(u) = node.upper()
+            && self
+                .table
+                .get_by_key(&Key::Upper(u.dev, u.ino))
+                .map(|(i, _)| i)
+                != Some(id)
+        {
+            aliases.insert(u.host_id(), id, |id, obj| {
+                shows_host_object(&self.table, id, obj)
+            });
+        }
+        for r in lowers.iter() {
             if let LObj::Host(h) = &r.obj {
                 let obj = h.host_id();
                 // The watch finds a node by the key of its top lower first:
@@ -476,21 +500,26 @@ impl OverlayFs {
                 LObj::Entry(_) => None,
             })
             .collect();
+        let upper_root = self.upper.as_ref().map(|h| h.root().host_id());
         let (table, aliases) = (self.table.clone(), self.host_aliases.clone());
         let node_of = move |id: HostId| {
-            if roots.iter().any(|(_, root)| *root == id) {
+            if roots.iter().any(|(_, root)| *root == id) || upper_root == Some(id) {
                 return Some(ROOT_ID);
             }
             roots
                 .iter()
                 .find_map(|&(layer, _)| host_node_by_key(&table, layer, id))
                 .or_else(|| {
+                    let (node, _) = table.get_by_key(&Key::Upper(id.dev, id.ino))?;
+                    shows_host_object(&table, node, id).then_some(node)
+                })
+                .or_else(|| {
                     let node = aliases.lock().get(id)?;
                     shows_host_object(&table, node, id).then_some(node)
                 })
         };
         let all = self.table.clone();
-        watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "lower");
+        watch::spawn_forwarder(w, node_of, move || all.ids(), inval, "layer");
     }
 
     // ---- resolution ------------------------------------------------------
@@ -642,7 +671,7 @@ impl OverlayFs {
         if attr_st.nlink > 1 && found.kind != FileKind::Directory && known.upper().is_none() {
             known.remember_alias(parent, name);
         }
-        self.remember_host_lowers(id, &known.lowers());
+        self.remember_host_objects(id, &known);
         let mut attr = attr_of(&attr_st, id);
         if merged {
             // Like overlayfs: a merged directory's link count is unknown.
@@ -975,6 +1004,7 @@ impl OverlayFs {
             self.table
                 .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
         }
+        self.remember_host_objects(id, node);
         Ok(())
     }
 
@@ -1176,6 +1206,7 @@ impl OverlayFs {
                     self.move_lower_readers(cid, &child_up);
                 }
                 self.table.rekey(cid, lkey.copied_up());
+                self.remember_host_objects(cid, &cnode);
             }
             if found.kind == FileKind::Directory {
                 let child_lowers: Vec<LRef> = found.lowers.iter().map(|(r, _)| r.clone()).collect();

@@ -81,13 +81,39 @@ impl Mounted {
         env: &[(&str, &str)],
         make: impl FnOnce(&Path) -> (String, Vec<String>),
     ) -> Mounted {
+        Self::spawn(opts, env, None, make)
+    }
+
+    /// A second daemon serving a fresh source of its own at `first`'s
+    /// mountpoint, with `first`'s state dir (for tests of a mount that
+    /// takes the place of another); `prepare` fills the source.
+    pub fn successor_of(first: &Mounted, prepare: impl FnOnce(&Path)) -> Mounted {
+        let at = (first.mnt.clone(), first.dir.path().join("state"));
+        Self::spawn(&[], &[], Some(at), |dir| {
+            let src = dir.join("src");
+            fs::create_dir(&src).unwrap();
+            prepare(&src);
+            (src.display().to_string(), Vec::new())
+        })
+    }
+
+    /// `at`: the mountpoint and state dir, when not the scratch directory's.
+    fn spawn(
+        opts: &[&str],
+        env: &[(&str, &str)],
+        at: Option<(PathBuf, PathBuf)>,
+        make: impl FnOnce(&Path) -> (String, Vec<String>),
+    ) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("strata-test")
             .tempdir_in("/tmp")
             .unwrap();
         let src = dir.path().join("src");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&mnt).unwrap();
+        let (mnt, state) = at.unwrap_or_else(|| {
+            let mnt = dir.path().join("mnt");
+            fs::create_dir(&mnt).unwrap();
+            (mnt, dir.path().join("state"))
+        });
         let (source, extra) = make(dir.path());
         let log = dir.path().join("daemon.log");
         let mut cmd = Command::new(STRATA);
@@ -100,7 +126,7 @@ impl Mounted {
         }
         cmd.arg(&source)
             .arg(&mnt)
-            .env("STRATA_STATE_DIR", dir.path().join("state"))
+            .env("STRATA_STATE_DIR", state)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use log::debug;
 use log::error;
+use log::warn;
 use nix::fcntl::FcntlArg;
 use nix::fcntl::FdFlag;
 use nix::fcntl::OFlag;
@@ -57,6 +58,9 @@ pub(crate) struct MountImpl {
     mountpoint: CString,
     auto_unmount_socket: Option<UnixStream>,
     fuse_device: Arc<DevFuse>,
+    /// strata fork: the device of our mount, read right after mounting;
+    /// `None` where it could not be read (then only POLLERR is checked).
+    device: Option<(u32, u32)>,
 }
 impl MountImpl {
     pub(crate) fn new(
@@ -67,12 +71,15 @@ impl MountImpl {
         let mountpoint = mountpoint.canonicalize()?;
         let (file, sock) = fuse_mount_pure(mountpoint.as_os_str(), options, acl)?;
         let file = Arc::new(file);
+        let mountpoint = CString::new(mountpoint.as_os_str().as_bytes())?;
+        let device = own_device(&mountpoint);
         Ok((
             file.clone(),
             MountImpl {
-                mountpoint: CString::new(mountpoint.as_os_str().as_bytes())?,
+                mountpoint,
                 auto_unmount_socket: sock,
                 fuse_device: file,
+                device,
             },
         ))
     }
@@ -82,6 +89,9 @@ impl MountImpl {
             // If the filesystem has already been unmounted, avoid unmounting it again.
             // Unmounting it a second time could cause a race with a newly mounted filesystem
             // living at the same mountpoint
+            return Ok(());
+        }
+        if !self.still_at_mountpoint() {
             return Ok(());
         }
         if let Some(sock) = mem::take(&mut self.auto_unmount_socket) {
@@ -101,6 +111,53 @@ impl MountImpl {
         }
         Ok(())
     }
+}
+
+impl MountImpl {
+    /// strata fork: whether the mount at our mountpoint is still ours. Ours
+    /// may have been detached from outside (`umount -l`) while its files are
+    /// still open, and another mounted in its place: that one is not ours
+    /// to unmount.
+    fn still_at_mountpoint(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        if let Some(ours) = self.device {
+            return match crate::mnt::mounted_device(&self.mountpoint) {
+                Ok(dev) if dev == ours => true,
+                Ok((major, minor)) => {
+                    warn!(
+                        "{}: the mount there ({major}:{minor}) is not ours ({}:{}) any more; not unmounting",
+                        self.mountpoint.to_string_lossy(),
+                        ours.0,
+                        ours.1
+                    );
+                    false
+                }
+                Err(err) => {
+                    warn!(
+                        "{}: {err}; not unmounting",
+                        self.mountpoint.to_string_lossy()
+                    );
+                    false
+                }
+            };
+        }
+        true
+    }
+}
+
+/// strata fork: the device of the mount just made at `mountpoint`.
+fn own_device(mountpoint: &CStr) -> Option<(u32, u32)> {
+    #[cfg(target_os = "linux")]
+    match crate::mnt::mounted_device(mountpoint) {
+        Ok(dev) => return Some(dev),
+        Err(err) => warn!(
+            "{}: cannot read the new mount's device ({err}); it will be unmounted by path alone",
+            mountpoint.to_string_lossy()
+        ),
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mountpoint;
+    None
 }
 
 fn fuse_mount_pure(

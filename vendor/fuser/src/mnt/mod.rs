@@ -178,6 +178,9 @@ fn libc_umount(mnt: &CStr) -> nix::Result<()> {
         nix::mount::unmount(mnt, nix::mount::MntFlags::empty())
     }
 
+    // strata fork: lazily, as libfuse's `fuse_kern_unmount` (a busy mount is
+    // detached and served until its last close), and never through a
+    // symlink put in the mountpoint's place.
     #[cfg(not(any(
         target_os = "macos",
         target_os = "freebsd",
@@ -186,10 +189,18 @@ fn libc_umount(mnt: &CStr) -> nix::Result<()> {
         target_os = "netbsd"
     )))]
     {
-        nix::mount::umount(mnt)
+        nix::mount::umount2(
+            mnt,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        )
     }
 }
 
+/// Whether the connection behind `fuse_device` still lives. POLLERR means
+/// it was unmounted or aborted (as in libfuse's `fuse_kern_unmount`); strata
+/// fork: upstream took POLLERR for "still mounted", so a daemon whose mount
+/// had been unmounted from outside unmounted whatever was mounted there next.
+///
 /// Warning: This will return true if the filesystem has been detached (lazy unmounted), but not
 /// yet destroyed by the kernel.
 #[cfg(any(all(not(target_os = "macos"), test), fuser_mount_impl = "pure-rust"))]
@@ -207,7 +218,7 @@ fn is_mounted(fuse_device: &DevFuse) -> bool {
         let res = poll(slice::from_mut(&mut poll_fd), PollTimeout::ZERO);
         break match res {
             Ok(0) => true,
-            Ok(1) => poll_fd
+            Ok(1) => !poll_fd
                 .revents()
                 .is_some_and(|r| r.contains(PollFlags::POLLERR)),
             Ok(_) => unreachable!(),
@@ -220,6 +231,33 @@ fn is_mounted(fuse_device: &DevFuse) -> bool {
             }
         };
     }
+}
+
+/// strata fork: the device (`major`, `minor`) of the filesystem mounted at
+/// `mountpoint`, without a request to its daemon (which may be this one, not
+/// serving yet or any more, or a hung one): `statx` with
+/// `AT_STATX_DONT_SYNC` and an empty mask answers from the inode alone.
+/// While our connection lives, no other mount can have our device, so a
+/// different one at the mountpoint means ours is no longer there.
+#[cfg(target_os = "linux")]
+fn mounted_device(mountpoint: &CStr) -> io::Result<(u32, u32)> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `mountpoint` is NUL-terminated and `stx` is a writable statx buffer.
+    let res = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            mountpoint.as_ptr(),
+            libc::AT_STATX_DONT_SYNC | libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            0,
+            stx.as_mut_ptr(),
+        )
+    };
+    if res != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statx succeeded, so it filled the buffer (zeroed before).
+    let stx = unsafe { stx.assume_init() };
+    Ok((stx.stx_dev_major, stx.stx_dev_minor))
 }
 
 #[cfg(test)]
