@@ -60,6 +60,18 @@ PY_TARGETS = ["native", "strata", "strata-devfuse", "mergerfs", "bindfs", "fuse-
               "strata-overlay", "strata-image"]
 # A union target -> the single-directory target it is compared with.
 UNION_OF = {"strata-union3": "strata", "mergerfs-union3": "mergerfs"}
+# `bench/run --baseline REV`: the strata targets again, run by a build of REV
+# (the code a change replaces), named TARGET@base, interleaved with the rest
+# of the same run: before and after on the same machine state.
+BASE_OF = {f"{t}@base": t for t in ("strata", "strata-overlay", "strata-image", "strata-union3")}
+STRATA_TARGETS |= set(BASE_OF)
+OVERLAY_TARGETS |= {"strata-overlay@base", "strata-image@base"}
+UNION_OF["strata-union3@base"] = "strata@base"
+
+
+def kind(target):
+    """The target a TARGET@base stands for (itself otherwise)."""
+    return BASE_OF.get(target, target)
 N_BRANCHES = 3
 ALL_FS = ["tmpfs", "disk"]
 # Workload groups accepted by --workloads, and the measurements they produce.
@@ -213,12 +225,13 @@ class Mounter:
         if is_mounted(mnt):
             self.umount(target, mnt)
         if target in STRATA_TARGETS:
-            cmd = [self.args.strata, "mount"]
-            if target == "strata-union3":
+            cmd = [self.args.baseline if target in BASE_OF else self.args.strata, "mount"]
+            target_kind = kind(target)
+            if target_kind == "strata-union3":
                 cmd += ["-o", STRATA_UNION_OPTS]
             if target == "strata-devfuse":
                 cmd += ["-o", "uring=false"]
-            if target in ("strata-image", "strata-image-ro"):
+            if target_kind in ("strata-image", "strata-image-ro"):
                 if not self.image:
                     raise TargetFailed("no image was built for this source")
                 cmd += ["-o", f"store={self.store}"]
@@ -229,7 +242,7 @@ class Mounter:
             cmd += [{"strata": self.src, "strata-devfuse": self.src, "strata-overlay": self.src,
                      "strata-image": f"image:{self.image}",
                      "strata-image-ro": f"image:{self.image}",
-                     "strata-union3": ":".join(self.branches)}[target], mnt]
+                     "strata-union3": ":".join(self.branches)}[target_kind], mnt]
         elif target == "mergerfs":
             cmd = ["mergerfs", "-o", MERGERFS_OPTS, self.src, mnt]
         elif target == "mergerfs-union3":
@@ -900,7 +913,7 @@ class Bench:
         args, sizes = self.args, self.sizes
         prepare_data(fs_root, sizes)
         image = store = None
-        if "strata-image" in self.targets(fs):
+        if any(kind(t) == "strata-image" for t in self.targets(fs)):
             store = os.path.join(fs_root, "store")
             try:
                 info = ensure_image(args, os.path.join(fs_root, "src"), store, "src",
@@ -924,7 +937,7 @@ class Bench:
                     mnt = m.mount(t)
                     check_ls(mnt, sizes)
                     check_big(mnt, sizes)
-                    if t == "strata-image":
+                    if kind(t) == "strata-image":
                         timed(["cat", os.path.join(mnt, "big")], timeout=SETUP_TIMEOUT)
                     m.umount(t)
                 except errs as e:
@@ -1366,7 +1379,7 @@ class Bench:
             out[fs] = {}
             for w in self.args.workloads:
                 rows = {}
-                for t in ALL_TARGETS + EXTRA_TARGETS:   # image rows also have strata-image
+                for t in ALL_TARGETS + list(BASE_OF) + EXTRA_TARGETS:   # image rows also have strata-image
                     xs = [s["value"] for s in self.samples if s["fs"] == fs and
                           s["workload"] == w and s["target"] == t and not s["warmup"]]
                     if xs:
@@ -1548,7 +1561,11 @@ def markdown(meta, summary, errors, args, sizes, charts=()):
             w in PY_WORKLOADS or w.startswith("image-read-") for w in args.workloads):
         shown += EXTRA_TARGETS
     for t in shown:
-        L.append(f"- {t}: {desc[t]}")
+        if t in BASE_OF:
+            L.append(f"- {t}: as {BASE_OF[t]}, run by a build of {args.baseline_rev} "
+                     "(the code before the change measured here)")
+        else:
+            L.append(f"- {t}: {desc[t]}")
     if any(w in PY_WORKLOADS for w in args.workloads):
         vx = meta.get("data", {}).get("venv", {})
         L.append(f"- pyimport (disk only): SRC is a venv (`python3 -m venv`, "
@@ -1805,6 +1822,8 @@ def main():
                     "many seconds, to keep slow peers (bindfs writes: ~20 s each) from dominating "
                     "the runtime; 0 = off, the default (env BENCH_SLOW_CAP)")
     ap.add_argument("--strata", required=True, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", default="", help=argparse.SUPPRESS)   # built by bench/run
+    ap.add_argument("--baseline-rev", default="", help=argparse.SUPPRESS)
     ap.add_argument("--tmpfs-root", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--disk-root", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--mnt-base", required=True, help=argparse.SUPPRESS)
@@ -1818,7 +1837,8 @@ def main():
     sizes["runs"] = args.runs
     sizes["tree_dirs"] = sizes["tree_top"] * (1 + sizes["tree_sub"])
     sizes["tree_files"] = sizes["tree_dirs"] * sizes["tree_per_dir"]
-    args.targets = parse_list(args.targets, ALL_TARGETS, "target")
+    args.targets = parse_list(args.targets,
+                              ALL_TARGETS + (list(BASE_OF) if args.baseline else []), "target")
     if "native" not in args.targets:
         args.targets.insert(0, "native")    # ratios need it
     args.workloads = [w for w in ALL_WORKLOADS
