@@ -630,7 +630,7 @@ impl OverlayFs {
         // gave its inode number to the object the name now holds.
         let (id, known) = self
             .table
-            .lookup(key, Self::node_id(&key), Some(node), |old| {
+            .lookup(key, Self::node_id(&key), Some(node), |old, _| {
                 old.kind != found.kind
                     || old
                         .upper()

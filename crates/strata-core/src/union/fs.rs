@@ -227,7 +227,7 @@ impl Filesystem for UnionFs {
                     let _ = rustix::fs::unlinkat(&**pfd, &name, remove_flags(st));
                 }
             }
-            self.moved(&source, &renamed, new_parent, &new_name);
+            self.moved(parent, &source, &renamed, new_parent, &new_name);
         }
         // The target on other branches would shadow the renamed file: remove it.
         if !flags.contains(RenameFlags::EXCHANGE)
@@ -440,7 +440,15 @@ impl Filesystem for UnionFs {
         let pfd = self.dir_on(parent, &b)?;
         let (entry, fd) =
             ops::create_file(&b.dir, ctx, pfd.as_fd(), &name, mode, umask, flags, || {
-                self.lookup_name(parent, &name)
+                let entry = self.lookup_name(parent, &name)?;
+                if entry.attr.kind != FileKind::Regular {
+                    // Another branch shows a directory (say) by that name
+                    // first: the name is not the file just made, and the
+                    // kernel refuses a create answered with a directory.
+                    self.table.forget(entry.attr.ino, 1);
+                    return Err(Errno::EISDIR);
+                }
+                Ok(entry)
             })?;
         let opened = self.register_open(entry.attr.ino, b.id, flags, fd);
         Ok((entry, opened))
@@ -502,14 +510,24 @@ impl UnionFs {
     /// `new_parent`, on the branches in `renamed` only. The kernel moved its
     /// name without asking, so the node must know where it is now (paths of
     /// its children, path cloning) and read from where it went.
-    fn moved(&self, source: &[super::Found], renamed: &[u64], new_parent: u64, new_name: &CStr) {
-        let st = &source[0].2;
-        let Some((_, node)) = self.table.get_by_key(&(st.st_dev, st.st_ino)) else {
+    fn moved(
+        &self,
+        parent: u64,
+        source: &[super::Found],
+        renamed: &[u64],
+        new_parent: u64,
+        new_name: &CStr,
+    ) {
+        let Some((id, node, (dev, ino, at))) = self.known_node(parent, source) else {
             return;
         };
         // Its host objects moved with it (same inodes), those left behind are gone.
         node.inst.write().retain(|i| renamed.contains(&i.branch.id));
         *node.loc.lock() = (new_parent, new_name.to_owned());
+        if at != 0 {
+            // A directory is keyed by its place.
+            self.table.rekey(id, (dev, ino, new_parent));
+        }
     }
 
     /// Whether xattr changes reach the branches under the `xattr=` mode.
@@ -557,9 +575,9 @@ impl UnionFs {
         let mut first_err = None;
         let mut removed = Vec::new();
         // The kernel's node for the name: keyed by its first instance.
-        let shown = found
-            .first()
-            .and_then(|(_, _, st)| self.table.get_by_key(&(st.st_dev, st.st_ino)));
+        let shown = self
+            .known_node(parent, &found)
+            .map(|(id, node, _)| (id, node));
         for (inst, pfd, st) in targets {
             // rmdir of a directory shown through `follow-symlinks` removes the link.
             let how = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {

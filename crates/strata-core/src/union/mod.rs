@@ -128,7 +128,13 @@ struct UDir {
     entries: Mutex<Arc<Vec<DirEnt>>>,
 }
 
-type Key = (u64, u64);
+/// A node's key: the device and inode number of the instance it was first
+/// found by and, for a directory, the id of its parent. The kernel holds
+/// one inode per directory name, so a directory is one node per place: a
+/// copy left behind by a rename that failed on some branch is another node
+/// than the one the kernel moved (which would answer there with an inode
+/// whose dentry lives elsewhere: ESTALE, or ELOOP).
+type Key = (u64, u64, u64);
 
 /// A name on one branch: the parent's instance there, its fd, the name's stat.
 type Found = (Inst, Arc<OwnedFd>, Stat);
@@ -213,9 +219,24 @@ fn node_has(table: &InodeTable<Key, UNode>, id: u64, obj: HostId) -> bool {
         .is_some_and(|n| n.inst.read().iter().any(|i| i.node.host_id() == obj))
 }
 
+/// Whether `old` holds the host object of `new`'s instance keyed `key`.
+fn same_key_object(old: &UNode, new: &UNode, key: Key) -> bool {
+    let new = new.inst.read();
+    let Some(keyed) = new
+        .iter()
+        .find(|i| (i.node.dev, i.node.ino) == (key.0, key.1))
+    else {
+        return false;
+    };
+    old.inst.read().iter().any(|o| {
+        o.branch.id == keyed.branch.id
+            && (Arc::ptr_eq(&o.node, &keyed.node) || o.node.same_object(&keyed.node))
+    })
+}
+
 /// The node keyed by host object `obj`, if it still has that instance.
 fn node_by_key(table: &InodeTable<Key, UNode>, obj: HostId) -> Option<u64> {
-    let (id, _) = table.get_by_key(&(obj.dev, obj.ino))?;
+    let (id, _) = table.get_by_key(&(obj.dev, obj.ino, 0))?;
     node_has(table, id, obj).then_some(id)
 }
 
@@ -233,13 +254,18 @@ fn clear_of_reserved(h: u64) -> u64 {
 /// (the default) and `devino-hash` give a non-directory. Nodes that got
 /// another id (directories, other `inodecalc` modes) are found through the
 /// table's key map instead.
-fn derived_id(&(dev, ino): &Key) -> u64 {
+fn derived_id(&(dev, ino, _): &Key) -> u64 {
     clear_of_reserved(devino_hash(dev & !FOLLOWED, ino))
 }
 
 /// Set in a key's device for a symlink followed to its target
 /// (`follow-symlinks`), so the target's own node stays apart.
 const FOLLOWED: u64 = 1 << 63;
+
+/// The key of a node for the object `st` found in directory `parent`.
+fn key_of(parent: u64, st: &Stat) -> Key {
+    (st.st_dev, st.st_ino, if is_dir(st) { parent } else { 0 })
+}
 
 /// Whether `e` only means "not on this branch".
 fn absent(e: Errno) -> bool {
@@ -274,7 +300,7 @@ impl UnionFs {
             watch,
             mountpoint: cfg.mountpoint,
             table: Arc::new(InodeTable::with_derived_ids(
-                (0, 0),
+                (0, 0, 0),
                 Arc::new(UNode {
                     kind: FileKind::Directory,
                     loc: Mutex::new((ROOT_ID, CString::default())),
@@ -797,6 +823,30 @@ impl UnionFs {
         wanted.then_some((fd, tst))
     }
 
+    /// The key of the node the kernel knows for a name found as `found`:
+    /// the first found object that keys a node holding it. A node is keyed
+    /// by the instance found first when it was made, and a copy cloned onto
+    /// an earlier branch since must not make the same directory a second
+    /// node (the kernel would hold two inodes for it, each with its own lock).
+    fn shown_key(&self, parent: u64, found: &[Found]) -> Option<Key> {
+        found.iter().find_map(|(pi, _, st)| {
+            let key = key_of(parent, st);
+            let (_, node) = self.table.get_by_key(&key)?;
+            let holds = node.kind == kind_of(st)
+                && node.inst.read().iter().any(|i| {
+                    i.branch.id == pi.branch.id && (i.node.dev, i.node.ino) == (key.0, key.1)
+                });
+            holds.then_some(key)
+        })
+    }
+
+    /// The node the kernel knows for a name in `parent` found as `found`, and its key.
+    fn known_node(&self, parent: u64, found: &[Found]) -> Option<(u64, Arc<UNode>, Key)> {
+        let key = self.shown_key(parent, found)?;
+        let (id, node) = self.table.get_by_key(&key)?;
+        Some((id, node, key))
+    }
+
     fn lookup_name(&self, parent: u64, name: &CStr) -> Result<Entry> {
         let mut found = self.find(parent, name)?;
         // Followed symlinks stand for their targets; each keeps its own fd.
@@ -819,10 +869,13 @@ impl UnionFs {
         let first = &found[0].2;
         // A followed link is its own node, never an alias of the target's
         // (a directory reachable by two names would confuse the kernel).
-        let key = (
-            first.st_dev | if followed { FOLLOWED } else { 0 },
-            first.st_ino,
-        );
+        let key = match self.shown_key(parent, &found).filter(|_| !followed) {
+            Some(key) => key,
+            None => {
+                let (dev, ino, at) = key_of(parent, first);
+                (dev | if followed { FOLLOWED } else { 0 }, ino, at)
+            }
+        };
         let kind = kind_of(first);
         let mut path = self.rel_path(parent);
         if !path.is_empty() {
@@ -873,15 +926,18 @@ impl UnionFs {
                 loc: Mutex::new((parent, name.to_owned())),
                 inst: RwLock::new(inst.clone()),
             };
-            let taken =
-                self.table
-                    .lookup(key, want_id, existing.is_none().then_some(fresh), |old| {
-                        old.kind != kind
-                    });
+            // The known node stays only if its key instance still is the
+            // object found first (not a new one given its inode number).
+            let kept = std::cell::Cell::new(false);
+            let taken = self.table.lookup(key, want_id, Some(fresh), |old, new| {
+                let same = old.kind == new.kind && same_key_object(old, new, key);
+                kept.set(same);
+                !same
+            });
             if let Some((id, node)) = taken {
                 self.remember(id, &inst);
                 let (entry_ttl, attr_ttl) = self.ttl(&inst);
-                if existing.is_some() {
+                if kept.get() {
                     *node.inst.write() = inst;
                     *node.loc.lock() = (parent, name.to_owned());
                 }
