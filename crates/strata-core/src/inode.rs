@@ -194,6 +194,29 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         true
     }
 
+    /// Detaches node `id` from its key: it stays for the kernel's references
+    /// until forgotten, but the key no longer finds it (the kernel holds it
+    /// as removed, so the object found next under the key is a new node).
+    pub fn detach(&self, id: u64) {
+        let mut inner = self.inner.lock();
+        let Some(slot) = inner.nodes.get_mut(&id) else {
+            return;
+        };
+        if id == ROOT_ID {
+            return;
+        }
+        slot.detached = true;
+        let key = slot.key.clone();
+        if inner.by_key.get(&key) == Some(&id) {
+            inner.by_key.remove(&key);
+        }
+    }
+
+    /// The key of node `id`.
+    pub fn key_of(&self, id: u64) -> Option<K> {
+        self.inner.lock().nodes.get(&id).map(|s| s.key.clone())
+    }
+
     /// Gives a known node a new key (its object changed identity, e.g. was
     /// copied up); its id and lookup count stay.
     pub fn rekey(&self, id: u64, key: K) {
@@ -302,6 +325,21 @@ mod tests {
         assert_eq!(t.len(), 1);
         // Only the root's entry is left.
         assert_eq!(t.inner.lock().by_key.len(), 1);
+    }
+
+    #[test]
+    fn a_node_detached_by_hand_keeps_its_id_until_forgotten() {
+        let t = table();
+        let (id, _) = t.lookup(3, 30, Some("dir"), |_, _| false).unwrap();
+        t.detach(id);
+        assert!(t.get_by_key(&3).is_none());
+        assert_eq!(*t.get(id).unwrap(), "dir");
+        let (again, _) = t.lookup(3, 30, Some("new dir"), |_, _| false).unwrap();
+        assert_ne!(again, id);
+        assert!(t.forget(id, 1));
+        assert_eq!(t.get_by_key(&3).map(|(id, _)| id), Some(again));
+        t.detach(ROOT_ID);
+        assert!(t.get(ROOT_ID).is_some() && t.get_by_key(&0).is_some());
     }
 
     #[test]

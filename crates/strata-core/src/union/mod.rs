@@ -847,6 +847,31 @@ impl UnionFs {
         Some((id, node, key))
     }
 
+    /// Keys node `id` (keyed `key` so far) anew after its instances changed
+    /// or it moved to `parent`: by its key object while it still holds it,
+    /// else by its first remaining instance. A node whose key object went
+    /// (removed, or left behind on one branch) would otherwise not be found
+    /// again, and the next lookup would make the kernel a second node for it.
+    fn rekey_node(&self, id: u64, node: &UNode, (dev, ino, at): Key, parent: u64) {
+        if dev & FOLLOWED != 0 {
+            return;
+        }
+        let obj = {
+            let inst = node.inst.read();
+            if inst.iter().any(|i| (i.node.dev, i.node.ino) == (dev, ino)) {
+                (dev, ino)
+            } else if let Some(first) = inst.first() {
+                (first.node.dev, first.node.ino)
+            } else {
+                return;
+            }
+        };
+        let key = (obj.0, obj.1, if at != 0 { parent } else { 0 });
+        if key != (dev, ino, at) {
+            self.table.rekey(id, key);
+        }
+    }
+
     fn lookup_name(&self, parent: u64, name: &CStr) -> Result<Entry> {
         let mut found = self.find(parent, name)?;
         // Followed symlinks stand for their targets; each keeps its own fd.
