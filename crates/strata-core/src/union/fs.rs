@@ -14,7 +14,7 @@ use super::control;
 use super::files::write_flags;
 use super::policy::{Func, Want};
 use super::settings::{LinkExdev, RenameExdev, XattrMode};
-use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs, WATCHED_TTL};
+use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, Key, UDir, UnionFs, WATCHED_TTL};
 use crate::fs::*;
 use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::{attr_from_stat, component, ops};
@@ -176,7 +176,7 @@ impl Filesystem for UnionFs {
         let replaced = target
             .as_ref()
             .filter(|t| is_dir_found(t))
-            .and_then(|t| self.known_node(new_parent, t))
+            .and_then(|t| self.known_node(new_parent, &new_name, t))
             .map(|(id, _, _)| id);
         if flags.contains(RenameFlags::NOREPLACE) && target.is_some() {
             return Err(Errno::EEXIST);
@@ -249,7 +249,7 @@ impl Filesystem for UnionFs {
             if let Some(id) = replaced {
                 self.table.detach(id);
             }
-            self.moved(parent, &source, &renamed, new_parent, &new_name);
+            self.moved(parent, &name, &source, &renamed, new_parent, &new_name);
         }
         // The target on other branches would shadow the renamed file: remove it.
         if !flags.contains(RenameFlags::EXCHANGE)
@@ -541,12 +541,13 @@ impl UnionFs {
     fn moved(
         &self,
         parent: u64,
+        name: &CStr,
         source: &[super::Found],
         renamed: &[u64],
         new_parent: u64,
         new_name: &CStr,
     ) {
-        let Some((id, node, key)) = self.known_node(parent, source) else {
+        let Some((id, node, key)) = self.known_node(parent, name, source) else {
             return;
         };
         // Its host objects moved with it (same inodes), those left behind are gone.
@@ -557,7 +558,12 @@ impl UnionFs {
             inst.len() != before
         };
         *node.loc.lock() = (new_parent, new_name.to_owned());
-        self.rekey_node(id, &node, key, new_parent);
+        if let Key::Place(..) = key {
+            self.table
+                .rekey(id, Key::Place(new_parent, new_name.to_owned()));
+        } else {
+            self.rekey_node(id, &node, &key);
+        }
         if left && node.kind == FileKind::Directory {
             self.prune_below(id, renamed);
         }
@@ -583,8 +589,7 @@ impl UnionFs {
                 inst.len() != before
             };
             if changed {
-                let parent = node.loc.lock().0;
-                self.rekey_node(id, &node, key, parent);
+                self.rekey_node(id, &node, &key);
             }
         }
     }
@@ -647,7 +652,7 @@ impl UnionFs {
         let mut first_err = None;
         let mut removed = Vec::new();
         // The kernel's node for the name: keyed by its first instance.
-        let shown = self.known_node(parent, &found);
+        let shown = self.known_node(parent, &name, &found);
         for (inst, pfd, st) in targets {
             // rmdir of a directory shown through `follow-symlinks` removes the link.
             let how = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
@@ -683,7 +688,7 @@ impl UnionFs {
                         node.inst
                             .write()
                             .retain(|i| !removed.contains(&i.branch.id));
-                        self.rekey_node(id, &node, key, parent);
+                        self.rekey_node(id, &node, &key);
                         id
                     });
                     // Attributes now (no lock of the kernel's needed: the
