@@ -477,7 +477,7 @@ fn cloning_a_directory_onto_the_rw_branch_races_with_creates_and_lookups() {
                                 let dev = rustix::fs::makedev(7, 200 + i as u32);
                                 let res = rustix::fs::mknodat(
                                     rustix::fs::CWD,
-                                    &m.m(&name),
+                                    m.m(&name),
                                     rustix::fs::FileType::BlockDevice,
                                     rustix::fs::Mode::from_raw_mode(0o600),
                                     dev,
@@ -488,7 +488,7 @@ fn cloning_a_directory_onto_the_rw_branch_races_with_creates_and_lookups() {
                                 let name = format!("{dir}/reg{w}.{i}");
                                 let res = rustix::fs::mknodat(
                                     rustix::fs::CWD,
-                                    &m.m(&name),
+                                    m.m(&name),
                                     rustix::fs::FileType::RegularFile,
                                     rustix::fs::Mode::from_raw_mode(0o644),
                                     0,
