@@ -597,9 +597,14 @@ impl OverlayFs {
         let node = self.build_node(parent, dir, name, &found)?;
         let upper_node = node.upper();
         let lower_key = |(r, st): &(LRef, LStat)| Key::Lower(r.layer, st.key.0, st.key.1);
+        // An object with an upper copy is keyed by it (its origin when it
+        // was copied up, as the node was rekeyed then), a directory too:
+        // keying a merged directory by its top lower would give it another
+        // node whenever the lowers it merges come or go (made opaque, a
+        // whiteout gone), and the kernel refuses a directory with two
+        // inodes (ESTALE).
         let key = match (&upper_node, found.lowers.first()) {
             (None, Some(top)) => lower_key(top),
-            (Some(_), Some(top)) if found.kind == FileKind::Directory => lower_key(top),
             (Some(u), _) => {
                 let ukey = Key::Upper(u.dev, u.ino);
                 let fd = self.upper_dir()?.fd(u)?;
@@ -928,11 +933,10 @@ impl OverlayFs {
         let st = self.copy_object(pfd.as_fd(), &name, top)?;
         let up = Arc::new(h.make_node(pfd.as_fd(), &name, &st)?);
         *node.upper.write() = Some(up);
-        if node.kind != FileKind::Directory {
-            let lst = self.layer(top).stat(&top.obj)?;
-            self.table
-                .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
-        }
+        // A directory too: keyed by its copy from now on (see `register`).
+        let lst = self.layer(top).stat(&top.obj)?;
+        self.table
+            .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
         Ok(())
     }
 
