@@ -233,7 +233,6 @@ fn churn_through_a_union_fails_only_as_the_host() {
 }
 
 #[test]
-#[ignore = "ESTALE left: a directory can get a second node (see the report in issue 13)"]
 fn churn_through_an_overlay_fails_only_as_the_host() {
     let host = host_errnos();
     let m = Mounted::build_with(&[], &[], |dir| {
