@@ -250,6 +250,12 @@ impl Filesystem for UnionFs {
                 self.table.detach(id);
             }
             self.moved(parent, &name, &source, &renamed, new_parent, &new_name);
+            // The kernel moved whatever it held at the old name: a directory
+            // node still keyed there (the name had become a file on the
+            // branches meanwhile) is one it holds elsewhere now.
+            if let Some((id, _)) = self.table.get_by_key(&Key::Place(parent, name.clone())) {
+                self.table.detach(id);
+            }
         }
         // The target on other branches would shadow the renamed file: remove it.
         if !flags.contains(RenameFlags::EXCHANGE)
