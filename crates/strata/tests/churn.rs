@@ -184,11 +184,21 @@ fn assert_like_host(what: &str, root: &Path, host: &Errnos) {
         show(&got),
         show(host)
     );
-    // Whatever is left is consistent: every name lists, stats and goes.
-    fs::remove_dir_all(root.join("d0"))
-        .or_else(ignore_missing)
-        .unwrap();
-    fs::create_dir(root.join("d0")).unwrap();
+    // Whatever is left is usable: it goes, and the names work again. (In a
+    // union a name can hide another of another type on a later branch,
+    // which shows once the first is gone, and the kernel hears of changes
+    // the union made on other branches a moment later: a few passes.)
+    let d0 = root.join("d0");
+    let mut left = Ok(());
+    for _ in 0..10 {
+        left = fs::remove_dir_all(&d0).or_else(ignore_missing);
+        if left.is_ok() && fs::symlink_metadata(&d0).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    left.unwrap_or_else(|e| panic!("{what}: removing what the storm left: {e}"));
+    fs::create_dir(&d0).unwrap();
     fs::write(root.join("d0/f0"), b"x").unwrap();
     assert_eq!(fs::read(root.join("d0/f0")).unwrap(), b"x");
 }
@@ -225,7 +235,7 @@ fn churn_through_a_single_directory_without_io_uring_fails_only_as_the_host() {
 }
 
 #[test]
-#[ignore = "rare ESTALE left: a union name's type or copies can change behind the kernel's view of it (see the report in issue 13)"]
+
 fn churn_through_a_union_fails_only_as_the_host() {
     let host = host_errnos();
     let m = union_of_two();
