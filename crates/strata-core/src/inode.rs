@@ -4,6 +4,11 @@
 //! core pins it, like the root). Ids are chosen by the caller from a stable key
 //! (for host files: device and inode number), so the same object gets the same id
 //! again after it was forgotten: inode numbers stay stable for the life of the mount.
+//!
+//! A key that comes to name another object while the kernel still holds the
+//! old one's node (a host inode number reused after a removal) gets a node
+//! of its own: the kernel would otherwise take the new object for the old,
+//! dead one (its directory alias, its type), and answer ESTALE, ELOOP or EIO.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -23,6 +28,8 @@ struct Slot<K, T> {
     key: K,
     nlookup: u64,
     data: Arc<T>,
+    /// Its key names another node now: found by id only, until forgotten.
+    detached: bool,
 }
 
 struct Inner<K, T> {
@@ -74,6 +81,7 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
                 key: root_key,
                 nlookup: PINNED,
                 data: root,
+                detached: false,
             },
         );
         t
@@ -83,7 +91,11 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
     fn find(&self, inner: &Inner<K, T>, key: &K) -> Option<u64> {
         if let Some(f) = &self.id_of {
             let id = f(key);
-            if inner.nodes.get(&id).is_some_and(|s| s.key == *key) {
+            if inner
+                .nodes
+                .get(&id)
+                .is_some_and(|s| s.key == *key && !s.detached)
+            {
                 return Some(id);
             }
         }
@@ -112,28 +124,32 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
 
     /// Takes one lookup reference on the node for `key`.
     ///
-    /// A known node keeps its id; its data is swapped for `fresh` when
-    /// `replace(old)` says so (the host object was replaced). An unknown key is
-    /// inserted with `fresh` under the id `preferred`, or a fallback id if
-    /// another key holds that one; without `fresh` it returns `None` and the
-    /// caller builds the node and tries again.
+    /// A known node is returned with its id, unless `replace(old, fresh)`
+    /// says `fresh` is another object (the host gave the key to a new file):
+    /// then the old node is detached (the kernel's references to it stay
+    /// valid until forgotten, but the key no longer finds it) and `fresh`
+    /// becomes a new node. An unknown key is inserted with `fresh` under the
+    /// id `preferred`, or a fallback id if another node holds that one;
+    /// without `fresh` it returns `None` and the caller builds the node and
+    /// tries again.
     pub fn lookup(
         &self,
         key: K,
         preferred: u64,
         fresh: Option<T>,
-        replace: impl FnOnce(&T) -> bool,
+        replace: impl FnOnce(&T, &T) -> bool,
     ) -> Option<(u64, Arc<T>)> {
         let mut inner = self.inner.lock();
         if let Some(id) = self.find(&inner, &key) {
             let slot = inner.nodes.get_mut(&id).expect("by_key and nodes agree");
-            slot.nlookup = slot.nlookup.saturating_add(1);
-            if let Some(new) = fresh
-                && replace(&slot.data)
-            {
-                slot.data = Arc::new(new);
+            if !fresh.as_ref().is_some_and(|new| replace(&slot.data, new)) {
+                slot.nlookup = slot.nlookup.saturating_add(1);
+                return Some((id, slot.data.clone()));
             }
-            return Some((id, slot.data.clone()));
+            slot.detached = true;
+            if inner.by_key.get(&key) == Some(&id) {
+                inner.by_key.remove(&key);
+            }
         }
         let data = Arc::new(fresh?);
         let mut id = preferred;
@@ -155,6 +171,7 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
                 key,
                 nlookup: 1,
                 data: data.clone(),
+                detached: false,
             },
         );
         Some((id, data))
@@ -177,6 +194,29 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         true
     }
 
+    /// Detaches node `id` from its key: it stays for the kernel's references
+    /// until forgotten, but the key no longer finds it (the kernel holds it
+    /// as removed, so the object found next under the key is a new node).
+    pub fn detach(&self, id: u64) {
+        let mut inner = self.inner.lock();
+        let Some(slot) = inner.nodes.get_mut(&id) else {
+            return;
+        };
+        if id == ROOT_ID {
+            return;
+        }
+        slot.detached = true;
+        let key = slot.key.clone();
+        if inner.by_key.get(&key) == Some(&id) {
+            inner.by_key.remove(&key);
+        }
+    }
+
+    /// The key of node `id`.
+    pub fn key_of(&self, id: u64) -> Option<K> {
+        self.inner.lock().nodes.get(&id).map(|s| s.key.clone())
+    }
+
     /// Gives a known node a new key (its object changed identity, e.g. was
     /// copied up); its id and lookup count stay.
     pub fn rekey(&self, id: u64, key: K) {
@@ -185,6 +225,7 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
             return;
         };
         let old = std::mem::replace(&mut slot.key, key.clone());
+        slot.detached = false;
         if inner.by_key.get(&old) == Some(&id) {
             inner.by_key.remove(&old);
         }
@@ -219,9 +260,9 @@ mod tests {
     #[test]
     fn lookup_counts_and_forget_drop_at_zero() {
         let t = table();
-        let (id, _) = t.lookup(7, 70, Some("seven"), |_| false).unwrap();
+        let (id, _) = t.lookup(7, 70, Some("seven"), |_, _| false).unwrap();
         assert_eq!(id, 70);
-        t.lookup(7, 70, None, |_| false).unwrap();
+        t.lookup(7, 70, None, |_, _| false).unwrap();
         assert_eq!(t.lookup_count(70), 2);
         assert!(!t.forget(70, 1));
         assert_eq!(t.len(), 2);
@@ -234,23 +275,23 @@ mod tests {
     #[test]
     fn same_key_gets_same_id_after_forget() {
         let t = table();
-        let (a, _) = t.lookup(5, 50, Some("five"), |_| false).unwrap();
+        let (a, _) = t.lookup(5, 50, Some("five"), |_, _| false).unwrap();
         t.forget(a, 1);
-        let (b, _) = t.lookup(5, 50, Some("five again"), |_| false).unwrap();
+        let (b, _) = t.lookup(5, 50, Some("five again"), |_, _| false).unwrap();
         assert_eq!(a, b);
     }
 
     #[test]
     fn taken_preferred_id_falls_back_to_a_fresh_one() {
         let t = table();
-        let (a, _) = t.lookup(1, 100, Some("one"), |_| false).unwrap();
-        let (b, _) = t.lookup(2, 100, Some("two"), |_| false).unwrap();
+        let (a, _) = t.lookup(1, 100, Some("one"), |_, _| false).unwrap();
+        let (b, _) = t.lookup(2, 100, Some("two"), |_, _| false).unwrap();
         assert_eq!(a, 100);
         assert_ne!(b, 100);
         assert!(b >= FALLBACK_BASE);
         assert_eq!(*t.get(b).unwrap(), "two");
         // the root id is never handed out again
-        let (c, _) = t.lookup(3, ROOT_ID, Some("three"), |_| false).unwrap();
+        let (c, _) = t.lookup(3, ROOT_ID, Some("three"), |_, _| false).unwrap();
         assert_ne!(c, ROOT_ID);
     }
 
@@ -262,18 +303,64 @@ mod tests {
     }
 
     #[test]
-    fn refresh_replaces_data_keeps_id_and_count() {
+    fn a_key_given_to_another_object_gets_a_new_node() {
         let t = table();
-        t.lookup(9, 90, Some("old"), |_| false).unwrap();
-        let (id, data) = t.lookup(9, 90, Some("new"), |old| *old == "old").unwrap();
-        assert_eq!((id, *data), (90, "new"));
-        assert_eq!(t.lookup_count(90), 2);
+        t.lookup(9, 90, Some("old"), |_, _| false).unwrap();
+        // Same object: the known node, one more reference.
+        let (id, data) = t.lookup(9, 90, Some("old"), |o, n| o != n).unwrap();
+        assert_eq!((id, *data, t.lookup_count(90)), (90, "old", 2));
+        // Another object under the key: a node of its own; the old one
+        // stays for the kernel's references but the key no longer finds it.
+        let (new, data) = t.lookup(9, 90, Some("new"), |o, n| o != n).unwrap();
+        assert_ne!(new, 90);
+        assert_eq!((*data, t.lookup_count(new)), ("new", 1));
+        assert_eq!(*t.get(90).unwrap(), "old");
+        assert_eq!(t.get_by_key(&9).map(|(id, _)| id), Some(new));
+        // Forgetting the old node leaves the new one findable, and the other
+        // way round nothing is left.
+        assert!(t.forget(90, 2));
+        assert_eq!(t.get_by_key(&9).map(|(id, _)| id), Some(new));
+        assert!(t.forget(new, 1));
+        assert!(t.get_by_key(&9).is_none());
+        assert_eq!(t.len(), 1);
+        // Only the root's entry is left.
+        assert_eq!(t.inner.lock().by_key.len(), 1);
+    }
+
+    #[test]
+    fn a_node_detached_by_hand_keeps_its_id_until_forgotten() {
+        let t = table();
+        let (id, _) = t.lookup(3, 30, Some("dir"), |_, _| false).unwrap();
+        t.detach(id);
+        assert!(t.get_by_key(&3).is_none());
+        assert_eq!(*t.get(id).unwrap(), "dir");
+        let (again, _) = t.lookup(3, 30, Some("new dir"), |_, _| false).unwrap();
+        assert_ne!(again, id);
+        assert!(t.forget(id, 1));
+        assert_eq!(t.get_by_key(&3).map(|(id, _)| id), Some(again));
+        t.detach(ROOT_ID);
+        assert!(t.get(ROOT_ID).is_some() && t.get_by_key(&0).is_some());
+    }
+
+    #[test]
+    fn a_detached_node_on_its_derived_id_is_not_found_by_key() {
+        let t = derived();
+        t.lookup(7, 70, Some("old"), |_, _| false).unwrap();
+        let (new, _) = t.lookup(7, 70, Some("new"), |_, _| true).unwrap();
+        assert!(new >= FALLBACK_BASE);
+        assert_eq!(t.get_by_key(&7).map(|(id, d)| (id, *d)), Some((new, "new")));
+        assert!(t.forget(new, 1));
+        assert!(t.get_by_key(&7).is_none());
+        // Once the old node goes too, the key is at its own id again.
+        assert!(t.forget(70, 1));
+        let (again, _) = t.lookup(7, 70, Some("again"), |_, _| false).unwrap();
+        assert_eq!(again, 70);
     }
 
     #[test]
     fn unknown_key_without_data_is_not_inserted() {
         let t = table();
-        assert!(t.lookup(4, 40, None, |_| false).is_none());
+        assert!(t.lookup(4, 40, None, |_, _| false).is_none());
         assert_eq!(t.len(), 1);
     }
 
@@ -293,13 +380,13 @@ mod tests {
     #[test]
     fn derived_ids_find_keys_at_their_id_and_elsewhere() {
         let t = derived();
-        let (a, _) = t.lookup(7, 70, Some("seven"), |_| false).unwrap();
+        let (a, _) = t.lookup(7, 70, Some("seven"), |_, _| false).unwrap();
         assert_eq!(a, 70);
         // 7's id holds another key: 8 gets a fallback id and is still found.
         t.rekey(70, 8);
         assert_eq!(t.get_by_key(&8).map(|(id, _)| id), Some(70));
         assert!(t.get_by_key(&7).is_none());
-        let (b, _) = t.lookup(7, 70, Some("seven again"), |_| false).unwrap();
+        let (b, _) = t.lookup(7, 70, Some("seven again"), |_, _| false).unwrap();
         assert!(b >= FALLBACK_BASE);
         assert_eq!(
             t.get_by_key(&7).map(|(id, d)| (id, *d)),
@@ -307,7 +394,7 @@ mod tests {
         );
         // A rekey onto the key's own id needs no second entry, and forgets
         // leave nothing behind.
-        let (c, _) = t.lookup(2, 20, Some("two"), |_| false).unwrap();
+        let (c, _) = t.lookup(2, 20, Some("two"), |_, _| false).unwrap();
         t.rekey(c, 3);
         t.rekey(c, 2);
         assert_eq!(t.get_by_key(&2).map(|(id, _)| id), Some(20));
@@ -324,7 +411,7 @@ mod tests {
     fn derived_ids_keep_no_second_map() {
         let t = derived();
         for k in 1..=1000u32 {
-            t.lookup(k, k as u64 * 10, Some("x"), |_| false).unwrap();
+            t.lookup(k, k as u64 * 10, Some("x"), |_, _| false).unwrap();
         }
         assert_eq!(t.len(), 1001);
         // Only the root, whose id (1) is not its key's (0).
@@ -336,7 +423,7 @@ mod tests {
     fn table_returns_to_baseline_after_many_lookups_and_forgets() {
         let t = table();
         for i in 1..=100_000u32 {
-            let (id, _) = t.lookup(i, i as u64 + 1, Some("x"), |_| false).unwrap();
+            let (id, _) = t.lookup(i, i as u64 + 1, Some("x"), |_, _| false).unwrap();
             t.forget(id, 1);
         }
         assert_eq!(t.len(), 1);

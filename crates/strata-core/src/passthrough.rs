@@ -205,12 +205,10 @@ impl PassthroughFs {
             }
             _ => Some(self.host.make_node(parent_fd, name, st)?),
         };
-        let replace = fresh.is_some();
         loop {
-            if let Some((id, node)) = self
-                .table
-                .lookup(key, id, fresh.take(), |old| replace || old.kind != kind)
-            {
+            if let Some((id, node)) = self.table.lookup(key, id, fresh.take(), |old, new| {
+                old.kind != new.kind || !old.same_object(new)
+            }) {
                 if key.0 != self.root_key.0 {
                     self.watch_new_dev(&node);
                 }

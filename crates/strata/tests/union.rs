@@ -469,3 +469,110 @@ fn the_fd_cache_bound_covers_all_branches_together() {
     // Roots and the share rounding may add a few.
     assert!(cached <= 300 + 3, "{cached} descriptors cached");
 }
+
+/// Seen once: in a directory only an NC and an RO branch hold, a block
+/// device mknod (which clones the directory onto the RW branch) failed and
+/// the next lstats too. Many threads race the clone of fresh directories
+/// with mknods (block devices and files), mkdirs and lstats; every call
+/// must succeed and every name stay visible.
+#[test]
+fn cloning_a_directory_onto_the_rw_branch_races_with_creates_and_lookups() {
+    const DIRS: usize = 30;
+    const MAKERS: usize = 6;
+    const EACH: usize = 12;
+    let b = branches(&[16, 16, 16], &[0, 0, 0]);
+    for d in 0..DIRS {
+        for i in [1, 2] {
+            fs::create_dir_all(b.path(i).join(format!("d{d}/keep"))).unwrap();
+        }
+    }
+    // (The default minfreespace, 4G, is more than these branches have.)
+    let m = union(&b, &["RW", "NC", "RO"], &["minfreespace=1M"]);
+    let problems = std::sync::Mutex::new(Vec::<String>::new());
+    let made = std::sync::Mutex::new(Vec::<String>::new());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for d in 0..DIRS {
+        let dir = format!("d{d}");
+        let start = std::sync::Barrier::new(MAKERS + 2);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for w in 0..MAKERS {
+                let (m, dir, start, done) = (&m, &dir, &start, &done);
+                let (problems, made) = (&problems, &made);
+                s.spawn(move || {
+                    start.wait();
+                    for i in 0..EACH {
+                        let (name, res) = match (w + i) % 3 {
+                            0 => {
+                                let name = format!("{dir}/blk{w}.{i}");
+                                let dev = rustix::fs::makedev(7, 200 + i as u32);
+                                let res = rustix::fs::mknodat(
+                                    rustix::fs::CWD,
+                                    m.m(&name),
+                                    rustix::fs::FileType::BlockDevice,
+                                    rustix::fs::Mode::from_raw_mode(0o600),
+                                    dev,
+                                );
+                                (name, res.map_err(std::io::Error::from))
+                            }
+                            1 => {
+                                let name = format!("{dir}/reg{w}.{i}");
+                                let res = rustix::fs::mknodat(
+                                    rustix::fs::CWD,
+                                    m.m(&name),
+                                    rustix::fs::FileType::RegularFile,
+                                    rustix::fs::Mode::from_raw_mode(0o644),
+                                    0,
+                                );
+                                (name, res.map_err(std::io::Error::from))
+                            }
+                            _ => {
+                                let name = format!("{dir}/sub{w}.{i}");
+                                (name.clone(), fs::create_dir(m.m(&name)))
+                            }
+                        };
+                        match res {
+                            Ok(()) => made.lock().unwrap().push(name),
+                            Err(e) => problems.lock().unwrap().push(format!("make {name}: {e}")),
+                        }
+                    }
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+            for _ in 0..2 {
+                let (m, dir, start, done) = (&m, &dir, &start, &done);
+                let (problems, made) = (&problems, &made);
+                s.spawn(move || {
+                    start.wait();
+                    while done.load(std::sync::atomic::Ordering::SeqCst) < MAKERS {
+                        assert!(std::time::Instant::now() < deadline, "makers stuck");
+                        let last = made.lock().unwrap().last().cloned();
+                        for rel in [dir.clone(), format!("{dir}/keep")].into_iter().chain(last) {
+                            if let Err(e) = fs::symlink_metadata(m.m(&rel)) {
+                                problems.lock().unwrap().push(format!("lstat {rel}: {e}"));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let problems = problems.into_inner().unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let made = made.into_inner().unwrap();
+    assert_eq!(made.len(), DIRS * MAKERS * EACH);
+    for name in &made {
+        let st = fs::symlink_metadata(m.m(name)).unwrap_or_else(|e| panic!("lstat {name}: {e}"));
+        let on_rw = fs::symlink_metadata(b.path(0).join(name))
+            .unwrap_or_else(|e| panic!("{name} is not on the RW branch: {e}"));
+        assert_eq!(st.file_type(), on_rw.file_type(), "{name}");
+        if name.contains("/blk") {
+            use std::os::unix::fs::FileTypeExt;
+            assert!(st.file_type().is_block_device(), "{name}");
+        }
+    }
+    // The clones carry the directory's listing: the NC/RO copies still show.
+    for d in 0..DIRS {
+        assert!(m.m(&format!("d{d}/keep")).is_dir());
+    }
+}

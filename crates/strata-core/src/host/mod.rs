@@ -300,12 +300,15 @@ impl HostDir {
         let (handle, mnt) = node.handle.as_ref().ok_or(Errno::ESTALE)?;
         let mount_fd = self.mounts.read().get(mnt).cloned().ok_or(Errno::ESTALE)?;
         let fd = Arc::new(
-            sys::open_by_handle_at(mount_fd.as_fd(), handle, libc::O_PATH).inspect_err(|e| {
+            sys::open_by_handle_at(mount_fd.as_fd(), handle, libc::O_PATH).map_err(|e| {
                 tracing::debug!(
                     dev = node.dev,
                     ino = node.ino,
                     "reopen by handle failed: {e}"
-                )
+                );
+                // The object was removed (by a racing caller, typically):
+                // gone, as the host says of a removed name.
+                if e == Errno::ESTALE { Errno::ENOENT } else { e }
             })?,
         );
         {

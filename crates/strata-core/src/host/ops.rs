@@ -193,6 +193,10 @@ pub fn give_to_caller(
 /// kernel's `mode`, `umask` and open `flags`, gives it to the caller, and
 /// runs `register` (the layer's lookup of the new name). If any step fails,
 /// nothing is left behind.
+///
+/// Without O_EXCL, a file a racing caller made since the kernel's lookup is
+/// opened instead, as open(2) would: the kernel only asks to create a name
+/// it saw missing, and answers EEXIST to the caller if we did.
 #[allow(clippy::too_many_arguments)]
 pub fn create_file<T>(
     host: &HostDir,
@@ -205,12 +209,27 @@ pub fn create_file<T>(
     register: impl FnOnce() -> Result<T>,
 ) -> Result<(T, OwnedFd)> {
     let perm = create_perm(host, parent, mode, umask);
-    let fd = rustix::fs::openat(
-        parent,
-        name,
-        open_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-        Mode::from_raw_mode(perm),
-    )?;
+    let mut attempts = 0;
+    let fd = loop {
+        let made = rustix::fs::openat(
+            parent,
+            name,
+            open_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(perm),
+        );
+        match made {
+            Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 && attempts < 3 => {
+                attempts += 1;
+                match open_existing(host, ctx, parent, name, flags) {
+                    Ok(fd) => return Ok((register()?, fd)),
+                    // Gone again: create it after all.
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            made => break made?,
+        }
+    };
     let res = rustix::fs::fstat(&fd)
         .map_err(Errno::from)
         .and_then(|st| give_to_caller(host, ctx, parent, fd.as_fd(), c"", &st))
@@ -222,6 +241,48 @@ pub fn create_file<T>(
             Err(e)
         }
     }
+}
+
+/// Opens the existing `name` in `parent` for a create(2) without O_EXCL,
+/// checking the caller's access to it (the kernel checked only the
+/// directory). A symlink is not followed: EEXIST, as the kernel's retry
+/// would find it.
+fn open_existing(
+    host: &HostDir,
+    ctx: &Ctx,
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    flags: i32,
+) -> Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        parent,
+        name,
+        open_flags(flags & !libc::O_TRUNC) | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => Errno::EEXIST,
+        e => e.into(),
+    })?;
+    let st = rustix::fs::fstat(&fd)?;
+    let mut mask = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => libc::R_OK,
+        libc::O_WRONLY => libc::W_OK,
+        _ => libc::R_OK | libc::W_OK,
+    };
+    if flags & libc::O_TRUNC != 0 {
+        mask |= libc::W_OK;
+    }
+    check_access(ctx, st.st_mode, st.st_uid, st.st_gid, mask)?;
+    if flags & libc::O_TRUNC != 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        // Only now that the caller may write it (O_RDONLY|O_TRUNC truncates too).
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            rustix::fs::ftruncate(host.reopen(fd.as_fd(), OFlags::WRONLY)?, 0)?;
+        } else {
+            rustix::fs::ftruncate(&fd, 0)?;
+        }
+    }
+    Ok(fd)
 }
 
 /// Hands a just-made directory, node or symlink `name` in `parent` to the

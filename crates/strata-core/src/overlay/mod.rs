@@ -627,9 +627,14 @@ impl OverlayFs {
         let node = self.build_node(parent, dir, name, &found)?;
         let upper_node = node.upper();
         let lower_key = |(r, st): &(LRef, LStat)| Key::Lower(r.layer, st.key.0, st.key.1);
+        // An object with an upper copy is keyed by it (its origin when it
+        // was copied up, as the node was rekeyed then), a directory too:
+        // keying a merged directory by its top lower would give it another
+        // node whenever the lowers it merges come or go (made opaque, a
+        // whiteout gone), and the kernel refuses a directory with two
+        // inodes (ESTALE).
         let key = match (&upper_node, found.lowers.first()) {
             (None, Some(top)) => lower_key(top),
-            (Some(_), Some(top)) if found.kind == FileKind::Directory => lower_key(top),
             (Some(u), _) => {
                 let ukey = Key::Upper(u.dev, u.ino);
                 let fd = self.upper_dir()?.fd(u)?;
@@ -660,7 +665,7 @@ impl OverlayFs {
         // gave its inode number to the object the name now holds.
         let (id, known) = self
             .table
-            .lookup(key, Self::node_id(&key), Some(node), |old| {
+            .lookup(key, Self::node_id(&key), Some(node), |old, _| {
                 old.kind != found.kind
                     || old
                         .upper()
@@ -1000,10 +1005,11 @@ impl OverlayFs {
         *node.upper.write() = Some(up.clone());
         if node.kind != FileKind::Directory {
             self.move_lower_readers(id, &up);
-            let lst = self.layer(top).stat(&top.obj)?;
-            self.table
-                .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
         }
+        // A directory too: keyed by its copy from now on (see `register`).
+        let lst = self.layer(top).stat(&top.obj)?;
+        self.table
+            .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
         self.remember_host_objects(id, node);
         Ok(())
     }

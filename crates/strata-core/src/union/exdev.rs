@@ -11,7 +11,7 @@ use rustix::fs::AtFlags;
 use super::policy::Func;
 use super::settings::{LinkExdev, RenameExdev};
 use super::{Inst, UnionFs};
-use crate::fs::{Ctx, Entry};
+use crate::fs::{Ctx, Entry, FileKind};
 use crate::{Errno, Result};
 
 /// Where `rename-exdev` parks renamed files on their branch (mergerfs's name,
@@ -46,6 +46,7 @@ impl UnionFs {
         let entry = self.make_node(
             ctx,
             Func::Symlink,
+            FileKind::Symlink,
             parent,
             OsStr::from_bytes(name.to_bytes()),
             |_, pfd, name| Ok(rustix::fs::symlinkat(target, pfd, name)?),

@@ -14,7 +14,7 @@ use super::control;
 use super::files::write_flags;
 use super::policy::{Func, Want};
 use super::settings::{LinkExdev, RenameExdev, XattrMode};
-use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, UDir, UnionFs, WATCHED_TTL};
+use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, Key, UDir, UnionFs, WATCHED_TTL};
 use crate::fs::*;
 use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::{attr_from_stat, component, ops};
@@ -112,7 +112,8 @@ impl Filesystem for UnionFs {
         rdev: u32,
     ) -> Result<Entry> {
         let kind = rustix::fs::FileType::from_raw_mode(mode);
-        self.make_node(ctx, Func::Mknod, parent, name, |b, pfd, name| {
+        let made = FileKind::from_mode(mode).unwrap_or(FileKind::Regular);
+        self.make_node(ctx, Func::Mknod, made, parent, name, |b, pfd, name| {
             let perm = ops::create_perm(&b.dir, pfd, mode, umask);
             Ok(rustix::fs::mknodat(
                 pfd,
@@ -125,10 +126,17 @@ impl Filesystem for UnionFs {
     }
 
     fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
-        self.make_node(ctx, Func::Mkdir, parent, name, |b, pfd, name| {
-            let perm = ops::create_perm(&b.dir, pfd, mode, umask);
-            Ok(rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(perm))?)
-        })
+        self.make_node(
+            ctx,
+            Func::Mkdir,
+            FileKind::Directory,
+            parent,
+            name,
+            |b, pfd, name| {
+                let perm = ops::create_perm(&b.dir, pfd, mode, umask);
+                Ok(rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(perm))?)
+            },
+        )
     }
 
     fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
@@ -140,9 +148,14 @@ impl Filesystem for UnionFs {
     }
 
     fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
-        self.make_node(ctx, Func::Symlink, parent, name, |_, pfd, name| {
-            Ok(rustix::fs::symlinkat(target, pfd, name)?)
-        })
+        self.make_node(
+            ctx,
+            Func::Symlink,
+            FileKind::Symlink,
+            parent,
+            name,
+            |_, pfd, name| Ok(rustix::fs::symlinkat(target, pfd, name)?),
+        )
     }
 
     fn rename(
@@ -159,6 +172,12 @@ impl Filesystem for UnionFs {
         let flags = RenameFlags::from_bits_retain(flags);
         let source = self.find(parent, &name)?;
         let target = self.find(new_parent, &new_name).ok();
+        // A directory the rename replaces is dead to the kernel from now on.
+        let replaced = target
+            .as_ref()
+            .filter(|t| is_dir_found(t))
+            .and_then(|t| self.known_node(new_parent, &new_name, t))
+            .map(|(id, _, _)| id);
         if flags.contains(RenameFlags::NOREPLACE) && target.is_some() {
             return Err(Errno::EEXIST);
         }
@@ -227,7 +246,16 @@ impl Filesystem for UnionFs {
                     let _ = rustix::fs::unlinkat(&**pfd, &name, remove_flags(st));
                 }
             }
-            self.moved(&source, &renamed, new_parent, &new_name);
+            if let Some(id) = replaced {
+                self.table.detach(id);
+            }
+            self.moved(parent, &name, &source, &renamed, new_parent, &new_name);
+            // The kernel moved whatever it held at the old name: a directory
+            // node still keyed there (the name had become a file on the
+            // branches meanwhile) is one it holds elsewhere now.
+            if let Some((id, _)) = self.table.get_by_key(&Key::Place(parent, name.clone())) {
+                self.table.detach(id);
+            }
         }
         // The target on other branches would shadow the renamed file: remove it.
         if !flags.contains(RenameFlags::EXCHANGE)
@@ -440,7 +468,15 @@ impl Filesystem for UnionFs {
         let pfd = self.dir_on(parent, &b)?;
         let (entry, fd) =
             ops::create_file(&b.dir, ctx, pfd.as_fd(), &name, mode, umask, flags, || {
-                self.lookup_name(parent, &name)
+                let entry = self.lookup_name(parent, &name)?;
+                if entry.attr.kind != FileKind::Regular {
+                    // Another branch shows a directory (say) by that name
+                    // first: the name is not the file just made, and the
+                    // kernel refuses a create answered with a directory.
+                    self.table.forget(entry.attr.ino, 1);
+                    return Err(Errno::EISDIR);
+                }
+                Ok(entry)
             })?;
         let opened = self.register_open(entry.attr.ino, b.id, flags, fd);
         Ok((entry, opened))
@@ -488,6 +524,12 @@ impl Filesystem for UnionFs {
 }
 
 /// unlinkat flags that remove an object with stat `st`.
+fn is_dir_found(found: &[super::Found]) -> bool {
+    found
+        .first()
+        .is_some_and(|(_, _, st)| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+}
+
 fn remove_flags(st: &rustix::fs::Stat) -> AtFlags {
     if super::is_dir(st) {
         AtFlags::REMOVEDIR
@@ -502,14 +544,60 @@ impl UnionFs {
     /// `new_parent`, on the branches in `renamed` only. The kernel moved its
     /// name without asking, so the node must know where it is now (paths of
     /// its children, path cloning) and read from where it went.
-    fn moved(&self, source: &[super::Found], renamed: &[u64], new_parent: u64, new_name: &CStr) {
-        let st = &source[0].2;
-        let Some((_, node)) = self.table.get_by_key(&(st.st_dev, st.st_ino)) else {
+    fn moved(
+        &self,
+        parent: u64,
+        name: &CStr,
+        source: &[super::Found],
+        renamed: &[u64],
+        new_parent: u64,
+        new_name: &CStr,
+    ) {
+        let Some((id, node, key)) = self.known_node(parent, name, source) else {
             return;
         };
         // Its host objects moved with it (same inodes), those left behind are gone.
-        node.inst.write().retain(|i| renamed.contains(&i.branch.id));
+        let left = {
+            let mut inst = node.inst.write();
+            let before = inst.len();
+            inst.retain(|i| renamed.contains(&i.branch.id));
+            inst.len() != before
+        };
         *node.loc.lock() = (new_parent, new_name.to_owned());
+        if let Key::Place(..) = key {
+            self.table
+                .rekey(id, Key::Place(new_parent, new_name.to_owned()));
+        } else {
+            self.rekey_node(id, &node, &key);
+        }
+        if left && node.kind == FileKind::Directory {
+            self.prune_below(id, renamed);
+        }
+    }
+
+    /// After directory `top` moved on the branches `kept` only: the nodes
+    /// below it drop their instances on the other branches, which stayed
+    /// behind with the old path (the kernel moved its names along, and
+    /// would otherwise reach the copies left there through them). Walks the
+    /// table: only for renames that failed on some branch.
+    fn prune_below(&self, top: u64, kept: &[u64]) {
+        for id in self.table.ids() {
+            if id == top || id == ROOT_ID || !self.ancestors(id).contains(&top) {
+                continue;
+            }
+            let (Some(node), Some(key)) = (self.table.get(id), self.table.key_of(id)) else {
+                continue;
+            };
+            let changed = {
+                let mut inst = node.inst.write();
+                let before = inst.len();
+                inst.retain(|i| kept.contains(&i.branch.id));
+                inst.len() != before
+            };
+            if changed {
+                self.rekey_node(id, &node, &key);
+            }
+        }
     }
 
     /// Whether xattr changes reach the branches under the `xattr=` mode.
@@ -521,13 +609,14 @@ impl UnionFs {
         }
     }
 
-    /// mkdir/mknod/symlink: `make` creates `name` in the parent's directory
-    /// on each branch the create policy picks (all of them for `all`/`epall`);
-    /// the caller owns what was made.
+    /// mkdir/mknod/symlink: `make` creates `name` (a `kind`) in the parent's
+    /// directory on each branch the create policy picks (all of them for
+    /// `all`/`epall`); the caller owns what was made.
     pub(super) fn make_node(
         &self,
         ctx: &Ctx,
         func: Func,
+        kind: FileKind,
         parent: u64,
         name: &OsStr,
         make: impl Fn(&Branch, BorrowedFd<'_>, &CStr) -> Result<()>,
@@ -539,7 +628,19 @@ impl UnionFs {
             make(b, pfd.as_fd(), &name)?;
             ops::finish_new(&b.dir, ctx, pfd.as_fd(), &name)
         })?;
-        self.lookup_name(parent, &name)
+        let entry = self.lookup_name(parent, &name)?;
+        // (`symlinkify` may show a new read-only file as a link at once.)
+        let shown_as_link = kind == FileKind::Regular
+            && entry.attr.kind == FileKind::Symlink
+            && self.settings.read().symlinkify;
+        if entry.attr.kind != kind && !shown_as_link {
+            // A racing caller made the name on an earlier branch (another
+            // type shows first): it exists, and the kernel refuses a reply
+            // of another type than it asked for (EIO).
+            self.table.forget(entry.attr.ino, 1);
+            return Err(Errno::EEXIST);
+        }
+        Ok(entry)
     }
 
     /// unlink/rmdir: on every instance the action policy picks.
@@ -557,9 +658,7 @@ impl UnionFs {
         let mut first_err = None;
         let mut removed = Vec::new();
         // The kernel's node for the name: keyed by its first instance.
-        let shown = found
-            .first()
-            .and_then(|(_, _, st)| self.table.get_by_key(&(st.st_dev, st.st_ino)));
+        let shown = self.known_node(parent, &name, &found);
         for (inst, pfd, st) in targets {
             // rmdir of a directory shown through `follow-symlinks` removes the link.
             let how = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
@@ -575,17 +674,27 @@ impl UnionFs {
             }
         }
         match first_err {
-            None => Ok(()),
+            None => {
+                if how.contains(AtFlags::REMOVEDIR)
+                    && let Some((id, _, _)) = shown
+                {
+                    // The kernel holds the directory as removed: copies that
+                    // show the name again (an RO branch's) are a new node.
+                    self.table.detach(id);
+                }
+                Ok(())
+            }
             Some(e) => {
                 if !removed.is_empty() {
                     // The error reply tells the kernel nothing changed, yet
                     // some copies went: the node it holds drops them now (it
                     // may be used before the invalidation lands), and the
                     // kernel is made to look again.
-                    let node = shown.map(|(id, node)| {
+                    let node = shown.map(|(id, node, key)| {
                         node.inst
                             .write()
                             .retain(|i| !removed.contains(&i.branch.id));
+                        self.rekey_node(id, &node, &key);
                         id
                     });
                     // Attributes now (no lock of the kernel's needed: the

@@ -128,7 +128,22 @@ struct UDir {
     entries: Mutex<Arc<Vec<DirEnt>>>,
 }
 
-type Key = (u64, u64);
+/// A node's key in the table.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// A non-directory: the (dev, ino) of the instance it was first found
+    /// by, so hard links share a node.
+    Obj(u64, u64),
+    /// A directory: its place (parent id, name), as the kernel's dentry. The
+    /// kernel holds one dentry per directory inode, so a directory must be
+    /// one node per place whatever its copies do: a copy left behind by a
+    /// rename that failed on some branch, or one reached through a node
+    /// whose copies moved, is never the node the kernel moved (which it
+    /// would refuse there: ESTALE, or ELOOP), and a copy cloned onto an
+    /// earlier branch does not make a second node (two kernel inodes, two
+    /// locks: creates in the directory would no longer be serialised).
+    Place(u64, CString),
+}
 
 /// A name on one branch: the parent's instance there, its fd, the name's stat.
 type Found = (Inst, Arc<OwnedFd>, Stat);
@@ -217,9 +232,27 @@ fn node_has(table: &InodeTable<Key, UNode>, id: u64, obj: HostId) -> bool {
         .is_some_and(|n| n.inst.read().iter().any(|i| i.node.host_id() == obj))
 }
 
+/// Whether `old` is the object `new` stands for under `key`: for a file,
+/// it holds `new`'s keyed instance; for a directory, any of its copies
+/// (not a new directory made at the place since, nor an inode number reused).
+fn same_object(old: &UNode, new: &UNode, key: &Key) -> bool {
+    let new = new.inst.read();
+    let same = |o: &Inst, n: &Inst| {
+        o.branch.id == n.branch.id && (Arc::ptr_eq(&o.node, &n.node) || o.node.same_object(&n.node))
+    };
+    let old = old.inst.read();
+    match key {
+        Key::Obj(dev, ino) => new
+            .iter()
+            .find(|n| (n.node.dev, n.node.ino) == (*dev & !FOLLOWED, *ino))
+            .is_some_and(|n| old.iter().any(|o| same(o, n))),
+        Key::Place(..) => new.iter().any(|n| old.iter().any(|o| same(o, n))),
+    }
+}
+
 /// The node keyed by host object `obj`, if it still has that instance.
 fn node_by_key(table: &InodeTable<Key, UNode>, obj: HostId) -> Option<u64> {
-    let (id, _) = table.get_by_key(&(obj.dev, obj.ino))?;
+    let (id, _) = table.get_by_key(&Key::Obj(obj.dev, obj.ino))?;
     node_has(table, id, obj).then_some(id)
 }
 
@@ -236,9 +269,13 @@ fn clear_of_reserved(h: u64) -> u64 {
 /// The id the table looks for a key at first: what `inodecalc=hybrid-hash`
 /// (the default) and `devino-hash` give a non-directory. Nodes that got
 /// another id (directories, other `inodecalc` modes) are found through the
-/// table's key map instead.
-fn derived_id(&(dev, ino): &Key) -> u64 {
-    clear_of_reserved(devino_hash(dev & !FOLLOWED, ino))
+/// table's key map instead (a place "derives" the root's id, which no
+/// place key ever holds).
+fn derived_id(key: &Key) -> u64 {
+    match key {
+        Key::Obj(dev, ino) => clear_of_reserved(devino_hash(dev & !FOLLOWED, *ino)),
+        Key::Place(..) => ROOT_ID,
+    }
 }
 
 /// Set in a key's device for a symlink followed to its target
@@ -279,7 +316,7 @@ impl UnionFs {
             real_mountpoint: std::fs::canonicalize(&cfg.mountpoint).unwrap_or_default(),
             mountpoint: cfg.mountpoint,
             table: Arc::new(InodeTable::with_derived_ids(
-                (0, 0),
+                Key::Obj(0, 0),
                 Arc::new(UNode {
                     kind: FileKind::Directory,
                     loc: Mutex::new((ROOT_ID, CString::default())),
@@ -803,6 +840,60 @@ impl UnionFs {
         wanted.then_some((fd, tst))
     }
 
+    /// The key of the node the kernel knows for `name` in `parent`, found
+    /// as `found`: a directory's place; for a file, the first found object
+    /// that keys a node holding it (a node is keyed by the instance found
+    /// first when it was made, which a copy on an earlier branch does not
+    /// change).
+    fn shown_key(&self, parent: u64, name: &CStr, found: &[Found]) -> Option<Key> {
+        if found.first().is_some_and(|(_, _, st)| is_dir(st)) {
+            return Some(Key::Place(parent, name.to_owned()));
+        }
+        found.iter().find_map(|(pi, _, st)| {
+            let key = Key::Obj(st.st_dev, st.st_ino);
+            let (_, node) = self.table.get_by_key(&key)?;
+            let holds = node.kind == kind_of(st)
+                && node.inst.read().iter().any(|i| {
+                    i.branch.id == pi.branch.id
+                        && (i.node.dev, i.node.ino) == (st.st_dev, st.st_ino)
+                });
+            holds.then_some(key)
+        })
+    }
+
+    /// The node the kernel knows for `name` in `parent` found as `found`, and its key.
+    fn known_node(
+        &self,
+        parent: u64,
+        name: &CStr,
+        found: &[Found],
+    ) -> Option<(u64, Arc<UNode>, Key)> {
+        let key = self.shown_key(parent, name, found)?;
+        let (id, node) = self.table.get_by_key(&key)?;
+        Some((id, node, key))
+    }
+
+    /// Keys file node `id` (keyed `key`) anew after its instances changed:
+    /// by its key object while it still holds it, else by its first
+    /// remaining instance. A node whose key object went (removed, or left
+    /// behind on one branch) would otherwise not be found again, and the
+    /// next lookup would make the kernel a second node for it. Directories
+    /// are keyed by place, which their copies do not change.
+    fn rekey_node(&self, id: u64, node: &UNode, key: &Key) {
+        let Key::Obj(dev, ino) = *key else { return };
+        if dev & FOLLOWED != 0 {
+            return;
+        }
+        let inst = node.inst.read();
+        if inst.iter().any(|i| (i.node.dev, i.node.ino) == (dev, ino)) {
+            return;
+        }
+        if let Some(first) = inst.first() {
+            self.table
+                .rekey(id, Key::Obj(first.node.dev, first.node.ino));
+        }
+    }
+
     fn lookup_name(&self, parent: u64, name: &CStr) -> Result<Entry> {
         let mut found = self.find(parent, name)?;
         // Followed symlinks stand for their targets; each keeps its own fd.
@@ -825,10 +916,13 @@ impl UnionFs {
         let first = &found[0].2;
         // A followed link is its own node, never an alias of the target's
         // (a directory reachable by two names would confuse the kernel).
-        let key = (
-            first.st_dev | if followed { FOLLOWED } else { 0 },
-            first.st_ino,
-        );
+        let key = match self.shown_key(parent, name, &found) {
+            Some(key) if !followed || matches!(key, Key::Place(..)) => key,
+            _ => Key::Obj(
+                first.st_dev | if followed { FOLLOWED } else { 0 },
+                first.st_ino,
+            ),
+        };
         let kind = kind_of(first);
         let mut path = self.rel_path(parent);
         if !path.is_empty() {
@@ -879,15 +973,20 @@ impl UnionFs {
                 loc: Mutex::new((parent, name.to_owned())),
                 inst: RwLock::new(inst.clone()),
             };
-            let taken =
-                self.table
-                    .lookup(key, want_id, existing.is_none().then_some(fresh), |old| {
-                        old.kind != kind
-                    });
+            // The known node stays only if it still is the object found
+            // (not a new one at its place, nor its inode number reused).
+            let kept = std::cell::Cell::new(false);
+            let taken = self
+                .table
+                .lookup(key.clone(), want_id, Some(fresh), |old, new| {
+                    let same = old.kind == new.kind && same_object(old, new, &key);
+                    kept.set(same);
+                    !same
+                });
             if let Some((id, node)) = taken {
                 self.remember(id, &inst);
                 let (entry_ttl, attr_ttl) = self.ttl(&inst);
-                if existing.is_some() {
+                if kept.get() {
                     *node.inst.write() = inst;
                     *node.loc.lock() = (parent, name.to_owned());
                 }
