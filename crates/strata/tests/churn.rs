@@ -16,8 +16,19 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const WORKERS: usize = 16;
-const STORM: Duration = Duration::from_secs(4);
+/// Workers and length of a storm; `STRATA_CHURN_WORKERS` and
+/// `STRATA_CHURN_SECS` make a heavier one for a soak run by hand.
+fn workers() -> usize {
+    env_number("STRATA_CHURN_WORKERS").unwrap_or(16)
+}
+
+fn storm_length() -> Duration {
+    Duration::from_secs(env_number("STRATA_CHURN_SECS").unwrap_or(4))
+}
+
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
 /// Directory names at each of the three levels, and file names at the leaves.
 const DIRS: [&str; 3] = ["d0", "d1", "d2"];
 const FILES: [&str; 4] = ["f0", "f1", "f2", "f3"];
@@ -100,11 +111,11 @@ fn run_op(op: Op, root: &Path, rng: &mut Rng) -> std::io::Result<()> {
     }
 }
 
-/// Runs the storm on `root` for [`STORM`] and returns the errnos seen;
+/// Runs the storm on `root` for [`storm_length`] and returns the errnos seen;
 /// panics if it makes no progress (a hung mount fails, never hangs).
 fn storm(root: &Path, seed: u64) -> Errnos {
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
+    let workers: Vec<_> = (0..workers())
         .map(|w| {
             let (root, stop) = (root.to_path_buf(), stop.clone());
             std::thread::spawn(move || {
@@ -125,7 +136,7 @@ fn storm(root: &Path, seed: u64) -> Errnos {
             })
         })
         .collect();
-    std::thread::sleep(STORM);
+    std::thread::sleep(storm_length());
     stop.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut all = Errnos::new();
