@@ -16,7 +16,7 @@ use rustix::fs::{AtFlags, Mode, RenameFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
-use crate::host::watch::{self, HostWatch};
+use crate::host::watch::{self, CachePolicy, HostWatch};
 use crate::host::{HostDir, HostNode, attr_from_stat, component, dirent_kind, ops};
 use crate::inode::InodeTable;
 use crate::listing::{self, DirEnt, OpenDirs};
@@ -25,10 +25,8 @@ use crate::{Errno, Result};
 /// Kernel cache settings and behaviour switches.
 #[derive(Clone, Debug)]
 pub struct PassthroughConfig {
-    /// Kernel cache timeouts; `None` picks them by whether the host is watched.
-    pub entry_ttl: Option<Duration>,
-    pub attr_ttl: Option<Duration>,
-    pub negative_ttl: Option<Duration>,
+    /// Kernel cache timeouts.
+    pub cache: CachePolicy,
     /// Watch the host for outside changes (fanotify) and invalidate the
     /// kernel's caches, so timeouts can be long.
     pub watch: bool,
@@ -41,9 +39,7 @@ pub struct PassthroughConfig {
 impl Default for PassthroughConfig {
     fn default() -> Self {
         PassthroughConfig {
-            entry_ttl: None,
-            attr_ttl: None,
-            negative_ttl: None,
+            cache: CachePolicy::default(),
             watch: true,
             fd_cache: crate::host::DEFAULT_FD_CACHE,
             passthrough: true,
@@ -150,23 +146,15 @@ impl PassthroughFs {
         self.watch.as_ref().is_some_and(|w| w.is_watched(dev))
     }
 
-    fn ttl(&self, set: Option<Duration>, dev: u64) -> Duration {
-        set.unwrap_or(if self.watched(dev) {
-            WATCHED_TTL
-        } else {
-            UNWATCHED_TTL
-        })
-    }
-
     fn attr_ttl(&self, dev: u64) -> Duration {
-        self.ttl(self.cfg.attr_ttl, dev)
+        self.cfg.cache.attr(self.watched(dev))
     }
 
     fn entry(&self, st: &Stat, id: u64) -> Entry {
         Entry {
             attr: attr_from_stat(st, id),
             generation: 0,
-            entry_ttl: self.ttl(self.cfg.entry_ttl, st.st_dev),
+            entry_ttl: self.cfg.cache.entry(self.watched(st.st_dev)),
             attr_ttl: self.attr_ttl(st.st_dev),
         }
     }
@@ -520,7 +508,7 @@ impl Filesystem for PassthroughFs {
 
     fn negative_ttl(&self, parent: u64) -> Duration {
         let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
-        self.ttl(self.cfg.negative_ttl, dev)
+        self.cfg.cache.negative(self.watched(dev), UNWATCHED_TTL)
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {

@@ -125,9 +125,7 @@ fn make(mode: Mode) -> Client {
                 OverlayFs::new(OverlayConfig {
                     lowers: vec![lower],
                     upper: Some(p("upper")),
-                    entry_ttl: None,
-                    attr_ttl: None,
-                    negative_ttl: None,
+                    cache: Default::default(),
                     fd_cache: 64,
                     passthrough: false,
                     watch: false,

@@ -217,9 +217,7 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
             PassthroughFs::new(
                 &branches[0].path,
                 PassthroughConfig {
-                    entry_ttl: opts.entry_ttl,
-                    attr_ttl: opts.attr_ttl,
-                    negative_ttl: opts.negative_ttl,
+                    cache: opts.cache,
                     watch: opts.watch,
                     fd_cache: opts.fd_cache,
                     passthrough: opts.passthrough,
@@ -301,9 +299,7 @@ fn prepare_overlay(
     let fs = OverlayFs::new(OverlayConfig {
         lowers,
         upper: upper.clone(),
-        entry_ttl: opts.entry_ttl,
-        attr_ttl: opts.attr_ttl,
-        negative_ttl: opts.negative_ttl,
+        cache: opts.cache,
         fd_cache: opts.fd_cache,
         passthrough: opts.passthrough,
         watch: opts.watch,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use strata_core::host::watch::CachePolicy;
 use strata_core::union::Settings;
 
 /// Union options, handed to the union's own settings (which also serve the
@@ -17,10 +18,8 @@ pub struct MountOptions {
     pub read_only: bool,
     pub fsname: Option<String>,
     pub threads: usize,
-    /// Kernel cache timeouts; `None`: long on watched hosts, 1 s otherwise.
-    pub entry_ttl: Option<Duration>,
-    pub attr_ttl: Option<Duration>,
-    pub negative_ttl: Option<Duration>,
+    /// Kernel cache timeouts; unset: long on watched hosts, 1 s otherwise.
+    pub cache: CachePolicy,
     pub watch: bool,
     pub nonempty: bool,
     pub passthrough: bool,
@@ -44,9 +43,7 @@ impl Default for MountOptions {
             read_only: false,
             fsname: None,
             threads: default_threads(),
-            entry_ttl: None,
-            attr_ttl: None,
-            negative_ttl: None,
+            cache: CachePolicy::default(),
             watch: true,
             nonempty: false,
             passthrough: true,
@@ -148,10 +145,10 @@ impl MountOptions {
                     "rw" => o.read_only = false,
                     "fsname" => o.fsname = Some(need()?.to_string()),
                     "threads" => o.threads = number(key, need()?, 1, 256)?,
-                    "cache.entry" => o.entry_ttl = Some(seconds(key, need()?)?),
-                    "cache.attr" => o.attr_ttl = Some(seconds(key, need()?)?),
+                    "cache.entry" => o.cache.entry = Some(seconds(key, need()?)?),
+                    "cache.attr" => o.cache.attr = Some(seconds(key, need()?)?),
                     "cache.negative-entry" | "cache.negative_entry" => {
-                        o.negative_ttl = Some(seconds(key, need()?)?)
+                        o.cache.negative = Some(seconds(key, need()?)?)
                     }
                     "watch" => o.watch = boolean(key, need()?)?,
                     "nonempty" => o.nonempty = true,
@@ -185,9 +182,7 @@ impl MountOptions {
             ));
         }
         // The cache timeouts apply to the union too.
-        o.union.entry_ttl = o.entry_ttl;
-        o.union.attr_ttl = o.attr_ttl;
-        o.union.negative_ttl = o.negative_ttl;
+        o.union.cache = o.cache;
         Ok(o)
     }
 }
@@ -214,9 +209,10 @@ mod tests {
         assert!(o.read_only);
         assert_eq!(o.fsname.as_deref(), Some("pool"));
         assert_eq!(o.threads, 8);
-        assert_eq!(o.entry_ttl, Some(Duration::from_millis(2500)));
-        assert_eq!(o.attr_ttl, Some(Duration::ZERO));
-        assert_eq!(o.negative_ttl, Some(Duration::ZERO));
+        assert_eq!(o.cache.entry, Some(Duration::from_millis(2500)));
+        assert_eq!(o.cache.attr, Some(Duration::ZERO));
+        assert_eq!(o.cache.negative, Some(Duration::ZERO));
+        assert_eq!(o.union.cache, o.cache);
     }
 
     #[test]

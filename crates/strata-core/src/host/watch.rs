@@ -33,6 +33,38 @@ pub const UNWATCHED_TTL: Duration = Duration::from_secs(1);
 /// kernel as they happen; the timeout only bounds the damage of a lost event.
 pub const WATCHED_TTL: Duration = Duration::from_secs(3600);
 
+/// The kernel cache timeouts of a mount, one policy for every mode: what the
+/// user set (`cache.entry`, `cache.attr`, `cache.negative-entry`), else
+/// chosen by whether what a reply covers is watched (or never changes
+/// behind the mount): an hour then, a second otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachePolicy {
+    pub entry: Option<Duration>,
+    pub attr: Option<Duration>,
+    pub negative: Option<Duration>,
+}
+
+impl CachePolicy {
+    fn auto(watched: bool) -> Duration {
+        if watched { WATCHED_TTL } else { UNWATCHED_TTL }
+    }
+
+    pub fn entry(&self, watched: bool) -> Duration {
+        self.entry.unwrap_or(Self::auto(watched))
+    }
+
+    pub fn attr(&self, watched: bool) -> Duration {
+        self.attr.unwrap_or(Self::auto(watched))
+    }
+
+    /// How long a missing name is remembered; `unwatched` is the default
+    /// when it is not watched (a union, as mergerfs, caches none).
+    pub fn negative(&self, watched: bool, unwatched: Duration) -> Duration {
+        self.negative
+            .unwrap_or(if watched { WATCHED_TTL } else { unwatched })
+    }
+}
+
 /// Directory-entry events: the named child of a directory appeared or went.
 pub const DIRENT: u64 =
     libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO;

@@ -595,7 +595,9 @@ impl Filesystem for OverlayFs {
             .table
             .get(parent)
             .is_some_and(|n| self.unwatched(&n.lowers()));
-        self.ttl(self.cfg.negative_ttl, host)
+        self.cfg
+            .cache
+            .negative(!host, crate::host::watch::UNWATCHED_TTL)
     }
 }
 

@@ -37,7 +37,7 @@ use rustix::fs::{AtFlags, Gid, Mode, OFlags, RenameFlags, Stat, Timespec, Timest
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
-use crate::host::watch::{self, HostAliases, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
+use crate::host::watch::{self, CachePolicy, HostAliases, HostId, HostWatch, UNWATCHED_TTL};
 use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
 use crate::layer::{self, LObj, LStat, Layer};
@@ -58,23 +58,16 @@ pub struct OverlayConfig {
     pub lowers: Vec<LowerSpec>,
     /// The writable upper directory; `None` serves the lowers read-only.
     pub upper: Option<PathBuf>,
-    /// Kernel cache timeouts; `None`: an hour where strata owns every layer
-    /// involved (images, the upper) or watches the host lowers involved, a
-    /// second where an unwatched host lower is involved.
-    pub entry_ttl: Option<Duration>,
-    pub attr_ttl: Option<Duration>,
-    pub negative_ttl: Option<Duration>,
+    /// Kernel cache timeouts: unless set, an hour where strata owns every
+    /// layer involved (images, the upper) or watches the host lowers
+    /// involved, a second where an unwatched host lower is involved.
+    pub cache: CachePolicy,
     pub fd_cache: usize,
     pub passthrough: bool,
     /// Watch host lowers for outside changes (root only), so their nodes can
     /// be cached as long as the rest.
     pub watch: bool,
 }
-
-/// Timeout for what only strata changes, or what the host watch covers.
-const OWNED_TTL: Duration = WATCHED_TTL;
-/// Timeout where an unwatched host lower may change behind the mount.
-const HOST_TTL: Duration = UNWATCHED_TTL;
 
 /// Identity of an overlay object, from which its node id derives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -441,11 +434,6 @@ impl OverlayFs {
         (h & ((1 << 62) - 1)) | (1 << 62)
     }
 
-    /// `unwatched`: an unwatched host lower is involved (see [`Self::unwatched`]).
-    fn ttl(&self, set: Option<Duration>, unwatched: bool) -> Duration {
-        set.unwrap_or(if unwatched { HOST_TTL } else { OWNED_TTL })
-    }
-
     /// Whether one of `lowers` is a host object outside the watch: its
     /// changes would not reach the kernel, so it is cached briefly.
     fn unwatched(&self, lowers: &[LRef]) -> bool {
@@ -685,8 +673,8 @@ impl OverlayFs {
         Ok(Entry {
             attr,
             generation: 0,
-            entry_ttl: self.ttl(self.cfg.entry_ttl, unwatched),
-            attr_ttl: self.ttl(self.cfg.attr_ttl, unwatched),
+            entry_ttl: self.cfg.cache.entry(!unwatched),
+            attr_ttl: self.cfg.cache.attr(!unwatched),
         })
     }
 
@@ -749,7 +737,7 @@ impl OverlayFs {
         }
         Ok(AttrOut {
             attr,
-            ttl: self.ttl(self.cfg.attr_ttl, unwatched),
+            ttl: self.cfg.cache.attr(!unwatched),
         })
     }
 

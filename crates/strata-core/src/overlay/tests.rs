@@ -41,9 +41,7 @@ fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> OverlayFs {
     OverlayFs::new(OverlayConfig {
         lowers,
         upper: upper.map(Path::to_path_buf),
-        entry_ttl: None,
-        attr_ttl: None,
-        negative_ttl: None,
+        cache: Default::default(),
         fd_cache: 64,
         passthrough: false,
         watch: false,

@@ -14,7 +14,7 @@ use super::control;
 use super::files::write_flags;
 use super::policy::{Func, Want};
 use super::settings::{LinkExdev, RenameExdev, XattrMode};
-use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, Key, UDir, UnionFs, WATCHED_TTL};
+use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, Key, UDir, UnionFs};
 use crate::fs::*;
 use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::{attr_from_stat, component, ops};
@@ -513,8 +513,7 @@ impl Filesystem for UnionFs {
     fn negative_ttl(&self, parent: u64) -> Duration {
         let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
         // mergerfs caches no negative entries; with the watch they are safe.
-        let auto = if watched { WATCHED_TTL } else { Duration::ZERO };
-        self.settings.read().negative_ttl.unwrap_or(auto)
+        self.settings.read().cache.negative(watched, Duration::ZERO)
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {

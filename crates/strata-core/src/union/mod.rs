@@ -27,7 +27,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 use crate::fs::*;
 use crate::host::files::OpenFiles;
-use crate::host::watch::{self, HostAliases, HostId, HostWatch, UNWATCHED_TTL, WATCHED_TTL};
+use crate::host::watch::{self, HostAliases, HostId, HostWatch, UNWATCHED_TTL};
 use crate::host::{HostDir, HostNode, attr_from_stat, dirent_kind};
 use crate::inode::InodeTable;
 use crate::listing::DirEnt;
@@ -496,13 +496,9 @@ impl UnionFs {
 
     /// Entry and attribute timeouts for a node with instances `inst`.
     fn ttl(&self, inst: &[Inst]) -> (Duration, Duration) {
-        let auto = if self.watched(inst) {
-            WATCHED_TTL
-        } else {
-            UNWATCHED_TTL
-        };
-        let s = self.settings.read();
-        (s.entry_ttl.unwrap_or(auto), s.attr_ttl.unwrap_or(auto))
+        let watched = self.watched(inst);
+        let cache = self.settings.read().cache;
+        (cache.entry(watched), cache.attr(watched))
     }
 
     /// Records where the instances of node `id` live, for the host watch.

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::policy::{Category, Func, Policy};
+use crate::host::watch::CachePolicy;
 use crate::source::parse_size;
 
 /// How node ids (and so `st_ino`) are computed, as mergerfs's `inodecalc`.
@@ -147,11 +148,9 @@ pub struct Settings {
     pub follow_symlinks: FollowSymlinks,
     pub link_exdev: LinkExdev,
     pub rename_exdev: RenameExdev,
-    /// Kernel cache timeouts; `None` ("auto"): long while every branch is
+    /// Kernel cache timeouts; unset ("auto"): long while every branch is
     /// watched for outside changes, mergerfs's defaults otherwise.
-    pub entry_ttl: Option<Duration>,
-    pub attr_ttl: Option<Duration>,
-    pub negative_ttl: Option<Duration>,
+    pub cache: CachePolicy,
 }
 
 impl Default for Settings {
@@ -175,9 +174,7 @@ impl Default for Settings {
             follow_symlinks: FollowSymlinks::Never,
             link_exdev: LinkExdev::Passthrough,
             rename_exdev: RenameExdev::Passthrough,
-            entry_ttl: None,
-            attr_ttl: None,
-            negative_ttl: None,
+            cache: CachePolicy::default(),
         }
     }
 }
@@ -302,9 +299,9 @@ impl Settings {
             "follow-symlinks" => self.follow_symlinks = v.parse()?,
             "link-exdev" => self.link_exdev = v.parse()?,
             "rename-exdev" => self.rename_exdev = v.parse()?,
-            "cache.entry" => self.entry_ttl = timeout(v)?,
-            "cache.attr" => self.attr_ttl = timeout(v)?,
-            "cache.negative-entry" => self.negative_ttl = timeout(v)?,
+            "cache.entry" => self.cache.entry = timeout(v)?,
+            "cache.attr" => self.cache.attr = timeout(v)?,
+            "cache.negative-entry" => self.cache.negative = timeout(v)?,
             k => {
                 let Some(name) = k.strip_prefix("func.") else {
                     return Err(format!("unknown option '{k}'"));
@@ -341,9 +338,9 @@ impl Settings {
             "follow-symlinks" => self.follow_symlinks.to_string(),
             "link-exdev" => self.link_exdev.to_string(),
             "rename-exdev" => self.rename_exdev.to_string(),
-            "cache.entry" => show_timeout(self.entry_ttl),
-            "cache.attr" => show_timeout(self.attr_ttl),
-            "cache.negative-entry" => show_timeout(self.negative_ttl),
+            "cache.entry" => show_timeout(self.cache.entry),
+            "cache.attr" => show_timeout(self.cache.attr),
+            "cache.negative-entry" => show_timeout(self.cache.negative),
             k => {
                 let f = Func::from_name(k.strip_prefix("func.")?)?;
                 self.policy(f).to_string()
