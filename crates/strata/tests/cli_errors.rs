@@ -279,12 +279,7 @@ fn overlay_and_option_errors_name_the_option_and_path() {
 #[test]
 fn mounting_over_a_stale_mount_says_stale_and_how_to_clear_it() {
     let mut m = Mounted::new(&[]);
-    m.signal(rustix::process::Signal::KILL);
-    m.wait_exit(Duration::from_secs(10));
-    assert!(wait_until(
-        Duration::from_secs(5),
-        || matches!(fs::metadata(&m.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
-    ));
+    m.kill_and_wait_stale();
     let state = m.dir.path().join("state");
     let upper = m.dir.path().join("upper");
     fs::create_dir(&upper).unwrap();

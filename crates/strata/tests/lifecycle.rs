@@ -3,7 +3,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -23,16 +23,35 @@ fn assert_usage_error(out: &std::process::Output, what: &str, mnt: &Path) {
     assert!(!is_mounted(mnt), "no mount may be left behind");
 }
 
-#[test]
-fn background_mount_status_and_umount() {
-    let dir = tempfile::tempdir_in("/tmp").unwrap();
-    let (src, mnt, state) = (
-        dir.path().join("src"),
-        dir.path().join("mnt"),
-        dir.path().join("state"),
-    );
+/// A scratch directory with empty `src` and `mnt`, and where `state` goes.
+fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("strata-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let (src, mnt, state) = (p("src"), p("mnt"), p("state"));
     fs::create_dir(&src).unwrap();
     fs::create_dir(&mnt).unwrap();
+    (dir, src, mnt, state)
+}
+
+/// The `strata status --json` row of the mount at `mnt`.
+fn status_row(state: &Path, mnt: &Path) -> serde_json::Value {
+    let out = strata(&["status", "--json"], state);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["mountpoint"] == mnt.to_str().unwrap());
+    row.unwrap_or_else(|| panic!("{} not in {rows}", mnt.display()))
+        .clone()
+}
+
+#[test]
+fn background_mount_status_and_umount() {
+    let (_dir, src, mnt, state) = scratch();
     fs::write(src.join("hello"), b"hi").unwrap();
     let out = strata(
         &["mount", src.to_str().unwrap(), mnt.to_str().unwrap()],
@@ -49,15 +68,7 @@ fn background_mount_status_and_umount() {
         text.contains(mnt.to_str().unwrap()) && text.contains(" ok"),
         "{text}"
     );
-    let out = strata(&["status", "--json"], &state);
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["mountpoint"] == mnt.to_str().unwrap())
-        .unwrap()
-        .clone();
+    let row = status_row(&state, &mnt);
     let pid = row["pid"].as_u64().expect("pid");
     assert!(row["stats"]["inodes"].as_u64().unwrap() >= 1);
     assert_eq!(row["state"], "ok");
@@ -82,12 +93,7 @@ fn sigterm_and_sigint_unmount_cleanly() {
         let mut m = Mounted::new(&[]);
         fs::write(m.m("f"), b"kept").unwrap();
         m.signal(sig);
-        assert_eq!(
-            m.wait_exit(Duration::from_secs(10)),
-            Some(0),
-            "daemon log: {}",
-            m.log()
-        );
+        m.assert_exits_cleanly();
         assert!(!is_mounted(&m.mnt));
         assert_eq!(fs::read(m.s("f")).unwrap(), b"kept");
     }
@@ -124,12 +130,7 @@ fn an_exiting_daemon_leaves_its_successors_mount_alone() {
     let mut b = Mounted::successor_of(&a, |src| fs::write(src.join("b"), b"B").unwrap());
     a.signal(Signal::CONT);
     a.signal(Signal::TERM);
-    assert_eq!(
-        a.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "log: {}",
-        a.log()
-    );
+    a.assert_exits_cleanly();
     assert_serving(&mut b, &state);
     b.unmount();
 }
@@ -155,12 +156,7 @@ fn a_signalled_daemon_of_a_detached_mount_leaves_its_successors_mount_alone() {
     held.read_to_end(&mut data).unwrap();
     assert_eq!(data, b"A");
     drop(held);
-    assert_eq!(
-        a.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "log: {}",
-        a.log()
-    );
+    a.assert_exits_cleanly();
     assert_serving(&mut b, &state);
     b.unmount();
 }
@@ -240,12 +236,7 @@ fn bad_input_gets_one_line_and_exit_code_2() {
 #[test]
 fn stale_mount_is_reported_and_cleared_by_umount() {
     let mut m = Mounted::new(&[]);
-    m.signal(rustix::process::Signal::KILL);
-    m.wait_exit(Duration::from_secs(10));
-    assert!(wait_until(
-        Duration::from_secs(5),
-        || matches!(fs::metadata(&m.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
-    ));
+    m.kill_and_wait_stale();
     let state = m.dir.path().join("state");
     let mp = m.mnt.to_str().unwrap().to_string();
     let out = strata(&["mount", m.src.to_str().unwrap(), &mp], &state);
@@ -397,17 +388,7 @@ fn daemon_logs_are_plain_text_and_one_per_mount() {
     assert!(m.log().contains("mounted"), "{}", m.log());
     assert!(!m.log().contains('\x1b'), "escapes in {:?}", m.log());
 
-    let dir = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (src, mnt, state) = (
-        dir.path().join("src"),
-        dir.path().join("mnt"),
-        dir.path().join("state"),
-    );
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_dir, src, mnt, state) = scratch();
     let (s, mp) = (src.to_str().unwrap(), mnt.to_str().unwrap());
     let logs = || {
         let mut v: Vec<_> = fs::read_dir(state.join("logs"))
@@ -419,15 +400,7 @@ fn daemon_logs_are_plain_text_and_one_per_mount() {
     };
     let out = strata(&["mount", s, mp], &state);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = strata(&["status", "--json"], &state);
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["mountpoint"] == mp)
-        .unwrap()
-        .clone();
+    let row = status_row(&state, &mnt);
     let log = std::path::PathBuf::from(row["log"].as_str().expect("log in the record"));
     assert!(log.starts_with(state.join("logs")), "{}", log.display());
     // A failed attempt at the same mountpoint writes nowhere near that log,

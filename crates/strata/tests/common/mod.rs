@@ -188,6 +188,25 @@ impl Mounted {
         None
     }
 
+    /// Waits (10 s at most) for the daemon to exit with status 0; panics
+    /// with its log otherwise.
+    pub fn assert_exits_cleanly(&mut self) {
+        let code = self.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "daemon log: {}", self.log());
+    }
+
+    /// Kills the daemon (SIGKILL) and waits until the mount answers
+    /// ENOTCONN: a stale mount, as a crash leaves it.
+    pub fn kill_and_wait_stale(&mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        self.wait_exit(Duration::from_secs(10));
+        let stale = || matches!(fs::metadata(&self.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+        assert!(
+            wait_until(Duration::from_secs(5), stale),
+            "the mount did not go stale"
+        );
+    }
+
     /// Unmounts now (not lazily: nothing may still use the mount) and waits
     /// for the daemon to exit cleanly; panics with the daemon's log if
     /// either fails. Afterwards the scratch directory is still there.
