@@ -371,7 +371,7 @@ mod tests {
         assert_eq!(t.len(), 1);
     }
 
-    /// A table whose ids derive from keys (key * 10), as the passthrough's
+    /// A table whose ids derive from keys (key * 10), as the single directory's
     /// and the overlay's do.
     fn derived() -> InodeTable<u32, &'static str> {
         InodeTable::with_derived_ids(0, Arc::new("root"), Box::new(|k| *k as u64 * 10))

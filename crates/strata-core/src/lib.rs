@@ -14,7 +14,7 @@ pub mod inode;
 pub mod layer;
 pub mod listing;
 pub mod overlay;
-pub mod passthrough;
+pub mod single;
 pub mod source;
 pub mod union;
 pub mod xattr;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
-use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_core::single::{SingleDirConfig, SingleDirFs};
 use strata_core::source::{Branch, BranchMode};
 use strata_core::union::{Settings, UnionConfig, UnionFs};
 use strata_core::*;
@@ -67,9 +67,9 @@ fn make(mode: Mode) -> Client {
         Mode::Single => {
             seed(&p("src"), None);
             Box::new(
-                PassthroughFs::new(
+                SingleDirFs::new(
                     &p("src"),
-                    PassthroughConfig {
+                    SingleDirConfig {
                         watch: false,
                         passthrough: false,
                         ..Default::default()

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
-use strata_core::passthrough::{PassthroughConfig, PassthroughFs};
+use strata_core::single::{SingleDirConfig, SingleDirFs};
 use strata_core::source::is_within;
 use strata_core::union::{UnionConfig, UnionFs};
 use strata_fuse::MountConfig;
@@ -135,10 +135,10 @@ fn check_dir(what: &str, dir: &Path) -> Result<(), Failure> {
     }
 }
 
-/// The layer a SOURCE asks for: one directory, a union of branches, or an
+/// The mode a SOURCE asks for: one directory, a union of branches, or an
 /// overlay (images and directories, with or without a writable upper).
-enum Layer {
-    Passthrough(PassthroughFs),
+enum Mode {
+    SingleDir(SingleDirFs),
     Union(UnionFs),
     Overlay(OverlayFs),
 }
@@ -181,7 +181,7 @@ fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure>
 }
 
 struct Prepared {
-    fs: Layer,
+    fs: Mode,
     mount: MountConfig,
     readahead_kib: u64,
 }
@@ -213,10 +213,10 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
         .join(":");
     let mount = mount_config(&opts, &paths, all_ro);
     let fs = if branches.len() == 1 {
-        Layer::Passthrough(
-            PassthroughFs::new(
+        Mode::SingleDir(
+            SingleDirFs::new(
                 &branches[0].path,
-                PassthroughConfig {
+                SingleDirConfig {
                     cache: opts.cache,
                     watch: opts.watch,
                     fd_cache: opts.fd_cache,
@@ -226,7 +226,7 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
             .map_err(usage)?,
         )
     } else {
-        Layer::Union(
+        Mode::Union(
             UnionFs::new(UnionConfig {
                 branches,
                 settings: opts.union.clone(),
@@ -307,7 +307,7 @@ fn prepare_overlay(
     .map_err(usage)?;
     tracing::info!(layers = fs.describe(), "overlay");
     Ok(Prepared {
-        fs: Layer::Overlay(fs),
+        fs: Mode::Overlay(fs),
         mount: mount_config(opts, source, upper.is_none()),
         readahead_kib: opts.readahead_kib,
     })
@@ -428,9 +428,9 @@ pub fn mount(
         readahead_kib: prepared.readahead_kib,
     };
     match prepared.fs {
-        Layer::Passthrough(fs) => ctx.run(Arc::new(fs), &prepared.mount),
-        Layer::Union(fs) => ctx.run(Arc::new(fs), &prepared.mount),
-        Layer::Overlay(fs) => ctx.run(Arc::new(fs), &prepared.mount),
+        Mode::SingleDir(fs) => ctx.run(Arc::new(fs), &prepared.mount),
+        Mode::Union(fs) => ctx.run(Arc::new(fs), &prepared.mount),
+        Mode::Overlay(fs) => ctx.run(Arc::new(fs), &prepared.mount),
     }
 }
 

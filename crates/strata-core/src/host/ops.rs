@@ -1,5 +1,5 @@
 //! Operations on one host object through its descriptors, shared by every
-//! layer that stores data in host directories (passthrough, union branches,
+//! layer that stores data in host directories (single directory, union branches,
 //! later the upper).
 
 use std::ffi::{CStr, CString, OsStr};

@@ -1,5 +1,5 @@
 //! The protocol operations of the union: each picks instances by its policy
-//! and runs the same host operations as the passthrough layer on them.
+//! and runs the same host operations as the single directory on them.
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd};

@@ -24,7 +24,7 @@ use crate::{Errno, Result};
 
 /// Kernel cache settings and behaviour switches.
 #[derive(Clone, Debug)]
-pub struct PassthroughConfig {
+pub struct SingleDirConfig {
     /// Kernel cache timeouts.
     pub cache: CachePolicy,
     /// Watch the host for outside changes (fanotify) and invalidate the
@@ -36,9 +36,9 @@ pub struct PassthroughConfig {
     pub passthrough: bool,
 }
 
-impl Default for PassthroughConfig {
+impl Default for SingleDirConfig {
     fn default() -> Self {
-        PassthroughConfig {
+        SingleDirConfig {
             cache: CachePolicy::default(),
             watch: true,
             fd_cache: crate::host::DEFAULT_FD_CACHE,
@@ -58,12 +58,12 @@ struct OpenDir {
     entries: Mutex<Arc<Vec<DirEnt>>>,
 }
 
-pub struct PassthroughFs {
+pub struct SingleDirFs {
     host: HostDir,
     table: Arc<InodeTable<Key, HostNode>>,
     files: OpenFiles,
     dirs: OpenDirs<OpenDir>,
-    cfg: PassthroughConfig,
+    cfg: SingleDirConfig,
     root_key: Key,
     watch: Option<Arc<HostWatch>>,
 }
@@ -88,8 +88,8 @@ fn node_id((root_dev, root_ino): Key, dev: u64, ino: u64) -> u64 {
     }
 }
 
-impl PassthroughFs {
-    pub fn new(source: &Path, cfg: PassthroughConfig) -> std::result::Result<Self, String> {
+impl SingleDirFs {
+    pub fn new(source: &Path, cfg: SingleDirConfig) -> std::result::Result<Self, String> {
         let host = HostDir::open(source, cfg.fd_cache)?;
         let root = host.root().clone();
         let root_key = (root.dev, root.ino);
@@ -118,7 +118,7 @@ impl PassthroughFs {
         } else {
             None
         };
-        Ok(PassthroughFs {
+        Ok(SingleDirFs {
             watch,
             host,
             table,
@@ -265,7 +265,7 @@ impl PassthroughFs {
     }
 }
 
-impl Filesystem for PassthroughFs {
+impl Filesystem for SingleDirFs {
     fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
         let name =
             component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })?;
@@ -537,14 +537,14 @@ mod tests {
         pid: 0,
     };
 
-    fn fs_with(cfg: PassthroughConfig) -> (tempfile::TempDir, PassthroughFs) {
+    fn fs_with(cfg: SingleDirConfig) -> (tempfile::TempDir, SingleDirFs) {
         let dir = tempfile::tempdir().unwrap();
-        let fs = PassthroughFs::new(dir.path(), cfg).unwrap();
+        let fs = SingleDirFs::new(dir.path(), cfg).unwrap();
         (dir, fs)
     }
 
-    fn fs() -> (tempfile::TempDir, PassthroughFs) {
-        fs_with(PassthroughConfig::default())
+    fn fs() -> (tempfile::TempDir, SingleDirFs) {
+        fs_with(SingleDirConfig::default())
     }
 
     struct Collect(Vec<(OsString, u64)>, usize);
@@ -683,9 +683,9 @@ mod tests {
 
     #[test]
     fn evicted_descriptors_are_reopened_from_handles() {
-        let (dir, fs) = fs_with(PassthroughConfig {
+        let (dir, fs) = fs_with(SingleDirConfig {
             fd_cache: 16,
-            ..PassthroughConfig::default()
+            ..SingleDirConfig::default()
         });
         let mut ids = Vec::new();
         for i in 0..100 {
@@ -713,9 +713,9 @@ mod tests {
 
     #[test]
     fn forgotten_nodes_leave_no_cached_descriptors_counted() {
-        let (dir, fs) = fs_with(PassthroughConfig {
+        let (dir, fs) = fs_with(SingleDirConfig {
             fd_cache: 64,
-            ..PassthroughConfig::default()
+            ..SingleDirConfig::default()
         });
         if !fs.host.handles_usable() {
             return; // every fd is pinned, none cached
@@ -757,12 +757,9 @@ mod tests {
 
     #[test]
     fn missing_source_is_a_clear_error() {
-        let err = PassthroughFs::new(
-            Path::new("/nonexistent/strata"),
-            PassthroughConfig::default(),
-        )
-        .err()
-        .unwrap();
+        let err = SingleDirFs::new(Path::new("/nonexistent/strata"), SingleDirConfig::default())
+            .err()
+            .unwrap();
         assert!(
             err.contains("/nonexistent/strata") && err.contains("no such directory"),
             "{err}"
