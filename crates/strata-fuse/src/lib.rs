@@ -7,7 +7,6 @@
 
 #![deny(unsafe_code)]
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -17,17 +16,25 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackingId, BsdFileFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
-    FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Config, CopyFileRangeFlags, FileHandle, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 use strata_core as core;
-use strata_core::{Ctx, DirPlusSink, DirSink, FileKind, Opened, SetAttr, SetTime, Xattr};
+use strata_core::{FileKind, SetAttr, Xattr};
+
+mod convert;
+mod io_modes;
+
+use convert::{
+    DirPlusReply, DirReply, attr, ctx, errno, fopen_flags, passthrough_flags, reply_empty,
+    reply_xattr, set_time,
+};
 
 pub use fuser::{Session, SessionUnmounter};
+use io_modes::{IoMode, IoModes, OPEN_ATTEMPTS};
 
 /// Name of the virtual xattr on the root that reports counters as JSON.
 pub const STATS_XATTR: &str = "user.strata.stats";
@@ -62,125 +69,6 @@ pub struct Adapter<F: core::Filesystem> {
     notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
-/// How each inode's open handles do I/O. The kernel puts an inode in one
-/// mode at a time: passthrough to one backing file, or the page cache through
-/// the daemon. While page-cache handles are open, new handles join them (no
-/// passthrough), which the kernel allows. While a backing file is active,
-/// every new open must use that same file: a handle that cannot (the layer
-/// offers another file, or none) gets direct I/O, which the kernel refuses
-/// with EIO; layers avoid it (the overlay serves lower files through the
-/// daemon whenever a copy-up could give the inode another file).
-#[derive(Default)]
-struct IoModes {
-    backed: HashMap<u64, Backed>,
-    /// Inode → its open handles doing cached I/O through the daemon.
-    cached: HashMap<u64, usize>,
-    /// Handle → its inode, whether it counts in `backed`, and whether it
-    /// counts in its `writers`.
-    handles: HashMap<u64, (u64, bool, bool)>,
-}
-
-struct Backed {
-    id: Arc<BackingId>,
-    /// (st_dev, st_ino) of the backing file.
-    file: (u64, u64),
-    handles: usize,
-    /// Of those, the ones open for writing.
-    writers: usize,
-}
-
-/// The I/O mode chosen for a new handle.
-enum IoMode {
-    /// Kernel passthrough to this backing file.
-    Backed(Arc<BackingId>),
-    /// Through the daemon (page cache, or direct I/O if the layer asked).
-    Daemon,
-    /// Another backing file is active on the inode and this handle cannot
-    /// use it; nothing was recorded.
-    Conflict,
-}
-
-/// Read-only opens that meet another handle's backing file are opened
-/// again this many times in all: the usual cause is a copy-up finishing
-/// between the layer's open (of the lower file) and the choice of mode, and
-/// the next open gets the copy.
-const OPEN_ATTEMPTS: usize = 3;
-
-fn errno(e: core::Errno) -> Errno {
-    Errno::from_i32(e.raw())
-}
-
-fn kind(k: FileKind) -> FileType {
-    match k {
-        FileKind::Regular => FileType::RegularFile,
-        FileKind::Directory => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::BlockDevice => FileType::BlockDevice,
-        FileKind::CharDevice => FileType::CharDevice,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::Socket => FileType::Socket,
-    }
-}
-
-fn attr(a: &core::Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(a.ino),
-        size: a.size,
-        blocks: a.blocks,
-        atime: a.atime,
-        mtime: a.mtime,
-        ctime: a.ctime,
-        crtime: a.ctime,
-        kind: kind(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: a.blksize,
-        flags: 0,
-    }
-}
-
-fn ctx(req: &Request) -> Ctx {
-    Ctx {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-    }
-}
-
-fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
-    t.map(|t| match t {
-        TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(t),
-    })
-}
-
-fn fopen_flags(o: &Opened) -> FopenFlags {
-    let mut f = FopenFlags::empty();
-    if o.keep_cache {
-        f |= FopenFlags::FOPEN_KEEP_CACHE;
-    }
-    if o.direct_io {
-        f |= FopenFlags::FOPEN_DIRECT_IO;
-    }
-    if o.cache_dir {
-        f |= FopenFlags::FOPEN_CACHE_DIR;
-    }
-    if o.noflush {
-        f |= FopenFlags::FOPEN_NOFLUSH;
-    }
-    f
-}
-
-/// Open flags for a passthrough handle: the kernel fails its reads with EIO
-/// when FOPEN_KEEP_CACHE comes with FOPEN_PASSTHROUGH (and the page cache is
-/// the backing file's anyway).
-fn passthrough_flags(o: &Opened) -> FopenFlags {
-    fopen_flags(o) - FopenFlags::FOPEN_KEEP_CACHE
-}
-
 /// Runs a handler; a panic is logged and the reply (dropped while unwinding)
 /// goes out as EIO, so the worker thread and the mount survive.
 fn guarded(op: &'static str, f: impl FnOnce()) {
@@ -191,33 +79,6 @@ fn guarded(op: &'static str, f: impl FnOnce()) {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
         tracing::error!(op, "handler panicked, replied EIO: {msg}");
-    }
-}
-
-struct DirReply<'a>(&'a mut ReplyDirectory);
-impl DirSink for DirReply<'_> {
-    fn add(&mut self, ino: u64, next_offset: u64, k: FileKind, name: &OsStr) -> bool {
-        !self.0.add(INodeNo(ino), next_offset, kind(k), name)
-    }
-}
-
-/// The entries and the one timeout READDIRPLUS gives each for its name and
-/// attributes: none for a file open for writing (`Adapter::attr_ttl`).
-struct DirPlusReply<'a>(
-    &'a mut ReplyDirectoryPlus,
-    &'a dyn Fn(u64, Duration) -> Duration,
-);
-impl DirPlusSink for DirPlusReply<'_> {
-    fn add(&mut self, next_offset: u64, name: &OsStr, e: &core::Entry) -> bool {
-        let a = attr(&e.attr);
-        !self.0.add(
-            a.ino,
-            next_offset,
-            name,
-            &(self.1)(e.attr.ino, e.entry_ttl),
-            &a,
-            Generation(e.generation),
-        )
     }
 }
 
@@ -238,14 +99,7 @@ impl<F: core::Filesystem> Adapter<F> {
     /// truncate through such a handle, but not of stores through a shared
     /// mapping of it, which change the host file's times behind its back.
     fn attr_ttl(&self, ino: u64, ttl: Duration) -> Duration {
-        if self.writers.load(Ordering::Relaxed) > 0
-            && self
-                .io_modes
-                .lock()
-                .backed
-                .get(&ino)
-                .is_some_and(|b| b.writers > 0)
-        {
+        if self.writers.load(Ordering::Relaxed) > 0 && self.io_modes.lock().has_writer(ino) {
             Duration::ZERO
         } else {
             ttl
@@ -274,112 +128,6 @@ impl<F: core::Filesystem> Adapter<F> {
         }
     }
 
-    /// Picks the I/O mode of a new handle (see [`IoModes`]) and records it,
-    /// unless the handle cannot join the inode's active backing file.
-    /// `writer`: the handle is open for writing.
-    fn io_mode(
-        &self,
-        ino: u64,
-        fh: u64,
-        opened: &Opened,
-        writer: bool,
-        open: impl FnOnce(&std::os::fd::OwnedFd) -> io::Result<BackingId>,
-    ) -> IoMode {
-        if opened.direct_io {
-            return IoMode::Daemon;
-        }
-        let mut m = self.io_modes.lock();
-        let offered = opened
-            .passthrough
-            .as_ref()
-            .filter(|_| self.passthrough.load(Ordering::Relaxed) && !m.cached.contains_key(&ino))
-            .and_then(|fd| Some((fd, rustix::fs::fstat(&**fd).ok()?)));
-        if let Some((fd, st)) = offered {
-            let file = (st.st_dev, st.st_ino);
-            match m.backed.get_mut(&ino) {
-                Some(b) if b.file == file => {
-                    b.handles += 1;
-                    b.writers += usize::from(writer);
-                    let id = b.id.clone();
-                    m.handles.insert(fh, (ino, true, writer));
-                    self.writers
-                        .fetch_add(usize::from(writer), Ordering::Relaxed);
-                    return IoMode::Backed(id);
-                }
-                Some(_) => {}
-                None => match open(fd) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        m.backed.insert(
-                            ino,
-                            Backed {
-                                id: id.clone(),
-                                file,
-                                handles: 1,
-                                writers: usize::from(writer),
-                            },
-                        );
-                        m.handles.insert(fh, (ino, true, writer));
-                        self.writers
-                            .fetch_add(usize::from(writer), Ordering::Relaxed);
-                        return IoMode::Backed(id);
-                    }
-                    Err(e) => {
-                        tracing::debug!(ino, "no passthrough for this file: {e}");
-                        if e.raw_os_error() == Some(libc::EPERM) {
-                            tracing::warn!(
-                                "kernel passthrough needs CAP_SYS_ADMIN; serving I/O through the daemon"
-                            );
-                            self.passthrough.store(false, Ordering::Relaxed);
-                        }
-                    }
-                },
-            }
-        }
-        if m.backed.contains_key(&ino) {
-            return IoMode::Conflict;
-        }
-        *m.cached.entry(ino).or_default() += 1;
-        m.handles.insert(fh, (ino, false, false));
-        IoMode::Daemon
-    }
-
-    /// A handle that cannot join the active backing file gets direct I/O,
-    /// which the kernel refuses with EIO (unless the backing file was
-    /// released meanwhile): logged, since it is a layer's mistake or a race
-    /// the retry in `open` did not outlast.
-    fn conflicting(ino: u64, fh: u64, opened: &mut Opened) {
-        tracing::warn!(
-            ino,
-            fh,
-            "open offers another file than the inode's active passthrough file; the kernel may refuse it (EIO)"
-        );
-        opened.direct_io = true;
-    }
-
-    fn release_backing(&self, fh: u64) {
-        let mut m = self.io_modes.lock();
-        let Some((ino, backed, writer)) = m.handles.remove(&fh) else {
-            return;
-        };
-        if backed {
-            if let Some(b) = m.backed.get_mut(&ino) {
-                b.handles -= 1;
-                b.writers -= usize::from(writer);
-                self.writers
-                    .fetch_sub(usize::from(writer), Ordering::Relaxed);
-                if b.handles == 0 {
-                    m.backed.remove(&ino);
-                }
-            }
-        } else if let Some(n) = m.cached.get_mut(&ino) {
-            *n -= 1;
-            if *n == 0 {
-                m.cached.remove(&ino);
-            }
-        }
-    }
-
     fn stats_json(&self) -> Vec<u8> {
         let s = self.fs.stats();
         format!(
@@ -388,25 +136,10 @@ impl<F: core::Filesystem> Adapter<F> {
             s.open_files,
             s.open_dirs,
             s.cached_fds,
-            self.io_modes.lock().backed.len(),
+            self.io_modes.lock().backed_inodes(),
             fuser::io_uring_requests()
         )
         .into_bytes()
-    }
-}
-
-fn reply_xattr(res: core::Result<Xattr>, reply: ReplyXattr) {
-    match res {
-        Ok(Xattr::Size(n)) => reply.size(n),
-        Ok(Xattr::Data(d)) => reply.data(&d),
-        Err(e) => reply.error(errno(e)),
-    }
-}
-
-fn reply_empty(res: core::Result<()>, reply: ReplyEmpty) {
-    match res {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(e)),
     }
 }
 
