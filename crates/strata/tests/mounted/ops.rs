@@ -1,14 +1,12 @@
 //! Every operation, checked from a user's side through a real mount.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn files_are_read_written_and_appear_in_the_source() {

@@ -20,8 +20,6 @@
 //! both mounts get 1M. Do not feed it an unknown policy name at runtime
 //! (`category.create=bogus`): 2.33.5 accepts it and then crashes.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
@@ -29,7 +27,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// One step of a scenario, applied through the mount with std::fs calls.
 /// Paths are relative to the mount root; `{bN}` in control values stands for

@@ -2,13 +2,11 @@
 //! (branches are small tmpfs mounts with controlled free space), branch
 //! modes, path preservation, merged listings, and the runtime control file.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 type Branches = TmpfsBranches;
 

@@ -2,15 +2,13 @@
 //! link-cow, nullrw, dropcacheonclose, symlinkify, follow-symlinks,
 //! link-exdev, rename-exdev and branch globs.
 
-mod common;
-
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// Mounts a union of plain directories `b0`, `b1`, ... (on the disk) made by
 /// `prepare`, with `opts`. Returns the mount and the branch paths.

@@ -3,8 +3,6 @@
 //! could fail on the host: a racing removal is ENOENT (never ESTALE), and
 //! ENOSPC means no space.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::ErrorKind;
@@ -14,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Workers and length of a storm; `STRATA_CHURN_WORKERS` and
 /// `STRATA_CHURN_SECS` make a heavier one for a soak run by hand.

@@ -2,15 +2,13 @@
 //! naming the path or option, the right exit code, no mount left behind, no
 //! panic (also when nobody reads the output).
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const LIMIT: Duration = Duration::from_secs(30);
 

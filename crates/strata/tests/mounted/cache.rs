@@ -2,13 +2,11 @@
 //! changes made directly in the source are pushed to the kernel at once, and
 //! host ACLs are enforced for every caller.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// How long an outside change may take to show through the mount. The
 /// kernel's own timeouts are an hour here, so only the watch can meet this.

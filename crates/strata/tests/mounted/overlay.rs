@@ -4,8 +4,6 @@
 //! unionmount-testsuite: copy-up, whiteouts, opaque directories, renames,
 //! hard links, special files, listings), and against the kernel itself.
 
-mod common;
-
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::io::Write;
@@ -14,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rustix::fs::{CWD, FileType, Mode, RenameFlags};
 
 /// An old, exact timestamp (seconds, nanoseconds) for lower objects.

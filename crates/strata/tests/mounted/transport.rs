@@ -3,13 +3,11 @@
 //! it on), /dev/fuse otherwise or with `uring=false`. Whichever it is, every
 //! caller must get its own reply, and large payloads must cross intact.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 
-use common::Mounted;
+use crate::common::Mounted;
 
 fn kernel_offers_uring() -> bool {
     fs::read_to_string("/sys/module/fuse/parameters/enable_uring").is_ok_and(|v| v.trim() == "Y")

@@ -2,8 +2,6 @@
 //! and run from the mount, corrupt blobs, gc while mounted, read-only and
 //! concurrent mounts, and stacks of images and host directories.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -12,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rustix::fs::{CWD, FileType, Mode};
 use strata_image::{Digest, Store};
 
