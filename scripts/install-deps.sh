@@ -8,6 +8,8 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v flock >/dev/null || need_apt+=(util-linux)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v mergerfs >/dev/null || need_apt+=(mergerfs)
+# libFuzzer (scripts/fuzz.sh) is C++, built by libfuzzer-sys.
+command -v c++ >/dev/null || need_apt+=(g++)
 if ((${#need_apt[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
