@@ -83,6 +83,33 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+/// What `lookup` found: an entry (the kernel takes one lookup reference), or
+/// no such name, which the kernel may remember for `ttl` (zero: not at all).
+#[derive(Clone, Copy, Debug)]
+pub enum Lookup {
+    Found(Entry),
+    Missing { ttl: Duration },
+}
+
+impl Lookup {
+    /// `res` as a lookup's answer: ENOENT is a miss remembered for `ttl()`.
+    pub fn of(res: Result<Entry>, ttl: impl FnOnce() -> Duration) -> Result<Lookup> {
+        match res {
+            Ok(e) => Ok(Lookup::Found(e)),
+            Err(crate::Errno::ENOENT) => Ok(Lookup::Missing { ttl: ttl() }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The entry found; a miss is ENOENT.
+    pub fn entry(self) -> Result<Entry> {
+        match self {
+            Lookup::Found(e) => Ok(e),
+            Lookup::Missing { .. } => Err(crate::Errno::ENOENT),
+        }
+    }
+}
+
 /// A successful name resolution: the kernel takes one lookup reference on `attr.ino`.
 #[derive(Clone, Copy, Debug)]
 pub struct Entry {
@@ -221,7 +248,9 @@ pub trait Invalidator: Send + Sync {
 /// adds one lookup reference, `forget` removes them, and a node is dropped at zero.
 #[allow(clippy::too_many_arguments)]
 pub trait Filesystem: Send + Sync + 'static {
-    fn lookup(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry>;
+    /// A missing name is `Lookup::Missing`, with how long the kernel may
+    /// remember it, not an error.
+    fn lookup(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup>;
     fn forget(&self, ino: u64, nlookup: u64);
     fn getattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut>;
     fn setattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut>;
@@ -315,12 +344,6 @@ pub trait Filesystem: Send + Sync + 'static {
         flags: u32,
     ) -> Result<u32>;
     fn stats(&self) -> Stats;
-
-    /// How long the kernel may remember that `name` is missing from `parent`
-    /// (zero: not at all).
-    fn negative_ttl(&self, _parent: u64) -> Duration {
-        Duration::ZERO
-    }
 
     /// Called once the mount is up, with the way to invalidate kernel caches.
     fn attach(&self, _invalidator: Arc<dyn Invalidator>) {}

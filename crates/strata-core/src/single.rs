@@ -17,7 +17,9 @@ use rustix::fs::{AtFlags, Mode, RenameFlags, Stat};
 use crate::fs::*;
 use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
 use crate::host::watch::{self, CachePolicy, HostWatch};
-use crate::host::{HostDir, HostNode, attr_from_stat, component, dirent_kind, ops};
+use crate::host::{
+    HostDir, HostNode, attr_from_stat, component, dirent_kind, lookup_component, ops,
+};
 use crate::inode::InodeTable;
 use crate::listing::{self, DirEnt, OpenDirs};
 use crate::{Errno, Result};
@@ -256,6 +258,11 @@ impl SingleDirFs {
         Ok(entries)
     }
 
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
+        self.cfg.cache.negative(self.watched(dev), UNWATCHED_TTL)
+    }
+
     fn dir_entries(&self, dir: &OpenDir, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
         listing::snapshot(&dir.entries, offset, || self.load_dir(dir))
     }
@@ -266,11 +273,12 @@ impl SingleDirFs {
 }
 
 impl Filesystem for SingleDirFs {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
-        let name =
-            component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })?;
-        let pfd = self.node_fd(parent)?;
-        self.lookup_at(pfd.as_fd(), &name)
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
+        let found = lookup_component(name).and_then(|name| {
+            let pfd = self.node_fd(parent)?;
+            self.lookup_at(pfd.as_fd(), &name)
+        });
+        Lookup::of(found, || self.negative_ttl(parent))
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
@@ -506,11 +514,6 @@ impl Filesystem for SingleDirFs {
         }
     }
 
-    fn negative_ttl(&self, parent: u64) -> Duration {
-        let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
-        self.cfg.cache.negative(self.watched(dev), UNWATCHED_TTL)
-    }
-
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
         let Some(watch) = self.watch.clone() else {
             return;
@@ -577,7 +580,10 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"hello");
         assert_eq!(e.attr.perm, 0o644);
         // create took one reference, lookup another; two forgets drop the node
-        let again = fs.lookup(&ROOT, ROOT_ID, OsStr::new("f")).unwrap();
+        let again = fs
+            .lookup(&ROOT, ROOT_ID, OsStr::new("f"))
+            .and_then(Lookup::entry)
+            .unwrap();
         assert_eq!(again.attr.ino, e.attr.ino);
         assert_eq!(fs.stats().inodes, 2);
         fs.forget(e.attr.ino, 1);
@@ -593,11 +599,18 @@ mod tests {
         std::fs::write(dir.path().join("a"), b"").unwrap();
         let host =
             std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.path().join("a")).unwrap());
-        let e = fs.lookup(&ROOT, ROOT_ID, OsStr::new("a")).unwrap();
+        let e = fs
+            .lookup(&ROOT, ROOT_ID, OsStr::new("a"))
+            .and_then(Lookup::entry)
+            .unwrap();
         assert_eq!(e.attr.ino, host);
         fs.forget(e.attr.ino, 1);
         assert_eq!(
-            fs.lookup(&ROOT, ROOT_ID, OsStr::new("a")).unwrap().attr.ino,
+            fs.lookup(&ROOT, ROOT_ID, OsStr::new("a"))
+                .and_then(Lookup::entry)
+                .unwrap()
+                .attr
+                .ino,
             host
         );
     }
@@ -607,7 +620,9 @@ mod tests {
         let (_dir, fs) = fs();
         for bad in ["..", ".", "a/b", "/etc", ""] {
             assert_eq!(
-                fs.lookup(&ROOT, ROOT_ID, OsStr::new(bad)).unwrap_err(),
+                fs.lookup(&ROOT, ROOT_ID, OsStr::new(bad))
+                    .and_then(Lookup::entry)
+                    .unwrap_err(),
                 Errno::ENOENT,
                 "{bad:?}"
             );
@@ -624,7 +639,10 @@ mod tests {
         let (dir, fs) = fs();
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("esc")).unwrap();
-        let e = fs.lookup(&ROOT, ROOT_ID, OsStr::new("esc")).unwrap();
+        let e = fs
+            .lookup(&ROOT, ROOT_ID, OsStr::new("esc"))
+            .and_then(Lookup::entry)
+            .unwrap();
         assert_eq!(e.attr.kind, FileKind::Symlink);
         // using the link as a parent must not reach the directory it points to
         assert!(
@@ -644,6 +662,7 @@ mod tests {
         );
         assert!(
             fs.lookup(&ROOT, e.attr.ino, OsStr::new("anything"))
+                .and_then(Lookup::entry)
                 .is_err()
         );
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
@@ -692,6 +711,7 @@ mod tests {
             std::fs::write(dir.path().join(format!("f{i}")), format!("{i}")).unwrap();
             ids.push(
                 fs.lookup(&ROOT, ROOT_ID, OsStr::new(&format!("f{i}")))
+                    .and_then(Lookup::entry)
                     .unwrap()
                     .attr
                     .ino,
@@ -725,6 +745,7 @@ mod tests {
             std::fs::write(dir.path().join(format!("f{i}")), b"").unwrap();
             let ino = fs
                 .lookup(&ROOT, ROOT_ID, OsStr::new(&format!("f{i}")))
+                .and_then(Lookup::entry)
                 .unwrap()
                 .attr
                 .ino;
@@ -742,7 +763,10 @@ mod tests {
     fn setattr_changes_what_it_is_asked_to() {
         let (dir, fs) = fs();
         std::fs::write(dir.path().join("f"), b"0123456789").unwrap();
-        let e = fs.lookup(&ROOT, ROOT_ID, OsStr::new("f")).unwrap();
+        let e = fs
+            .lookup(&ROOT, ROOT_ID, OsStr::new("f"))
+            .and_then(Lookup::entry)
+            .unwrap();
         let set = SetAttr {
             mode: Some(0o600),
             size: Some(3),

@@ -181,7 +181,11 @@ impl Client {
     }
 
     fn lookup(&self, parent: u64, name: &str) -> Result<Entry> {
-        self.entry(self.fs.lookup(&ROOT, parent, os(name)))
+        self.entry(
+            self.fs
+                .lookup(&ROOT, parent, os(name))
+                .and_then(Lookup::entry),
+        )
     }
 
     /// The node at `path` (components joined by `/`; "" is the root).
@@ -320,6 +324,17 @@ fn seed_is_visible(c: &Client) {
     assert_eq!(c.attr("d").unwrap().kind, FileKind::Directory);
     assert_eq!(err(c.lookup(ROOT_ID, "missing")), Errno::ENOENT);
     assert_eq!(err(c.lookup(c.at("d").unwrap(), "missing")), Errno::ENOENT);
+    // A miss comes with how long the kernel may remember it: unwatched host
+    // sources a second, a union none (as mergerfs), an image an hour.
+    let Lookup::Missing { ttl } = c.fs.lookup(&ROOT, ROOT_ID, os("missing")).unwrap() else {
+        panic!("{:?}: a missing name was found", c.mode)
+    };
+    let want = match c.mode {
+        Mode::Union3 => 0,
+        Mode::OverlayImage => 3600,
+        Mode::Single | Mode::OverlayHost => 1,
+    };
+    assert_eq!(ttl, Duration::from_secs(want), "{:?}", c.mode);
 }
 
 fn create_write_read(c: &Client) {

@@ -202,13 +202,8 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
-            let res = self.fs.lookup(&ctx(req), parent.0, name);
-            let negative_ttl = match &res {
-                Err(e) if *e == core::Errno::ENOENT => self.fs.negative_ttl(parent.0),
-                _ => Duration::ZERO,
-            };
-            match res {
-                Err(_) if !negative_ttl.is_zero() => {
+            match self.fs.lookup(&ctx(req), parent.0, name) {
+                Ok(core::Lookup::Missing { ttl }) if !ttl.is_zero() => {
                     // Node id 0 with a timeout: the kernel caches the miss.
                     let mut a = attr(&core::Attr {
                         ino: 0,
@@ -226,9 +221,9 @@ impl<F: core::Filesystem> fuser::Filesystem for Adapter<F> {
                         blksize: 0,
                     });
                     a.ino = INodeNo(0);
-                    reply.entry_with_ttls(&Duration::ZERO, &negative_ttl, &a, Generation(0));
+                    reply.entry_with_ttls(&Duration::ZERO, &ttl, &a, Generation(0));
                 }
-                res => self.reply_entry(res, reply),
+                res => self.reply_entry(res.and_then(core::Lookup::entry), reply),
             }
         })
     }

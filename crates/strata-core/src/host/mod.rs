@@ -101,6 +101,11 @@ pub fn component(name: &OsStr) -> Result<CString> {
     check_name(name)
 }
 
+/// A name to look up: one that cannot be a component names nothing (ENOENT).
+pub fn lookup_component(name: &OsStr) -> Result<CString> {
+    check_name(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })
+}
+
 fn system_time(sec: i64, nsec: u64) -> SystemTime {
     if sec >= 0 {
         UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)

@@ -12,18 +12,24 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
 use super::{OpenDir, OverlayFs, is_private_xattr, tmp_name};
 use crate::fs::*;
-use crate::host::component;
 use crate::host::files::{open_file_sync_methods, sync_fd};
 use crate::host::ops;
+use crate::host::{component, lookup_component};
 use crate::layer::host_xattrs;
 use crate::listing;
 use crate::{Errno, Result};
 
-fn lookup_name(name: &OsStr) -> Result<std::ffi::CString> {
-    component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })
-}
-
 impl OverlayFs {
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let host = self
+            .table
+            .get(parent)
+            .is_some_and(|n| self.unwatched(&n.lowers()));
+        self.cfg
+            .cache
+            .negative(!host, crate::host::watch::UNWATCHED_TTL)
+    }
+
     /// Shared head of mknod/mkdir/symlink/create: the name must not show
     /// yet; returns the parent's upper descriptor. Caller holds `ns_lock`.
     fn new_name_dir(&self, parent: u64, name: &CStr) -> Result<Arc<std::os::fd::OwnedFd>> {
@@ -166,8 +172,9 @@ impl Drop for Held<'_> {
 }
 
 impl Filesystem for OverlayFs {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
-        self.lookup_in(parent, &lookup_name(name)?)
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
+        let found = lookup_component(name).and_then(|name| self.lookup_in(parent, &name));
+        Lookup::of(found, || self.negative_ttl(parent))
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
@@ -588,16 +595,6 @@ impl Filesystem for OverlayFs {
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
         self.start_watch(invalidator);
-    }
-
-    fn negative_ttl(&self, parent: u64) -> Duration {
-        let host = self
-            .table
-            .get(parent)
-            .is_some_and(|n| self.unwatched(&n.lowers()));
-        self.cfg
-            .cache
-            .negative(!host, crate::host::watch::UNWATCHED_TTL)
     }
 }
 

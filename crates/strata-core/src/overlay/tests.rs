@@ -71,6 +71,7 @@ fn image_of(s: &Setup, name: &str) -> LowerSpec {
 
 fn lookup(fs: &OverlayFs, parent: u64, name: &str) -> Result<Entry> {
     fs.lookup(&ROOT, parent, OsStr::new(name))
+        .and_then(Lookup::entry)
 }
 
 fn path(fs: &OverlayFs, p: &str) -> Result<u64> {

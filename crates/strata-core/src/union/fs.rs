@@ -17,7 +17,7 @@ use super::settings::{LinkExdev, RenameExdev, XattrMode};
 use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, Key, UDir, UnionFs};
 use crate::fs::*;
 use crate::host::files::{open_file_sync_methods, sync_fd};
-use crate::host::{attr_from_stat, component, ops};
+use crate::host::{attr_from_stat, component, lookup_component, ops};
 use crate::listing;
 use crate::{Errno, Result};
 
@@ -35,13 +35,12 @@ fn setattr_func(set: &SetAttr) -> Func {
 }
 
 impl Filesystem for UnionFs {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Entry> {
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
         if parent == ROOT_ID && name == CONTROL_NAME {
-            return Ok(control::entry(self.ttl(&[])));
+            return Ok(Lookup::Found(control::entry(self.ttl(&[]))));
         }
-        let name =
-            component(name).map_err(|e| if e == Errno::EINVAL { Errno::ENOENT } else { e })?;
-        self.lookup_name(parent, &name)
+        let found = lookup_component(name).and_then(|name| self.lookup_name(parent, &name));
+        Lookup::of(found, || self.negative_ttl(parent))
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
@@ -510,12 +509,6 @@ impl Filesystem for UnionFs {
         }
     }
 
-    fn negative_ttl(&self, parent: u64) -> Duration {
-        let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
-        // mergerfs caches no negative entries; with the watch they are safe.
-        self.settings.read().cache.negative(watched, Duration::ZERO)
-    }
-
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
         *self.invalidator.write() = Some(invalidator.clone());
         self.start_watch(invalidator);
@@ -705,5 +698,13 @@ impl UnionFs {
                 Err(e)
             }
         }
+    }
+}
+
+impl UnionFs {
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
+        // mergerfs caches no negative entries; with the watch they are safe.
+        self.settings.read().cache.negative(watched, Duration::ZERO)
     }
 }
