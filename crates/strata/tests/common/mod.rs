@@ -3,10 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use strata_image::{Digest, Store};
 
 pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 const READY: Duration = Duration::from_secs(15);
@@ -868,4 +871,92 @@ pub fn modes_after_unprivileged_writes(
         .iter()
         .map(|n| std::os::unix::fs::MetadataExt::mode(&fs::metadata(host(n)).unwrap()) & 0o7777)
         .collect()
+}
+
+/// A scratch directory holding an image store and the trees images are
+/// built from (the image tests' one scratch type).
+pub struct ImageScratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl ImageScratch {
+    pub fn new() -> ImageScratch {
+        ImageScratch {
+            dir: tempfile::Builder::new()
+                .prefix("strata-test-img")
+                .tempdir_in("/tmp")
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// Builds image `name` from `src`.
+    pub fn build(&self, src: &Path, name: &str) {
+        build_image(src, &self.store(), name);
+    }
+
+    /// Runs `strata ARGS` with `$STRATA_STORE` at this store, within 60 s.
+    pub fn run(&self, args: &[&str]) -> Output {
+        output_with_timeout(
+            Command::new(STRATA)
+                .args(args)
+                .env("STRATA_STORE", self.store())
+                .env_remove("RUST_LOG"),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|| panic!("strata {args:?} timed out"))
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Mounts SOURCE (image:NAME... joined by ':') from this store; with
+    /// `upper`, the mount's own scratch directory gets an `upper`.
+    pub fn mount(&self, source: &str, upper: bool, opts: &[&str]) -> Mounted {
+        let store = format!("store={}", self.store().display());
+        let source = source.to_owned();
+        Mounted::build_with(opts, &[], move |dir| {
+            let mut extra = vec![store];
+            if upper {
+                let up = dir.join("upper");
+                fs::create_dir(&up).unwrap();
+                extra.push(format!("upper={}", up.display()));
+            }
+            (source, extra)
+        })
+    }
+
+    pub fn blob(&self, content: &[u8]) -> PathBuf {
+        Store::open(&self.store())
+            .unwrap()
+            .blob_path(&Digest::of(content))
+    }
+
+    /// Relative path → (size, mtime) of every file under `blobs/` and
+    /// `images/` of the store.
+    pub fn store_listing(&self) -> BTreeMap<String, (u64, i64, i64)> {
+        let mut out = BTreeMap::new();
+        for top in ["blobs", "images"] {
+            let t = snapshot(&self.store().join(top), true);
+            for (p, o) in t.objs {
+                let (s, ns) = o.mtime.unwrap_or((0, 0));
+                out.insert(format!("{top}/{p}"), (o.size, s, ns));
+            }
+        }
+        out
+    }
 }

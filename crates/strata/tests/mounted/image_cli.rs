@@ -3,60 +3,14 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use strata_image::{Digest, Image, Store};
 
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        Scratch {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn store(&self) -> PathBuf {
-        self.path("store")
-    }
-
-    /// Runs strata with `$STRATA_STORE` pointing at this scratch's store.
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(STRATA)
-            .args(args)
-            .env("STRATA_STORE", self.store())
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "strata {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn blob(&self, content: &[u8]) -> PathBuf {
-        Store::open(&self.store())
-            .unwrap()
-            .blob_path(&Digest::of(content))
-    }
-}
+use crate::common::ImageScratch as Scratch;
+use crate::common::STRATA;
 
 /// The command failed with `code` and exactly one `strata: ` line on stderr
 /// (no panic); returns that line.

@@ -2,7 +2,6 @@
 //! and run from the mount, corrupt blobs, gc while mounted, read-only and
 //! concurrent mounts, and stacks of images and host directories.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -10,97 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::common::ImageScratch as Scratch;
 use crate::common::*;
 use rustix::fs::{CWD, FileType, Mode};
-use strata_image::{Digest, Store};
-
-/// A scratch directory holding a store and the sources images are built from.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        Scratch {
-            dir: tempfile::Builder::new()
-                .prefix("strata-test-img")
-                .tempdir_in("/tmp")
-                .unwrap(),
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn store(&self) -> PathBuf {
-        self.path("store")
-    }
-
-    /// Builds image `name` from `src`.
-    fn build(&self, src: &Path, name: &str) {
-        build_image(src, &self.store(), name);
-    }
-
-    /// Runs `strata ARGS --store STORE`.
-    fn run(&self, args: &[&str]) -> Output {
-        output_with_timeout(
-            Command::new(STRATA)
-                .args(args)
-                .arg("--store")
-                .arg(self.store())
-                .env_remove("RUST_LOG"),
-            Duration::from_secs(60),
-        )
-        .unwrap_or_else(|| panic!("strata {args:?} timed out"))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "strata {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Mounts SOURCE (image:NAME... joined by ':') from this store; with
-    /// `upper`, the mount's own scratch directory gets an `upper`.
-    fn mount(&self, source: &str, upper: bool, opts: &[&str]) -> Mounted {
-        let store = format!("store={}", self.store().display());
-        let source = source.to_owned();
-        Mounted::build_with(opts, &[], move |dir| {
-            let mut extra = vec![store];
-            if upper {
-                let up = dir.join("upper");
-                fs::create_dir(&up).unwrap();
-                extra.push(format!("upper={}", up.display()));
-            }
-            (source, extra)
-        })
-    }
-
-    fn blob(&self, content: &[u8]) -> PathBuf {
-        Store::open(&self.store())
-            .unwrap()
-            .blob_path(&Digest::of(content))
-    }
-
-    /// Relative path → (size, mtime) of every file under `blobs/` and
-    /// `images/` of the store.
-    fn store_listing(&self) -> BTreeMap<String, (u64, i64, i64)> {
-        let mut out = BTreeMap::new();
-        for top in ["blobs", "images"] {
-            let t = snapshot(&self.store().join(top), true);
-            for (p, o) in t.objs {
-                let (s, ns) = o.mtime.unwrap_or((0, 0));
-                out.insert(format!("{top}/{p}"), (o.size, s, ns));
-            }
-        }
-        out
-    }
-}
+use strata_image::Digest;
 
 fn upper(m: &Mounted) -> PathBuf {
     m.dir.path().join("upper")
