@@ -24,6 +24,7 @@ use crate::fs::FileKind;
 use crate::host::{HostDir, HostNode};
 use crate::{Errno, Result};
 
+pub(crate) use host::host_xattr;
 pub use host::{HostLayer, host_xattrs, list_host};
 pub use image::ImageLayer;
 

@@ -12,7 +12,7 @@ use rustix::fs::{AtFlags, Mode, Stat};
 
 use crate::fs::FileKind;
 use crate::host::{HostDir, HostNode, each_entry, open_dir};
-use crate::layer::{LObj, LStat, Layer};
+use crate::layer::{LObj, LStat, Layer, host_xattr};
 use crate::{Errno, Result};
 
 /// Opaque-directory markers, as kernel overlayfs reads them (trusted.* when
@@ -116,11 +116,9 @@ pub(crate) fn make_zero_device(dir: BorrowedFd<'_>, name: &CStr, perm: u32) -> R
 }
 
 pub(crate) fn host_opaque(h: &HostDir, fd: BorrowedFd<'_>) -> bool {
-    let path = h.proc_path(fd);
-    let mut v = [0u8; 2];
-    OPAQUE_XATTRS.iter().any(|name| {
-        matches!(rustix::fs::getxattr(path.as_c_str(), *name, &mut v[..]), Ok(1) if v[0] == b'y')
-    })
+    OPAQUE_XATTRS
+        .iter()
+        .any(|n| host_xattr(h, fd, n).is_some_and(|v| v == b"y"))
 }
 
 /// A name in a layer's listing, read in overlay format.
