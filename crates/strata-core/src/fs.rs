@@ -14,6 +14,8 @@ use crate::Result;
 
 /// Node id of the mount's root, fixed by the kernel protocol.
 pub const ROOT_ID: u64 = 1;
+/// Node id of the control file `/.strata` (see [`crate::control`]).
+pub const CONTROL_ID: u64 = u64::MAX - 1;
 
 /// Who is asking: taken from the request header.
 #[derive(Clone, Copy, Debug, Default)]

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod control;
 pub mod errno;
 pub mod fs;
 pub mod host;
@@ -16,6 +17,7 @@ pub mod listing;
 pub mod overlay;
 pub mod single;
 pub mod source;
+pub mod stack;
 pub mod union;
 pub mod xattr;
 

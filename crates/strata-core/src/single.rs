@@ -1,7 +1,7 @@
-//! A single host directory served as the whole namespace.
+//! The single-directory rule: one host directory is the whole namespace.
 //!
-//! This is the base layer composition: one [`HostDir`], node ids derived from
-//! host inode numbers, every operation forwarded through descriptors. Permission
+//! The base composition: one [`HostDir`], node ids derived from host inode
+//! numbers, every operation forwarded through descriptors. Permission
 //! checks are the kernel's (`default_permissions`); ownership of new objects is
 //! the caller's.
 
@@ -11,17 +11,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use rustix::fs::{AtFlags, Mode, RenameFlags, Stat};
+use rustix::fs::{AtFlags, RenameFlags, Stat};
 
 use crate::fs::*;
-use crate::host::files::{OpenFiles, open_file_methods, sync_fd};
+use crate::host::files::{OpenFiles, sync_fd};
 use crate::host::watch::{self, CachePolicy, HostWatch};
-use crate::host::{
-    HostDir, HostNode, attr_from_stat, component, dirent_kind, lookup_component, ops,
-};
+use crate::host::{HostDir, HostNode, attr_from_stat, dirent_kind, ops};
 use crate::inode::InodeTable;
-use crate::listing::{self, DirEnt, OpenDirs};
+use crate::listing::DirEnt;
+use crate::stack::{New, Rule};
 use crate::{Errno, Result};
 
 /// Kernel cache settings and behaviour switches.
@@ -53,18 +51,17 @@ pub use crate::host::watch::{UNWATCHED_TTL, WATCHED_TTL};
 
 type Key = (u64, u64);
 
-struct OpenDir {
+/// An open directory: its descriptor, read for listings.
+pub struct DirFd {
     fd: OwnedFd,
     dev: u64,
     is_root: bool,
-    entries: Mutex<Arc<Vec<DirEnt>>>,
 }
 
-pub struct SingleDirFs {
+pub struct SingleDir {
     host: HostDir,
     table: Arc<InodeTable<Key, HostNode>>,
     files: OpenFiles,
-    dirs: OpenDirs<OpenDir>,
     cfg: SingleDirConfig,
     root_key: Key,
     watch: Option<Arc<HostWatch>>,
@@ -90,7 +87,7 @@ fn node_id((root_dev, root_ino): Key, dev: u64, ino: u64) -> u64 {
     }
 }
 
-impl SingleDirFs {
+impl SingleDir {
     pub fn new(source: &Path, cfg: SingleDirConfig) -> std::result::Result<Self, String> {
         let host = HostDir::open(source, cfg.fd_cache)?;
         let root = host.root().clone();
@@ -120,12 +117,11 @@ impl SingleDirFs {
         } else {
             None
         };
-        Ok(SingleDirFs {
+        Ok(SingleDir {
             watch,
             host,
             table,
             files: OpenFiles::default(),
-            dirs: OpenDirs::default(),
             cfg,
             root_key,
         })
@@ -217,30 +213,162 @@ impl SingleDirFs {
         })
     }
 
-    fn dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
-        self.dirs.get(fh)
+    pub fn source(&self) -> &Path {
+        self.host.path()
+    }
+}
+
+impl Rule for SingleDir {
+    type Dir = DirFd;
+
+    fn describe(&self) -> String {
+        self.host.path().display().to_string()
     }
 
-    /// Shared tail of mknod/mkdir/symlink: hand the object to the caller and look it up.
-    fn finish_create(&self, ctx: &Ctx, parent_fd: BorrowedFd<'_>, name: &CStr) -> Result<Entry> {
-        ops::finish_new(&self.host, ctx, parent_fd, name)?;
-        self.lookup_at(parent_fd, name)
+    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry> {
+        let pfd = self.node_fd(parent)?;
+        self.lookup_at(pfd.as_fd(), name)
     }
 
-    fn load_dir(&self, dir: &OpenDir) -> Result<Arc<Vec<DirEnt>>> {
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
+        self.cfg.cache.negative(self.watched(dev), UNWATCHED_TTL)
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.table.forget(ino, nlookup);
+    }
+
+    fn inodes(&self) -> usize {
+        self.table.len()
+    }
+
+    fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
+        if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
+            return self.stat_attr(ino, file.as_fd());
+        }
+        let fd = self.node_fd(ino)?;
+        self.stat_attr(ino, fd.as_fd())
+    }
+
+    fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+        let fd = self.node_fd(ino)?;
+        let file = fh.and_then(|fh| self.files.get(fh).ok());
+        ops::set_attr(
+            &self.host,
+            fd.as_fd(),
+            file.as_deref().map(|f| f.as_fd()),
+            set,
+        )?;
+        self.stat_attr(ino, fd.as_fd())
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        ops::readlink(self.node_fd(ino)?.as_fd())
+    }
+
+    fn make(&self, ctx: &Ctx, parent: u64, name: &CStr, new: New<'_>) -> Result<Entry> {
+        let pfd = self.node_fd(parent)?;
+        new.make_at(&self.host, pfd.as_fd(), name)?;
+        ops::finish_new(&self.host, ctx, pfd.as_fd(), name)?;
+        self.lookup_at(pfd.as_fd(), name)
+    }
+
+    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+        let pfd = self.node_fd(parent)?;
+        let how = if dir {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::unlinkat(&*pfd, name, how)?;
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Ctx,
+        parent: u64,
+        name: &CStr,
+        new_parent: u64,
+        new_name: &CStr,
+        flags: u32,
+    ) -> Result<()> {
+        let pfd = self.node_fd(parent)?;
+        let npfd = self.node_fd(new_parent)?;
+        rustix::fs::renameat_with(
+            &*pfd,
+            name,
+            &*npfd,
+            new_name,
+            RenameFlags::from_bits_retain(flags),
+        )?;
+        Ok(())
+    }
+
+    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &CStr) -> Result<Entry> {
+        let fd = self.node_fd(ino)?;
+        let npfd = self.node_fd(new_parent)?;
+        ops::link_fd(&self.host, fd.as_fd(), npfd.as_fd(), new_name)?;
+        self.lookup_at(npfd.as_fd(), new_name)
+    }
+
+    fn files(&self) -> &OpenFiles {
+        &self.files
+    }
+
+    fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+        let fd = self.node_fd(ino)?;
+        let file = self.host.reopen(fd.as_fd(), ops::open_flags(flags))?;
+        Ok(self.files.insert(file, self.cfg.passthrough))
+    }
+
+    fn create(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(Entry, Opened)> {
+        let pfd = self.node_fd(parent)?;
+        let (entry, fd) = ops::create_file(
+            &self.host,
+            ctx,
+            pfd.as_fd(),
+            name,
+            mode,
+            umask,
+            flags,
+            || self.lookup_at(pfd.as_fd(), name),
+        )?;
+        Ok((entry, self.files.insert(fd, self.cfg.passthrough)))
+    }
+
+    fn opendir(&self, ino: u64) -> Result<(DirFd, bool)> {
+        let fd = crate::host::open_dir(self.node_fd(ino)?.as_fd())?;
+        let dev = rustix::fs::fstat(&fd)?.st_dev;
+        Ok((
+            DirFd {
+                fd,
+                dev,
+                is_root: ino == ROOT_ID,
+            },
+            true,
+        ))
+    }
+
+    fn list(&self, _ino: u64, dir: &DirFd) -> Result<Vec<DirEnt>> {
         let mut out = Vec::new();
         let mut reader = rustix::fs::Dir::read_from(&dir.fd)?;
         for ent in &mut reader {
             let ent = ent?;
             let name = ent.file_name();
             let bytes = name.to_bytes();
-            let ino = if bytes == b"." || (bytes == b".." && dir.is_root) {
-                // `..` of the root points outside the source: show the root instead.
-                if dir.is_root {
-                    ROOT_ID
-                } else {
-                    self.node_id(dir.dev, ent.ino())
-                }
+            // `..` of the root points outside the source: show the root instead.
+            let ino = if dir.is_root && (bytes == b"." || bytes == b"..") {
+                ROOT_ID
             } else {
                 self.node_id(dir.dev, ent.ino())
             };
@@ -253,207 +381,22 @@ impl SingleDirFs {
                 kind,
             });
         }
-        let entries = Arc::new(out);
-        *dir.entries.lock() = entries.clone();
-        Ok(entries)
+        Ok(out)
     }
 
-    fn negative_ttl(&self, parent: u64) -> Duration {
-        let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
-        self.cfg.cache.negative(self.watched(dev), UNWATCHED_TTL)
+    fn dir_attr(&self, ino: u64, dir: &DirFd) -> Result<Attr> {
+        Ok(self.stat_attr(ino, dir.fd.as_fd())?.attr)
     }
 
-    fn dir_entries(&self, dir: &OpenDir, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
-        listing::snapshot(&dir.entries, offset, || self.load_dir(dir))
+    fn list_lookup(&self, _ino: u64, dir: &DirFd, name: &CStr) -> Result<Entry> {
+        self.lookup_at(dir.fd.as_fd(), name)
     }
 
-    pub fn source(&self) -> &Path {
-        self.host.path()
-    }
-}
-
-impl Filesystem for SingleDirFs {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
-        let found = lookup_component(name).and_then(|name| {
-            let pfd = self.node_fd(parent)?;
-            self.lookup_at(pfd.as_fd(), &name)
-        });
-        Lookup::of(found, || self.negative_ttl(parent))
+    fn fsyncdir(&self, _ino: u64, dir: &DirFd, datasync: bool) -> Result<()> {
+        sync_fd(dir.fd.as_fd(), datasync)
     }
 
-    fn forget(&self, ino: u64, nlookup: u64) {
-        self.table.forget(ino, nlookup);
-    }
-
-    fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
-        if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
-            let st = rustix::fs::fstat(&*file)?;
-            return Ok(AttrOut {
-                attr: attr_from_stat(&st, ino),
-                ttl: self.attr_ttl(st.st_dev),
-            });
-        }
-        let fd = self.node_fd(ino)?;
-        self.stat_attr(ino, fd.as_fd())
-    }
-
-    fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
-        let fd = self.node_fd(ino)?;
-        let file = fh.and_then(|fh| self.files.get(fh).ok());
-        ops::set_attr(
-            &self.host,
-            fd.as_fd(),
-            file.as_deref().map(|f| f.as_fd()),
-            set,
-        )?;
-        self.stat_attr(ino, fd.as_fd())
-    }
-
-    fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
-        ops::readlink(self.node_fd(ino)?.as_fd())
-    }
-
-    fn mknod(
-        &self,
-        ctx: &Ctx,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-    ) -> Result<Entry> {
-        let name = component(name)?;
-        let pfd = self.node_fd(parent)?;
-        let kind = rustix::fs::FileType::from_raw_mode(mode);
-        let perm = ops::create_perm(&self.host, pfd.as_fd(), mode, umask);
-        rustix::fs::mknodat(&*pfd, &name, kind, Mode::from_raw_mode(perm), rdev as u64)?;
-        self.finish_create(ctx, pfd.as_fd(), &name)
-    }
-
-    fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
-        let name = component(name)?;
-        let pfd = self.node_fd(parent)?;
-        let perm = ops::create_perm(&self.host, pfd.as_fd(), mode, umask);
-        rustix::fs::mkdirat(&*pfd, &name, Mode::from_raw_mode(perm))?;
-        self.finish_create(ctx, pfd.as_fd(), &name)
-    }
-
-    fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
-        let name = component(name)?;
-        let pfd = self.node_fd(parent)?;
-        rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty())?;
-        Ok(())
-    }
-
-    fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
-        let name = component(name)?;
-        let pfd = self.node_fd(parent)?;
-        rustix::fs::unlinkat(&*pfd, &name, AtFlags::REMOVEDIR)?;
-        Ok(())
-    }
-
-    fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
-        let name = component(name)?;
-        let pfd = self.node_fd(parent)?;
-        rustix::fs::symlinkat(target, &*pfd, &name)?;
-        self.finish_create(ctx, pfd.as_fd(), &name)
-    }
-
-    fn rename(
-        &self,
-        _ctx: &Ctx,
-        parent: u64,
-        name: &OsStr,
-        new_parent: u64,
-        new_name: &OsStr,
-        flags: u32,
-    ) -> Result<()> {
-        let name = component(name)?;
-        let new_name = component(new_name)?;
-        let pfd = self.node_fd(parent)?;
-        let npfd = self.node_fd(new_parent)?;
-        rustix::fs::renameat_with(
-            &*pfd,
-            &name,
-            &*npfd,
-            &new_name,
-            RenameFlags::from_bits_retain(flags),
-        )?;
-        Ok(())
-    }
-
-    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
-        let new_name = component(new_name)?;
-        let fd = self.node_fd(ino)?;
-        let npfd = self.node_fd(new_parent)?;
-        ops::link_fd(&self.host, fd.as_fd(), npfd.as_fd(), &new_name)?;
-        self.lookup_at(npfd.as_fd(), &new_name)
-    }
-
-    fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
-        let fd = self.node_fd(ino)?;
-        let file = self.host.reopen(fd.as_fd(), ops::open_flags(flags))?;
-        Ok(self.files.insert(file, self.cfg.passthrough))
-    }
-
-    fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
-        let dfd = crate::host::open_dir(self.node_fd(ino)?.as_fd())?;
-        let st = rustix::fs::fstat(&dfd)?;
-        Ok(self.dirs.insert(
-            OpenDir {
-                fd: dfd,
-                dev: st.st_dev,
-                is_root: ino == ROOT_ID,
-                entries: Mutex::new(Arc::new(Vec::new())),
-            },
-            true,
-        ))
-    }
-
-    fn readdir(
-        &self,
-        _ctx: &Ctx,
-        _ino: u64,
-        fh: u64,
-        offset: u64,
-        sink: &mut dyn DirSink,
-    ) -> Result<()> {
-        let dir = self.dir(fh)?;
-        listing::fill(&self.dir_entries(&dir, offset)?, offset, sink);
-        Ok(())
-    }
-
-    fn readdirplus(
-        &self,
-        _ctx: &Ctx,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        sink: &mut dyn DirPlusSink,
-    ) -> Result<()> {
-        let dir = self.dir(fh)?;
-        listing::fill_plus(
-            &self.dir_entries(&dir, offset)?,
-            offset,
-            sink,
-            || Ok(self.stat_attr(ino, dir.fd.as_fd())?.attr),
-            |e| self.lookup_at(dir.fd.as_fd(), &e.name),
-            |id| {
-                self.table.forget(id, 1);
-            },
-        )
-    }
-
-    fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.dirs.remove(fh);
-        Ok(())
-    }
-
-    fn fsyncdir(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        sync_fd(self.dir(fh)?.fd.as_fd(), datasync)
-    }
-
-    fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
+    fn statfs(&self, ino: u64) -> Result<StatFs> {
         let fd = self.node_fd(ino)?;
         let s = rustix::fs::fstatvfs(&*fd)?;
         Ok(crate::host::statfs_from(&s))
@@ -463,11 +406,11 @@ impl Filesystem for SingleDirFs {
         ops::setxattr(&self.host, self.node_fd(ino)?.as_fd(), name, value, flags)
     }
 
-    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         ops::getxattr(&self.host, self.node_fd(ino)?.as_fd(), name, size)
     }
 
-    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
+    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr> {
         ops::listxattr(&self.host, self.node_fd(ino)?.as_fd(), size)
     }
 
@@ -479,39 +422,8 @@ impl Filesystem for SingleDirFs {
         ops::access(&self.host, ctx, self.node_fd(ino)?.as_fd(), mask)
     }
 
-    fn create(
-        &self,
-        ctx: &Ctx,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-    ) -> Result<(Entry, Opened)> {
-        let name = component(name)?;
-        let pfd = self.node_fd(parent)?;
-        let (entry, fd) = ops::create_file(
-            &self.host,
-            ctx,
-            pfd.as_fd(),
-            &name,
-            mode,
-            umask,
-            flags,
-            || self.lookup_at(pfd.as_fd(), &name),
-        )?;
-        Ok((entry, self.files.insert(fd, self.cfg.passthrough)))
-    }
-
-    open_file_methods!(files);
-
-    fn stats(&self) -> Stats {
-        Stats {
-            inodes: self.table.len() as u64,
-            open_files: self.files.len() as u64,
-            open_dirs: self.dirs.len() as u64,
-            cached_fds: self.host.cached_fds() as u64,
-        }
+    fn cached_fds(&self) -> usize {
+        self.host.cached_fds()
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
@@ -532,6 +444,7 @@ impl Filesystem for SingleDirFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stack::Stack;
     use std::ffi::OsString;
 
     const ROOT: Ctx = Ctx {
@@ -540,13 +453,13 @@ mod tests {
         pid: 0,
     };
 
-    fn fs_with(cfg: SingleDirConfig) -> (tempfile::TempDir, SingleDirFs) {
+    fn fs_with(cfg: SingleDirConfig) -> (tempfile::TempDir, Stack<SingleDir>) {
         let dir = tempfile::tempdir().unwrap();
-        let fs = SingleDirFs::new(dir.path(), cfg).unwrap();
+        let fs = Stack::new(SingleDir::new(dir.path(), cfg).unwrap());
         (dir, fs)
     }
 
-    fn fs() -> (tempfile::TempDir, SingleDirFs) {
+    fn fs() -> (tempfile::TempDir, Stack<SingleDir>) {
         fs_with(SingleDirConfig::default())
     }
 
@@ -723,7 +636,7 @@ mod tests {
                 format!("{i}").len() as u64
             );
         }
-        if fs.host.handles_usable() {
+        if fs.rule().host.handles_usable() {
             assert!(fs.stats().cached_fds <= 16, "{:?}", fs.stats());
         }
         // still usable after eviction
@@ -737,7 +650,7 @@ mod tests {
             fd_cache: 64,
             ..SingleDirConfig::default()
         });
-        if !fs.host.handles_usable() {
+        if !fs.rule().host.handles_usable() {
             return; // every fd is pinned, none cached
         }
         let mut ids = Vec::new();
@@ -781,7 +694,7 @@ mod tests {
 
     #[test]
     fn missing_source_is_a_clear_error() {
-        let err = SingleDirFs::new(Path::new("/nonexistent/strata"), SingleDirConfig::default())
+        let err = SingleDir::new(Path::new("/nonexistent/strata"), SingleDirConfig::default())
             .err()
             .unwrap();
         assert!(

@@ -13,10 +13,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
-use strata_core::single::{SingleDirConfig, SingleDirFs};
+use strata_core::overlay::{LowerSpec, Overlay, OverlayConfig};
+use strata_core::single::{SingleDir, SingleDirConfig};
 use strata_core::source::{Branch, BranchMode};
-use strata_core::union::{Settings, UnionConfig, UnionFs};
+use strata_core::stack::Stack;
+use strata_core::union::{Settings, Union, UnionConfig};
 use strata_core::*;
 
 const ROOT: Ctx = Ctx {
@@ -33,7 +34,8 @@ enum Mode {
     OverlayImage,
 }
 
-/// The tree every mode starts from: `d/{a,b}`, `top`, `sub/deep/f`.
+/// The tree every mode starts from: `d/{a,b}`, `top`, `sub/deep/f`, and
+/// a `.strata` the control file hides.
 fn seed(root: &Path, part: Option<usize>) {
     // In a union, spread over the branches: `d` on all of them.
     let on = |branch: usize| part.is_none_or(|p| p == branch);
@@ -48,6 +50,8 @@ fn seed(root: &Path, part: Option<usize>) {
     }
     if on(1) {
         fs::write(root.join("top"), b"top file\n").unwrap();
+        // A user's file by the control file's name: the mount shows neither.
+        fs::write(root.join(".strata"), b"hidden\n").unwrap();
     }
 }
 
@@ -66,8 +70,8 @@ fn make(mode: Mode) -> Client {
     let fs: Box<dyn Filesystem> = match mode {
         Mode::Single => {
             seed(&p("src"), None);
-            Box::new(
-                SingleDirFs::new(
+            Box::new(Stack::new(
+                SingleDir::new(
                     &p("src"),
                     SingleDirConfig {
                         watch: false,
@@ -76,7 +80,7 @@ fn make(mode: Mode) -> Client {
                     },
                 )
                 .unwrap(),
-            )
+            ))
         }
         Mode::Union3 => {
             let branches = (0..3)
@@ -95,8 +99,8 @@ fn make(mode: Mode) -> Client {
                 min_free: 0,
                 ..Default::default()
             };
-            Box::new(
-                UnionFs::new(UnionConfig {
+            Box::new(Stack::new(
+                Union::new(UnionConfig {
                     branches,
                     settings,
                     watch: false,
@@ -105,7 +109,7 @@ fn make(mode: Mode) -> Client {
                     passthrough: false,
                 })
                 .unwrap(),
-            )
+            ))
         }
         Mode::OverlayHost | Mode::OverlayImage => {
             seed(&p("lower"), None);
@@ -121,8 +125,8 @@ fn make(mode: Mode) -> Client {
             } else {
                 LowerSpec::Host(p("lower"))
             };
-            Box::new(
-                OverlayFs::new(OverlayConfig {
+            Box::new(Stack::new(
+                Overlay::new(OverlayConfig {
                     lowers: vec![lower],
                     upper: Some(p("upper")),
                     cache: Default::default(),
@@ -131,7 +135,7 @@ fn make(mode: Mode) -> Client {
                     watch: false,
                 })
                 .unwrap(),
-            )
+            ))
         }
     };
     let baseline = fs.stats().inodes;
@@ -572,6 +576,76 @@ fn open_handles_are_counted(c: &Client) {
     c.fs.releasedir(&ROOT, ROOT_ID, d.fh).unwrap();
 }
 
+/// `/.strata` in every mode: the common keys, refusals, and its name taken.
+fn control_file(c: &Client) {
+    let e = c.lookup(ROOT_ID, ".strata").unwrap();
+    assert_eq!((e.attr.ino, e.attr.kind), (CONTROL_ID, FileKind::Regular));
+    assert_eq!(e.attr.perm, 0o444);
+    let get = |key: &str| match c.fs.getxattr(&ROOT, CONTROL_ID, os(key), 4096) {
+        Ok(Xattr::Data(v)) => Ok(String::from_utf8(v).unwrap()),
+        Ok(Xattr::Size(_)) => unreachable!("asked with a buffer"),
+        Err(e) => Err(e),
+    };
+    assert_eq!(
+        get("user.strata.version").unwrap(),
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(
+        get("user.mergerfs.pid").unwrap(),
+        std::process::id().to_string()
+    );
+    assert!(!get("user.strata.layers").unwrap().is_empty());
+    assert_eq!(get("user.strata.no-such-key"), Err(Errno::ENODATA));
+    let Xattr::Data(list) = c.fs.listxattr(&ROOT, CONTROL_ID, 64 * 1024).unwrap() else {
+        unreachable!("asked with a buffer")
+    };
+    let keys: Vec<&[u8]> = list.split(|b| *b == 0).collect();
+    for k in ["version", "pid", "layers"] {
+        assert!(keys.contains(&format!("user.strata.{k}").as_bytes()), "{k}");
+    }
+    assert_eq!(
+        err(c
+            .fs
+            .setxattr(&ROOT, CONTROL_ID, os("user.strata.version"), b"9", 0)),
+        Errno::EINVAL
+    );
+    let user = Ctx { uid: 1000, ..ROOT };
+    assert_eq!(
+        err(c
+            .fs
+            .setxattr(&user, CONTROL_ID, os("user.strata.pid"), b"1", 0)),
+        Errno::EPERM
+    );
+    let o = c.fs.open(&ROOT, CONTROL_ID, libc::O_RDONLY).unwrap();
+    assert_eq!(c.fs.read(&ROOT, CONTROL_ID, o.fh, 0, 100).unwrap(), b"");
+    c.fs.release(&ROOT, CONTROL_ID, o.fh).unwrap();
+    // Its name is taken: nothing is made, removed or moved there.
+    let mode = 0o100644;
+    assert_eq!(
+        err(c.fs.create(&ROOT, ROOT_ID, os(".strata"), mode, 0, 0)),
+        Errno::EEXIST
+    );
+    assert_eq!(
+        err(c.fs.mkdir(&ROOT, ROOT_ID, os(".strata"), 0o755, 0)),
+        Errno::EEXIST
+    );
+    assert_eq!(
+        err(c.fs.unlink(&ROOT, ROOT_ID, os(".strata"))),
+        Errno::EPERM
+    );
+    assert_eq!(
+        err(c
+            .fs
+            .rename(&ROOT, ROOT_ID, os("top"), ROOT_ID, os(".strata"), 0)),
+        Errno::EPERM
+    );
+    assert_eq!(c.read("top").unwrap(), b"top file\n");
+    assert_eq!(c.list(""), ["d", "sub", "top"]);
+    // The kernel forgets it like any node; the table never held it.
+    c.fs.forget(CONTROL_ID, 1);
+    c.refs.lock().remove(&CONTROL_ID);
+}
+
 fn run(mode: Mode, scenario: fn(&Client)) {
     let c = make(mode);
     scenario(&c);
@@ -607,4 +681,5 @@ conformance!(
     unlink_and_recreate,
     stable_ids_and_lookup_counts,
     open_handles_are_counted,
+    control_file,
 );

@@ -8,10 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_core::overlay::{LowerSpec, OverlayConfig, OverlayFs};
-use strata_core::single::{SingleDirConfig, SingleDirFs};
+use strata_core::overlay::{LowerSpec, Overlay, OverlayConfig};
+use strata_core::single::{SingleDir, SingleDirConfig};
 use strata_core::source::is_within;
-use strata_core::union::{UnionConfig, UnionFs};
+use strata_core::stack::Stack;
+use strata_core::union::{Union, UnionConfig};
 use strata_fuse::MountConfig;
 
 use crate::options::MountOptions;
@@ -138,9 +139,9 @@ fn check_dir(what: &str, dir: &Path) -> Result<(), Failure> {
 /// The mode a SOURCE asks for: one directory, a union of branches, or an
 /// overlay (images and directories, with or without a writable upper).
 enum Mode {
-    SingleDir(SingleDirFs),
-    Union(UnionFs),
-    Overlay(OverlayFs),
+    SingleDir(SingleDir),
+    Union(Union),
+    Overlay(Overlay),
 }
 
 /// Whether SOURCE names overlay lowers (an `image:NAME` among them) rather
@@ -214,7 +215,7 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
     let mount = mount_config(&opts, &paths, all_ro);
     let fs = if branches.len() == 1 {
         Mode::SingleDir(
-            SingleDirFs::new(
+            SingleDir::new(
                 &branches[0].path,
                 SingleDirConfig {
                     cache: opts.cache,
@@ -227,7 +228,7 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
         )
     } else {
         Mode::Union(
-            UnionFs::new(UnionConfig {
+            Union::new(UnionConfig {
                 branches,
                 settings: opts.union.clone(),
                 watch: opts.watch,
@@ -296,7 +297,7 @@ fn prepare_overlay(
     }
     let real_mountpoint = check_mountpoint(mountpoint, opts)?;
     check_layers_apart(&real_mountpoint, &layers)?;
-    let fs = OverlayFs::new(OverlayConfig {
+    let fs = Overlay::new(OverlayConfig {
         lowers,
         upper: upper.clone(),
         cache: opts.cache,
@@ -428,9 +429,9 @@ pub fn mount(
         readahead_kib: prepared.readahead_kib,
     };
     match prepared.fs {
-        Mode::SingleDir(fs) => ctx.run(Arc::new(fs), &prepared.mount),
-        Mode::Union(fs) => ctx.run(Arc::new(fs), &prepared.mount),
-        Mode::Overlay(fs) => ctx.run(Arc::new(fs), &prepared.mount),
+        Mode::SingleDir(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
+        Mode::Union(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
+        Mode::Overlay(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
     }
 }
 

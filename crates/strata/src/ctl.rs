@@ -1,12 +1,14 @@
-//! `strata ctl`: the union's runtime settings without knowing xattrs. It
-//! reads and writes the `user.strata.*` xattrs of `MOUNTPOINT/.strata`, and
-//! checks values first with the daemon's own parser so errors say why.
+//! `strata ctl`: a mount's runtime keys (the union's settings among them)
+//! without knowing xattrs. It reads and writes the `user.strata.*` xattrs of
+//! `MOUNTPOINT/.strata`, and checks values first with the daemon's own
+//! parser so errors say why.
 
 use std::path::Path;
 
+use strata_core::control::NAME as CONTROL_NAME;
 use strata_core::source::check_apart;
+use strata_core::union::Settings;
 use strata_core::union::control::edit_branches;
-use strata_core::union::{CONTROL_NAME, Settings};
 
 use crate::commands::{Failure, failure, usage};
 use crate::output::outln;
@@ -70,7 +72,7 @@ pub fn run(mountpoint: &Path, action: &str, args: &[String]) -> Result<(), Failu
     let control = mountpoint.join(CONTROL_NAME);
     if !control.exists() {
         return Err(usage(format!(
-            "{}: not a strata union mount (no {CONTROL_NAME})",
+            "{}: not a strata mount (no {CONTROL_NAME})",
             mountpoint.display()
         )));
     }

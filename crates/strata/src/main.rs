@@ -111,7 +111,7 @@ enum Command {
         lazy: bool,
         mountpoint: PathBuf,
     },
-    /// Read or change a union's runtime settings (the xattrs of MOUNTPOINT/.strata).
+    /// Read or change a mount's runtime keys (the xattrs of MOUNTPOINT/.strata).
     #[command(after_help = "EXAMPLES:\n  \
         strata ctl /pool list\n  \
         strata ctl /pool get category.create\n  \

@@ -1,5 +1,5 @@
 //! Open host files by file handle: the part of the protocol that works on an
-//! open descriptor and not on a name, the same for every host-backed layer.
+//! open descriptor and not on a name, the same for every rule.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -141,72 +141,3 @@ impl OpenFiles {
         Ok(n as u32)
     }
 }
-
-/// The [`Filesystem`](crate::Filesystem) methods that only touch an open
-/// file, for a layer whose open host files live in an [`OpenFiles`] field.
-/// Expands inside the layer's `impl Filesystem`.
-macro_rules! open_file_methods {
-    ($files:ident) => {
-        fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-            self.$files.read(fh, offset, size)
-        }
-
-        fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-            self.$files.write(fh, offset, data)
-        }
-
-        fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-            self.$files.release(fh);
-            Ok(())
-        }
-
-        $crate::host::files::open_file_sync_methods!($files);
-    };
-}
-
-/// The open-file methods besides read, write and release, for layers that
-/// handle those three themselves.
-macro_rules! open_file_sync_methods {
-    ($files:ident) => {
-        fn flush(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-            self.$files.flush(fh)
-        }
-
-        fn fsync(&self, _ctx: &Ctx, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-            self.$files.fsync(fh, datasync)
-        }
-
-        fn fallocate(
-            &self,
-            _ctx: &Ctx,
-            _ino: u64,
-            fh: u64,
-            offset: u64,
-            length: u64,
-            mode: i32,
-        ) -> Result<()> {
-            self.$files.fallocate(fh, offset, length, mode)
-        }
-
-        fn lseek(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-            self.$files.lseek(fh, offset, whence)
-        }
-
-        fn copy_file_range(
-            &self,
-            _ctx: &Ctx,
-            _ino_in: u64,
-            fh_in: u64,
-            offset_in: u64,
-            _ino_out: u64,
-            fh_out: u64,
-            offset_out: u64,
-            len: u64,
-            _flags: u32,
-        ) -> Result<u32> {
-            self.$files
-                .copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
-        }
-    };
-}
-pub(crate) use {open_file_methods, open_file_sync_methods};

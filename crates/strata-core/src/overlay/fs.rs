@@ -1,35 +1,24 @@
-//! The protocol for the overlay: each request resolved against the upper and
+//! The overlay as a [`Rule`]: each request resolved against the upper and
 //! the lowers, copy-up before any change to a lower object.
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::AsFd;
-use std::path::Path;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
-use super::{OpenDir, OverlayFs, is_private_xattr, tmp_name};
+use super::{Overlay, is_private_xattr, tmp_name};
 use crate::fs::*;
-use crate::host::files::{open_file_sync_methods, sync_fd};
+use crate::host::files::{OpenFiles, sync_fd};
 use crate::host::ops;
-use crate::host::{component, lookup_component};
 use crate::layer::host_xattrs;
-use crate::listing;
+use crate::listing::DirEnt;
+use crate::stack::{New, Rule};
 use crate::{Errno, Result};
 
-impl OverlayFs {
-    fn negative_ttl(&self, parent: u64) -> Duration {
-        let host = self
-            .table
-            .get(parent)
-            .is_some_and(|n| self.unwatched(&n.lowers()));
-        self.cfg
-            .cache
-            .negative(!host, crate::host::watch::UNWATCHED_TTL)
-    }
-
+impl Overlay {
     /// Shared head of mknod/mkdir/symlink/create: the name must not show
     /// yet; returns the parent's upper descriptor. Caller holds `ns_lock`.
     fn new_name_dir(&self, parent: u64, name: &CStr) -> Result<Arc<std::os::fd::OwnedFd>> {
@@ -49,51 +38,49 @@ impl OverlayFs {
         &self,
         ctx: &Ctx,
         parent: u64,
-        name: &OsStr,
+        name: &CStr,
         is_dir: bool,
         make: impl FnOnce(std::os::fd::BorrowedFd<'_>, &CStr) -> Result<()>,
     ) -> Result<Entry> {
-        let name = component(name)?;
         let _ns = self.ns_lock.lock();
-        let pfd = self.new_name_dir(parent, &name)?;
-        self.place_new(Some(ctx), pfd.as_fd(), &name, is_dir, |n| {
+        let pfd = self.new_name_dir(parent, name)?;
+        self.place_new(Some(ctx), pfd.as_fd(), name, is_dir, |n| {
             make(pfd.as_fd(), n)
         })?;
-        self.lookup_in(parent, &name)
+        self.lookup_in(parent, name)
     }
 
     /// Removes `name` (unlink or rmdir): the upper's object goes, and a
     /// whiteout stays where a lower provides the name.
-    fn remove(&self, parent: u64, name: &OsStr, dir_wanted: bool) -> Result<()> {
-        let name = component(name)?;
+    fn remove_name(&self, parent: u64, name: &CStr, dir_wanted: bool) -> Result<()> {
         let _ns = self.ns_lock.lock();
         let h = self.upper_dir()?;
         let dir = self.node(parent)?;
-        let found = self.resolve(&dir, &name)?.ok_or(Errno::ENOENT)?;
+        let found = self.resolve(&dir, name)?.ok_or(Errno::ENOENT)?;
         let is_dir = found.kind == FileKind::Directory;
         match (dir_wanted, is_dir) {
             (true, false) => return Err(Errno::ENOTDIR),
             (false, true) => return Err(Errno::EISDIR),
             _ => {}
         }
-        if is_dir && !self.is_empty_dir(0, &self.build_node(0, &dir, &name, &found)?)? {
+        if is_dir && !self.is_empty_dir(0, &self.build_node(0, &dir, name, &found)?)? {
             return Err(Errno::ENOTEMPTY);
         }
-        let whiteout = self.lower_has(&dir, &name)?;
+        let whiteout = self.lower_has(&dir, name)?;
         let pup = self.copy_up(parent)?;
         let pfd = h.fd(&pup)?;
         if found.upper.is_none() {
-            return Self::make_whiteout(pfd.as_fd(), &name);
+            return Self::make_whiteout(pfd.as_fd(), name);
         }
         if !whiteout && !is_dir {
-            rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty())?;
+            rustix::fs::unlinkat(&*pfd, name, AtFlags::empty())?;
             return Ok(());
         }
         // Move it aside (leaving the whiteout in one step), then delete it.
         let tmp = tmp_name();
         Self::rename_upper(
             pfd.as_fd(),
-            &name,
+            name,
             pfd.as_fd(),
             &tmp,
             RenameFlags::NOREPLACE,
@@ -161,7 +148,7 @@ impl OverlayFs {
 
 /// A lookup reference taken by the daemon itself, given back on drop.
 struct Held<'a> {
-    fs: &'a OverlayFs,
+    fs: &'a Overlay,
     id: u64,
 }
 
@@ -171,21 +158,40 @@ impl Drop for Held<'_> {
     }
 }
 
-impl Filesystem for OverlayFs {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
-        let found = lookup_component(name).and_then(|name| self.lookup_in(parent, &name));
-        Lookup::of(found, || self.negative_ttl(parent))
+impl Rule for Overlay {
+    type Dir = ();
+
+    fn describe(&self) -> String {
+        Overlay::describe(self)
+    }
+
+    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry> {
+        self.lookup_in(parent, name)
+    }
+
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let host = self
+            .table
+            .get(parent)
+            .is_some_and(|n| self.unwatched(&n.lowers()));
+        self.cfg
+            .cache
+            .negative(!host, crate::host::watch::UNWATCHED_TTL)
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
         self.table.forget(ino, nlookup);
     }
 
-    fn getattr(&self, _ctx: &Ctx, ino: u64, _fh: Option<u64>) -> Result<AttrOut> {
+    fn inodes(&self) -> usize {
+        self.table.len()
+    }
+
+    fn getattr(&self, ino: u64, _fh: Option<u64>) -> Result<AttrOut> {
         self.attr(ino, &*self.node(ino)?)
     }
 
-    fn setattr(&self, _ctx: &Ctx, ino: u64, _fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+    fn setattr(&self, ino: u64, _fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         let h = self.upper_dir()?;
         let up = {
             let _ns = self.ns_lock.lock();
@@ -196,7 +202,7 @@ impl Filesystem for OverlayFs {
         self.attr(ino, &*self.node(ino)?)
     }
 
-    fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
         match node.upper() {
             Some(up) => ops::readlink(self.upper_dir()?.fd(&up)?.as_fd()),
@@ -207,62 +213,39 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn mknod(
-        &self,
-        ctx: &Ctx,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-    ) -> Result<Entry> {
+    fn make(&self, ctx: &Ctx, parent: u64, name: &CStr, new: New<'_>) -> Result<Entry> {
         let h = self.upper_dir()?;
-        self.make_entry(ctx, parent, name, false, |pfd, n| {
-            let perm = ops::create_perm(h, pfd, mode, umask);
-            let kind = rustix::fs::FileType::from_raw_mode(mode);
-            if kind == rustix::fs::FileType::CharacterDevice && rdev == 0 {
-                return super::format::make_zero_device(pfd, n, perm);
+        let is_dir = matches!(new, New::Dir { .. });
+        self.make_entry(ctx, parent, name, is_dir, |pfd, n| match new {
+            // In the upper a 0/0 character device is a whiteout: the
+            // overlay format keeps a user's one apart.
+            New::Node {
+                mode,
+                umask,
+                rdev: 0,
+            } if rustix::fs::FileType::from_raw_mode(mode)
+                == rustix::fs::FileType::CharacterDevice =>
+            {
+                let perm = ops::create_perm(h, pfd, mode, umask);
+                super::format::make_zero_device(pfd, n, perm)
             }
-            rustix::fs::mknodat(pfd, n, kind, Mode::from_raw_mode(perm), rdev as u64)?;
-            Ok(())
+            new => new.make_at(h, pfd, n),
         })
     }
 
-    fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
-        let h = self.upper_dir()?;
-        self.make_entry(ctx, parent, name, true, |pfd, n| {
-            let perm = ops::create_perm(h, pfd, mode, umask);
-            rustix::fs::mkdirat(pfd, n, Mode::from_raw_mode(perm))?;
-            Ok(())
-        })
-    }
-
-    fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, false)
-    }
-
-    fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, true)
-    }
-
-    fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
-        self.make_entry(ctx, parent, name, false, |pfd, n| {
-            rustix::fs::symlinkat(target, pfd, n)?;
-            Ok(())
-        })
+    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+        self.remove_name(parent, name, dir)
     }
 
     fn rename(
         &self,
         _ctx: &Ctx,
         parent: u64,
-        name: &OsStr,
+        name: &CStr,
         new_parent: u64,
-        new_name: &OsStr,
+        new_name: &CStr,
         flags: u32,
     ) -> Result<()> {
-        let name = component(name)?;
-        let new_name = component(new_name)?;
         let flags = RenameFlags::from_bits(flags).ok_or(Errno::EINVAL)?;
         if flags.contains(RenameFlags::WHITEOUT) {
             return Err(Errno::EINVAL);
@@ -270,18 +253,18 @@ impl Filesystem for OverlayFs {
         let h = self.upper_dir()?;
         let _ns = self.ns_lock.lock();
         if flags.contains(RenameFlags::EXCHANGE) {
-            return self.exchange(parent, &name, new_parent, &new_name);
+            return self.exchange(parent, name, new_parent, new_name);
         }
         let src_dir = self.node(parent)?;
         let dst_dir = self.node(new_parent)?;
-        let held = self.hold(parent, &name)?;
+        let held = self.hold(parent, name)?;
         let sid = held.id;
         if parent == new_parent && name == new_name {
             return Ok(());
         }
         let src = self.node(sid)?;
         let src_is_dir = src.kind == FileKind::Directory;
-        let dst = self.resolve(&dst_dir, &new_name)?;
+        let dst = self.resolve(&dst_dir, new_name)?;
         let mut opaque = false;
         if let Some(d) = &dst {
             if flags.contains(RenameFlags::NOREPLACE) {
@@ -291,7 +274,7 @@ impl Filesystem for OverlayFs {
                 (false, true) => return Err(Errno::EISDIR),
                 (true, false) => return Err(Errno::ENOTDIR),
                 (true, true) => {
-                    if !self.is_empty_dir(0, &self.build_node(0, &dst_dir, &new_name, d)?)? {
+                    if !self.is_empty_dir(0, &self.build_node(0, &dst_dir, new_name, d)?)? {
                         return Err(Errno::ENOTEMPTY);
                     }
                     opaque = !d.lowers.is_empty();
@@ -303,15 +286,15 @@ impl Filesystem for OverlayFs {
         let pfd = h.fd(&self.copy_up(parent)?)?;
         let npfd = h.fd(&self.copy_up(new_parent)?)?;
         let over_whiteout = dst.is_none()
-            && h.stat_child(npfd.as_fd(), &new_name)
-                .is_ok_and(|st| super::host_whiteout(npfd.as_fd(), &new_name, &st));
+            && h.stat_child(npfd.as_fd(), new_name)
+                .is_ok_and(|st| super::host_whiteout(npfd.as_fd(), new_name, &st));
         if let Some(d) = &dst
             && d.kind == FileKind::Directory
             && d.upper.is_some()
         {
             let dfd = rustix::fs::openat(
                 &*npfd,
-                new_name.as_c_str(),
+                new_name,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
@@ -320,42 +303,45 @@ impl Filesystem for OverlayFs {
         if src_is_dir && (opaque || over_whiteout) {
             self.make_opaque(&src)?;
         }
-        let whiteout = self.lower_has(&src_dir, &name)?;
+        let whiteout = self.lower_has(&src_dir, name)?;
         if src_is_dir && over_whiteout {
             // A directory cannot replace the whiteout (a device): swap them,
             // which leaves the whiteout at the old name.
-            rustix::fs::renameat_with(&*pfd, &name, &*npfd, &new_name, RenameFlags::EXCHANGE)?;
+            rustix::fs::renameat_with(&*pfd, name, &*npfd, new_name, RenameFlags::EXCHANGE)?;
             if !whiteout {
-                rustix::fs::unlinkat(&*pfd, &name, AtFlags::empty())?;
+                rustix::fs::unlinkat(&*pfd, name, AtFlags::empty())?;
             }
         } else {
             Self::rename_upper(
                 pfd.as_fd(),
-                &name,
+                name,
                 npfd.as_fd(),
-                &new_name,
+                new_name,
                 RenameFlags::empty(),
                 whiteout,
             )?;
         }
-        *src.place.lock() = (new_parent, new_name);
+        *src.place.lock() = (new_parent, new_name.to_owned());
         Ok(())
     }
 
-    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
-        let new_name = component(new_name)?;
+    fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &CStr) -> Result<Entry> {
         let h = self.upper_dir()?;
         let _ns = self.ns_lock.lock();
         let up = self.copy_up(ino)?;
-        let npfd = self.new_name_dir(new_parent, &new_name)?;
+        let npfd = self.new_name_dir(new_parent, new_name)?;
         let fd = h.fd(&up)?;
-        self.place_new(None, npfd.as_fd(), &new_name, false, |n| {
+        self.place_new(None, npfd.as_fd(), new_name, false, |n| {
             ops::link_fd(h, fd.as_fd(), npfd.as_fd(), n)
         })?;
-        self.lookup_in(new_parent, &new_name)
+        self.lookup_in(new_parent, new_name)
     }
 
-    fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
+    fn files(&self) -> &OpenFiles {
+        &self.files
+    }
+
+    fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
         let node = self.node(ino)?;
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let upper = if writes {
@@ -389,89 +375,37 @@ impl Filesystem for OverlayFs {
         Ok(opened)
     }
 
-    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        self.files.read(fh, offset, size)
-    }
-
-    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        self.files.write(fh, offset, data)
-    }
-
-    fn release(&self, _ctx: &Ctx, ino: u64, fh: u64) -> Result<()> {
+    fn release(&self, ino: u64, fh: u64) {
         self.drop_lower_reader(ino, fh);
         self.files.release(fh);
-        Ok(())
     }
 
-    open_file_sync_methods!(files);
-
-    fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
+    fn opendir(&self, ino: u64) -> Result<((), bool)> {
         let node = self.node(ino)?;
         if node.kind != FileKind::Directory {
             return Err(Errno::ENOTDIR);
         }
         // The kernel keeps the listing until told it changed: not where an
         // unwatched host lower could change it unseen.
-        let cache = !self.unwatched(&node.lowers());
-        Ok(self.dirs.insert(
-            OpenDir {
-                ino,
-                entries: Mutex::new(Arc::new(Vec::new())),
-            },
-            cache,
-        ))
+        Ok(((), !self.unwatched(&node.lowers())))
     }
 
-    fn readdir(
-        &self,
-        _ctx: &Ctx,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        sink: &mut dyn DirSink,
-    ) -> Result<()> {
-        let dir = self.open_dir(fh)?;
-        let entries = self.dir_snapshot(&dir, ino, offset)?;
-        listing::fill(&entries, offset, sink);
-        Ok(())
+    fn list(&self, ino: u64, _dir: &()) -> Result<Vec<DirEnt>> {
+        self.load_dir(ino, &*self.node(ino)?)
     }
 
-    fn readdirplus(
-        &self,
-        _ctx: &Ctx,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        sink: &mut dyn DirPlusSink,
-    ) -> Result<()> {
-        let dir = self.open_dir(fh)?;
-        let entries = self.dir_snapshot(&dir, ino, offset)?;
-        let node = self.node(ino)?;
-        listing::fill_plus(
-            &entries,
-            offset,
-            sink,
-            || Ok(self.attr(ino, &node)?.attr),
-            |e| self.lookup_in(ino, &e.name),
-            |id| {
-                self.table.forget(id, 1);
-            },
-        )
+    fn dir_attr(&self, ino: u64, _dir: &()) -> Result<Attr> {
+        Ok(self.attr(ino, &*self.node(ino)?)?.attr)
     }
 
-    fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.dirs.remove(fh);
-        Ok(())
-    }
-
-    fn fsyncdir(&self, _ctx: &Ctx, ino: u64, _fh: u64, datasync: bool) -> Result<()> {
+    fn fsyncdir(&self, ino: u64, _dir: &(), datasync: bool) -> Result<()> {
         match self.node(ino)?.upper() {
             Some(up) => sync_fd(self.upper_dir()?.fd(&up)?.as_fd(), datasync),
             None => Ok(()),
         }
     }
 
-    fn statfs(&self, _ctx: &Ctx, _ino: u64) -> Result<StatFs> {
+    fn statfs(&self, _ino: u64) -> Result<StatFs> {
         let s = match &self.upper {
             Some(h) => rustix::fs::fstatvfs(&*h.fd(h.root())?)?,
             None => rustix::fs::statvfs(self.layers[0].statfs_path())?,
@@ -491,7 +425,7 @@ impl Filesystem for OverlayFs {
         ops::setxattr(h, h.fd(&up)?.as_fd(), name, value, flags)
     }
 
-    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         if is_private_xattr(name.as_encoded_bytes()) {
             return Err(Errno::ENODATA);
         }
@@ -511,7 +445,7 @@ impl Filesystem for OverlayFs {
         Xattr::reply(value, size)
     }
 
-    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
+    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr> {
         let node = self.node(ino)?;
         let all = match node.upper() {
             Some(up) => {
@@ -531,12 +465,12 @@ impl Filesystem for OverlayFs {
         Xattr::reply(list, size)
     }
 
-    fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
+    fn removexattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
         if is_private_xattr(name.as_encoded_bytes()) {
             return Err(Errno::EPERM);
         }
         // Nothing to remove: no copy-up for that.
-        self.getxattr(ctx, ino, name, 0)?;
+        Rule::getxattr(self, ino, name, 0)?;
         let h = self.upper_dir()?;
         let up = {
             let _ns = self.ns_lock.lock();
@@ -558,17 +492,16 @@ impl Filesystem for OverlayFs {
         &self,
         ctx: &Ctx,
         parent: u64,
-        name: &OsStr,
+        name: &CStr,
         mode: u32,
         umask: u32,
         flags: i32,
     ) -> Result<(Entry, Opened)> {
-        let name = component(name)?;
         let h = self.upper_dir()?;
         let _ns = self.ns_lock.lock();
-        let pfd = self.new_name_dir(parent, &name)?;
+        let pfd = self.new_name_dir(parent, name)?;
         let perm = ops::create_perm(h, pfd.as_fd(), mode, umask);
-        let file = self.place_new(Some(ctx), pfd.as_fd(), &name, false, |n| {
+        let file = self.place_new(Some(ctx), pfd.as_fd(), name, false, |n| {
             Ok(rustix::fs::openat(
                 &*pfd,
                 n,
@@ -576,41 +509,18 @@ impl Filesystem for OverlayFs {
                 Mode::from_raw_mode(perm),
             )?)
         })?;
-        let entry = self.lookup_in(parent, &name).inspect_err(|_| {
-            let _ = rustix::fs::unlinkat(&*pfd, name.as_c_str(), AtFlags::empty());
+        let entry = self.lookup_in(parent, name).inspect_err(|_| {
+            let _ = rustix::fs::unlinkat(&*pfd, name, AtFlags::empty());
         })?;
         Ok((entry, self.files.insert(file, self.cfg.passthrough)))
     }
 
-    fn stats(&self) -> Stats {
-        Stats {
-            inodes: self.table.len() as u64,
-            open_files: self.files.len() as u64,
-            open_dirs: self.dirs.len() as u64,
-            cached_fds: (self.upper.as_ref().map_or(0, |h| h.cached_fds())
-                + self.layers.iter().map(|l| l.cached_fds()).sum::<usize>())
-                as u64,
-        }
+    fn cached_fds(&self) -> usize {
+        self.upper.as_ref().map_or(0, |h| h.cached_fds())
+            + self.layers.iter().map(|l| l.cached_fds()).sum::<usize>()
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
         self.start_watch(invalidator);
-    }
-}
-
-impl OverlayFs {
-    fn dir_snapshot(
-        &self,
-        dir: &OpenDir,
-        ino: u64,
-        offset: u64,
-    ) -> Result<Arc<Vec<listing::DirEnt>>> {
-        debug_assert_eq!(dir.ino, ino);
-        listing::snapshot(&dir.entries, offset, || {
-            let node = self.node(ino)?;
-            let entries = Arc::new(self.load_dir(ino, &node)?);
-            *dir.entries.lock() = entries.clone();
-            Ok(entries)
-        })
     }
 }

@@ -42,7 +42,7 @@ use crate::host::watch::{self, CachePolicy, HostAliases, HostId, HostWatch, UNWA
 use crate::host::{HostDir, HostNode, ops};
 use crate::inode::InodeTable;
 use crate::layer::{self, LObj, LStat, Layer};
-use crate::listing::{DirEnt, OpenDirs};
+use crate::listing::DirEnt;
 use crate::{Errno, Result};
 use format::{Listed, OPAQUE_XATTRS, host_opaque, host_whiteout};
 
@@ -171,12 +171,7 @@ struct Found {
     lowers: Vec<(LRef, LStat)>,
 }
 
-struct OpenDir {
-    ino: u64,
-    entries: Mutex<Arc<Vec<DirEnt>>>,
-}
-
-pub struct OverlayFs {
+pub struct Overlay {
     layers: Vec<Box<dyn Layer>>,
     upper: Option<HostDir>,
     table: Arc<InodeTable<Key, ONode>>,
@@ -185,7 +180,6 @@ pub struct OverlayFs {
     /// them to the copy, so they read what writers wrote (kernel overlayfs
     /// does the same since 4.19); an mmap made before stays on the lower.
     lower_readers: Mutex<HashMap<u64, smallvec::SmallVec<[u64; 2]>>>,
-    dirs: OpenDirs<OpenDir>,
     cfg: OverlayConfig,
     /// Serializes changes to the upper's namespace (copy-up, create, remove,
     /// rename): their whiteout and opaque bookkeeping spans several syscalls.
@@ -323,7 +317,7 @@ fn attr_of(st: &LStat, ino: u64) -> Attr {
     }
 }
 
-impl OverlayFs {
+impl Overlay {
     pub fn new(cfg: OverlayConfig) -> std::result::Result<Self, String> {
         if cfg.lowers.is_empty() {
             return Err("an overlay needs at least one lower layer".into());
@@ -375,7 +369,7 @@ impl OverlayFs {
         } else {
             None
         };
-        Ok(OverlayFs {
+        Ok(Overlay {
             any_host_lower: layers.iter().any(|l| l.host().is_some()),
             layers,
             upper,
@@ -388,7 +382,6 @@ impl OverlayFs {
             )),
             files: OpenFiles::default(),
             lower_readers: Mutex::default(),
-            dirs: OpenDirs::default(),
             cfg,
             ns_lock: Mutex::new(()),
             origin_xattr: if root_user {
@@ -806,10 +799,6 @@ impl OverlayFs {
             }
             seen.insert(n.name);
         }
-    }
-
-    fn open_dir(&self, fh: u64) -> Result<Arc<OpenDir>> {
-        self.dirs.get(fh)
     }
 
     /// Whether a directory shows no names (whiteouts and temporaries aside).

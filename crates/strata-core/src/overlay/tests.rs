@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::stack::Stack;
 
 const ROOT: Ctx = Ctx {
     uid: 0,
@@ -37,19 +38,21 @@ fn setup() -> Setup {
     }
 }
 
-fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> OverlayFs {
-    OverlayFs::new(OverlayConfig {
-        lowers,
-        upper: upper.map(Path::to_path_buf),
-        cache: Default::default(),
-        fd_cache: 64,
-        passthrough: false,
-        watch: false,
-    })
-    .unwrap()
+fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> Stack<Overlay> {
+    Stack::new(
+        Overlay::new(OverlayConfig {
+            lowers,
+            upper: upper.map(Path::to_path_buf),
+            cache: Default::default(),
+            fd_cache: 64,
+            passthrough: false,
+            watch: false,
+        })
+        .unwrap(),
+    )
 }
 
-fn host_overlay(s: &Setup) -> OverlayFs {
+fn host_overlay(s: &Setup) -> Stack<Overlay> {
     overlay(vec![LowerSpec::Host(s.lower.clone())], Some(&s.upper))
 }
 
@@ -69,12 +72,12 @@ fn image_of(s: &Setup, name: &str) -> LowerSpec {
     }
 }
 
-fn lookup(fs: &OverlayFs, parent: u64, name: &str) -> Result<Entry> {
+fn lookup(fs: &Stack<Overlay>, parent: u64, name: &str) -> Result<Entry> {
     fs.lookup(&ROOT, parent, OsStr::new(name))
         .and_then(Lookup::entry)
 }
 
-fn path(fs: &OverlayFs, p: &str) -> Result<u64> {
+fn path(fs: &Stack<Overlay>, p: &str) -> Result<u64> {
     let mut id = ROOT_ID;
     for c in p.split('/') {
         id = lookup(fs, id, c)?.attr.ino;
@@ -82,7 +85,7 @@ fn path(fs: &OverlayFs, p: &str) -> Result<u64> {
     Ok(id)
 }
 
-fn read_all(fs: &OverlayFs, ino: u64) -> Vec<u8> {
+fn read_all(fs: &Stack<Overlay>, ino: u64) -> Vec<u8> {
     let o = fs.open(&ROOT, ino, libc::O_RDONLY).unwrap();
     let data = fs.read(&ROOT, ino, o.fh, 0, 1 << 20).unwrap();
     fs.release(&ROOT, ino, o.fh).unwrap();
@@ -97,7 +100,7 @@ impl DirSink for Names {
     }
 }
 
-fn list(fs: &OverlayFs, ino: u64) -> Vec<String> {
+fn list(fs: &Stack<Overlay>, ino: u64) -> Vec<String> {
     let o = fs.opendir(&ROOT, ino, 0).unwrap();
     let mut names = Names(Vec::new());
     fs.readdir(&ROOT, ino, o.fh, 0, &mut names).unwrap();

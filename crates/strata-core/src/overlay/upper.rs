@@ -5,7 +5,7 @@
 
 use super::*;
 
-impl OverlayFs {
+impl Overlay {
     /// The node's upper object, copying the node (and the directories above
     /// it) up first if needed. Caller holds `ns_lock`.
     pub(super) fn copy_up(&self, id: u64) -> Result<Arc<HostNode>> {

@@ -1,110 +1,40 @@
-//! The control file `/.strata`: runtime settings as `user.strata.*` xattrs
-//! (`user.mergerfs.*` accepted too, so mergerfs scripts keep working), and
-//! the per-file keys `basepath`, `relpath`, `fullpath`, `allpaths`.
+//! The union's keys of the control file `/.strata` (see [`crate::control`]):
+//! its settings, `branches` (edited with mergerfs's syntax), the
+//! `cmd.*` actions, and the per-file keys `basepath`, `relpath`,
+//! `fullpath`, `allpaths`.
 
 use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, SystemTime};
-
-use rustix::fs::{Mode, OFlags};
 
 use super::policy::Func;
-use super::{CONTROL_ID, Settings, UnionFs};
-use crate::fs::{Attr, AttrOut, Ctx, Entry, FileKind};
+use super::{Settings, Union};
+use crate::Result;
 use crate::source::{self, Branch as BranchSpec};
-use crate::{Errno, Result};
 
-const PREFIXES: [&str; 2] = ["user.strata.", "user.mergerfs."];
-/// Keys only read, never set.
-const READ_ONLY: [&str; 2] = ["version", "pid"];
+/// The union's keys besides the settings.
+const KEYS: [&str; 1] = ["branches"];
 
-fn attr() -> Attr {
-    Attr {
-        ino: CONTROL_ID,
-        size: 0,
-        blocks: 0,
-        atime: SystemTime::UNIX_EPOCH,
-        mtime: SystemTime::UNIX_EPOCH,
-        ctime: SystemTime::UNIX_EPOCH,
-        kind: FileKind::Regular,
-        perm: 0o444,
-        nlink: 1,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 4096,
-    }
-}
-
-pub(super) fn entry((entry_ttl, attr_ttl): (Duration, Duration)) -> Entry {
-    Entry {
-        attr: attr(),
-        generation: 0,
-        entry_ttl,
-        attr_ttl,
-    }
-}
-
-pub(super) fn attr_out((_, ttl): (Duration, Duration)) -> AttrOut {
-    AttrOut { attr: attr(), ttl }
-}
-
-/// The control file has no content; opening it reads as empty.
-pub(super) fn open() -> Result<OwnedFd> {
-    Ok(rustix::fs::open(
-        "/dev/null",
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
-}
-
-fn key(name: &OsStr) -> Option<&str> {
-    let name = std::str::from_utf8(name.as_bytes()).ok()?;
-    PREFIXES.iter().find_map(|p| name.strip_prefix(p))
-}
-
-/// Every key the control file lists, as a listxattr buffer.
-pub(super) fn list() -> Vec<u8> {
-    let mut keys = vec!["branches".to_string()];
+pub(super) fn keys() -> Vec<String> {
+    let mut keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
     keys.extend(Settings::keys());
-    keys.extend(READ_ONLY.iter().map(|k| k.to_string()));
-    let mut out = Vec::new();
-    for k in keys {
-        out.extend_from_slice(PREFIXES[0].as_bytes());
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-    }
-    out
+    keys
 }
 
-pub(super) fn get(fs: &UnionFs, name: &OsStr) -> Result<Vec<u8>> {
-    let k = key(name).ok_or(Errno::ENODATA)?;
-    let v = match k {
-        "branches" | "srcmounts" => fs
-            .branches()
-            .iter()
-            .map(|b| b.spec())
-            .collect::<Vec<_>>()
-            .join(":"),
-        "version" => env!("CARGO_PKG_VERSION").to_string(),
-        "pid" => std::process::id().to_string(),
-        k => fs.settings.read().get(k).ok_or(Errno::ENODATA)?,
-    };
-    Ok(v.into_bytes())
-}
-
-pub(super) fn set(fs: &UnionFs, ctx: &Ctx, name: &OsStr, value: &[u8]) -> Result<()> {
-    let k = key(name).ok_or(Errno::ENOTSUP)?;
-    if ctx.uid != 0 {
-        return Err(Errno::EPERM);
-    }
-    let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?;
-    let refuse = |msg: String| {
-        tracing::warn!("control: {k}={value}: {msg}");
-        Errno::EINVAL
-    };
+pub(super) fn get(fs: &Union, k: &str) -> Option<String> {
     match k {
+        "branches" | "srcmounts" => Some(
+            fs.branches()
+                .iter()
+                .map(|b| b.spec())
+                .collect::<Vec<_>>()
+                .join(":"),
+        ),
+        k => fs.settings.read().get(k),
+    }
+}
+
+pub(super) fn set(fs: &Union, k: &str, value: &str) -> Option<std::result::Result<(), String>> {
+    Some(match k {
         "branches" | "srcmounts" => {
             let current: Vec<BranchSpec> = fs
                 .branches()
@@ -115,28 +45,25 @@ pub(super) fn set(fs: &UnionFs, ctx: &Ctx, name: &OsStr, value: &[u8]) -> Result
                     min_free: b.min_free,
                 })
                 .collect();
-            let next = edit_branches(&current, value).map_err(refuse)?;
-            fs.set_branches(&next).map_err(refuse)?;
-            tracing::info!("branches now {}", get_str(fs, "branches"));
+            edit_branches(&current, value)
+                .and_then(|next| fs.set_branches(&next))
+                .map(|()| {
+                    let now = get(fs, "branches").unwrap_or_default();
+                    tracing::info!("branches now {now}");
+                })
         }
-        "cmd.invalidate-all-nodes" => fs.invalidate_all(),
+        "cmd.invalidate-all-nodes" => {
+            fs.invalidate_all();
+            Ok(())
+        }
         // Nodes are freed as soon as the kernel forgets them: nothing to collect.
-        "cmd.gc" => {}
-        k if READ_ONLY.contains(&k) => return Err(refuse("read-only".into())),
+        "cmd.gc" => Ok(()),
         k => {
             let mut s = fs.settings.write();
-            if s.get(k).is_none() {
-                return Err(Errno::ENODATA);
-            }
-            s.set(k, value).map_err(refuse)?;
+            s.get(k)?;
+            s.set(k, value)
         }
-    }
-    Ok(())
-}
-
-fn get_str(fs: &UnionFs, k: &str) -> String {
-    let name = format!("{}{k}", PREFIXES[0]);
-    String::from_utf8_lossy(&get(fs, OsStr::new(&name)).unwrap_or_default()).into_owned()
+    })
 }
 
 /// Applies a mergerfs branch edit: `+<LIST` prepend, `+>LIST` or `+LIST`
@@ -183,8 +110,8 @@ pub fn edit_branches(
 }
 
 /// Per-file keys, readable on any node: `None` when `name` is not one.
-pub(super) fn file_key(fs: &UnionFs, ino: u64, name: &OsStr) -> Option<Result<Vec<u8>>> {
-    let k = key(name)?;
+pub(super) fn file_key(fs: &Union, ino: u64, name: &OsStr) -> Option<Result<Vec<u8>>> {
+    let k = crate::control::key(name)?;
     if !matches!(k, "basepath" | "relpath" | "fullpath" | "allpaths") {
         return None;
     }

@@ -10,7 +10,7 @@ use rustix::fs::AtFlags;
 
 use super::policy::Func;
 use super::settings::{LinkExdev, RenameExdev};
-use super::{Inst, UnionFs};
+use super::{Inst, Union};
 use crate::fs::{Ctx, Entry, FileKind};
 use crate::{Errno, Result};
 
@@ -34,7 +34,7 @@ pub fn relative(from_dir: &[u8], to: &[u8]) -> Vec<u8> {
     out.join(&b'/')
 }
 
-impl UnionFs {
+impl Union {
     fn pool_path(&self, rel: &[u8]) -> PathBuf {
         self.mountpoint.join(OsStr::from_bytes(rel))
     }
@@ -48,7 +48,7 @@ impl UnionFs {
             Func::Symlink,
             FileKind::Symlink,
             parent,
-            OsStr::from_bytes(name.to_bytes()),
+            name,
             |_, pfd, name| Ok(rustix::fs::symlinkat(target, pfd, name)?),
         )?;
         self.table.forget(entry.attr.ino, 1);

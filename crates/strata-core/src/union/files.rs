@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, OFlags};
 
 use super::policy::Policy;
-use super::{Branch, Inst, UFile, UnionFs};
+use super::{Branch, Inst, UFile, Union};
 use crate::fs::{FileKind, Opened};
 use crate::host::ops;
 use crate::{Errno, Result};
@@ -19,7 +19,7 @@ pub(super) fn write_flags(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
-impl UnionFs {
+impl Union {
     /// Registers file `ino` opened on branch `branch` with `flags`, choosing
     /// whether the kernel may serve its I/O directly.
     pub(super) fn register_open(&self, ino: u64, branch: u64, flags: i32, fd: OwnedFd) -> Opened {

@@ -1,24 +1,23 @@
-//! The protocol operations of the union: each picks instances by its policy
+//! The union as a [`Rule`]: each operation picks instances by its policy
 //! and runs the same host operations as the single directory on them.
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::fs::{AtFlags, Mode, RenameFlags};
+use rustix::fs::{AtFlags, RenameFlags};
 
-use super::control;
 use super::files::write_flags;
 use super::policy::{Func, Want};
 use super::settings::{LinkExdev, RenameExdev, XattrMode};
-use super::{Branch, BranchMode, CONTROL_ID, CONTROL_NAME, Inst, Key, UDir, UnionFs};
+use super::{Branch, BranchMode, Inst, Key, Union, control};
 use crate::fs::*;
-use crate::host::files::{open_file_sync_methods, sync_fd};
-use crate::host::{attr_from_stat, component, lookup_component, ops};
-use crate::listing;
+use crate::host::files::{OpenFiles, sync_fd};
+use crate::host::{attr_from_stat, ops};
+use crate::listing::DirEnt;
+use crate::stack::{New, Rule};
 use crate::{Errno, Result};
 
 /// The function whose policy governs a setattr: the first thing it changes.
@@ -34,25 +33,33 @@ fn setattr_func(set: &SetAttr) -> Func {
     }
 }
 
-impl Filesystem for UnionFs {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
-        if parent == ROOT_ID && name == CONTROL_NAME {
-            return Ok(Lookup::Found(control::entry(self.ttl(&[]))));
-        }
-        let found = lookup_component(name).and_then(|name| self.lookup_name(parent, &name));
-        Lookup::of(found, || self.negative_ttl(parent))
+impl Rule for Union {
+    type Dir = ();
+
+    fn describe(&self) -> String {
+        let branches: Vec<String> = self.branches().iter().map(|b| b.spec()).collect();
+        format!("union {}", branches.join(":"))
+    }
+
+    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry> {
+        self.lookup_name(parent, name)
+    }
+
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
+        // mergerfs caches no negative entries; with the watch they are safe.
+        self.settings.read().cache.negative(watched, Duration::ZERO)
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
-        if ino != CONTROL_ID {
-            self.table.forget(ino, nlookup);
-        }
+        self.table.forget(ino, nlookup);
     }
 
-    fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
-        if ino == CONTROL_ID {
-            return Ok(control::attr_out(self.ttl(&[])));
-        }
+    fn inodes(&self) -> usize {
+        self.table.len()
+    }
+
+    fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
         if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
             let st = rustix::fs::fstat(&*file)?;
             // Open files outlive their names: no instances is no error here.
@@ -63,10 +70,7 @@ impl Filesystem for UnionFs {
         Ok(self.attr_out(ino, &st, &inst))
     }
 
-    fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
-        if ino == CONTROL_ID {
-            return Err(Errno::EPERM);
-        }
+    fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         let file = fh.and_then(|fh| self.files.get(fh).ok());
         if let (Some(f), Some(size)) = (&file, set.size) {
             // ftruncate: the open file only, wherever it lives.
@@ -80,10 +84,10 @@ impl Filesystem for UnionFs {
         Self::apply(&chosen, |i| {
             ops::set_attr(&i.branch.dir, i.fd()?.as_fd(), None, &rest)
         })?;
-        self.getattr(_ctx, ino, fh)
+        Rule::getattr(self, ino, fh)
     }
 
-    fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let inst = self.search(Func::Readlink, ino)?;
         let fd = inst.fd()?;
         if inst.node.kind != FileKind::Symlink {
@@ -101,81 +105,42 @@ impl Filesystem for UnionFs {
         ops::readlink(fd.as_fd())
     }
 
-    fn mknod(
-        &self,
-        ctx: &Ctx,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-    ) -> Result<Entry> {
-        let kind = rustix::fs::FileType::from_raw_mode(mode);
-        let made = FileKind::from_mode(mode).unwrap_or(FileKind::Regular);
-        self.make_node(ctx, Func::Mknod, made, parent, name, |b, pfd, name| {
-            let perm = ops::create_perm(&b.dir, pfd, mode, umask);
-            Ok(rustix::fs::mknodat(
-                pfd,
-                name,
-                kind,
-                Mode::from_raw_mode(perm),
-                rdev as u64,
-            )?)
+    fn make(&self, ctx: &Ctx, parent: u64, name: &CStr, new: New<'_>) -> Result<Entry> {
+        let func = match new {
+            New::Node { .. } => Func::Mknod,
+            New::Dir { .. } => Func::Mkdir,
+            New::Symlink(_) => Func::Symlink,
+        };
+        self.make_node(ctx, func, new.kind(), parent, name, |b, pfd, name| {
+            new.make_at(&b.dir, pfd, name)
         })
     }
 
-    fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
-        self.make_node(
-            ctx,
-            Func::Mkdir,
-            FileKind::Directory,
-            parent,
-            name,
-            |b, pfd, name| {
-                let perm = ops::create_perm(&b.dir, pfd, mode, umask);
-                Ok(rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(perm))?)
-            },
-        )
-    }
-
-    fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, Func::Unlink, AtFlags::empty())
-    }
-
-    fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, Func::Rmdir, AtFlags::REMOVEDIR)
-    }
-
-    fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
-        self.make_node(
-            ctx,
-            Func::Symlink,
-            FileKind::Symlink,
-            parent,
-            name,
-            |_, pfd, name| Ok(rustix::fs::symlinkat(target, pfd, name)?),
-        )
+    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+        if dir {
+            self.remove_name(parent, name, Func::Rmdir, AtFlags::REMOVEDIR)
+        } else {
+            self.remove_name(parent, name, Func::Unlink, AtFlags::empty())
+        }
     }
 
     fn rename(
         &self,
-        _ctx: &Ctx,
+        ctx: &Ctx,
         parent: u64,
-        name: &OsStr,
+        name: &CStr,
         new_parent: u64,
-        new_name: &OsStr,
+        new_name: &CStr,
         flags: u32,
     ) -> Result<()> {
-        let name = component(name)?;
-        let new_name = component(new_name)?;
         let flags = RenameFlags::from_bits_retain(flags);
-        let source = self.find(parent, &name)?;
-        let target = self.find(new_parent, &new_name).ok();
+        let source = self.find(parent, name)?;
+        let target = self.find(new_parent, new_name).ok();
         // A directory the rename replaces is dead to the kernel from now on.
         let replaced = target
             .as_ref()
             .filter(|t| is_dir_found(t))
-            .and_then(|t| self.known_node(new_parent, &new_name, t))
+            .and_then(|t| self.known_node(new_parent, new_name, t))
             .map(|(id, _, _)| id);
         if flags.contains(RenameFlags::NOREPLACE) && target.is_some() {
             return Err(Errno::EEXIST);
@@ -209,9 +174,9 @@ impl Filesystem for UnionFs {
             let res = npfd.and_then(|npfd| {
                 Ok(rustix::fs::renameat_with(
                     &**pfd,
-                    &name,
+                    name,
                     &*npfd,
-                    &new_name,
+                    new_name,
                     flags & (RenameFlags::EXCHANGE | RenameFlags::NOREPLACE),
                 )?)
             });
@@ -231,7 +196,7 @@ impl Filesystem for UnionFs {
                     .map(|(i, _, _)| i.clone())
                     .collect();
                 return self
-                    .rename_as_symlink(_ctx, parent, &name, &moved, how, new_parent, &new_name);
+                    .rename_as_symlink(ctx, parent, name, &moved, how, new_parent, new_name);
             }
             return Err(first_err.unwrap_or(Errno::EROFS));
         }
@@ -242,17 +207,17 @@ impl Filesystem for UnionFs {
                 let tried = chosen.iter().any(|c| c.branch.id == inst.branch.id);
                 if tried && !renamed.contains(&inst.branch.id) && inst.branch.mode != BranchMode::RO
                 {
-                    let _ = rustix::fs::unlinkat(&**pfd, &name, remove_flags(st));
+                    let _ = rustix::fs::unlinkat(&**pfd, name, remove_flags(st));
                 }
             }
             if let Some(id) = replaced {
                 self.table.detach(id);
             }
-            self.moved(parent, &name, &source, &renamed, new_parent, &new_name);
+            self.moved(parent, name, &source, &renamed, new_parent, new_name);
             // The kernel moved whatever it held at the old name: a directory
             // node still keyed there (the name had become a file on the
             // branches meanwhile) is one it holds elsewhere now.
-            if let Some((id, _)) = self.table.get_by_key(&Key::Place(parent, name.clone())) {
+            if let Some((id, _)) = self.table.get_by_key(&Key::Place(parent, name.to_owned())) {
                 self.table.detach(id);
             }
         }
@@ -264,14 +229,13 @@ impl Filesystem for UnionFs {
                 if renamed.contains(&inst.branch.id) || inst.branch.mode == BranchMode::RO {
                     continue;
                 }
-                let _ = rustix::fs::unlinkat(&*pfd, &new_name, remove_flags(&st));
+                let _ = rustix::fs::unlinkat(&*pfd, new_name, remove_flags(&st));
             }
         }
         Ok(())
     }
 
-    fn link(&self, ctx: &Ctx, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
-        let new_name = component(new_name)?;
+    fn link(&self, ctx: &Ctx, ino: u64, new_parent: u64, new_name: &CStr) -> Result<Entry> {
         let chosen = self.action(Func::Link, ino)?;
         let preserve = self.settings.read().policy(Func::Create).preserves_paths();
         let linked = Self::apply(&chosen, |i| {
@@ -285,22 +249,23 @@ impl Filesystem for UnionFs {
                 None if preserve => return Err(Errno::EXDEV),
                 None => self.dir_on(new_parent, b)?,
             };
-            ops::link_fd(&b.dir, i.fd()?.as_fd(), npfd.as_fd(), &new_name)
+            ops::link_fd(&b.dir, i.fd()?.as_fd(), npfd.as_fd(), new_name)
         });
         let how = self.settings.read().link_exdev;
         match linked {
             Err(e) if e == Errno::EXDEV && how != LinkExdev::Passthrough => {
-                self.link_as_symlink(ctx, ino, &chosen[0], how, new_parent, &new_name)
+                self.link_as_symlink(ctx, ino, &chosen[0], how, new_parent, new_name)
             }
             Err(e) => Err(e),
-            Ok(()) => self.lookup_name(new_parent, &new_name),
+            Ok(()) => self.lookup_name(new_parent, new_name),
         }
     }
 
-    fn open(&self, _ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
-        if ino == CONTROL_ID {
-            return Ok(self.files.insert(control::open()?, false));
-        }
+    fn files(&self) -> &OpenFiles {
+        &self.files
+    }
+
+    fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
         let mut inst = self.search(Func::Open, ino)?;
         if write_flags(flags) {
             Self::read_only_err(&inst)?;
@@ -315,61 +280,23 @@ impl Filesystem for UnionFs {
         Ok(self.register_open(ino, inst.branch.id, flags, file))
     }
 
-    fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
-        let watched = self.watched(&self.instances(ino)?);
+    fn opendir(&self, ino: u64) -> Result<((), bool)> {
         // Listings stay valid until the watch says otherwise.
-        Ok(self.dirs.insert(
-            UDir {
-                ino,
-                entries: parking_lot::Mutex::new(Arc::new(Vec::new())),
-            },
-            watched,
+        Ok(((), self.watched(&self.instances(ino)?)))
+    }
+
+    fn list(&self, ino: u64, _dir: &()) -> Result<Vec<DirEnt>> {
+        self.load_dir(ino)
+    }
+
+    fn dir_attr(&self, ino: u64, _dir: &()) -> Result<Attr> {
+        Ok(attr_from_stat(
+            &self.getattr_stat(&self.instances(ino)?)?,
+            ino,
         ))
     }
 
-    fn readdir(
-        &self,
-        _ctx: &Ctx,
-        _ino: u64,
-        fh: u64,
-        offset: u64,
-        sink: &mut dyn DirSink,
-    ) -> Result<()> {
-        listing::fill(&self.dir_entries(fh, offset)?, offset, sink);
-        Ok(())
-    }
-
-    fn readdirplus(
-        &self,
-        _ctx: &Ctx,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        sink: &mut dyn DirPlusSink,
-    ) -> Result<()> {
-        listing::fill_plus(
-            &self.dir_entries(fh, offset)?,
-            offset,
-            sink,
-            || {
-                Ok(attr_from_stat(
-                    &self.getattr_stat(&self.instances(ino)?)?,
-                    ino,
-                ))
-            },
-            |e| self.lookup_name(ino, &e.name),
-            |id| {
-                self.table.forget(id, 1);
-            },
-        )
-    }
-
-    fn releasedir(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
-        self.dirs.remove(fh);
-        Ok(())
-    }
-
-    fn fsyncdir(&self, _ctx: &Ctx, ino: u64, _fh: u64, datasync: bool) -> Result<()> {
+    fn fsyncdir(&self, ino: u64, _dir: &(), datasync: bool) -> Result<()> {
         for i in self.instances(ino)? {
             let fd = i.fd()?;
             let dfd = i.branch.dir.reopen(
@@ -381,8 +308,8 @@ impl Filesystem for UnionFs {
         Ok(())
     }
 
-    fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
-        let inst = if ino == CONTROL_ID || ino == ROOT_ID {
+    fn statfs(&self, ino: u64) -> Result<StatFs> {
+        let inst = if ino == ROOT_ID {
             None
         } else {
             self.instances(ino).ok()
@@ -390,10 +317,7 @@ impl Filesystem for UnionFs {
         self.statfs_sum(inst.as_deref())
     }
 
-    fn setxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        if ino == CONTROL_ID {
-            return control::set(self, ctx, name, value);
-        }
+    fn setxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.xattr_writes()?;
         let chosen = self.action(Func::Setxattr, ino)?;
         Self::apply(&chosen, |i| {
@@ -401,10 +325,7 @@ impl Filesystem for UnionFs {
         })
     }
 
-    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
-        if ino == CONTROL_ID {
-            return Xattr::reply(control::get(self, name)?, size);
-        }
+    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         if let Some(v) = control::file_key(self, ino, name) {
             return Xattr::reply(v?, size);
         }
@@ -417,10 +338,7 @@ impl Filesystem for UnionFs {
         ops::getxattr(&i.branch.dir, i.fd()?.as_fd(), name, size)
     }
 
-    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
-        if ino == CONTROL_ID {
-            return Xattr::reply(control::list(), size);
-        }
+    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr> {
         match self.xattr_mode() {
             XattrMode::NoSys => return Err(Errno::ENOSYS),
             XattrMode::NoAttr => return Xattr::reply(Vec::new(), size),
@@ -431,9 +349,6 @@ impl Filesystem for UnionFs {
     }
 
     fn removexattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
-        if ino == CONTROL_ID {
-            return Err(Errno::ENOTSUP);
-        }
         self.xattr_writes()?;
         let chosen = self.action(Func::Removexattr, ino)?;
         Self::apply(&chosen, |i| {
@@ -442,9 +357,6 @@ impl Filesystem for UnionFs {
     }
 
     fn access(&self, ctx: &Ctx, ino: u64, mask: i32) -> Result<()> {
-        if ino == CONTROL_ID {
-            return Ok(());
-        }
         let i = self.search(Func::Access, ino)?;
         ops::access(&i.branch.dir, ctx, i.fd()?.as_fd(), mask)
     }
@@ -453,12 +365,11 @@ impl Filesystem for UnionFs {
         &self,
         ctx: &Ctx,
         parent: u64,
-        name: &OsStr,
+        name: &CStr,
         mode: u32,
         umask: u32,
         flags: i32,
     ) -> Result<(Entry, Opened)> {
-        let name = component(name)?;
         let b = self
             .place(Func::Create, parent, false)?
             .into_iter()
@@ -466,8 +377,8 @@ impl Filesystem for UnionFs {
             .ok_or(Errno::EROFS)?;
         let pfd = self.dir_on(parent, &b)?;
         let (entry, fd) =
-            ops::create_file(&b.dir, ctx, pfd.as_fd(), &name, mode, umask, flags, || {
-                let entry = self.lookup_name(parent, &name)?;
+            ops::create_file(&b.dir, ctx, pfd.as_fd(), name, mode, umask, flags, || {
+                let entry = self.lookup_name(parent, name)?;
                 if entry.attr.kind != FileKind::Regular {
                     // Another branch shows a directory (say) by that name
                     // first: the name is not the file just made, and the
@@ -481,37 +392,37 @@ impl Filesystem for UnionFs {
         Ok((entry, opened))
     }
 
-    fn read(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         self.read_file(fh, offset, size)
     }
 
-    fn write(&self, _ctx: &Ctx, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    fn write(&self, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         self.write_file(fh, offset, data)
     }
 
-    fn release(&self, _ctx: &Ctx, _ino: u64, fh: u64) -> Result<()> {
+    fn release(&self, _ino: u64, fh: u64) {
         self.release_file(fh);
-        Ok(())
     }
 
-    open_file_sync_methods!(files);
-
-    fn stats(&self) -> Stats {
-        Stats {
-            inodes: self.table.len() as u64,
-            open_files: self.files.len() as u64,
-            open_dirs: self.dirs.len() as u64,
-            cached_fds: self
-                .branches()
-                .iter()
-                .map(|b| b.dir.cached_fds() as u64)
-                .sum(),
-        }
+    fn cached_fds(&self) -> usize {
+        self.branches().iter().map(|b| b.dir.cached_fds()).sum()
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {
         *self.invalidator.write() = Some(invalidator.clone());
         self.start_watch(invalidator);
+    }
+
+    fn control_keys(&self) -> Vec<String> {
+        control::keys()
+    }
+
+    fn control_get(&self, key: &str) -> Option<String> {
+        control::get(self, key)
+    }
+
+    fn control_set(&self, key: &str, value: &str) -> Option<std::result::Result<(), String>> {
+        control::set(self, key, value)
     }
 }
 
@@ -530,7 +441,7 @@ fn remove_flags(st: &rustix::fs::Stat) -> AtFlags {
     }
 }
 
-impl UnionFs {
+impl Union {
     /// After a rename: the node found as `source` (parent instances and the
     /// name's stats) now lives at `new_name` in
     /// `new_parent`, on the branches in `renamed` only. The kernel moved its
@@ -610,17 +521,16 @@ impl UnionFs {
         func: Func,
         kind: FileKind,
         parent: u64,
-        name: &OsStr,
+        name: &CStr,
         make: impl Fn(&Branch, BorrowedFd<'_>, &CStr) -> Result<()>,
     ) -> Result<Entry> {
-        let name = component(name)?;
         let targets = self.place(func, parent, true)?;
         Self::apply(&targets, |b| {
             let pfd = self.dir_on(parent, b)?;
-            make(b, pfd.as_fd(), &name)?;
-            ops::finish_new(&b.dir, ctx, pfd.as_fd(), &name)
+            make(b, pfd.as_fd(), name)?;
+            ops::finish_new(&b.dir, ctx, pfd.as_fd(), name)
         })?;
-        let entry = self.lookup_name(parent, &name)?;
+        let entry = self.lookup_name(parent, name)?;
         // (`symlinkify` may show a new read-only file as a link at once.)
         let shown_as_link = kind == FileKind::Regular
             && entry.attr.kind == FileKind::Symlink
@@ -636,9 +546,8 @@ impl UnionFs {
     }
 
     /// unlink/rmdir: on every instance the action policy picks.
-    fn remove(&self, parent: u64, name: &OsStr, func: Func, how: AtFlags) -> Result<()> {
-        let name = component(name)?;
-        let found = self.find(parent, &name)?;
+    fn remove_name(&self, parent: u64, name: &CStr, func: Func, how: AtFlags) -> Result<()> {
+        let found = self.find(parent, name)?;
         let chosen = self.pick_found(func, Want::Action, &found)?;
         let targets: Vec<_> = found
             .iter()
@@ -650,7 +559,7 @@ impl UnionFs {
         let mut first_err = None;
         let mut removed = Vec::new();
         // The kernel's node for the name: keyed by its first instance.
-        let shown = self.known_node(parent, &name, &found);
+        let shown = self.known_node(parent, name, &found);
         for (inst, pfd, st) in targets {
             // rmdir of a directory shown through `follow-symlinks` removes the link.
             let how = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
@@ -658,7 +567,7 @@ impl UnionFs {
             } else {
                 how
             };
-            match rustix::fs::unlinkat(&**pfd, &name, how) {
+            match rustix::fs::unlinkat(&**pfd, name, how) {
                 Ok(()) => removed.push(inst.branch.id),
                 Err(e) => {
                     first_err.get_or_insert(Errno::from(e));
@@ -693,18 +602,10 @@ impl UnionFs {
                     // next stat must see the parent's new link count), the
                     // name once this request has let go of the directory.
                     self.invalidate_attrs(std::iter::once(parent).chain(node));
-                    self.invalidate_later(Some((parent, name)), &[]);
+                    self.invalidate_later(Some((parent, name.to_owned())), &[]);
                 }
                 Err(e)
             }
         }
-    }
-}
-
-impl UnionFs {
-    fn negative_ttl(&self, parent: u64) -> Duration {
-        let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
-        // mergerfs caches no negative entries; with the watch they are safe.
-        self.settings.read().cache.negative(watched, Duration::ZERO)
     }
 }

@@ -37,11 +37,6 @@ use policy::{Candidate, Func, Policy, Want};
 pub use settings::Settings;
 use settings::{FollowSymlinks, InodeCalc, StatfsIgnore, StatfsMode, XattrMode};
 
-/// Node id of the control file `/.strata`.
-pub const CONTROL_ID: u64 = u64::MAX - 1;
-/// Name of the control file in the root.
-pub const CONTROL_NAME: &str = ".strata";
-
 /// One host directory of the union.
 pub struct Branch {
     pub id: u64,
@@ -123,11 +118,6 @@ struct UFile {
     passthrough: bool,
 }
 
-struct UDir {
-    ino: u64,
-    entries: Mutex<Arc<Vec<DirEnt>>>,
-}
-
 /// A node's key in the table.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
@@ -161,7 +151,7 @@ pub struct UnionConfig {
 
 type BranchList = RwLock<Arc<Vec<Arc<Branch>>>>;
 
-pub struct UnionFs {
+pub struct Union {
     branches: Arc<BranchList>,
     next_branch: AtomicU64,
     settings: RwLock<Settings>,
@@ -181,7 +171,6 @@ pub struct UnionFs {
     open: Mutex<HashMap<u64, UFile>>,
     /// Serialises `moveonenospc` moves.
     moving: Mutex<()>,
-    dirs: crate::listing::OpenDirs<UDir>,
     fd_cache: usize,
     /// Branches at mount, to share `fd_cache` among (runtime additions get
     /// the same share; the bound is not exact, only never far off).
@@ -287,8 +276,8 @@ fn absent(e: Errno) -> bool {
     e == Errno::ENOENT || e == Errno::ENOTDIR
 }
 
-impl UnionFs {
-    pub fn new(cfg: UnionConfig) -> std::result::Result<UnionFs, String> {
+impl Union {
+    pub fn new(cfg: UnionConfig) -> std::result::Result<Union, String> {
         if cfg.branches.is_empty() {
             return Err("no branches".into());
         }
@@ -306,7 +295,7 @@ impl UnionFs {
         } else {
             None
         };
-        let mut fs = UnionFs {
+        let mut fs = Union {
             branch_count: 1,
             branches: Arc::new(RwLock::new(Arc::new(Vec::new()))),
             next_branch: AtomicU64::new(1),
@@ -327,7 +316,6 @@ impl UnionFs {
             files: OpenFiles::default(),
             open: Mutex::new(HashMap::new()),
             moving: Mutex::new(()),
-            dirs: Default::default(),
             fd_cache: cfg.fd_cache,
             passthrough: cfg.passthrough,
             rng: Mutex::new(XorShift(
@@ -1179,16 +1167,16 @@ impl UnionFs {
         }
     }
 
-    fn load_dir(&self, dir: &UDir) -> Result<Arc<Vec<DirEnt>>> {
-        let parent = if dir.ino == ROOT_ID {
+    fn load_dir(&self, ino: u64) -> Result<Vec<DirEnt>> {
+        let parent = if ino == ROOT_ID {
             ROOT_ID
         } else {
-            self.node(dir.ino)?.loc.lock().0
+            self.node(ino)?.loc.lock().0
         };
         let mut out = vec![
             DirEnt {
                 name: c".".to_owned(),
-                ino: dir.ino,
+                ino,
                 kind: FileKind::Directory,
             },
             DirEnt {
@@ -1198,8 +1186,8 @@ impl UnionFs {
             },
         ];
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
-        let base = self.rel_path(dir.ino);
-        for inst in self.instances(dir.ino)? {
+        let base = self.rel_path(ino);
+        for inst in self.instances(ino)? {
             // Gone from this branch since the lookup: nothing to list there.
             let Ok(fd) = inst.fd() else { continue };
             let Ok(dfd) = rustix::fs::openat(
@@ -1217,9 +1205,6 @@ impl UnionFs {
                 let name = ent.file_name();
                 let bytes = name.to_bytes();
                 if bytes == b"." || bytes == b".." {
-                    continue;
-                }
-                if dir.ino == ROOT_ID && bytes == CONTROL_NAME.as_bytes() {
                     continue;
                 }
                 if seen.contains(bytes) {
@@ -1242,14 +1227,7 @@ impl UnionFs {
                 });
             }
         }
-        let out = Arc::new(out);
-        *dir.entries.lock() = out.clone();
         Ok(out)
-    }
-
-    fn dir_entries(&self, dh: u64, offset: u64) -> Result<Arc<Vec<DirEnt>>> {
-        let dir = self.dirs.get(dh)?;
-        crate::listing::snapshot(&dir.entries, offset, || self.load_dir(&dir))
     }
 
     /// Statfs over the branches the settings count, each filesystem once.

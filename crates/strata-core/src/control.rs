@@ -1,0 +1,117 @@
+//! The control file `/.strata`, in every mode: runtime keys as
+//! `user.strata.*` xattrs (`user.mergerfs.*` accepted too, so mergerfs
+//! scripts keep working). Every mount answers `version`, `pid` and
+//! `layers`; a rule adds its own keys (the union's policies and branches).
+
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::time::SystemTime;
+
+use rustix::fs::{Mode, OFlags};
+
+use crate::fs::{Attr, AttrOut, CONTROL_ID, Ctx, Entry, FileKind};
+use crate::host::watch::WATCHED_TTL;
+use crate::stack::Rule;
+use crate::{Errno, Result};
+
+/// Name of the control file in the root.
+pub const NAME: &str = ".strata";
+
+const PREFIXES: [&str; 2] = ["user.strata.", "user.mergerfs."];
+/// Keys every mount answers, never set.
+const READ_ONLY: [&str; 3] = ["version", "pid", "layers"];
+
+fn attr() -> Attr {
+    Attr {
+        ino: CONTROL_ID,
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        kind: FileKind::Regular,
+        perm: 0o444,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+    }
+}
+
+/// The control file never changes: the kernel may keep it as long as it likes.
+pub(crate) fn entry() -> Entry {
+    Entry {
+        attr: attr(),
+        generation: 0,
+        entry_ttl: WATCHED_TTL,
+        attr_ttl: WATCHED_TTL,
+    }
+}
+
+pub(crate) fn attr_out() -> AttrOut {
+    AttrOut {
+        attr: attr(),
+        ttl: WATCHED_TTL,
+    }
+}
+
+/// The control file has no content; opening it reads as empty.
+pub(crate) fn open() -> Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        "/dev/null",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The key an xattr name asks for, without its prefix.
+pub fn key(name: &OsStr) -> Option<&str> {
+    let name = std::str::from_utf8(name.as_bytes()).ok()?;
+    PREFIXES.iter().find_map(|p| name.strip_prefix(p))
+}
+
+/// Every key the control file lists, as a listxattr buffer.
+pub(crate) fn list(rule: &impl Rule) -> Vec<u8> {
+    let mut keys = rule.control_keys();
+    keys.extend(READ_ONLY.iter().map(|k| k.to_string()));
+    let mut out = Vec::new();
+    for k in keys {
+        out.extend_from_slice(PREFIXES[0].as_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+pub(crate) fn get(rule: &impl Rule, name: &OsStr) -> Result<Vec<u8>> {
+    let k = key(name).ok_or(Errno::ENODATA)?;
+    let v = match k {
+        "version" => env!("CARGO_PKG_VERSION").to_string(),
+        "pid" => std::process::id().to_string(),
+        "layers" => rule.describe(),
+        k => rule.control_get(k).ok_or(Errno::ENODATA)?,
+    };
+    Ok(v.into_bytes())
+}
+
+pub(crate) fn set(rule: &impl Rule, ctx: &Ctx, name: &OsStr, value: &[u8]) -> Result<()> {
+    let k = key(name).ok_or(Errno::ENOTSUP)?;
+    if ctx.uid != 0 {
+        return Err(Errno::EPERM);
+    }
+    let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?;
+    let refuse = |msg: &str| {
+        tracing::warn!("control: {k}={value}: {msg}");
+        Errno::EINVAL
+    };
+    if READ_ONLY.contains(&k) {
+        return Err(refuse("read-only"));
+    }
+    match rule.control_set(k, value) {
+        None => Err(Errno::ENODATA),
+        Some(Err(why)) => Err(refuse(&why)),
+        Some(Ok(())) => Ok(()),
+    }
+}
