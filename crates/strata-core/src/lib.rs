@@ -14,6 +14,7 @@ pub mod host;
 pub mod inode;
 pub mod layer;
 pub mod listing;
+pub mod options;
 pub mod overlay;
 pub mod single;
 pub mod source;

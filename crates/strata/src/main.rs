@@ -46,6 +46,15 @@ struct Cli {
     command: Command,
 }
 
+/// `strata mount --help` after the arguments: every `-o` option, from the
+/// option table, and the exit status.
+fn mount_after_help() -> String {
+    format!(
+        "{}\nEXIT STATUS:\n  0 mounted, 2 bad input (the message names the path or option), 1 other failure.",
+        options::help()
+    )
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Mount SOURCE on MOUNTPOINT.
@@ -59,36 +68,13 @@ enum Command {
             Without -f the command starts a daemon and returns once the mount is ready; errors are \
             reported before it returns. With -f it serves in the foreground until unmounted or \
             interrupted (SIGINT/SIGTERM unmount cleanly).",
-        after_help = "MOUNT OPTIONS (-o, comma separated, may repeat):\n  \
-            allow_other               let other users in (default when run as root)\n  \
-            ro | rw                   read-only / read-write mount (default rw)\n  \
-            fsname=NAME               source name shown in the mount table (default: SOURCE)\n  \
-            threads=N                 request worker threads (default: cores, at least 2)\n  \
-            cache.entry=SECS          kernel name cache timeout (default: 3600 on a watched\n  \
-                                      host filesystem, 1 otherwise)\n  \
-            cache.attr=SECS           kernel attribute cache timeout (default: as cache.entry)\n  \
-            cache.negative-entry=SECS kernel cache timeout for missing names (default: as cache.entry)\n  \
-            watch=true|false          watch the source for changes made outside the mount and drop\n  \
-                                      the kernel's stale entries at once (fanotify; needs root;\n  \
-                                      default true)\n  \
-            cache.fds=N               bound on cached O_PATH descriptors (default 8192)\n  \
-            readahead=KIB             kernel readahead for reads served by the daemon (default\n  \
-                                      1024; 0 keeps the kernel's 128; needs root)\n  \
-            upper=DIR                 writable upper directory (as --upper)\n  \
-            store=DIR                 image store for image:NAME layers (default $STRATA_STORE,\n  \
-                                      else /var/lib/strata for root)\n  \
-            passthrough=true|false    kernel passthrough for file I/O (default true)\n  \
-            uring=true|false          per-CPU io_uring request queues when the kernel offers\n  \
-                                      them (Linux 6.14+, fuse enable_uring=Y; default true)\n  \
-            nonempty                  allow a non-empty mountpoint\n  \
-            default_permissions       accepted; permission checks are always the kernel's\n\n\
-            EXIT STATUS:\n  0 mounted, 2 bad input (the message names the path or option), 1 other failure."
+        after_help = mount_after_help()
     )]
     Mount {
         /// Stay in the foreground.
         #[arg(short = 'f', long)]
         foreground: bool,
-        /// Mount options (see below).
+        /// Mount options, comma separated: KEY or KEY=VALUE (list below).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Writable upper directory: copy-on-write over the layers of SOURCE

@@ -1,16 +1,15 @@
 //! `-o key=value,...` mount options, parsed like mount(8) and mergerfs.
+//! Which keys there are, their syntax and their help come from the one
+//! option table, [`strata_core::options::OPTIONS`]: mount-only keys are
+//! handled here, runtime keys by the union's [`Settings`] (which also serve
+//! the control file).
 
+use std::fmt::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use strata_core::host::watch::CachePolicy;
+use strata_core::options::{OPTIONS, OptionSpec, Scope};
 use strata_core::union::Settings;
-
-/// Union options, handed to the union's own settings (which also serve the
-/// control file). The cache timeouts are common options, handled here.
-fn is_union_key(key: &str) -> bool {
-    Settings::is_key(key) && !key.starts_with("cache.")
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
@@ -70,45 +69,75 @@ fn default_threads() -> usize {
         .clamp(2, 16)
 }
 
-/// The option names `-o` accepts, for help and error messages.
-pub const KNOWN: &[&str] = &[
-    "allow_other",
-    "ro",
-    "rw",
-    "fsname=NAME",
-    "threads=N",
-    "cache.entry=SECS",
-    "cache.attr=SECS",
-    "cache.negative-entry=SECS",
-    "watch=true|false",
-    "nonempty",
-    "default_permissions",
-    "passthrough=true|false",
-    "uring=true|false",
-    "cache.fds=N",
-    "readahead=KIB",
-    "upper=DIR",
-    "store=DIR",
-    "category.create|action|search=POLICY",
-    "func.FUNCTION=POLICY",
-    "minfreespace=SIZE",
-    "inodecalc=MODE",
-    "statfs=base|full",
-    "statfs-ignore=none|ro|nc",
-    "xattr=passthrough|noattr|nosys",
-    "moveonenospc=true|false|POLICY",
-    "link-cow=BOOL",
-    "symlinkify=BOOL",
-    "symlinkify-timeout=SECS",
-    "nullrw=BOOL",
-    "dropcacheonclose=BOOL",
-    "follow-symlinks=never|directory|regular|all",
-    "link-exdev=passthrough|rel-symlink|abs-base-symlink|abs-pool-symlink",
-    "rename-exdev=passthrough|rel-symlink|abs-symlink",
-];
+/// The one-line error for a key the table does not have.
+fn unknown(key: &str) -> String {
+    let known: Vec<&str> = OPTIONS.iter().map(|o| o.key).collect();
+    format!(
+        "unknown mount option '{key}' (known: {}; `strata mount --help` says what each takes)",
+        known.join(", ")
+    )
+}
 
-fn seconds(key: &str, v: &str) -> Result<Duration, String> {
-    strata_core::union::settings::seconds(v).map_err(|e| format!("option '{key}': {e}"))
+/// Help text columns: options, then their help from here on.
+const HELP_COLUMN: usize = 34;
+const HELP_WIDTH: usize = 80;
+
+/// The `-o` part of `strata mount --help`, from the option table: one
+/// entry per option, its usage and its help, grouped by scope.
+pub fn help() -> String {
+    let mut out = String::new();
+    for (scope, title) in [
+        (
+            Scope::Mount,
+            "MOUNT OPTIONS (-o, comma separated, may repeat):",
+        ),
+        (
+            Scope::Runtime,
+            "RUNTIME OPTIONS (as -o, and on a union at runtime through `strata ctl` or\n\
+             the xattrs of MOUNTPOINT/.strata):",
+        ),
+    ] {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(title);
+        out.push('\n');
+        for o in OPTIONS.iter().filter(|o| o.scope == scope) {
+            entry(&mut out, o);
+        }
+    }
+    out
+}
+
+/// `  usage   help`, the help wrapped at [`HELP_WIDTH`] in its column; a
+/// usage too wide for its column puts the help on the next line.
+fn entry(out: &mut String, o: &OptionSpec) {
+    let usage = o.usage();
+    let _ = write!(out, "  {usage}");
+    let mut col = 2 + usage.len();
+    if col + 1 >= HELP_COLUMN {
+        out.push('\n');
+        col = 0;
+    }
+    let mut line_start = true;
+    for word in o.help.split_whitespace() {
+        if !line_start && col + 1 + word.len() > HELP_WIDTH {
+            out.push('\n');
+            col = 0;
+            line_start = true;
+        }
+        if line_start {
+            out.push_str(&" ".repeat(HELP_COLUMN - col));
+            col = HELP_COLUMN;
+            line_start = false;
+        } else {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += word.len();
+    }
+    out.push('\n');
 }
 
 fn boolean(key: &str, v: &str) -> Result<bool, String> {
@@ -135,8 +164,10 @@ impl MountOptions {
                     Some((k, v)) => (k, Some(v)),
                     None => (item, None),
                 };
-                let need =
-                    || value.ok_or_else(|| format!("option '{key}' needs a value: {key}=..."));
+                let spec = strata_core::options::find(key).ok_or_else(|| unknown(key))?;
+                let need = || {
+                    value.ok_or_else(|| format!("option '{key}' needs a value: {}", spec.usage()))
+                };
                 match key {
                     "allow_other" => {
                         o.allow_other = Some(value.map_or(Ok(true), |v| boolean(key, v))?)
@@ -145,11 +176,6 @@ impl MountOptions {
                     "rw" => o.read_only = false,
                     "fsname" => o.fsname = Some(need()?.to_string()),
                     "threads" => o.threads = number(key, need()?, 1, 256)?,
-                    "cache.entry" => o.cache.entry = Some(seconds(key, need()?)?),
-                    "cache.attr" => o.cache.attr = Some(seconds(key, need()?)?),
-                    "cache.negative-entry" | "cache.negative_entry" => {
-                        o.cache.negative = Some(seconds(key, need()?)?)
-                    }
                     "watch" => o.watch = boolean(key, need()?)?,
                     "nonempty" => o.nonempty = true,
                     // Permission checks are always the kernel's.
@@ -160,16 +186,12 @@ impl MountOptions {
                     "readahead" => o.readahead_kib = number(key, need()?, 0, 1 << 20)? as u64,
                     "upper" => o.upper = Some(PathBuf::from(need()?)),
                     "store" => o.store = Some(PathBuf::from(need()?)),
-                    k if is_union_key(k) => o
+                    // The union's settings, the cache timeouts among them.
+                    _ if spec.scope == Scope::Runtime => o
                         .union
-                        .set(k, need()?)
+                        .set(key, need()?)
                         .map_err(|e| format!("option '{key}': {e}"))?,
-                    _ => {
-                        return Err(format!(
-                            "unknown mount option '{item}' (known: {})",
-                            KNOWN.join(", ")
-                        ));
-                    }
+                    _ => return Err(format!("mount option '{key}' is not handled (a bug)")),
                 }
             }
         }
@@ -181,14 +203,18 @@ impl MountOptions {
                 up.display()
             ));
         }
-        // The cache timeouts apply to the union too.
-        o.union.cache = o.cache;
+        // The cache timeouts are the union's settings, and every mode's.
+        o.cache = o.union.cache;
         Ok(o)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use strata_core::options::Value;
+
     use super::*;
 
     #[test]
@@ -253,5 +279,76 @@ mod tests {
                 .unwrap_err()
                 .contains("true or false")
         );
+    }
+
+    /// The option table and this parser cannot drift apart: every key of
+    /// the table takes its sample value (a flag: no value), and a runtime
+    /// key lands in the union's settings.
+    #[test]
+    fn every_key_of_the_table_is_accepted() {
+        for o in OPTIONS {
+            for k in o.keys() {
+                let items = match o.value {
+                    Value::Flag => vec![k.clone()],
+                    Value::Optional(_) => vec![k.clone(), format!("{k}={}", o.sample)],
+                    Value::Required(_) => vec![format!("{k}={}", o.sample)],
+                };
+                for item in items {
+                    let parsed =
+                        MountOptions::parse([item.as_str()]).unwrap_or_else(|e| panic!("{e}"));
+                    if o.scope == Scope::Runtime {
+                        let mut want = Settings::default();
+                        want.set(&k, o.sample).unwrap();
+                        assert_eq!(parsed.union.get(&k), want.get(&k), "{item}");
+                    }
+                }
+                if let Value::Required(_) = o.value {
+                    let err = MountOptions::parse([k.as_str()]).unwrap_err();
+                    assert!(err.contains(&o.usage()), "{err}");
+                }
+            }
+        }
+        // Both spellings of a runtime key, and the timeouts' `auto`.
+        let o = MountOptions::parse(["cache.negative_entry=2,cache.entry=auto"]).unwrap();
+        assert_eq!(o.cache.negative, Some(Duration::from_secs(2)));
+        assert_eq!(o.cache.entry, None);
+    }
+
+    #[test]
+    fn an_unknown_key_is_one_line_naming_it_and_the_known_ones() {
+        for item in ["bogus", "bogus=1", "func.nothing=ff", "allow-other"] {
+            let key = item.split('=').next().unwrap();
+            let err = MountOptions::parse(["ro", item]).unwrap_err();
+            assert!(
+                err.starts_with(&format!(
+                    "unknown mount option '{key}' (known: allow_other, ro,"
+                )),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+            assert!(OPTIONS.iter().all(|o| err.contains(o.key)), "{err}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_option_within_80_columns() {
+        let help = help();
+        let runtime = help.find("RUNTIME OPTIONS").unwrap();
+        for o in OPTIONS {
+            let at = help
+                .find(&format!("  {} ", o.usage()))
+                .or_else(|| help.find(&format!("  {}\n", o.usage())))
+                .unwrap_or_else(|| panic!("{} missing:\n{help}", o.key));
+            assert_eq!(at > runtime, o.scope == Scope::Runtime, "{}", o.key);
+            let words: Vec<&str> = o.help.split_whitespace().collect();
+            assert!(help[at..].contains(words[words.len() - 1]), "{}", o.key);
+        }
+        assert!(help.lines().all(|l| l.len() <= HELP_WIDTH), "{help}");
+        // The defaults the help names are the code's.
+        let help_of = |k| strata_core::options::find(k).unwrap().help;
+        let fds = strata_core::host::DEFAULT_FD_CACHE.to_string();
+        assert!(help_of("cache.fds").contains(&format!("default {fds}")));
+        let readahead = format!("default {DEFAULT_READAHEAD_KIB}");
+        assert!(help_of("readahead").contains(&readahead));
     }
 }

@@ -1,6 +1,7 @@
-//! Union options that can change at runtime: one table of keys shared by the
-//! `-o` mount options and the control file's `user.strata.*` xattrs, so both
-//! accept and reject exactly the same things.
+//! Union options that can change at runtime: one parser shared by the `-o`
+//! mount options and the control file's `user.strata.*` xattrs, so both
+//! accept and reject exactly the same things. Which keys there are is the
+//! [`Scope::Runtime`] part of the option table, [`crate::options::OPTIONS`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use super::policy::{Category, Func, Policy};
 use crate::host::watch::CachePolicy;
+use crate::options::{OPTIONS, Scope};
 use crate::source::parse_size;
 
 /// How node ids (and so `st_ino`) are computed, as mergerfs's `inodecalc`.
@@ -179,30 +181,6 @@ impl Default for Settings {
     }
 }
 
-/// Keys that [`Settings::set`] accepts besides `func.NAME`.
-pub const KEYS: &[&str] = &[
-    "category.create",
-    "category.action",
-    "category.search",
-    "minfreespace",
-    "inodecalc",
-    "statfs",
-    "statfs-ignore",
-    "xattr",
-    "moveonenospc",
-    "link-cow",
-    "symlinkify",
-    "symlinkify-timeout",
-    "nullrw",
-    "dropcacheonclose",
-    "follow-symlinks",
-    "link-exdev",
-    "rename-exdev",
-    "cache.entry",
-    "cache.attr",
-    "cache.negative-entry",
-];
-
 /// A cache timeout in (fractional) seconds, 0 to 1e9.
 pub fn seconds(v: &str) -> Result<Duration, String> {
     let secs: f64 = v
@@ -265,6 +243,10 @@ impl Settings {
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let key = key.replace('_', "-");
         let v = value.trim();
+        // Only the table's keys (a func key's name is checked below).
+        if !key.starts_with("func.") && !Self::is_key(&key) {
+            return Err(format!("unknown option '{key}'"));
+        }
         match key.as_str() {
             // As mergerfs: a category setting overrides its functions' own.
             "category.create" => {
@@ -317,6 +299,9 @@ impl Settings {
 
     /// The value of `key` as text, `None` for an unknown key.
     pub fn get(&self, key: &str) -> Option<String> {
+        if !Self::is_key(key) {
+            return None;
+        }
         let key = key.replace('_', "-");
         Some(match key.as_str() {
             "category.create" => self.create.to_string(),
@@ -353,20 +338,20 @@ impl Settings {
             .retain(|name, _| Func::from_name(name).is_none_or(|f| f.category() != category));
     }
 
-    /// Whether `key` is one of the settings (a `-o` option of the union).
+    /// Whether `key` is one of the settings: a runtime key of the option
+    /// table, `_` and `-` alike.
     pub fn is_key(key: &str) -> bool {
-        let key = key.replace('_', "-");
-        KEYS.contains(&key.as_str())
-            || key
-                .strip_prefix("func.")
-                .is_some_and(|f| Func::from_name(f).is_some())
+        crate::options::find(key).is_some_and(|o| o.scope == Scope::Runtime)
     }
 
-    /// Every key [`get`](Self::get) answers, in a stable order.
+    /// Every key [`get`](Self::get) answers, in the option table's order
+    /// (`func.NAME` as one key per function).
     pub fn keys() -> Vec<String> {
-        let mut keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
-        keys.extend(Func::ALL.iter().map(|f| format!("func.{}", f.name())));
-        keys
+        OPTIONS
+            .iter()
+            .filter(|o| o.scope == Scope::Runtime)
+            .flat_map(|o| o.keys())
+            .collect()
     }
 }
 
@@ -432,6 +417,39 @@ mod tests {
         );
         assert_eq!(s, before);
         assert_eq!(s.get("no.such.key"), None);
+    }
+
+    /// The option table and this parser cannot drift apart: every runtime
+    /// key of the table is listed and takes its sample value; no other key is.
+    #[test]
+    fn every_runtime_key_of_the_table_is_a_setting() {
+        let keys = Settings::keys();
+        for o in OPTIONS {
+            for k in o.keys() {
+                let mut s = Settings::default();
+                match o.scope {
+                    Scope::Runtime => {
+                        assert!(keys.contains(&k), "{k} not listed");
+                        s.set(&k, o.sample)
+                            .unwrap_or_else(|e| panic!("{k}={}: {e}", o.sample));
+                        assert!(s.get(&k).is_some(), "{k} has no value");
+                    }
+                    Scope::Mount => {
+                        assert!(!keys.contains(&k), "{k} listed");
+                        assert!(s.set(&k, o.sample).is_err(), "{k} accepted");
+                        assert_eq!(s.get(&k), None);
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            keys.iter().filter(|k| k.starts_with("func.")).count(),
+            Func::ALL.len()
+        );
+        assert!(keys.iter().all(|k| Settings::is_key(k)));
+        // Both spellings, as mergerfs.
+        assert!(Settings::is_key("cache.negative_entry"));
+        assert!(!Settings::is_key("threads"));
     }
 
     #[test]
