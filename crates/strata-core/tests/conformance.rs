@@ -1,10 +1,12 @@
 //! The same scenarios, in-process through `dyn Filesystem`, for every mode
 //! the core serves: a single host directory, a union of three branches, an
-//! overlay over a host directory and an overlay over an image. A mode may
-//! store things differently (branches, upper, whiteouts); what a caller sees
-//! through the protocol must be the same. No mount, no kernel: each
-//! scenario also checks that lookup references given back by `forget` bring
-//! the inode table back to where it started and that no handle is left open.
+//! overlay over a host directory, an overlay over an image, and an overlay
+//! over three host lowers (a union of read-only branches under an upper). A
+//! mode may store things differently (branches, upper, whiteouts); what a
+//! caller sees through the protocol must be the same. No mount, no kernel:
+//! each scenario also checks that lookup references given back by `forget`
+//! bring the inode table back to where it started and that no handle is
+//! left open.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -32,6 +34,9 @@ enum Mode {
     Union3,
     OverlayHost,
     OverlayImage,
+    /// Three host lowers merged under an upper: a union of read-only
+    /// branches as the lower of an overlay.
+    OverlayOf3,
 }
 
 /// The tree every mode starts from: `d/{a,b}`, `top`, `sub/deep/f`, and
@@ -107,6 +112,28 @@ fn make(mode: Mode) -> Client {
                     mountpoint: p("mnt"),
                     fd_cache: 64,
                     passthrough: false,
+                })
+                .unwrap(),
+            ))
+        }
+        Mode::OverlayOf3 => {
+            let lowers = (0..3)
+                .map(|i| {
+                    let l = p(&format!("l{i}"));
+                    fs::create_dir(&l).unwrap();
+                    seed(&l, Some(i));
+                    LowerSpec::Host(l)
+                })
+                .collect();
+            fs::create_dir(p("upper")).unwrap();
+            Box::new(Stack::new(
+                Overlay::new(OverlayConfig {
+                    lowers,
+                    upper: Some(p("upper")),
+                    cache: Default::default(),
+                    fd_cache: 64,
+                    passthrough: false,
+                    watch: false,
                 })
                 .unwrap(),
             ))
@@ -336,7 +363,7 @@ fn seed_is_visible(c: &Client) {
     let want = match c.mode {
         Mode::Union3 => 0,
         Mode::OverlayImage => 3600,
-        Mode::Single | Mode::OverlayHost => 1,
+        Mode::Single | Mode::OverlayHost | Mode::OverlayOf3 => 1,
     };
     assert_eq!(ttl, Duration::from_secs(want), "{:?}", c.mode);
 }
@@ -665,6 +692,8 @@ macro_rules! conformance {
             fn overlay_host() { run(Mode::OverlayHost, super::$scenario) }
             #[test]
             fn overlay_image() { run(Mode::OverlayImage, super::$scenario) }
+            #[test]
+            fn overlay_of_3() { run(Mode::OverlayOf3, super::$scenario) }
         }
     )*};
 }

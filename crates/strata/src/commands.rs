@@ -213,7 +213,12 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
         .collect::<Vec<_>>()
         .join(":");
     let mount = mount_config(&opts, &paths, all_ro);
-    let fs = if branches.len() == 1 {
+    // One plain directory is served directly; union options or an NC branch
+    // ask for mergerfs's behaviour, which is a union of one branch.
+    let single = branches.len() == 1
+        && branches[0].mode != strata_core::source::BranchMode::NC
+        && opts.union_keys.is_empty();
+    let fs = if single {
         Mode::SingleDir(
             SingleDir::new(
                 &branches[0].path,
@@ -264,6 +269,11 @@ fn prepare_overlay(
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<Prepared, Failure> {
+    if let Some(key) = opts.union_keys.first() {
+        return Err(usage(format!(
+            "option '{key}' is a union option; an overlay (--upper or image:) takes none: drop it"
+        )));
+    }
     let store = match &opts.store {
         Some(s) => absolute(s)?,
         None => strata_image::Store::default_root(),

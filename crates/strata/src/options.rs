@@ -29,6 +29,10 @@ pub struct MountOptions {
     pub readahead_kib: u64,
     /// Union settings (policies, minfreespace, ...); used with several branches.
     pub union: Settings,
+    /// The union-only keys given (not the cache timeouts, which every mode
+    /// takes), in the order given: they make one directory a union of one
+    /// branch, and are refused on an overlay.
+    pub union_keys: Vec<String>,
     /// Writable upper directory over the lowers (copy-on-write overlay).
     pub upper: Option<PathBuf>,
     /// Image store for `image:NAME` layers (default: `$STRATA_STORE`, ...).
@@ -50,6 +54,7 @@ impl Default for MountOptions {
             fd_cache: strata_core::host::DEFAULT_FD_CACHE,
             readahead_kib: DEFAULT_READAHEAD_KIB,
             union: Settings::default(),
+            union_keys: Vec::new(),
             upper: None,
             store: None,
         }
@@ -187,10 +192,14 @@ impl MountOptions {
                     "upper" => o.upper = Some(PathBuf::from(need()?)),
                     "store" => o.store = Some(PathBuf::from(need()?)),
                     // The union's settings, the cache timeouts among them.
-                    _ if spec.scope == Scope::Runtime => o
-                        .union
-                        .set(key, need()?)
-                        .map_err(|e| format!("option '{key}': {e}"))?,
+                    _ if spec.scope == Scope::Runtime => {
+                        o.union
+                            .set(key, need()?)
+                            .map_err(|e| format!("option '{key}': {e}"))?;
+                        if !key.starts_with("cache.") {
+                            o.union_keys.push(key.to_string());
+                        }
+                    }
                     _ => return Err(format!("mount option '{key}' is not handled (a bug)")),
                 }
             }

@@ -254,6 +254,24 @@ fn overlay_and_option_errors_name_the_option_and_path() {
         ))
         .contains("unit 's'")
     );
+    // a union option on an overlay would be ignored: refused, named
+    assert_error(
+        &run(
+            &[
+                "mount",
+                s(&l),
+                "--upper",
+                s(&u),
+                s(&mnt),
+                "-o",
+                "cache.entry=5,category.create=mfs",
+            ],
+            &state,
+        ),
+        2,
+        &["'category.create'", "union option", "overlay"],
+        &mnt,
+    );
     // read-only with an upper contradicts itself
     for args in [
         vec!["mount", s(&l), "--upper", s(&u), s(&mnt), "-o", "ro"],

@@ -1,6 +1,7 @@
 //! The union's mergerfs behaviour options on real mounts: moveonenospc,
 //! link-cow, nullrw, dropcacheonclose, symlinkify, follow-symlinks,
-//! link-exdev, rename-exdev and branch globs.
+//! link-exdev, rename-exdev and branch globs; and which mode a SOURCE with
+//! such options gets.
 
 use std::fs;
 use std::io::Write;
@@ -285,4 +286,46 @@ fn branch_globs_expand_to_every_matching_directory() {
         list.contains("disk1") && list.contains("disk2") && !list.contains("other"),
         "{list}"
     );
+}
+
+fn layers_key(m: &Mounted) -> String {
+    String::from_utf8(get_xattr(&m.m(".strata"), "user.strata.layers").unwrap()).unwrap()
+}
+
+/// mergerfs applies its options to one branch too: one directory with a
+/// union option, or one NC branch, is a union of one branch; a plain one
+/// is served directly. Every mode answers the control file's common keys.
+#[test]
+fn one_directory_with_union_options_is_a_union_of_one_branch() {
+    let plain = Mounted::new(&[]);
+    assert_eq!(layers_key(&plain), plain.src.display().to_string());
+    assert_eq!(
+        get_xattr(&plain.m(".strata"), "user.strata.version").unwrap(),
+        env!("CARGO_PKG_VERSION").as_bytes()
+    );
+    // The cache timeouts are every mode's, not a union's.
+    let timed = Mounted::new(&["cache.entry=5"]);
+    assert_eq!(layers_key(&timed), timed.src.display().to_string());
+
+    let (nullrw, _) = union_of_dirs(1, &["nullrw=true"], |b| {
+        fs::write(b[0].join("f"), b"data").unwrap();
+    });
+    assert!(
+        layers_key(&nullrw).starts_with("union "),
+        "{}",
+        layers_key(&nullrw)
+    );
+    // nullrw: reads give zeros, as mergerfs does with one branch
+    assert_eq!(fs::read(nullrw.m("f")).unwrap(), [0u8; 4]);
+
+    let mut nc_path = PathBuf::new();
+    let nc = Mounted::build_source(&[], &[], |dir| {
+        nc_path = dir.join("b0");
+        fs::create_dir(&nc_path).unwrap();
+        format!("{}=NC", nc_path.display())
+    });
+    assert!(layers_key(&nc).starts_with("union "), "{}", layers_key(&nc));
+    // no create on an NC branch
+    assert!(fs::write(nc.m("new"), b"x").is_err());
+    assert!(!nc_path.join("new").exists());
 }
