@@ -619,15 +619,19 @@ pub struct Obj {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Hash of a regular file's content.
-    pub content: u64,
+    /// A regular file's content: itself when it is short text, else its
+    /// length and hash (see [`describe_content`]).
+    pub content: Option<String>,
     pub target: Option<PathBuf>,
     pub rdev: u64,
+    /// The link count, where [`Detail::nlink`] asks for it.
+    pub nlink: Option<u64>,
     /// Modification time of non-directories (directories change with their
-    /// entries); `None` where the snapshot leaves times out.
+    /// entries), where [`Detail::times`] asks for it.
     pub mtime: Option<(i64, i64)>,
-    /// Extended attributes, `trusted.*` aside (private to each implementation).
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Extended attributes, `trusted.*` aside (private to each
+    /// implementation), where [`Detail::xattrs`] asks for them.
+    pub xattrs: Option<Vec<(String, Vec<u8>)>>,
 }
 
 /// A directory tree as seen through `stat`, `readlink`, `read` and xattrs:
@@ -639,12 +643,30 @@ pub struct Tree {
     pub links: std::collections::BTreeSet<Vec<String>>,
 }
 
-fn content_hash(path: &Path) -> u64 {
-    use std::hash::{DefaultHasher, Hasher};
-    let data = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let mut h = DefaultHasher::new();
-    h.write(&data);
-    h.finish()
+/// What [`walk`] records of each object besides its type, permission bits,
+/// owner, size, device number, content and symlink target.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Detail {
+    /// Modification times of non-directories.
+    pub times: bool,
+    /// Extended attributes (`trusted.*` aside).
+    pub xattrs: bool,
+    /// Link counts.
+    pub nlink: bool,
+}
+
+/// Short UTF-8 content (64 bytes at most) as a quoted string, anything
+/// else as its length and hash.
+pub fn describe_content(data: &[u8]) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    match std::str::from_utf8(data) {
+        Ok(s) if data.len() <= 64 => format!("{s:?}"),
+        _ => {
+            let mut h = DefaultHasher::new();
+            data.hash(&mut h);
+            format!("{} bytes, hash {:016x}", data.len(), h.finish())
+        }
+    }
 }
 
 pub fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
@@ -670,8 +692,10 @@ pub fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Snapshots the tree under `root`; `times`: record mtimes of non-directories.
-pub fn snapshot(root: &Path, times: bool) -> Tree {
+/// The tests' one tree walker: every object under `root` (`root` itself as
+/// ""), found without following symlinks, with every regular file read;
+/// `detail` says what more to record. Hides no name.
+pub fn walk(root: &Path, detail: Detail) -> Tree {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut tree = Tree::default();
     let mut inodes: std::collections::HashMap<u64, Vec<String>> = Default::default();
@@ -700,17 +724,22 @@ pub fn snapshot(root: &Path, times: bool) -> Tree {
         } else {
             's'
         };
+        let content = (kind == 'f').then(|| {
+            let data = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            describe_content(&data)
+        });
         let obj = Obj {
             kind,
             mode: md.mode() & 0o7777,
             uid: md.uid(),
             gid: md.gid(),
             size: if kind == 'd' { 0 } else { md.size() },
-            content: if kind == 'f' { content_hash(&path) } else { 0 },
+            content,
             target: (kind == 'l').then(|| fs::read_link(&path).unwrap()),
             rdev: md.rdev(),
-            mtime: (times && kind != 'd').then(|| (md.mtime(), md.mtime_nsec())),
-            xattrs: xattrs_of(&path),
+            nlink: detail.nlink.then(|| md.nlink()),
+            mtime: (detail.times && kind != 'd').then(|| (md.mtime(), md.mtime_nsec())),
+            xattrs: detail.xattrs.then(|| xattrs_of(&path)),
         };
         if kind != 'd' {
             inodes.entry(md.ino()).or_default().push(rel.clone());
@@ -734,6 +763,19 @@ pub fn snapshot(root: &Path, times: bool) -> Tree {
         }
     }
     tree
+}
+
+/// What a user can see of the tree under `root` ([`walk`] with xattrs);
+/// `times`: with the mtimes of non-directories.
+pub fn snapshot(root: &Path, times: bool) -> Tree {
+    walk(
+        root,
+        Detail {
+            times,
+            xattrs: true,
+            nlink: false,
+        },
+    )
 }
 
 /// The differences between two trees, one line each (empty when equal).

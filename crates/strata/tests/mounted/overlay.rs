@@ -109,7 +109,7 @@ fn ino(p: &Path) -> u64 {
 
 /// No temporary names left anywhere in the upper.
 fn assert_no_temporaries(m: &Mounted) {
-    let tree = snapshot(&m.dir.path().join("upper"), false);
+    let tree = walk(&m.dir.path().join("upper"), Detail::default());
     let tmp: Vec<&String> = tree
         .objs
         .keys()
