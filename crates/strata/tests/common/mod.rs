@@ -22,6 +22,26 @@ pub fn is_mounted(mnt: &Path) -> bool {
         .any(|l| l.contains(&needle) && l.contains(" - fuse.strata "))
 }
 
+/// A fresh scratch directory `/tmp/strata-test*`, removed on drop. Every
+/// test directory is one of these, so what a failed run leaves is easy to
+/// find (scripts/test.sh looks for mounts under that name).
+pub fn scratch_dir() -> tempfile::TempDir {
+    scratch_dir_for("")
+}
+
+/// [`scratch_dir`] named `/tmp/strata-test-KIND*`.
+pub fn scratch_dir_for(kind: &str) -> tempfile::TempDir {
+    let prefix = if kind.is_empty() {
+        "strata-test".to_owned()
+    } else {
+        format!("strata-test-{kind}")
+    };
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -100,6 +120,22 @@ impl Mounted {
         })
     }
 
+    /// An overlay: the scratch directory's `src` (filled by `prepare`) as
+    /// the lower, its `upper` as the upper.
+    pub fn overlay(opts: &[&str], prepare: impl FnOnce(&Path)) -> Mounted {
+        Self::build_with(opts, &[], |dir| {
+            let src = dir.join("src");
+            fs::create_dir(&src).unwrap();
+            prepare(&src);
+            let upper = dir.join("upper");
+            fs::create_dir(&upper).unwrap();
+            (
+                src.display().to_string(),
+                vec![format!("upper={}", upper.display())],
+            )
+        })
+    }
+
     /// `at`: the mountpoint and state dir, when not the scratch directory's.
     fn spawn(
         opts: &[&str],
@@ -107,10 +143,7 @@ impl Mounted {
         at: Option<(PathBuf, PathBuf)>,
         make: impl FnOnce(&Path) -> (String, Vec<String>),
     ) -> Mounted {
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = scratch_dir();
         let src = dir.path().join("src");
         let (mnt, state) = at.unwrap_or_else(|| {
             let mnt = dir.path().join("mnt");
@@ -167,6 +200,12 @@ impl Mounted {
     /// Path inside the source.
     pub fn s(&self, rel: &str) -> PathBuf {
         self.src.join(rel)
+    }
+
+    /// The scratch directory's `upper`: the upper of [`Mounted::overlay`]
+    /// and of [`ImageScratch::mount`].
+    pub fn upper(&self) -> PathBuf {
+        self.dir.path().join("upper")
     }
 
     /// The daemon's counters, read through the stats xattr on the mount root.
@@ -372,10 +411,7 @@ pub struct MergerfsMount {
 impl MergerfsMount {
     pub fn new(branches: &str, opts: &[&str]) -> MergerfsMount {
         let bin = mergerfs_bin();
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test-mergerfs")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = scratch_dir_for("mergerfs");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
         let log = dir.path().join("mergerfs.log");
@@ -440,10 +476,7 @@ pub struct TmpfsBranches {
 
 impl TmpfsBranches {
     pub fn new(sizes_mib: &[u64]) -> TmpfsBranches {
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test-tmpfs")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = scratch_dir_for("tmpfs");
         let b = TmpfsBranches {
             dir,
             n: sizes_mib.len(),
@@ -924,10 +957,7 @@ pub struct ImageScratch {
 impl ImageScratch {
     pub fn new() -> ImageScratch {
         ImageScratch {
-            dir: tempfile::Builder::new()
-                .prefix("strata-test-img")
-                .tempdir_in("/tmp")
-                .unwrap(),
+            dir: scratch_dir_for("img"),
         }
     }
 

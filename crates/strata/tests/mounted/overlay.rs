@@ -22,27 +22,13 @@ const T1: (i64, i64) = (1_100_000_000, 987_654_321);
 /// Mounts the host directory `src` (filled by `prepare`) with the upper
 /// `upper`, both in the scratch directory.
 fn overlay(prepare: impl FnOnce(&Path)) -> Mounted {
-    overlay_opts(&[], prepare)
-}
-
-fn overlay_opts(opts: &[&str], prepare: impl FnOnce(&Path)) -> Mounted {
-    Mounted::build_with(opts, &[], |dir| {
-        let src = dir.join("src");
-        fs::create_dir(&src).unwrap();
-        prepare(&src);
-        let upper = dir.join("upper");
-        fs::create_dir(&upper).unwrap();
-        (
-            src.display().to_string(),
-            vec![format!("upper={}", upper.display())],
-        )
-    })
+    Mounted::overlay(&[], prepare)
 }
 
 /// Mounts the lower and upper of an earlier (unmounted) overlay again.
 fn remount(first: &Mounted) -> Mounted {
     let src = first.src.clone();
-    let upper = first.dir.path().join("upper");
+    let upper = first.upper();
     Mounted::build_with(&[], &[], move |_| {
         (
             src.display().to_string(),
@@ -53,7 +39,7 @@ fn remount(first: &Mounted) -> Mounted {
 
 /// Path inside the upper.
 fn up(m: &Mounted, rel: &str) -> PathBuf {
-    m.dir.path().join("upper").join(rel)
+    m.upper().join(rel)
 }
 
 /// Whether `p` is an overlayfs whiteout: a 0/0 character device (and not
@@ -109,7 +95,7 @@ fn ino(p: &Path) -> u64 {
 
 /// No temporary names left anywhere in the upper.
 fn assert_no_temporaries(m: &Mounted) {
-    let tree = walk(&m.dir.path().join("upper"), Detail::default());
+    let tree = walk(&m.upper(), Detail::default());
     let tmp: Vec<&String> = tree
         .objs
         .keys()
@@ -1149,21 +1135,15 @@ fn kernel_overlayfs_shows_the_same_tree_from_the_same_layers() {
 #[test]
 fn without_an_upper_or_with_ro_nothing_can_be_written() {
     // A host lower and an image, no upper: read-only.
-    let scratch = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let store = scratch.path().join("store");
-    let img_src = scratch.path().join("imgsrc");
+    let scratch = ImageScratch::new();
+    let img_src = scratch.path("imgsrc");
     fs::create_dir(&img_src).unwrap();
     write(&img_src.join("from_image"), b"image");
-    build_image(&img_src, &store, "ro");
-    let host = scratch.path().join("host");
+    scratch.build(&img_src, "ro");
+    let host = scratch.path("host");
     fs::create_dir(&host).unwrap();
     write(&host.join("from_host"), b"host");
-    let source = format!("image:ro:{}", host.display());
-    let store_opt = format!("store={}", store.display());
-    let m = Mounted::build_with(&[], &[], |_| (source, vec![store_opt]));
+    let m = scratch.mount(&format!("image:ro:{}", host.display()), false, &[]);
     let host_before = snapshot(&host, true);
     for (what, res) in [
         ("mkdir", fs::create_dir(m.m("newdir"))),
@@ -1200,16 +1180,13 @@ fn without_an_upper_or_with_ro_nothing_can_be_written() {
 
 #[test]
 fn bad_layers_and_uppers_exit_2_with_one_line_and_mount_nothing() {
-    let scratch = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let d = scratch.path();
-    let store = d.join("store");
+    let scratch = ImageScratch::new();
+    let d = scratch.dir.path();
+    let store = scratch.store();
     let img_src = d.join("imgsrc");
     fs::create_dir(&img_src).unwrap();
     write(&img_src.join("f"), b"f");
-    build_image(&img_src, &store, "real");
+    scratch.build(&img_src, "real");
     let lower = d.join("lower");
     fs::create_dir(&lower).unwrap();
     write(&d.join("a_file"), b"not a directory");
@@ -1280,10 +1257,7 @@ fn bad_layers_and_uppers_exit_2_with_one_line_and_mount_nothing() {
 fn an_upper_inside_the_lower_is_refused() {
     // Kernel overlayfs refuses overlapping layers: copy-ups would change the
     // lower while it is served, and the upper would show up inside itself.
-    let scratch = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let scratch = scratch_dir();
     let d = scratch.path();
     let lower = d.join("lower");
     fs::create_dir_all(lower.join("up")).unwrap();
@@ -1981,10 +1955,7 @@ fn renaming_a_lower_directory_keeps_hard_links_inside_it() {
 /// as `data` would be: it must not be taken for an image layer.
 #[test]
 fn a_directory_named_image_is_still_a_directory() {
-    let scratch = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let scratch = scratch_dir();
     let d = scratch.path();
     fs::create_dir_all(d.join("image")).unwrap();
     fs::create_dir_all(d.join("other")).unwrap();
@@ -2276,7 +2247,7 @@ fn outside_changes_in_either_merged_lower_directory_show() {
 /// object, not through the old file's handle.
 #[test]
 fn a_reused_upper_inode_number_is_a_new_object() {
-    let m = overlay_opts(&["cache.fds=16"], |_| {});
+    let m = Mounted::overlay(&["cache.fds=16"], |_| {});
     fs::write(up(&m, "old"), b"old").unwrap();
     let old_ino = fs::metadata(up(&m, "old")).unwrap().ino();
     assert!(fs::metadata(m.m("old")).is_ok());
@@ -2316,7 +2287,10 @@ fn the_mount_reads_ahead_a_whole_request() {
             .to_string()
     };
     assert_eq!(readahead(&overlay(|_| {})), "1024");
-    assert_eq!(readahead(&overlay_opts(&["readahead=256"], |_| {})), "256");
+    assert_eq!(
+        readahead(&Mounted::overlay(&["readahead=256"], |_| {})),
+        "256"
+    );
 }
 
 /// What a descriptor opened read-only before a copy-up reads afterwards:
