@@ -22,6 +22,26 @@ pub fn is_mounted(mnt: &Path) -> bool {
         .any(|l| l.contains(&needle) && l.contains(" - fuse.strata "))
 }
 
+/// A fresh scratch directory `/tmp/strata-test*`, removed on drop. Every
+/// test directory is one of these, so what a failed run leaves is easy to
+/// find (scripts/test.sh looks for mounts under that name).
+pub fn scratch_dir() -> tempfile::TempDir {
+    scratch_dir_for("")
+}
+
+/// [`scratch_dir`] named `/tmp/strata-test-KIND*`.
+pub fn scratch_dir_for(kind: &str) -> tempfile::TempDir {
+    let prefix = if kind.is_empty() {
+        "strata-test".to_owned()
+    } else {
+        format!("strata-test-{kind}")
+    };
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -100,6 +120,22 @@ impl Mounted {
         })
     }
 
+    /// An overlay: the scratch directory's `src` (filled by `prepare`) as
+    /// the lower, its `upper` as the upper.
+    pub fn overlay(opts: &[&str], prepare: impl FnOnce(&Path)) -> Mounted {
+        Self::build_with(opts, &[], |dir| {
+            let src = dir.join("src");
+            fs::create_dir(&src).unwrap();
+            prepare(&src);
+            let upper = dir.join("upper");
+            fs::create_dir(&upper).unwrap();
+            (
+                src.display().to_string(),
+                vec![format!("upper={}", upper.display())],
+            )
+        })
+    }
+
     /// `at`: the mountpoint and state dir, when not the scratch directory's.
     fn spawn(
         opts: &[&str],
@@ -107,10 +143,7 @@ impl Mounted {
         at: Option<(PathBuf, PathBuf)>,
         make: impl FnOnce(&Path) -> (String, Vec<String>),
     ) -> Mounted {
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = scratch_dir();
         let src = dir.path().join("src");
         let (mnt, state) = at.unwrap_or_else(|| {
             let mnt = dir.path().join("mnt");
@@ -167,6 +200,12 @@ impl Mounted {
     /// Path inside the source.
     pub fn s(&self, rel: &str) -> PathBuf {
         self.src.join(rel)
+    }
+
+    /// The scratch directory's `upper`: the upper of [`Mounted::overlay`]
+    /// and of [`ImageScratch::mount`].
+    pub fn upper(&self) -> PathBuf {
+        self.dir.path().join("upper")
     }
 
     /// The daemon's counters, read through the stats xattr on the mount root.
@@ -372,10 +411,7 @@ pub struct MergerfsMount {
 impl MergerfsMount {
     pub fn new(branches: &str, opts: &[&str]) -> MergerfsMount {
         let bin = mergerfs_bin();
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test-mergerfs")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = scratch_dir_for("mergerfs");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
         let log = dir.path().join("mergerfs.log");
@@ -440,10 +476,7 @@ pub struct TmpfsBranches {
 
 impl TmpfsBranches {
     pub fn new(sizes_mib: &[u64]) -> TmpfsBranches {
-        let dir = tempfile::Builder::new()
-            .prefix("strata-test-tmpfs")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = scratch_dir_for("tmpfs");
         let b = TmpfsBranches {
             dir,
             n: sizes_mib.len(),
@@ -619,15 +652,19 @@ pub struct Obj {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Hash of a regular file's content.
-    pub content: u64,
+    /// A regular file's content: itself when it is short text, else its
+    /// length and hash (see [`describe_content`]).
+    pub content: Option<String>,
     pub target: Option<PathBuf>,
     pub rdev: u64,
+    /// The link count, where [`Detail::nlink`] asks for it.
+    pub nlink: Option<u64>,
     /// Modification time of non-directories (directories change with their
-    /// entries); `None` where the snapshot leaves times out.
+    /// entries), where [`Detail::times`] asks for it.
     pub mtime: Option<(i64, i64)>,
-    /// Extended attributes, `trusted.*` aside (private to each implementation).
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Extended attributes, `trusted.*` aside (private to each
+    /// implementation), where [`Detail::xattrs`] asks for them.
+    pub xattrs: Option<Vec<(String, Vec<u8>)>>,
 }
 
 /// A directory tree as seen through `stat`, `readlink`, `read` and xattrs:
@@ -639,12 +676,30 @@ pub struct Tree {
     pub links: std::collections::BTreeSet<Vec<String>>,
 }
 
-fn content_hash(path: &Path) -> u64 {
-    use std::hash::{DefaultHasher, Hasher};
-    let data = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let mut h = DefaultHasher::new();
-    h.write(&data);
-    h.finish()
+/// What [`walk`] records of each object besides its type, permission bits,
+/// owner, size, device number, content and symlink target.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Detail {
+    /// Modification times of non-directories.
+    pub times: bool,
+    /// Extended attributes (`trusted.*` aside).
+    pub xattrs: bool,
+    /// Link counts.
+    pub nlink: bool,
+}
+
+/// Short UTF-8 content (64 bytes at most) as a quoted string, anything
+/// else as its length and hash.
+pub fn describe_content(data: &[u8]) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    match std::str::from_utf8(data) {
+        Ok(s) if data.len() <= 64 => format!("{s:?}"),
+        _ => {
+            let mut h = DefaultHasher::new();
+            data.hash(&mut h);
+            format!("{} bytes, hash {:016x}", data.len(), h.finish())
+        }
+    }
 }
 
 pub fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
@@ -670,8 +725,10 @@ pub fn xattrs_of(path: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Snapshots the tree under `root`; `times`: record mtimes of non-directories.
-pub fn snapshot(root: &Path, times: bool) -> Tree {
+/// The tests' one tree walker: every object under `root` (`root` itself as
+/// ""), found without following symlinks, with every regular file read;
+/// `detail` says what more to record. Hides no name.
+pub fn walk(root: &Path, detail: Detail) -> Tree {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut tree = Tree::default();
     let mut inodes: std::collections::HashMap<u64, Vec<String>> = Default::default();
@@ -700,17 +757,22 @@ pub fn snapshot(root: &Path, times: bool) -> Tree {
         } else {
             's'
         };
+        let content = (kind == 'f').then(|| {
+            let data = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            describe_content(&data)
+        });
         let obj = Obj {
             kind,
             mode: md.mode() & 0o7777,
             uid: md.uid(),
             gid: md.gid(),
             size: if kind == 'd' { 0 } else { md.size() },
-            content: if kind == 'f' { content_hash(&path) } else { 0 },
+            content,
             target: (kind == 'l').then(|| fs::read_link(&path).unwrap()),
             rdev: md.rdev(),
-            mtime: (times && kind != 'd').then(|| (md.mtime(), md.mtime_nsec())),
-            xattrs: xattrs_of(&path),
+            nlink: detail.nlink.then(|| md.nlink()),
+            mtime: (detail.times && kind != 'd').then(|| (md.mtime(), md.mtime_nsec())),
+            xattrs: detail.xattrs.then(|| xattrs_of(&path)),
         };
         if kind != 'd' {
             inodes.entry(md.ino()).or_default().push(rel.clone());
@@ -734,6 +796,19 @@ pub fn snapshot(root: &Path, times: bool) -> Tree {
         }
     }
     tree
+}
+
+/// What a user can see of the tree under `root` ([`walk`] with xattrs);
+/// `times`: with the mtimes of non-directories.
+pub fn snapshot(root: &Path, times: bool) -> Tree {
+    walk(
+        root,
+        Detail {
+            times,
+            xattrs: true,
+            nlink: false,
+        },
+    )
 }
 
 /// The differences between two trees, one line each (empty when equal).
@@ -882,10 +957,7 @@ pub struct ImageScratch {
 impl ImageScratch {
     pub fn new() -> ImageScratch {
         ImageScratch {
-            dir: tempfile::Builder::new()
-                .prefix("strata-test-img")
-                .tempdir_in("/tmp")
-                .unwrap(),
+            dir: scratch_dir_for("img"),
         }
     }
 

@@ -432,25 +432,17 @@ fn times_follow_writes_through_passthrough_handles() {
 
 /// An overlay whose lower holds `lower_files`.
 fn overlay_with(lower_files: &[&str]) -> Mounted {
-    Mounted::build_with(&[], &[], |dir| {
-        let src = dir.join("src");
-        let upper = dir.join("upper");
-        fs::create_dir(&src).unwrap();
-        fs::create_dir(&upper).unwrap();
+    Mounted::overlay(&[], |src| {
         for name in lower_files {
             fs::write(src.join(name), b"lower").unwrap();
         }
-        (
-            src.display().to_string(),
-            vec![format!("upper={}", upper.display())],
-        )
     })
 }
 
 #[test]
 fn times_follow_writes_through_passthrough_handles_in_the_overlay() {
     let m = overlay_with(&[]);
-    let upper = m.dir.path().join("upper");
+    let upper = m.upper();
     check_times_after_passthrough_writes(&m, true, |name| upper.join(name));
 }
 
@@ -462,7 +454,7 @@ fn times_follow_writes_through_passthrough_handles_of_copied_up_files() {
     for name in ["write", "mmap", "mmap-after-close", "ftruncate"] {
         assert_eq!(fs::read(m.m(name)).unwrap(), b"lower");
     }
-    let upper = m.dir.path().join("upper");
+    let upper = m.upper();
     check_times_after_passthrough_writes(&m, true, |name| upper.join(name));
 }
 

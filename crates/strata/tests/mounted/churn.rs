@@ -174,10 +174,7 @@ fn show(e: &Errnos) -> String {
 /// The host's errnos for the storm, in a plain directory next to the
 /// mount's (same filesystem as the scratch directories: ext4 or tmpfs).
 fn host_errnos() -> Errnos {
-    let dir = tempfile::Builder::new()
-        .prefix("strata-test-host")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = scratch_dir_for("host");
     storm(dir.path(), 1)
 }
 
@@ -246,18 +243,11 @@ fn churn_through_a_union_fails_only_as_the_host() {
 #[test]
 fn churn_through_an_overlay_fails_only_as_the_host() {
     let host = host_errnos();
-    let m = Mounted::build_with(&[], &[], |dir| {
-        let (lower, upper) = (dir.join("src"), dir.join("upper"));
-        fs::create_dir(&lower).unwrap();
-        fs::create_dir(&upper).unwrap();
+    let m = Mounted::overlay(&[], |lower| {
         for d in DIRS {
             fs::create_dir_all(lower.join(d).join(d)).unwrap();
             fs::write(lower.join(d).join("f0"), b"lower").unwrap();
         }
-        (
-            lower.display().to_string(),
-            vec![format!("upper={}", upper.display())],
-        )
     });
     assert_like_host("overlay", &m.mnt, &host);
 }

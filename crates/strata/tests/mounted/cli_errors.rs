@@ -42,13 +42,6 @@ fn assert_error(out: &Output, code: i32, what: &[&str], mnt: &Path) {
     assert!(!is_mounted(mnt), "no mount may be left behind");
 }
 
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -77,7 +70,7 @@ fn abort_mount(mnt: &Path) {
 
 #[test]
 fn a_mountpoint_inside_a_layer_or_a_layer_inside_it_is_refused() {
-    let dir = scratch();
+    let dir = scratch_dir();
     let d = dir.path();
     let state = d.join("state");
     for sub in ["l/sub", "u/sub", "b2", "mnt/inside", "apart", "lx"] {
@@ -202,7 +195,7 @@ fn a_branch_added_at_runtime_inside_the_mountpoint_is_refused() {
 
 #[test]
 fn overlay_and_option_errors_name_the_option_and_path() {
-    let dir = scratch();
+    let dir = scratch_dir();
     let d = dir.path();
     let state = d.join("state");
     for sub in ["l", "u", "mnt"] {
@@ -335,7 +328,7 @@ fn no_access_to_dev_fuse_names_it() {
         );
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let d = dir.path();
     fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
     for sub in ["src", "mnt", "state"] {

@@ -199,7 +199,7 @@ impl Side {
                 .map(|t| t.display().to_string())
                 .map_err(errno),
             Stat(p) => fs::symlink_metadata(self.p(p))
-                .map(|m| Entry::of(&m, String::new()).to_string())
+                .map(|m| Entry::of(&m).to_string())
                 .map_err(errno),
             List(p) => fs::read_dir(self.p(p))
                 .and_then(|rd| {
@@ -286,31 +286,56 @@ struct Entry {
     kind: &'static str,
     mode: u32,
     nlink: u64,
-    /// File content (or its length and hash when long), or symlink target.
+    /// File content (or its length and hash when long), symlink target, or
+    /// (for [`Op::Stat`]) a file's size.
     detail: String,
 }
 
+fn kind_name(kind: char) -> &'static str {
+    match kind {
+        'd' => "dir",
+        'f' => "file",
+        'l' => "symlink",
+        _ => "other",
+    }
+}
+
 impl Entry {
-    fn of(m: &fs::Metadata, detail: String) -> Entry {
+    /// What [`Op::Stat`] shows: a regular file's size, not its content.
+    fn of(m: &fs::Metadata) -> Entry {
         let ft = m.file_type();
         let kind = if ft.is_dir() {
-            "dir"
+            'd'
         } else if ft.is_file() {
-            "file"
+            'f'
         } else if ft.is_symlink() {
-            "symlink"
+            'l'
         } else {
-            "other"
-        };
-        let detail = if ft.is_file() && detail.is_empty() {
-            format!("size {}", m.len())
-        } else {
-            detail
+            '?'
         };
         Entry {
-            kind,
+            kind: kind_name(kind),
             mode: m.mode() & 0o7777,
             nlink: m.nlink(),
+            detail: if ft.is_file() {
+                format!("size {}", m.len())
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    /// An object of a [`walk`] with link counts.
+    fn of_obj(o: &Obj) -> Entry {
+        let detail = match (&o.content, &o.target) {
+            (Some(content), _) => content.clone(),
+            (None, Some(target)) => format!("-> {}", target.display()),
+            (None, None) => String::new(),
+        };
+        Entry {
+            kind: kind_name(o.kind),
+            mode: o.mode,
+            nlink: o.nlink.expect("walked with link counts"),
             detail,
         }
     }
@@ -326,54 +351,22 @@ impl std::fmt::Display for Entry {
     }
 }
 
-fn describe_content(data: &[u8]) -> String {
-    use std::hash::{Hash, Hasher};
-    if data.len() <= 64 {
-        format!("{:?}", String::from_utf8_lossy(data))
-    } else {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        data.hash(&mut h);
-        format!("{} bytes, hash {:016x}", data.len(), h.finish())
-    }
-}
-
-/// Every object under `root` (itself as "."), by relative path.
-fn walk(root: &Path) -> BTreeMap<String, Entry> {
-    fn go(root: &Path, rel: &str, out: &mut BTreeMap<String, Entry>) {
-        let path = if rel == "." {
-            root.to_path_buf()
-        } else {
-            root.join(rel)
-        };
-        let m = fs::symlink_metadata(&path).unwrap();
-        let ft = m.file_type();
-        let detail = if ft.is_file() {
-            describe_content(&fs::read(&path).unwrap())
-        } else if ft.is_symlink() {
-            format!("-> {}", fs::read_link(&path).unwrap().display())
-        } else {
-            String::new()
-        };
-        out.insert(rel.to_string(), Entry::of(&m, detail));
-        if ft.is_dir() {
-            let mut names: Vec<String> = fs::read_dir(&path)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
-            names.sort();
-            for name in names {
-                let child = if rel == "." {
-                    name
-                } else {
-                    format!("{rel}/{name}")
-                };
-                go(root, &child, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    go(root, ".", &mut out);
-    out
+/// Every object under `root` (itself as "."), by relative path: types,
+/// modes, link counts, contents and symlink targets (no owners, times or
+/// xattrs).
+fn entries(root: &Path) -> BTreeMap<String, Entry> {
+    let detail = Detail {
+        nlink: true,
+        ..Detail::default()
+    };
+    walk(root, detail)
+        .objs
+        .iter()
+        .map(|(p, o)| {
+            let p = if p.is_empty() { "." } else { p.as_str() };
+            (p.to_owned(), Entry::of_obj(o))
+        })
+        .collect()
 }
 
 /// Lines describing how `a` (mergerfs) and `b` (strata) differ.
@@ -391,10 +384,10 @@ fn tree_diff(label: &str, a: &BTreeMap<String, Entry>, b: &BTreeMap<String, Entr
 }
 
 /// The tree of every branch, without the paths in `skip`.
-fn snapshot(side: &Side, skip: &BTreeSet<String>) -> Vec<BTreeMap<String, Entry>> {
+fn branch_trees(side: &Side, skip: &BTreeSet<String>) -> Vec<BTreeMap<String, Entry>> {
     side.branches
         .iter()
-        .map(|b| without(walk(b), skip))
+        .map(|b| without(entries(b), skip))
         .collect()
 }
 
@@ -464,8 +457,8 @@ fn run(sc: &Scenario) {
     let [m, s] = &sides;
     let mut skip = BTreeSet::new();
     assert_eq!(
-        snapshot(m, &skip),
-        snapshot(s, &skip),
+        branch_trees(m, &skip),
+        branch_trees(s, &skip),
         "seeded branches differ"
     );
 
@@ -514,7 +507,7 @@ fn run(sc: &Scenario) {
             _ => {}
         }
         if !trees_diverged {
-            let (mt, st) = (snapshot(m, &skip), snapshot(s, &skip));
+            let (mt, st) = (branch_trees(m, &skip), branch_trees(s, &skip));
             if mt != st {
                 trees_diverged = true;
                 let mut diff = String::new();
@@ -528,7 +521,10 @@ fn run(sc: &Scenario) {
             }
         }
     }
-    let (mv, sv) = (without(walk(&m.mnt), &skip), without(walk(&s.mnt), &skip));
+    let (mv, sv) = (
+        without(entries(&m.mnt), &skip),
+        without(entries(&s.mnt), &skip),
+    );
     if mv != sv {
         let _ = write!(
             failures,

@@ -14,10 +14,6 @@ use crate::common::*;
 use rustix::fs::{CWD, FileType, Mode};
 use strata_image::Digest;
 
-fn upper(m: &Mounted) -> PathBuf {
-    m.dir.path().join("upper")
-}
-
 fn read(p: &Path) -> Vec<u8> {
     fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
@@ -165,7 +161,7 @@ fn a_venv_image_mounted_with_an_upper_matches_its_source() {
         0o4755
     );
     // Nothing was copied up by reading.
-    assert!(names(&upper(&m)).is_empty(), "{:?}", names(&upper(&m)));
+    assert!(names(&m.upper()).is_empty(), "{:?}", names(&m.upper()));
 }
 
 #[test]
@@ -208,7 +204,7 @@ fn the_venv_interpreter_runs_from_the_mount_and_writes_only_the_upper() {
     );
 
     // The bytecode went to the upper, below pip's own directories.
-    let up = snapshot(&upper(&m), false);
+    let up = snapshot(&m.upper(), false);
     let pycs: Vec<&String> = up.objs.keys().filter(|p| p.ends_with(".pyc")).collect();
     assert!(
         pycs.iter()
@@ -224,7 +220,7 @@ fn the_venv_interpreter_runs_from_the_mount_and_writes_only_the_upper() {
     }
     // Once written, the bytecode is used: a second run writes nothing new.
     run(&["-c", "import pip._internal"]);
-    let again = snapshot(&upper(&m), false);
+    let again = snapshot(&m.upper(), false);
     assert_eq!(
         again.objs.keys().collect::<Vec<_>>(),
         up.objs.keys().collect::<Vec<_>>()
@@ -277,7 +273,7 @@ fn a_corrupt_blob_fails_only_its_file_and_verify_names_it() {
         ),
         libc::EIO
     );
-    let up = snapshot(&upper(&m), false);
+    let up = snapshot(&m.upper(), false);
     assert!(
         !up.objs
             .keys()
@@ -462,8 +458,8 @@ fn stacked_images_and_host_directories_resolve_top_first() {
     assert_eq!(read(&m.m("only_host")), b"changed host\n");
     assert_eq!(read(&m.m("dir/a_file")), b"changed a\n");
     assert_eq!(names(&m.m("dir")), ["a_file"]);
-    assert_eq!(read(&upper(&m).join("only_host")), b"changed host\n");
-    assert_eq!(read(&upper(&m).join("dir/a_file")), b"changed a\n");
+    assert_eq!(read(&m.upper().join("only_host")), b"changed host\n");
+    assert_eq!(read(&m.upper().join("dir/a_file")), b"changed a\n");
     assert_same_tree("host lower", &host_before, &snapshot(&host, true));
 }
 
@@ -596,7 +592,7 @@ fn image_hard_links_stay_linked_across_copy_up_drop_caches_and_remount() {
     assert_eq!(view(&m), expect, "after copy-up");
     let up_inos: Vec<u64> = names3
         .iter()
-        .map(|n| fs::symlink_metadata(upper(&m).join(n)).unwrap().ino())
+        .map(|n| fs::symlink_metadata(m.upper().join(n)).unwrap().ino())
         .collect();
     assert!(
         up_inos.iter().all(|i| *i == up_inos[0]),
@@ -605,7 +601,7 @@ fn image_hard_links_stay_linked_across_copy_up_drop_caches_and_remount() {
     drop_caches();
     assert_eq!(view(&m), expect, "after drop_caches");
     m.unmount();
-    let up = upper(&m);
+    let up = m.upper();
     let store = format!("store={}", s.store().display());
     let m2 = Mounted::build_with(&[], &[], move |_| {
         (
@@ -1002,7 +998,7 @@ fn symlinks_pointing_out_of_an_image_are_copied_up_as_symlinks() {
     fs::rename(m.m("dir"), m.m("moved")).unwrap();
     fs::write(m.m("moved/new"), b"x").unwrap();
     for (i, t) in targets.iter().enumerate() {
-        let l = upper(&m).join(format!("moved/l{i}"));
+        let l = m.upper().join(format!("moved/l{i}"));
         assert_eq!(fs::read_link(&l).unwrap().to_str().unwrap(), t);
         assert_eq!(
             fs::read_link(m.m(&format!("moved/l{i}")))

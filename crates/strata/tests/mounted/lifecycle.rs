@@ -23,10 +23,7 @@ fn assert_usage_error(out: &std::process::Output, what: &str, mnt: &Path) {
 
 /// A scratch directory with empty `src` and `mnt`, and where `state` goes.
 fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = scratch_dir();
     let p = |n: &str| dir.path().join(n);
     let (src, mnt, state) = (p("src"), p("mnt"), p("state"));
     fs::create_dir(&src).unwrap();
@@ -161,7 +158,7 @@ fn a_signalled_daemon_of_a_detached_mount_leaves_its_successors_mount_alone() {
 
 #[test]
 fn bad_input_gets_one_line_and_exit_code_2() {
-    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let dir = scratch_dir();
     let d = dir.path();
     let state = d.join("state");
     let (src, mnt) = (d.join("src"), d.join("mnt"));
@@ -429,10 +426,7 @@ fn daemon_logs_are_plain_text_and_one_per_mount() {
 
 #[test]
 fn an_empty_xdg_runtime_dir_keeps_state_out_of_the_cwd() {
-    let dir = tempfile::Builder::new()
-        .prefix("strata-test")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = scratch_dir();
     let d = dir.path();
     for sub in ["", "cwd", "tmp"] {
         let p = d.join(sub);

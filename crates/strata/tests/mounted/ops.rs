@@ -363,7 +363,7 @@ fn setgid_directories_pass_their_group_on() {
 
 #[test]
 fn operations_on_symlinks_never_touch_their_targets() {
-    let outside = tempfile::tempdir_in("/tmp").unwrap();
+    let outside = scratch_dir();
     fs::write(outside.path().join("target"), b"outside").unwrap();
     let target = outside.path().join("target");
     let m = Mounted::with_source(&[], |src| {
