@@ -31,10 +31,19 @@ for i in 1 2 3; do touch "$src/dir/sub/f$i"; done
 target/debug/strata image build "$src" --name seed --store "$work/store" >/dev/null
 target/debug/strata image build "$src/dir" --name seed2 --store "$work/store" >/dev/null
 cp "$work/store/images/seed" "$work/store/images/seed2" "$work/corpus/manifest/"
+# Seeds for the archive reader: the same tree as tar, tar.gz, tar.zst,
+# tar.xz and zip.
+mkdir -p "$work/corpus/archive"
+rm "$src/fifo"
+tar -C "$src" -cf "$work/corpus/archive/seed.tar" .
+gzip -kc "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.gz"
+zstd -q -c "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.zst"
+xz -kc "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.xz"
+(cd "$src" && zip -qry "$work/corpus/archive/seed.zip" .)
 
-for t in manifest; do
+for t in manifest archive; do
     echo "fuzz: $t for ${seconds}s"
-    "$out/$triple/release/$t" -max_total_time="$seconds" -max_len=8192 \
+    "$out/$triple/release/$t" -max_total_time="$seconds" -max_len=16384 \
         -artifact_prefix="$out/artifacts/$t-" -print_final_stats=1 \
         "$work/corpus/$t" 2>"$work/$t.log" || { tail -40 "$work/$t.log" >&2; echo "fuzz: $t failed" >&2; exit 1; }
     grep -E '^stat::number_of_executed_units' "$work/$t.log" | sed "s/^/fuzz: $t /"

@@ -10,6 +10,10 @@ command -v python3 >/dev/null || need_apt+=(python3)
 command -v mergerfs >/dev/null || need_apt+=(mergerfs)
 # libFuzzer (scripts/fuzz.sh) is C++, built by libfuzzer-sys.
 command -v c++ >/dev/null || need_apt+=(g++)
+# Archives the archive tests and fuzz seeds build.
+command -v zip >/dev/null || need_apt+=(zip)
+command -v zstd >/dev/null || need_apt+=(zstd)
+command -v xz >/dev/null || need_apt+=(xz-utils)
 if ((${#need_apt[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -1,7 +1,8 @@
 //! The same scenarios, in-process through `dyn Filesystem`, for every mode
 //! the core serves: a single host directory, a union of three branches, an
 //! overlay over a host directory, an overlay over an image, and an overlay
-//! over three host lowers (a union of read-only branches under an upper). A
+//! over three host lowers (a union of read-only branches under an upper),
+//! and an overlay over a tar archive. A
 //! mode may store things differently (branches, upper, whiteouts); what a
 //! caller sees through the protocol must be the same. No mount, no kernel:
 //! each scenario also checks that lookup references given back by `forget`
@@ -37,6 +38,8 @@ enum Mode {
     /// Three host lowers merged under an upper: a union of read-only
     /// branches as the lower of an overlay.
     OverlayOf3,
+    /// A tar of the seed under an upper.
+    OverlayArchive,
 }
 
 /// The tree every mode starts from: `d/{a,b}`, `top`, `sub/deep/f`, and
@@ -138,10 +141,21 @@ fn make(mode: Mode) -> Client {
                 .unwrap(),
             ))
         }
-        Mode::OverlayHost | Mode::OverlayImage => {
+        Mode::OverlayHost | Mode::OverlayImage | Mode::OverlayArchive => {
             seed(&p("lower"), None);
             fs::create_dir(p("upper")).unwrap();
-            let lower = if let Mode::OverlayImage = mode {
+            let lower = if let Mode::OverlayArchive = mode {
+                let tar = std::process::Command::new("tar")
+                    .arg("-C")
+                    .arg(p("lower"))
+                    .arg("-cf")
+                    .arg(p("seed.tar"))
+                    .arg(".")
+                    .status()
+                    .unwrap();
+                assert!(tar.success());
+                LowerSpec::Archive(p("seed.tar"))
+            } else if let Mode::OverlayImage = mode {
                 let store = strata_image::Store::open(&p("store")).unwrap();
                 let opts = strata_image::BuildOptions::default();
                 strata_image::build(&store, &p("lower"), "seed", opts, &mut |_| {}).unwrap();
@@ -362,7 +376,7 @@ fn seed_is_visible(c: &Client) {
     };
     let want = match c.mode {
         Mode::Union3 => 0,
-        Mode::OverlayImage => 3600,
+        Mode::OverlayImage | Mode::OverlayArchive => 3600,
         Mode::Single | Mode::OverlayHost | Mode::OverlayOf3 => 1,
     };
     assert_eq!(ttl, Duration::from_secs(want), "{:?}", c.mode);
@@ -694,6 +708,8 @@ macro_rules! conformance {
             fn overlay_image() { run(Mode::OverlayImage, super::$scenario) }
             #[test]
             fn overlay_of_3() { run(Mode::OverlayOf3, super::$scenario) }
+            #[test]
+            fn overlay_archive() { run(Mode::OverlayArchive, super::$scenario) }
         }
     )*};
 }

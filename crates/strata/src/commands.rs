@@ -144,15 +144,15 @@ enum Mode {
     Overlay(Overlay),
 }
 
-/// Whether SOURCE names overlay lowers (an `image:NAME` among them) rather
-/// than union branches.
-fn has_image_layer(source: &str) -> bool {
+/// Whether SOURCE names overlay lowers (an `image:NAME` or an archive file
+/// among them) rather than union branches.
+fn has_overlay_layer(source: &str) -> bool {
     let tokens: Vec<&str> = source.split(':').collect();
-    tokens.windows(2).any(|w| w[0] == "image")
+    tokens.windows(2).any(|w| w[0] == "image") || tokens.iter().any(|t| Path::new(t).is_file())
 }
 
-/// Overlay lowers from SOURCE: `image:NAME` and host directories joined by
-/// ':', topmost first.
+/// Overlay lowers from SOURCE: `image:NAME`, archive files and host
+/// directories joined by ':', topmost first.
 fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure> {
     let mut out = Vec::new();
     let mut tokens = source.split(':').peekable();
@@ -175,6 +175,9 @@ fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure>
                     "{path}: branch modes (=RW/RO/NC) belong to unions; overlay layers are read-only"
                 )));
             }
+            path if Path::new(path).is_file() => {
+                out.push(LowerSpec::Archive(absolute(Path::new(path))?))
+            }
             path => out.push(LowerSpec::Host(absolute(Path::new(path))?)),
         }
     }
@@ -189,7 +192,7 @@ struct Prepared {
 
 fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<Prepared, Failure> {
     let opts = MountOptions::parse(option_lists.iter().map(String::as_str)).map_err(usage)?;
-    if opts.upper.is_some() || has_image_layer(source) {
+    if opts.upper.is_some() || has_overlay_layer(source) {
         return prepare_overlay(source, mountpoint, &opts);
     }
     let mut branches = strata_core::source::parse_branches(source).map_err(usage)?;
@@ -286,9 +289,13 @@ fn prepare_overlay(
         layers.push(("upper", up));
     }
     for l in &lowers {
-        if let LowerSpec::Host(p) = l {
-            check_dir("lower", p)?;
-            layers.push(("lower", p));
+        match l {
+            LowerSpec::Host(p) => {
+                check_dir("lower", p)?;
+                layers.push(("lower", p));
+            }
+            LowerSpec::Archive(p) => layers.push(("archive", p)),
+            LowerSpec::Image { .. } => {}
         }
     }
     if let Some(LowerSpec::Image { name, .. }) =

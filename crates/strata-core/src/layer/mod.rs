@@ -6,10 +6,12 @@
 //! nothing of whiteouts, opaque directories or branches.
 //!
 //! Implementations: a host directory ([`HostLayer`], descriptors and `*at()`
-//! calls, see `crate::host`) and an image ([`ImageLayer`], a verified
-//! manifest and content-addressed blobs). Every name a layer hands out is
+//! calls, see `crate::host`), an image ([`ImageLayer`], a verified
+//! manifest and content-addressed blobs) and an archive ([`ArchiveLayer`],
+//! tar or zip, indexed when opened). Every name a layer hands out is
 //! one path component ([`layer_name`]), whatever its source claims.
 
+mod archive;
 mod host;
 mod image;
 
@@ -24,6 +26,7 @@ use crate::fs::FileKind;
 use crate::host::{HostDir, HostNode};
 use crate::{Errno, Result};
 
+pub use archive::ArchiveLayer;
 pub(crate) use host::host_xattr;
 pub use host::{HostLayer, host_xattrs, list_host};
 pub use image::ImageLayer;
@@ -144,6 +147,11 @@ pub fn layer_name(layer: &str, name: &[u8]) -> Result<CString> {
 /// Opens a host directory as a layer.
 pub fn open_host(path: &Path, fd_cache: usize) -> std::result::Result<Box<dyn Layer>, String> {
     Ok(Box::new(HostLayer::new(HostDir::open(path, fd_cache)?)))
+}
+
+/// Opens an archive file as a layer.
+pub fn open_archive(path: &Path) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(ArchiveLayer::open(path)?))
 }
 
 /// Opens image `name` of the store at `store_root` as a layer.

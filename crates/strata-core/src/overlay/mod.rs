@@ -50,7 +50,12 @@ use format::{Listed, OPAQUE_XATTRS, host_opaque, host_whiteout};
 #[derive(Clone, Debug)]
 pub enum LowerSpec {
     Host(PathBuf),
-    Image { store: PathBuf, name: String },
+    Image {
+        store: PathBuf,
+        name: String,
+    },
+    /// A tar, tar.gz, tar.zst, tar.xz or zip file.
+    Archive(PathBuf),
 }
 
 #[derive(Clone, Debug)]
@@ -327,6 +332,7 @@ impl Overlay {
             layers.push(match spec {
                 LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
                 LowerSpec::Image { store, name } => layer::open_image(store, name)?,
+                LowerSpec::Archive(p) => layer::open_archive(p)?,
             });
         }
         for l in &layers {
