@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs each fuzz target for a bounded time (default 60 s each; FUZZ_SECONDS
+# Runs each fuzz target for a bounded time (default 40 s each; FUZZ_SECONDS
 # overrides). libFuzzer through libfuzzer-sys on the stable toolchain: the
 # coverage instrumentation is plain -C flags, applied to the target crates
 # only (--target keeps them off build scripts). A crash fails the run and
@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:$PATH
-seconds=${FUZZ_SECONDS:-60}
+seconds=${FUZZ_SECONDS:-40}
 triple=$(rustc -vV | sed -n 's/^host: //p')
 out=target/fuzz
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
@@ -40,8 +40,13 @@ gzip -kc "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.gz"
 zstd -q -c "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.zst"
 xz -kc "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.xz"
 (cd "$src" && zip -qry "$work/corpus/archive/seed.zip" .)
+# Seeds for the view spec parser: the example of docs/VIEWS.md and a small one.
+mkdir -p "$work/corpus/view_spec"
+sed -n '/^```toml$/,/^```$/p' docs/VIEWS.md | sed '1d;$d' > "$work/corpus/view_spec/example.toml"
+printf '[sources]\ntmp = "/tmp"\n[[map]]\npath = "a/b"\nfrom = "tmp:."\ninclude = ["*.x"]\nrename = ["A:B"]\n' \
+    > "$work/corpus/view_spec/small.toml"
 
-for t in manifest archive; do
+for t in manifest archive view_spec; do
     echo "fuzz: $t for ${seconds}s"
     "$out/$triple/release/$t" -max_total_time="$seconds" -max_len=16384 \
         -artifact_prefix="$out/artifacts/$t-" -print_final_stats=1 \

@@ -37,7 +37,8 @@ cargo test --manifest-path vendor/fuser/Cargo.toml --lib
 ./scripts/pjdfstest.sh --overlay
 ./scripts/pjdfstest.sh --image
 
-# The image manifest reader under libFuzzer, bounded (FUZZ_SECONDS, default 60).
+# The image manifest, archive and view spec readers under libFuzzer, bounded
+# (FUZZ_SECONDS each, default 40).
 ./scripts/fuzz.sh
 
 left=$(leftover_mounts)

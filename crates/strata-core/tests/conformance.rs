@@ -2,7 +2,7 @@
 //! the core serves: a single host directory, a union of three branches, an
 //! overlay over a host directory, an overlay over an image, and an overlay
 //! over three host lowers (a union of read-only branches under an upper),
-//! and an overlay over a tar archive. A
+//! an overlay over a tar archive, and one over a view of the seed. A
 //! mode may store things differently (branches, upper, whiteouts); what a
 //! caller sees through the protocol must be the same. No mount, no kernel:
 //! each scenario also checks that lookup references given back by `forget`
@@ -40,6 +40,8 @@ enum Mode {
     OverlayOf3,
     /// A tar of the seed under an upper.
     OverlayArchive,
+    /// A view whose one map shows the seed at the root, under an upper.
+    OverlayView,
 }
 
 /// The tree every mode starts from: `d/{a,b}`, `top`, `sub/deep/f`, and
@@ -141,10 +143,18 @@ fn make(mode: Mode) -> Client {
                 .unwrap(),
             ))
         }
-        Mode::OverlayHost | Mode::OverlayImage | Mode::OverlayArchive => {
+        Mode::OverlayHost | Mode::OverlayImage | Mode::OverlayArchive | Mode::OverlayView => {
             seed(&p("lower"), None);
             fs::create_dir(p("upper")).unwrap();
-            let lower = if let Mode::OverlayArchive = mode {
+            let lower = if let Mode::OverlayView = mode {
+                let spec = p("view.toml");
+                fs::write(
+                    &spec,
+                    "[sources]\nseed = \"lower\"\n[[map]]\npath = \"\"\nfrom = \"seed\"\n",
+                )
+                .unwrap();
+                LowerSpec::View(spec)
+            } else if let Mode::OverlayArchive = mode {
                 let tar = std::process::Command::new("tar")
                     .arg("-C")
                     .arg(p("lower"))
@@ -377,7 +387,7 @@ fn seed_is_visible(c: &Client) {
     let want = match c.mode {
         Mode::Union3 => 0,
         Mode::OverlayImage | Mode::OverlayArchive => 3600,
-        Mode::Single | Mode::OverlayHost | Mode::OverlayOf3 => 1,
+        Mode::Single | Mode::OverlayHost | Mode::OverlayOf3 | Mode::OverlayView => 1,
     };
     assert_eq!(ttl, Duration::from_secs(want), "{:?}", c.mode);
 }
@@ -710,6 +720,8 @@ macro_rules! conformance {
             fn overlay_of_3() { run(Mode::OverlayOf3, super::$scenario) }
             #[test]
             fn overlay_archive() { run(Mode::OverlayArchive, super::$scenario) }
+            #[test]
+            fn overlay_view() { run(Mode::OverlayView, super::$scenario) }
         }
     )*};
 }

@@ -148,7 +148,8 @@ enum Mode {
 /// among them) rather than union branches.
 fn has_overlay_layer(source: &str) -> bool {
     let tokens: Vec<&str> = source.split(':').collect();
-    tokens.windows(2).any(|w| w[0] == "image") || tokens.iter().any(|t| Path::new(t).is_file())
+    tokens.windows(2).any(|w| w[0] == "image" || w[0] == "view")
+        || tokens.iter().any(|t| Path::new(t).is_file())
 }
 
 /// Overlay lowers from SOURCE: `image:NAME`, archive files and host
@@ -168,6 +169,14 @@ fn overlay_lowers(source: &str, store: &Path) -> Result<Vec<LowerSpec>, Failure>
                     store: store.to_path_buf(),
                     name: name.to_string(),
                 });
+            }
+            // `view` last is a directory of that name, as `image` is.
+            "view" if tokens.peek().is_some() => {
+                let spec = tokens
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| usage(format!("{source}: 'view:' needs a spec file")))?;
+                out.push(LowerSpec::View(absolute(Path::new(spec))?));
             }
             "" => return Err(usage(format!("{source}: empty layer between ':'"))),
             path if path.contains('=') => {
@@ -295,6 +304,7 @@ fn prepare_overlay(
                 layers.push(("lower", p));
             }
             LowerSpec::Archive(p) => layers.push(("archive", p)),
+            LowerSpec::View(p) => layers.push(("view spec", p)),
             LowerSpec::Image { .. } => {}
         }
     }
@@ -777,4 +787,17 @@ pub fn status(json: bool) -> Result<(), Failure> {
         )?;
     }
     Ok(())
+}
+
+/// `strata view check SPEC`.
+pub fn view_check(spec: &Path) -> Result<(), Failure> {
+    match strata_core::layer::view::Spec::load(spec) {
+        Ok(s) => {
+            for line in s.describe() {
+                crate::output::outln!("{line}")?;
+            }
+            Ok(())
+        }
+        Err(errors) => Err(usage(errors.join("\n"))),
+    }
 }

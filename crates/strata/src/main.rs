@@ -56,13 +56,20 @@ fn mount_after_help() -> String {
 }
 
 #[derive(Subcommand, Debug)]
+enum ViewCommand {
+    /// Check SPEC: exit 0 and one line per map, or exit 2 and one line per error.
+    Check { spec: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Mount SOURCE on MOUNTPOINT.
     #[command(
         long_about = "Mount SOURCE on MOUNTPOINT.\n\n\
             SOURCE is a branch list in mergerfs syntax: PATH[=RW|RO|NC][,MINFREE] joined by ':'. \
             One branch is served as is; several make a mergerfs-style union (policies via -o or `strata ctl`).\n\n\
-            With image layers (image:NAME) or --upper, SOURCE lists overlay lowers instead, topmost first \
+            With image layers (image:NAME), archives (a tar, tar.gz, tar.zst, tar.xz or zip file), views \
+            (view:SPEC.toml, docs/VIEWS.md) or --upper, SOURCE lists overlay lowers instead, topmost first \
             (e.g. image:app:image:base:/srv/extra): read-only without --upper; with --upper DIR every change \
             is copied up into DIR, in kernel overlayfs format (whiteouts, opaque directories).\n\n\
             Without -f the command starts a daemon and returns once the mount is ready; errors are \
@@ -85,7 +92,8 @@ enum Command {
         #[arg(long, hide = true)]
         daemon_child: bool,
         /// Branch list PATH[=RW|RO|NC][,MINFREE] joined by ':', or overlay
-        /// layers (image:NAME or PATH) joined by ':', topmost first.
+        /// layers (image:NAME, view:SPEC, an archive file or PATH) joined by
+        /// ':', topmost first.
         source: String,
         /// Where to mount.
         mountpoint: PathBuf,
@@ -114,6 +122,12 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: image_cmd::ImageCommand,
+    },
+    /// Check a view spec (docs/VIEWS.md): every error with its line and
+    /// column, or what each map shows where.
+    View {
+        #[command(subcommand)]
+        command: ViewCommand,
     },
     /// Free the image store's blobs and cache files that no image uses.
     Gc {
@@ -174,6 +188,9 @@ fn main() -> ExitCode {
         } => ctl::run(&mountpoint, &action, &args),
         Command::Image { command } => image_cmd::run(command),
         Command::Gc { store } => image_cmd::gc(&store),
+        Command::View {
+            command: ViewCommand::Check { spec },
+        } => commands::view_check(&spec),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

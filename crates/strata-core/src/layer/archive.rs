@@ -36,7 +36,7 @@ impl ArchiveLayer {
     fn member(&self, obj: &LObj) -> Result<(u32, &Member)> {
         match obj {
             LObj::Entry(i) => Ok((*i, self.archive.member(*i).ok_or(Errno::EIO)?)),
-            LObj::Host(_) => Err(Errno::EIO),
+            _ => Err(Errno::EIO),
         }
     }
 
@@ -161,6 +161,10 @@ impl Layer for ArchiveLayer {
                     .collect()
             })
             .collect()
+    }
+
+    fn unchanging(&self) -> bool {
+        true
     }
 
     fn statfs_path(&self) -> &Path {

@@ -24,7 +24,7 @@ impl HostLayer {
     fn node<'a>(&self, obj: &'a LObj) -> Result<&'a Arc<HostNode>> {
         match obj {
             LObj::Host(n) => Ok(n),
-            LObj::Entry(_) => Err(Errno::EIO),
+            _ => Err(Errno::EIO),
         }
     }
 }

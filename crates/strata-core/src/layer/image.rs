@@ -34,7 +34,7 @@ impl ImageLayer {
                 .image
                 .entry(*index)
                 .map_err(|e| self.error("manifest", e)),
-            LObj::Host(_) => Err(Errno::EIO),
+            _ => Err(Errno::EIO),
         }
     }
 
@@ -178,6 +178,10 @@ impl Layer for ImageLayer {
             out.push(self.path_of(e));
         }
         out
+    }
+
+    fn unchanging(&self) -> bool {
+        true
     }
 
     fn statfs_path(&self) -> &Path {

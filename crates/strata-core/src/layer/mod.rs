@@ -8,12 +8,14 @@
 //! Implementations: a host directory ([`HostLayer`], descriptors and `*at()`
 //! calls, see `crate::host`), an image ([`ImageLayer`], a verified
 //! manifest and content-addressed blobs) and an archive ([`ArchiveLayer`],
-//! tar or zip, indexed when opened). Every name a layer hands out is
+//! tar or zip, indexed when opened) and a view ([`ViewLayer`], directories
+//! of other layers placed, filtered and renamed by a spec). Every name a layer hands out is
 //! one path component ([`layer_name`]), whatever its source claims.
 
 mod archive;
 mod host;
 mod image;
+pub mod view;
 
 use std::ffi::{CStr, CString};
 use std::os::fd::OwnedFd;
@@ -30,14 +32,26 @@ pub use archive::ArchiveLayer;
 pub(crate) use host::host_xattr;
 pub use host::{HostLayer, host_xattrs, list_host};
 pub use image::ImageLayer;
+pub use view::ViewLayer;
 
 /// An object in a layer.
 #[derive(Clone)]
 pub enum LObj {
     /// A host object (descriptor cache and file handle in [`HostNode`]).
     Host(Arc<HostNode>),
-    /// An entry of a manifest-backed layer, by index.
+    /// An entry of a manifest-backed layer (image, archive), or a view's
+    /// own directory, by index.
     Entry(u32),
+    /// An object of another layer as a view's map shows it.
+    Mapped(Arc<Mapped>),
+}
+
+/// An object seen through one of a view's maps.
+pub struct Mapped {
+    /// The map (index in the view's spec).
+    pub map: u32,
+    /// The object in that map's source layer.
+    pub obj: LObj,
 }
 
 /// An object's metadata as a layer reports it.
@@ -119,6 +133,11 @@ pub trait Layer: Send + Sync {
     fn cached_fds(&self) -> usize {
         0
     }
+    /// Whether the layer's content never changes while mounted (images,
+    /// archives): the kernel may cache it for as long as it likes.
+    fn unchanging(&self) -> bool {
+        false
+    }
     /// A path on the layer's filesystem, for statfs.
     fn statfs_path(&self) -> &Path;
     /// The host directory the layer is, if it is one: it may change behind
@@ -147,6 +166,11 @@ pub fn layer_name(layer: &str, name: &[u8]) -> Result<CString> {
 /// Opens a host directory as a layer.
 pub fn open_host(path: &Path, fd_cache: usize) -> std::result::Result<Box<dyn Layer>, String> {
     Ok(Box::new(HostLayer::new(HostDir::open(path, fd_cache)?)))
+}
+
+/// Opens the view a spec file declares as a layer.
+pub fn open_view(spec: &Path, fd_cache: usize) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(ViewLayer::open(spec, fd_cache)?))
 }
 
 /// Opens an archive file as a layer.

@@ -56,6 +56,8 @@ pub enum LowerSpec {
     },
     /// A tar, tar.gz, tar.zst, tar.xz or zip file.
     Archive(PathBuf),
+    /// A view spec (docs/VIEWS.md).
+    View(PathBuf),
 }
 
 #[derive(Clone, Debug)]
@@ -192,7 +194,7 @@ pub struct Overlay {
     /// Private xattr names written to the upper.
     origin_xattr: &'static CStr,
     opaque_xattr: &'static CStr,
-    any_host_lower: bool,
+    any_changing_lower: bool,
     /// Outside changes to host lowers, and times the kernel changes in the
     /// upper behind the mount's back, forwarded to the kernel.
     watch: Option<Arc<HostWatch>>,
@@ -333,6 +335,7 @@ impl Overlay {
                 LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
                 LowerSpec::Image { store, name } => layer::open_image(store, name)?,
                 LowerSpec::Archive(p) => layer::open_archive(p)?,
+                LowerSpec::View(p) => layer::open_view(p, cfg.fd_cache)?,
             });
         }
         for l in &layers {
@@ -376,7 +379,7 @@ impl Overlay {
             None
         };
         Ok(Overlay {
-            any_host_lower: layers.iter().any(|l| l.host().is_some()),
+            any_changing_lower: layers.iter().any(|l| !l.unchanging()),
             layers,
             upper,
             watch,
@@ -437,10 +440,12 @@ impl Overlay {
     /// Whether one of `lowers` is a host object outside the watch: its
     /// changes would not reach the kernel, so it is cached briefly.
     fn unwatched(&self, lowers: &[LRef]) -> bool {
-        self.any_host_lower
+        self.any_changing_lower
             && lowers.iter().any(|r| match &r.obj {
                 LObj::Host(h) => !self.watch.as_ref().is_some_and(|w| w.is_watched(h.dev)),
-                LObj::Entry(_) => false,
+                // A view of host directories: the watch does not map its
+                // objects back to nodes.
+                _ => !self.layers[r.layer as usize].unchanging(),
             })
     }
 
@@ -485,7 +490,7 @@ impl Overlay {
             .zip(&self.layers)
             .filter_map(|(l, layer)| match layer.root() {
                 LObj::Host(h) => Some((l, h.host_id())),
-                LObj::Entry(_) => None,
+                LObj::Entry(_) | LObj::Mapped(_) => None,
             })
             .collect();
         let upper_root = self.upper.as_ref().map(|h| h.root().host_id());

@@ -426,13 +426,14 @@ impl Rule for Union {
     }
 }
 
-/// unlinkat flags that remove an object with stat `st`.
+/// Whether a name found on the branches is a directory (its first copy).
 fn is_dir_found(found: &[super::Found]) -> bool {
     found
         .first()
         .is_some_and(|(_, _, st)| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
 }
 
+/// unlinkat flags that remove an object with stat `st`.
 fn remove_flags(st: &rustix::fs::Stat) -> AtFlags {
     if super::is_dir(st) {
         AtFlags::REMOVEDIR

@@ -18,3 +18,4 @@ mod overlay;
 mod transport;
 mod union;
 mod union_options;
+mod view;

@@ -1,0 +1,227 @@
+use std::fs;
+use std::io::Read;
+
+use super::*;
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A ROM collection: `roms/Amstrad/CPC/{a.dsk,b.BIN,b2.BIN,c.ROM,c.BIN,.hidden,notes.txt}`
+    /// and `roms/Amstrad/CPC/sub/d.dsk`.
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let cpc = dir.path().join("roms/Amstrad/CPC");
+        fs::create_dir_all(cpc.join("sub")).unwrap();
+        for (n, c) in [
+            ("a.dsk", "A"),
+            ("b.BIN", "B"),
+            ("b2.BIN", "B2"),
+            ("c.ROM", "C rom"),
+            ("c.BIN", "C bin"),
+            (".hidden", "H"),
+            ("notes.txt", "N"),
+            ("sub/d.dsk", "D"),
+        ] {
+            fs::write(cpc.join(n), c).unwrap();
+        }
+        Setup { dir }
+    }
+
+    fn spec(&self, text: &str) -> PathBuf {
+        let p = self.dir.path().join("view.toml");
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn view(&self, text: &str) -> ViewLayer {
+        ViewLayer::open(&self.spec(text), 64).unwrap()
+    }
+}
+
+fn at(v: &ViewLayer, path: &str) -> Option<LObj> {
+    let mut cur = v.root();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        cur = v.lookup(&cur, &CString::new(part).unwrap()).unwrap()?.0;
+    }
+    Some(cur)
+}
+
+fn names(v: &ViewLayer, path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    v.list(&at(v, path).unwrap(), &mut out).unwrap();
+    out.into_iter()
+        .map(|n| n.name.into_string().unwrap())
+        .collect()
+}
+
+fn read(v: &ViewLayer, path: &str) -> String {
+    let mut s = String::new();
+    fs::File::from(v.open(&at(v, path).unwrap()).unwrap())
+        .read_to_string(&mut s)
+        .unwrap();
+    s
+}
+
+const TWO_CLIENTS: &str = r#"
+[sources]
+roms = "roms"
+
+[[map]]
+path = "MiSTer/Amstrad"
+from = "roms:Amstrad/CPC"
+include = ["*.dsk", "*.BIN", "*.ROM"]
+hidden = false
+rename = ["BIN:ROM"]
+
+[[map]]
+path = "Native/Amstrad/CPC/Software/Collections"
+from = "roms:Amstrad/CPC"
+exclude = ["*.txt"]
+"#;
+
+#[test]
+fn maps_place_source_directories_with_filters_and_renames() {
+    let s = Setup::new();
+    let v = s.view(TWO_CLIENTS);
+    assert_eq!(names(&v, ""), ["MiSTer", "Native"]);
+    // MiSTer: only the included kinds, no dotfiles, .BIN shown as .ROM
+    // except where a .ROM of that name exists.
+    let mut m = names(&v, "MiSTer/Amstrad");
+    m.sort();
+    assert_eq!(m, ["a.dsk", "b.ROM", "b2.ROM", "c.BIN", "c.ROM", "sub"]);
+    assert_eq!(read(&v, "MiSTer/Amstrad/b.ROM"), "B");
+    assert_eq!(read(&v, "MiSTer/Amstrad/c.ROM"), "C rom");
+    assert_eq!(read(&v, "MiSTer/Amstrad/c.BIN"), "C bin");
+    assert!(
+        at(&v, "MiSTer/Amstrad/b.BIN").is_none(),
+        "shown renamed only"
+    );
+    assert!(at(&v, "MiSTer/Amstrad/notes.txt").is_none());
+    assert!(at(&v, "MiSTer/Amstrad/.hidden").is_none());
+    assert_eq!(names(&v, "MiSTer/Amstrad/sub"), ["d.dsk"]);
+    // Native: the same source, another layout and other rules.
+    let mut n = names(&v, "Native/Amstrad/CPC/Software/Collections");
+    n.sort();
+    assert_eq!(
+        n,
+        [
+            ".hidden", "a.dsk", "b.BIN", "b2.BIN", "c.BIN", "c.ROM", "sub"
+        ]
+    );
+    // The same source directory under two maps is two objects.
+    let a = v.stat(&at(&v, "MiSTer/Amstrad/sub").unwrap()).unwrap();
+    let b = v
+        .stat(&at(&v, "Native/Amstrad/CPC/Software/Collections/sub").unwrap())
+        .unwrap();
+    assert_ne!(a.key, b.key);
+    // Listing keys are lookup keys.
+    let mut listed = Vec::new();
+    v.list(&at(&v, "MiSTer/Amstrad").unwrap(), &mut listed)
+        .unwrap();
+    for l in listed {
+        let (_, st) = v
+            .lookup(&at(&v, "MiSTer/Amstrad").unwrap(), &l.name)
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.key, l.key, "{:?}", l.name);
+    }
+}
+
+#[test]
+fn a_map_inside_another_maps_directory_shows_on_top() {
+    let s = Setup::new();
+    fs::create_dir_all(s.dir.path().join("extra")).unwrap();
+    fs::write(s.dir.path().join("extra/e.dsk"), "E").unwrap();
+    let v = s.view(
+        r#"
+[sources]
+roms = "roms"
+extra = "extra"
+[[map]]
+path = "all"
+from = "roms:Amstrad"
+[[map]]
+path = "all/CPC/sub"
+from = "extra"
+"#,
+    );
+    assert_eq!(names(&v, "all"), ["CPC"]);
+    let mut cpc = names(&v, "all/CPC");
+    cpc.sort();
+    assert!(cpc.contains(&"a.dsk".to_string()) && cpc.contains(&"sub".to_string()));
+    // `sub` shows the extra map first, then roms' own sub.
+    assert_eq!(names(&v, "all/CPC/sub"), ["e.dsk", "d.dsk"]);
+    assert_eq!(read(&v, "all/CPC/sub/d.dsk"), "D");
+    assert_eq!(read(&v, "all/CPC/sub/e.dsk"), "E");
+}
+
+#[test]
+fn an_archive_is_a_source_too() {
+    let s = Setup::new();
+    let tar = s.dir.path().join("cpc.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(s.dir.path().join("roms/Amstrad/CPC"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let v = s.view(
+        r#"
+[sources]
+cpc = "cpc.tar"
+[[map]]
+path = "from-tar"
+from = "cpc:sub"
+"#,
+    );
+    assert_eq!(names(&v, "from-tar"), ["d.dsk"]);
+    assert_eq!(read(&v, "from-tar/d.dsk"), "D");
+    assert!(v.unchanging());
+}
+
+#[test]
+fn spec_errors_say_where() {
+    let s = Setup::new();
+    let check = |text: &str| -> String {
+        Spec::parse(text, &s.dir.path().join("v.toml"))
+            .expect_err("an error")
+            .join("\n")
+    };
+    let e =
+        check("[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms\"\ncolour = 1\n");
+    assert!(e.contains("v.toml:6:") && e.contains("colour"), "{e}");
+    let e = check("[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"nope:a\"\n");
+    assert!(
+        e.contains("v.toml:5:8") && e.contains("names no source"),
+        "{e}"
+    );
+    let e = check("[sources]\nroms = \"missing-dir\"\n[[map]]\npath = \"x\"\nfrom = \"roms\"\n");
+    assert!(e.contains("v.toml:2:") && e.contains("missing-dir"), "{e}");
+    let e = check("[sources]\nroms = \"roms\"\n[[map]]\npath = \"../x\"\nfrom = \"roms\"\n");
+    assert!(e.contains("v.toml:4:") && e.contains("dot entry"), "{e}");
+    let e = check("[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms:a/../..\"\n");
+    assert!(e.contains("dot entry"), "{e}");
+    let e = check(
+        "[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms\"\nrename = [\"BIN:ROM\", \"ROM:IMG\"]\n",
+    );
+    assert!(e.contains("collides"), "{e}");
+    let e = check(
+        "[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms\"\nrename = [\"BIN\"]\n",
+    );
+    assert!(e.contains("FROM:TO"), "{e}");
+    let e = check(
+        "[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms\"\ninclude = [\"[\"]\n",
+    );
+    assert!(e.contains("include"), "{e}");
+    assert!(check("").contains("no [[map]]"));
+    assert!(check("[[map]]\npath = ").contains("v.toml:2:"));
+    // a map of a directory the source does not have: refused at open
+    let p = s.spec("[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms:nope\"\n");
+    let err = ViewLayer::open(&p, 64).err().unwrap();
+    assert!(err.contains("map 1") && err.contains("nope"), "{err}");
+}
