@@ -110,9 +110,14 @@ struct Cache {
 impl Archive {
     /// Indexes the archive at `path` (one pass over it).
     pub fn open(path: &Path) -> Result<Archive, Error> {
+        let file = File::open(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+        Archive::from_file(file, path)
+    }
+
+    /// Indexes the archive open as `file`; `path` names it in messages.
+    pub fn from_file(mut file: File, path: &Path) -> Result<Archive, Error> {
         let shown = path.display();
         let fail = |e: &dyn std::fmt::Display| Error(format!("{shown}: {e}"));
-        let mut file = File::open(path).map_err(|e| fail(&e))?;
         let meta = file.metadata().map_err(|e| fail(&e))?;
         if !meta.is_file() {
             return Err(fail(&"not a regular file"));

@@ -303,7 +303,10 @@ fn prepare_overlay(
                 check_dir("lower", p)?;
                 layers.push(("lower", p));
             }
-            LowerSpec::Archive(p) => layers.push(("archive", p)),
+            LowerSpec::Archive(p) => {
+                check_archive(p)?;
+                layers.push(("archive", p));
+            }
             LowerSpec::View(p) => layers.push(("view spec", p)),
             LowerSpec::Image { .. } => {}
         }
@@ -799,5 +802,21 @@ pub fn view_check(spec: &Path) -> Result<(), Failure> {
             Ok(())
         }
         Err(errors) => Err(usage(errors.join("\n"))),
+    }
+}
+
+/// A regular file in SOURCE must be an archive: said before the daemon
+/// starts, in terms of what SOURCE may hold.
+fn check_archive(path: &Path) -> Result<(), Failure> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(512);
+    let read = fs::File::open(path).and_then(|f| f.take(512).read_to_end(&mut head));
+    match read {
+        Err(e) => Err(usage(format!("{}: {e}", path.display()))),
+        Ok(_) if strata_archive::Format::sniff(&head).is_none() => Err(usage(format!(
+            "{}: not a directory, nor a known archive (tar, tar.gz, tar.zst, tar.xz, zip)",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
     }
 }

@@ -20,7 +20,17 @@ pub struct ArchiveLayer {
 
 impl ArchiveLayer {
     pub fn open(path: &Path) -> std::result::Result<ArchiveLayer, String> {
-        let archive = Archive::open(path).map_err(|e| e.to_string())?;
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        ArchiveLayer::from_file(file, path)
+    }
+
+    /// The archive open as `file` (a member of another layer, say); `path`
+    /// names it in messages.
+    pub fn from_file(
+        file: std::fs::File,
+        path: &Path,
+    ) -> std::result::Result<ArchiveLayer, String> {
+        let archive = Archive::from_file(file, path).map_err(|e| e.to_string())?;
         tracing::info!(
             archive = %path.display(),
             format = archive.format().name(),

@@ -50,8 +50,21 @@ pub enum LObj {
 pub struct Mapped {
     /// The map (index in the view's spec).
     pub map: u32,
-    /// The object in that map's source layer.
+    /// The object, in the layer `within` says.
     pub obj: LObj,
+    pub within: Within,
+}
+
+/// Where a [`Mapped`] object lives.
+#[derive(Clone)]
+pub enum Within {
+    /// In the map's source.
+    Source,
+    /// `obj` is an archive file of the source, shown as a directory.
+    ArchiveRoot,
+    /// In an archive shown as a directory (`key`: the archive file's
+    /// identity in the source).
+    Archive(Arc<ArchiveLayer>, (u64, u64)),
 }
 
 /// An object's metadata as a layer reports it.

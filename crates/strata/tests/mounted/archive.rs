@@ -241,7 +241,9 @@ fn a_file_that_is_no_archive_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("notes.txt") && err.contains("not a known archive"),
+        err.contains("notes.txt")
+            && err.contains("not a directory")
+            && err.contains("nor a known archive"),
         "{err}"
     );
     assert!(!is_mounted(&mnt));

@@ -38,12 +38,16 @@ fn collection(dir: &Path) {
     )
     .unwrap();
     assert!(out.status.success());
+    fs::create_dir(dir.join("games")).unwrap();
+    fs::copy(dir.join("cpc.zip"), dir.join("games/g.zip")).unwrap();
+    fs::write(dir.join("games/notes.txt"), "n").unwrap();
 }
 
 const SPEC: &str = r#"
 [sources]
 roms = "roms"
 cpc = "cpc.zip"
+games = "games"
 
 [[map]]
 path = "MiSTer/Amstrad"
@@ -60,6 +64,11 @@ exclude = ["*.txt"]
 [[map]]
 path = "Native/Amstrad/CPC/Software/Collections/extras"
 from = "cpc:disks"
+
+[[map]]
+path = "Zipped"
+from = "games"
+archives = "dir"
 "#;
 
 fn mount_view(upper: bool) -> Mounted {
@@ -86,7 +95,7 @@ fn sorted(dir: &Path) -> Vec<String> {
 #[test]
 fn two_clients_see_their_own_layout_of_one_collection() {
     let m = mount_view(false);
-    assert_eq!(sorted(&m.mnt), ["MiSTer", "Native"]);
+    assert_eq!(sorted(&m.mnt), ["MiSTer", "Native", "Zipped"]);
     let mister = m.m("MiSTer/Amstrad");
     assert_eq!(sorted(&mister), ["a.dsk", "b.ROM", "c.BIN", "c.ROM", "sub"]);
     assert_eq!(fs::read_to_string(mister.join("b.ROM")).unwrap(), "B");
@@ -120,6 +129,14 @@ fn two_clients_see_their_own_layout_of_one_collection() {
     .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("b.ROM"));
+    // A zip shown as a directory of its members.
+    assert_eq!(sorted(&m.m("Zipped")), ["g.zip", "notes.txt"]);
+    assert!(fs::metadata(m.m("Zipped/g.zip")).unwrap().is_dir());
+    assert_eq!(sorted(&m.m("Zipped/g.zip")), ["disks"]);
+    assert_eq!(
+        fs::read_to_string(m.m("Zipped/g.zip/disks/z.dsk")).unwrap(),
+        "Z"
+    );
 }
 
 #[test]
@@ -139,7 +156,7 @@ fn under_an_upper_a_view_takes_writes_and_its_sources_stay_unchanged() {
     assert!(src.join("a.dsk").exists());
     fs::create_dir(m.m("mine")).unwrap();
     fs::write(m.m("mine/f"), b"f").unwrap();
-    assert_eq!(sorted(&m.mnt), ["MiSTer", "Native", "mine"]);
+    assert_eq!(sorted(&m.mnt), ["MiSTer", "Native", "Zipped", "mine"]);
 }
 
 fn check(spec_text: &str) -> (Option<i32>, String, String) {
@@ -163,7 +180,11 @@ fn view_check_explains_a_good_spec_and_locates_errors() {
     let (code, out, err) = check(SPEC);
     assert_eq!(code, Some(0), "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        lines[3].starts_with("/Zipped <- ") && lines[3].ends_with("games archives-as-dirs"),
+        "{out}"
+    );
     assert!(
         lines[0].starts_with("/MiSTer/Amstrad <- ")
             && lines[0].ends_with(

@@ -13,17 +13,22 @@
 
 mod spec;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use spec::{Map, Source, Spec};
+pub use spec::{ArchiveMode, Map, Source, Spec};
 
-use super::{LName, LObj, LStat, Layer, Mapped, layer_name};
+use parking_lot::Mutex;
+
+use super::{ArchiveLayer, LName, LObj, LStat, Layer, Mapped, Within, layer_name};
 use crate::fs::FileKind;
 use crate::{Errno, Result};
+
+/// An archive file of a view's source: (source, the file's identity there).
+type ArchiveId = (usize, (u64, u64));
 
 /// Key device of the view's virtual directories.
 const VIRTUAL: u64 = u64::MAX;
@@ -44,6 +49,9 @@ pub struct ViewLayer {
     roots: Vec<LObj>,
     vdirs: Vec<VDir>,
     mtime: (i64, u32),
+    /// Archives shown as directories, by (source, file identity), indexed
+    /// on first use.
+    archives: Mutex<HashMap<ArchiveId, Arc<ArchiveLayer>>>,
 }
 
 impl ViewLayer {
@@ -97,6 +105,7 @@ impl ViewLayer {
                 maps: Vec::new(),
             }],
             mtime,
+            archives: Mutex::default(),
         };
         view.place_maps();
         Ok(view)
@@ -188,14 +197,101 @@ impl ViewLayer {
         name.to_vec()
     }
 
-    fn mapped(&self, m: u32, obj: LObj, mut st: LStat) -> (LObj, LStat) {
-        st.key = mix(m, st.key);
-        (LObj::Mapped(Arc::new(Mapped { map: m, obj })), st)
+    /// The layer objects of `within` live in, for map `m`.
+    fn layer_in<'a>(&'a self, m: u32, within: &'a Within) -> &'a dyn Layer {
+        match within {
+            Within::Archive(a, _) => &**a,
+            Within::Source | Within::ArchiveRoot => self.source(m),
+        }
     }
 
-    /// `name` as shown in directory `dir` of map `m`.
-    fn find(&self, m: u32, dir: &LObj, name: &CStr) -> Result<Option<(LObj, LStat)>> {
+    /// Whether a source file of map `m` called `name` shows as a directory
+    /// (its archive's content). Told by the name: listing a directory of
+    /// archives opens none of them.
+    fn shows_as_dir(&self, m: u32, within: &Within, name: &[u8], kind: FileKind) -> bool {
+        matches!(within, Within::Source)
+            && kind == FileKind::Regular
+            && self.maps[m as usize].archives == ArchiveMode::Dir
+            && ARCHIVE_SUFFIXES.iter().any(|s| {
+                name.len() > s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s)
+            })
+    }
+
+    /// `obj` (found by `name` with stat `st` in a directory of `within`) as
+    /// map `m` shows it.
+    fn mapped(
+        &self,
+        m: u32,
+        within: &Within,
+        name: &[u8],
+        obj: LObj,
+        mut st: LStat,
+    ) -> (LObj, LStat) {
+        let kind = st.kind().unwrap_or(FileKind::Regular);
+        let within = if self.shows_as_dir(m, within, name, kind) {
+            st = archive_dir_stat(&st);
+            Within::ArchiveRoot
+        } else {
+            st.key = match within {
+                Within::Archive(_, file) => archive_key(*file, st.key.1),
+                _ => st.key,
+            };
+            within.clone()
+        };
+        st.key = mix(m, st.key);
+        let x = Mapped {
+            map: m,
+            obj,
+            within,
+        };
+        (LObj::Mapped(Arc::new(x)), st)
+    }
+
+    /// The archive a source file of map `m` holds, indexed on first use.
+    fn archive(&self, m: u32, file: &LObj) -> Result<(Arc<ArchiveLayer>, (u64, u64))> {
         let src = self.source(m);
+        let key = src.stat(file)?.key;
+        let id = (self.maps[m as usize].source, key);
+        if let Some(a) = self.archives.lock().get(&id) {
+            return Ok((a.clone(), key));
+        }
+        let label = PathBuf::from(format!("{} (inode {})", src.describe(), key.1));
+        let fd = src.open(file)?;
+        let a = ArchiveLayer::from_file(std::fs::File::from(fd), &label).map_err(|e| {
+            tracing::error!(view = %self.label, "{e}");
+            Errno::EIO
+        })?;
+        let a = self
+            .archives
+            .lock()
+            .entry(id)
+            .or_insert(Arc::new(a))
+            .clone();
+        Ok((a, key))
+    }
+
+    /// The directory `x` stands for: its layer's object and where it lives
+    /// (an archive shown as a directory stands for the archive's root).
+    fn dir_of(&self, x: &Mapped) -> Result<(Within, LObj)> {
+        match &x.within {
+            Within::ArchiveRoot => {
+                let (a, key) = self.archive(x.map, &x.obj)?;
+                let root = a.root();
+                Ok((Within::Archive(a, key), root))
+            }
+            w => Ok((w.clone(), x.obj.clone())),
+        }
+    }
+
+    /// `name` as shown in directory `dir` (of `within`) of map `m`.
+    fn find(
+        &self,
+        m: u32,
+        within: &Within,
+        dir: &LObj,
+        name: &CStr,
+    ) -> Result<Option<(LObj, LStat)>> {
+        let src = self.layer_in(m, within);
         let bytes = name.to_bytes();
         let has = |n: &[u8]| -> bool {
             CString::new(n)
@@ -204,11 +300,12 @@ impl ViewLayer {
                 .is_some()
         };
         if let Some((o, st)) = src.lookup(dir, name)? {
-            let is_dir = st.is_dir();
+            let kind = st.kind().unwrap_or(FileKind::Regular);
+            let is_dir = st.is_dir() || self.shows_as_dir(m, within, bytes, kind);
             // A file shown under its renamed name is not there by its own.
             let shown_here = is_dir || self.shown_name(m, bytes, has) == bytes;
             if shown_here && self.visible(m, bytes, is_dir) {
-                return Ok(Some(self.mapped(m, o, st)));
+                return Ok(Some(self.mapped(m, within, bytes, o, st)));
             }
             return Ok(None);
         }
@@ -224,44 +321,57 @@ impl ViewLayer {
                 && !st.is_dir()
                 && self.visible(m, original.to_bytes(), false)
             {
-                return Ok(Some(self.mapped(m, o, st)));
+                return Ok(Some(self.mapped(m, within, original.to_bytes(), o, st)));
             }
         }
         Ok(None)
     }
 
-    /// Appends what map `m` shows of its directory `dir` to `out`, skipping
-    /// names in `seen`.
+    /// Appends what map `m` shows of its directory `dir` (of `within`) to
+    /// `out`, skipping names in `seen`.
     fn list_map(
         &self,
         m: u32,
+        within: &Within,
         dir: &LObj,
         out: &mut Vec<LName>,
         seen: &mut HashSet<Vec<u8>>,
     ) -> Result<()> {
         let mut names = Vec::new();
-        self.source(m).list(dir, &mut names)?;
+        self.layer_in(m, within).list(dir, &mut names)?;
         let present: HashSet<&[u8]> = names.iter().map(|n| n.name.to_bytes()).collect();
         for n in &names {
             let name = n.name.to_bytes();
+            let as_dir = self.shows_as_dir(m, within, name, n.kind);
             let is_dir = n.kind == FileKind::Directory;
-            if !self.visible(m, name, is_dir) {
+            if !self.visible(m, name, is_dir || as_dir) {
                 continue;
             }
-            let shown = if is_dir {
-                name.to_vec()
+            let (shown, kind, key) = if as_dir {
+                (name.to_vec(), FileKind::Directory, archive_key(n.key, 0))
+            } else if is_dir {
+                (name.to_vec(), n.kind, self.inner_key(within, n.key))
             } else {
-                self.shown_name(m, name, |c| present.contains(c))
+                let shown = self.shown_name(m, name, |c| present.contains(c));
+                (shown, n.kind, self.inner_key(within, n.key))
             };
             if seen.insert(shown.clone()) {
                 out.push(LName {
                     name: layer_name(&self.label, &shown)?,
-                    kind: n.kind,
-                    key: mix(m, n.key),
+                    kind,
+                    key: mix(m, key),
                 });
             }
         }
         Ok(())
+    }
+
+    /// The identity of an object of `within` before the map is mixed in.
+    fn inner_key(&self, within: &Within, key: (u64, u64)) -> (u64, u64) {
+        match within {
+            Within::Archive(_, file) => archive_key(*file, key.1),
+            _ => key,
+        }
     }
 
     fn virtual_stat(&self, v: u32) -> LStat {
@@ -278,6 +388,42 @@ impl ViewLayer {
             ctime: self.mtime,
             key: (VIRTUAL, v as u64),
         }
+    }
+}
+
+/// Name endings of the files `archives = "dir"` shows as directories.
+const ARCHIVE_SUFFIXES: [&[u8]; 8] = [
+    b".zip",
+    b".tar",
+    b".tar.gz",
+    b".tgz",
+    b".tar.zst",
+    b".tzst",
+    b".tar.xz",
+    b".txz",
+];
+
+/// The identity of member `inode` of the archive whose file is `file`.
+fn archive_key(file: (u64, u64), inode: u64) -> (u64, u64) {
+    (
+        0x4152_0000_0000_0000 ^ file.0.rotate_left(29) ^ file.1,
+        inode,
+    )
+}
+
+/// An archive file shown as a directory, before its index is read: its
+/// own times and owner, directory permissions (search where it can be
+/// read).
+fn archive_dir_stat(file: &LStat) -> LStat {
+    let perm = file.mode & 0o777;
+    LStat {
+        mode: libc::S_IFDIR | perm | ((perm & 0o444) >> 2),
+        size: 0,
+        blocks: 0,
+        nlink: 2,
+        rdev: 0,
+        key: archive_key(file.key, 0),
+        ..*file
     }
 }
 
@@ -300,7 +446,14 @@ impl Layer for ViewLayer {
         match obj {
             LObj::Entry(v) if (*v as usize) < self.vdirs.len() => Ok(self.virtual_stat(*v)),
             LObj::Mapped(x) => {
-                let mut st = self.source(x.map).stat(&x.obj)?;
+                let mut st = self.layer_in(x.map, &x.within).stat(&x.obj)?;
+                st = match &x.within {
+                    Within::ArchiveRoot => archive_dir_stat(&st),
+                    w => LStat {
+                        key: self.inner_key(w, st.key),
+                        ..st
+                    },
+                };
                 st.key = mix(x.map, st.key);
                 Ok(st)
             }
@@ -317,14 +470,17 @@ impl Layer for ViewLayer {
                 }
                 for (m, sub) in &vd.maps {
                     if let Some(d) = self.map_dir(*m, sub)?
-                        && let Some(found) = self.find(*m, &d, name)?
+                        && let Some(found) = self.find(*m, &Within::Source, &d, name)?
                     {
                         return Ok(Some(found));
                     }
                 }
                 Ok(None)
             }
-            LObj::Mapped(x) => self.find(x.map, &x.obj, name),
+            LObj::Mapped(x) => {
+                let (within, d) = self.dir_of(x)?;
+                self.find(x.map, &within, &d, name)
+            }
             LObj::Host(_) => Err(Errno::EIO),
         }
     }
@@ -344,40 +500,51 @@ impl Layer for ViewLayer {
                 }
                 for (m, sub) in &vd.maps {
                     if let Some(d) = self.map_dir(*m, sub)? {
-                        self.list_map(*m, &d, out, &mut seen)?;
+                        self.list_map(*m, &Within::Source, &d, out, &mut seen)?;
                     }
                 }
                 Ok(())
             }
-            LObj::Mapped(x) => self.list_map(x.map, &x.obj, out, &mut seen),
+            LObj::Mapped(x) => {
+                let (within, d) = self.dir_of(x)?;
+                self.list_map(x.map, &within, &d, out, &mut seen)
+            }
             LObj::Host(_) => Err(Errno::EIO),
         }
     }
 
     fn readlink(&self, obj: &LObj) -> Result<Vec<u8>> {
         match obj {
-            LObj::Mapped(x) => self.source(x.map).readlink(&x.obj),
+            LObj::Mapped(x) if !matches!(x.within, Within::ArchiveRoot) => {
+                self.layer_in(x.map, &x.within).readlink(&x.obj)
+            }
             _ => Err(Errno::EINVAL),
         }
     }
 
     fn xattrs(&self, obj: &LObj) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match obj {
-            LObj::Mapped(x) => self.source(x.map).xattrs(&x.obj),
+            LObj::Mapped(x) if !matches!(x.within, Within::ArchiveRoot) => {
+                self.layer_in(x.map, &x.within).xattrs(&x.obj)
+            }
             _ => Ok(Vec::new()),
         }
     }
 
     fn xattr(&self, obj: &LObj, name: &CStr) -> Option<Vec<u8>> {
         match obj {
-            LObj::Mapped(x) => self.source(x.map).xattr(&x.obj, name),
+            LObj::Mapped(x) if !matches!(x.within, Within::ArchiveRoot) => {
+                self.layer_in(x.map, &x.within).xattr(&x.obj, name)
+            }
             _ => None,
         }
     }
 
     fn open(&self, obj: &LObj) -> Result<OwnedFd> {
         match obj {
-            LObj::Mapped(x) => self.source(x.map).open(&x.obj),
+            LObj::Mapped(x) if !matches!(x.within, Within::ArchiveRoot) => {
+                self.layer_in(x.map, &x.within).open(&x.obj)
+            }
             _ => Err(Errno::EISDIR),
         }
     }

@@ -31,6 +31,8 @@ struct RawMap {
     hidden: bool,
     #[serde(default)]
     rename: Vec<Spanned<String>>,
+    #[serde(default)]
+    archives: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -61,6 +63,18 @@ pub struct Map {
     pub hidden: bool,
     /// Extension renames `(from, to)`, dots included: `X.BIN` shows as `X.ROM`.
     pub renames: Vec<(Vec<u8>, Vec<u8>)>,
+    /// How archive files in the source show.
+    pub archives: ArchiveMode,
+}
+
+/// How a map shows the archive files (zip, tar, ...) of its source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ArchiveMode {
+    /// As the files they are.
+    #[default]
+    File,
+    /// As directories of their members, under the archive's own name.
+    Dir,
 }
 
 /// A checked spec.
@@ -217,6 +231,23 @@ impl Spec {
                 }
                 renames.push((from, to));
             }
+            let archives = match m
+                .archives
+                .as_ref()
+                .map(|a| (a.get_ref().as_str(), a.span().start))
+            {
+                None | Some(("file", _)) => ArchiveMode::File,
+                Some(("dir", _)) => ArchiveMode::Dir,
+                Some((other, at)) => {
+                    err(
+                        at,
+                        format!(
+                            "map {n}: archives = {other:?}: expected \"file\" or \"dir\" (\"flatten\" and \"auto\" are not supported yet)"
+                        ),
+                    );
+                    ArchiveMode::File
+                }
+            };
             maps.push(Map {
                 path,
                 source: source.unwrap_or(0),
@@ -225,6 +256,7 @@ impl Spec {
                 exclude,
                 hidden: m.hidden,
                 renames,
+                archives,
             });
         }
         if raw.maps.is_empty() {
@@ -249,11 +281,12 @@ impl Spec {
             .iter()
             .map(|m| {
                 let src = &self.sources[m.source];
-                let mut line = format!(
-                    "/{} <- {}",
-                    join(&m.path),
-                    src.path.join(join(&m.sub)).display()
-                );
+                let from = if m.sub.is_empty() {
+                    src.path.clone()
+                } else {
+                    src.path.join(join(&m.sub))
+                };
+                let mut line = format!("/{} <- {}", join(&m.path), from.display());
                 if !m.include.is_empty() {
                     let g: Vec<&str> = m.include.iter().map(|p| p.as_str()).collect();
                     line += &format!(" include {}", g.join(","));
@@ -264,6 +297,9 @@ impl Spec {
                 }
                 if !m.hidden {
                     line += " no-hidden";
+                }
+                if m.archives == ArchiveMode::Dir {
+                    line += " archives-as-dirs";
                 }
                 for (f, t) in &m.renames {
                     line += &format!(

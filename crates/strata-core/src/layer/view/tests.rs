@@ -225,3 +225,67 @@ fn spec_errors_say_where() {
     let err = ViewLayer::open(&p, 64).err().unwrap();
     assert!(err.contains("map 1") && err.contains("nope"), "{err}");
 }
+
+#[test]
+fn archives_show_as_directories_without_being_opened_to_list_them() {
+    let s = Setup::new();
+    let games = s.dir.path().join("games");
+    let zsrc = s.dir.path().join("zsrc");
+    fs::create_dir_all(&games).unwrap();
+    fs::create_dir_all(zsrc.join("disk")).unwrap();
+    fs::write(zsrc.join("disk/x.dsk"), "X").unwrap();
+    fs::write(zsrc.join("readme.txt"), "R").unwrap();
+    let zip = std::process::Command::new("zip")
+        .arg("-qr")
+        .arg(games.join("a.zip"))
+        .args(["disk", "readme.txt"])
+        .current_dir(&zsrc)
+        .status()
+        .unwrap();
+    assert!(zip.success());
+    fs::write(games.join("broken.ZIP"), "not a zip").unwrap();
+    fs::write(games.join("plain.dsk"), "P").unwrap();
+    let v = s.view(
+        r#"
+[sources]
+games = "games"
+[[map]]
+path = "g"
+from = "games"
+include = ["*.dsk"]
+archives = "dir"
+"#,
+    );
+    let mut top = Vec::new();
+    v.list(&at(&v, "g").unwrap(), &mut top).unwrap();
+    let mut shown: Vec<(String, FileKind)> = top
+        .iter()
+        .map(|n| (n.name.to_str().unwrap().to_owned(), n.kind))
+        .collect();
+    shown.sort_by(|a, b| a.0.cmp(&b.0));
+    // The broken archive lists as a directory too: listing opens nothing.
+    assert_eq!(
+        shown,
+        [
+            ("a.zip".to_owned(), FileKind::Directory),
+            ("broken.ZIP".to_owned(), FileKind::Directory),
+            ("plain.dsk".to_owned(), FileKind::Regular),
+        ]
+    );
+    let a = at(&v, "g/a.zip").unwrap();
+    let st = v.stat(&a).unwrap();
+    assert!(st.is_dir());
+    // Listing key and lookup key agree before and after the archive is read.
+    let listed = top.iter().find(|n| n.name.to_bytes() == b"a.zip").unwrap();
+    assert_eq!(listed.key, st.key);
+    // Members, with the map's filters: readme.txt is not a .dsk.
+    assert_eq!(names(&v, "g/a.zip"), ["disk"]);
+    assert_eq!(names(&v, "g/a.zip/disk"), ["x.dsk"]);
+    assert_eq!(read(&v, "g/a.zip/disk/x.dsk"), "X");
+    assert!(at(&v, "g/a.zip/readme.txt").is_none());
+    assert_eq!(v.stat(&a).unwrap().key, st.key);
+    // A file that is no archive: EIO when its content is asked for.
+    let broken = at(&v, "g/broken.ZIP").unwrap();
+    let mut out = Vec::new();
+    assert_eq!(v.list(&broken, &mut out).unwrap_err(), Errno::EIO);
+}
