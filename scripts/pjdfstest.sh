@@ -4,8 +4,9 @@
 # `--union` mounts a 3-branch union instead: the scratch dir (RW), an empty NC
 # branch and a read-only branch with content. `--overlay` mounts a lower
 # directory with content with the scratch dir as its upper; `--image` the same
-# with an image (built into a scratch store) as the lower. Other arguments go
-# to `strata mount`.
+# with an image (built into a scratch store) as the lower; `--view` with a
+# view (a spec mapping that lower and a zip of it) as the lower. Other
+# arguments go to `strata mount`.
 set -euo pipefail
 
 STRATA=${STRATA:-$(cd "$(dirname "$0")/.." && pwd)/target/debug/strata}
@@ -56,7 +57,7 @@ if [[ ${1:-} == --union ]]; then
     source="$src:$work/nc=NC:$work/ro=RO"
     label=" on a union (RW, NC, RO)"
     set -- -o minfreespace=16M "$@"
-elif [[ ${1:-} == --overlay || ${1:-} == --image ]]; then
+elif [[ ${1:-} == --overlay || ${1:-} == --image || ${1:-} == --view ]]; then
     mode=$1
     shift
     lower=$work/lower
@@ -68,6 +69,21 @@ elif [[ ${1:-} == --overlay || ${1:-} == --image ]]; then
         "$STRATA" image build "$lower" --name pjdfstest-lower >/dev/null
         source=image:pjdfstest-lower
         label=" on an image with an upper"
+    elif [[ $mode == --view ]]; then
+        (cd "$lower" && zip -qry "$work/lower.zip" .)
+        cat > "$work/view.toml" <<TOML
+[sources]
+lower = "$lower"
+zipped = "$work/lower.zip"
+[[map]]
+path = ""
+from = "lower"
+[[map]]
+path = "zipped"
+from = "zipped"
+TOML
+        source=view:$work/view.toml
+        label=" on a view (a directory and a zip) with an upper"
     else
         source=$lower
         label=" on a directory with an upper"

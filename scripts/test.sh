@@ -36,6 +36,7 @@ cargo test --manifest-path vendor/fuser/Cargo.toml --lib
 ./scripts/pjdfstest.sh --union
 ./scripts/pjdfstest.sh --overlay
 ./scripts/pjdfstest.sh --image
+./scripts/pjdfstest.sh --view
 
 # The image manifest, archive and view spec readers under libFuzzer, bounded
 # (FUZZ_SECONDS each, default 40).

@@ -797,7 +797,7 @@ pub fn view_check(spec: &Path) -> Result<(), Failure> {
     match strata_core::layer::view::Spec::load(spec) {
         Ok(s) => {
             for line in s.describe() {
-                crate::output::outln!("{line}")?;
+                outln!("{line}")?;
             }
             Ok(())
         }
@@ -818,5 +818,32 @@ fn check_archive(path: &Path) -> Result<(), Failure> {
             path.display()
         ))),
         Ok(_) => Ok(()),
+    }
+}
+
+/// `strata view explain PATH`: the `user.strata.source` xattr, read in a
+/// thread of its own so a hung mount costs a timeout, not the command.
+pub fn view_explain(path: &Path) -> Result<(), Failure> {
+    const LIMIT: Duration = Duration::from_secs(5);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let r = rustix::fs::lgetxattr(&p, strata_core::overlay::SOURCE_XATTR, &mut buf[..])
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(Ok(text)) => outln!("{text}"),
+        Ok(Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP)) => Err(usage(format!(
+            "{}: not on a strata overlay, archive or view mount",
+            path.display()
+        ))),
+        Ok(Err(e)) => Err(failure(format!("{}: {e}", path.display()))),
+        Err(_) => Err(failure(format!(
+            "{}: no answer within {}s (is the mount hung?)",
+            path.display(),
+            LIMIT.as_secs()
+        ))),
     }
 }

@@ -59,6 +59,9 @@ fn mount_after_help() -> String {
 enum ViewCommand {
     /// Check SPEC: exit 0 and one line per map, or exit 2 and one line per error.
     Check { spec: PathBuf },
+    /// Where PATH (on a strata mount) comes from: the source object, and
+    /// for a view the map and its rules (the `user.strata.source` xattr).
+    Explain { path: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,8 +126,8 @@ enum Command {
         #[command(subcommand)]
         command: image_cmd::ImageCommand,
     },
-    /// Check a view spec (docs/VIEWS.md): every error with its line and
-    /// column, or what each map shows where.
+    /// Check a view spec (docs/VIEWS.md), or explain where a path of a
+    /// mount comes from.
     View {
         #[command(subcommand)]
         command: ViewCommand,
@@ -188,9 +191,10 @@ fn main() -> ExitCode {
         } => ctl::run(&mountpoint, &action, &args),
         Command::Image { command } => image_cmd::run(command),
         Command::Gc { store } => image_cmd::gc(&store),
-        Command::View {
-            command: ViewCommand::Check { spec },
-        } => commands::view_check(&spec),
+        Command::View { command } => match command {
+            ViewCommand::Check { spec } => commands::view_check(&spec),
+            ViewCommand::Explain { path } => commands::view_explain(&path),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -458,6 +458,17 @@ impl HostDir {
         CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
     }
 
+    /// Where a node is on the host now, for people (the kernel's name for
+    /// its descriptor; `None` if it has none any more).
+    pub fn path_of(&self, node: &Arc<HostNode>) -> Option<PathBuf> {
+        let fd = self.fd(node).ok()?;
+        let name = fd.as_raw_fd().to_string();
+        let target = rustix::fs::readlinkat(&self.proc_fd, name.as_str(), Vec::new()).ok()?;
+        Some(PathBuf::from(
+            <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(target.into_bytes()),
+        ))
+    }
+
     /// `fchmodat` on an O_PATH fd via its `/proc/self/fd` entry.
     pub fn chmod_fd(&self, fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
         let name = fd.as_raw_fd().to_string();

@@ -100,6 +100,17 @@ impl Layer for ArchiveLayer {
         LObj::Entry(0)
     }
 
+    fn locate(&self, obj: &LObj) -> String {
+        match self.member(obj) {
+            Ok((i, _)) => format!(
+                "{}:/{}",
+                self.label,
+                String::from_utf8_lossy(&self.archive.path_of(i).join(&b'/'))
+            ),
+            Err(_) => self.describe(),
+        }
+    }
+
     fn stat(&self, obj: &LObj) -> Result<LStat> {
         Ok(Self::stat_of(self.member(obj)?.1))
     }

@@ -34,6 +34,16 @@ impl Layer for HostLayer {
         self.dir.path().display().to_string()
     }
 
+    fn locate(&self, obj: &LObj) -> String {
+        match obj {
+            LObj::Host(n) => self
+                .dir
+                .path_of(n)
+                .map_or_else(|| self.describe(), |p| p.display().to_string()),
+            _ => self.describe(),
+        }
+    }
+
     fn root(&self) -> LObj {
         LObj::Host(self.dir.root().clone())
     }

@@ -92,6 +92,17 @@ impl Layer for ImageLayer {
         LObj::Entry(0)
     }
 
+    fn locate(&self, obj: &LObj) -> String {
+        match self.entry(obj) {
+            Ok(e) => format!(
+                "{}:/{}",
+                self.describe(),
+                String::from_utf8_lossy(&self.path_of(e).join(&b'/'))
+            ),
+            Err(_) => self.describe(),
+        }
+    }
+
     fn stat(&self, obj: &LObj) -> Result<LStat> {
         Ok(Self::stat_of(&self.entry(obj)?))
     }

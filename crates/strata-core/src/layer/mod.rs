@@ -146,6 +146,11 @@ pub trait Layer: Send + Sync {
     fn cached_fds(&self) -> usize {
         0
     }
+    /// Where `obj` comes from, for people (the `user.strata.source` xattr,
+    /// `strata view explain`): a host path, an archive member, a view's map.
+    fn locate(&self, _obj: &LObj) -> String {
+        self.describe()
+    }
     /// Whether the layer's content never changes while mounted (images,
     /// archives): the kernel may cache it for as long as it likes.
     fn unchanging(&self) -> bool {

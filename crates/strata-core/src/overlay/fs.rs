@@ -426,6 +426,9 @@ impl Rule for Overlay {
     }
 
     fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+        if name == super::SOURCE_XATTR {
+            return Xattr::reply(self.locate(ino)?.into_bytes(), size);
+        }
         if is_private_xattr(name.as_encoded_bytes()) {
             return Err(Errno::ENODATA);
         }

@@ -280,6 +280,10 @@ fn tmp_name() -> CString {
 pub(crate) const TMP_PREFIX: &str = ".strata-tmp.";
 
 /// xattr names the overlay keeps for itself: never shown, never settable.
+/// Read on any node: where its content comes from (the upper's path, or
+/// its top lower's account of it). Never listed, never copied up.
+pub const SOURCE_XATTR: &str = "user.strata.source";
+
 fn is_private_xattr(name: &[u8]) -> bool {
     [
         &b"trusted.overlay."[..],
@@ -400,6 +404,18 @@ impl Overlay {
             },
             opaque_xattr: OPAQUE_XATTRS[if root_user { 0 } else { 1 }],
         })
+    }
+
+    /// Where node `id`'s content comes from, for people.
+    fn locate(&self, id: u64) -> Result<String> {
+        let node = self.node(id)?;
+        if let Some(up) = node.upper() {
+            let h = self.upper_dir()?;
+            let path = h.path_of(&up).unwrap_or_else(|| h.path().to_path_buf());
+            return Ok(format!("{} (upper)", path.display()));
+        }
+        let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
+        Ok(self.layer(&top).locate(&top.obj))
     }
 
     /// Which layers serve this mount, top first, for logs and status.

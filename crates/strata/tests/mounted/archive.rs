@@ -111,6 +111,10 @@ fn every_archive_format_shows_the_tree_it_was_made_from() {
         }
         // Read-only without an upper.
         assert_eq!(errno(fs::write(m.m("new"), b"x")), libc::EROFS, "{kind}");
+        // Where a member comes from.
+        let source = get_xattr(&m.m("d/sub/deep.txt"), "user.strata.source").unwrap();
+        let want = format!("tree.{kind}:/d/sub/deep.txt");
+        assert!(String::from_utf8_lossy(&source).ends_with(&want), "{kind}");
         let layers = get_xattr(&m.m(".strata"), "user.strata.layers").unwrap();
         assert!(String::from_utf8_lossy(&layers).contains(kind), "{kind}");
     }

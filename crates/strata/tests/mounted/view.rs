@@ -129,6 +129,28 @@ fn two_clients_see_their_own_layout_of_one_collection() {
     .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("b.ROM"));
+    // Where a name comes from: the source file and the rule that renamed it.
+    let explain = |p: &Path| {
+        let out = strata(
+            &["view", "explain", p.to_str().unwrap()],
+            &m.dir.path().join("state"),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let why = explain(&mister.join("b.ROM"));
+    assert!(
+        why.contains("roms/Amstrad/CPC/b.BIN, by map 1 of view:")
+            && why.contains("rename *.BIN->*.ROM"),
+        "{why}"
+    );
+    let why = explain(&m.m("Zipped/g.zip/disks/z.dsk"));
+    assert!(why.contains("/disks/z.dsk, by map 4 of view:"), "{why}");
+    assert!(explain(&m.m("Native")).starts_with("a directory of view:"));
     // A zip shown as a directory of its members.
     assert_eq!(sorted(&m.m("Zipped")), ["g.zip", "notes.txt"]);
     assert!(fs::metadata(m.m("Zipped/g.zip")).unwrap().is_dir());
@@ -151,6 +173,11 @@ fn under_an_upper_a_view_takes_writes_and_its_sources_stay_unchanged() {
         fs::read_to_string(m.upper().join("MiSTer/Amstrad/b.ROM")).unwrap(),
         "patched"
     );
+    let out = strata(
+        &["view", "explain", mister.join("b.ROM").to_str().unwrap()],
+        &m.dir.path().join("state"),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(upper)"));
     fs::remove_file(mister.join("a.dsk")).unwrap();
     assert!(!mister.join("a.dsk").exists());
     assert!(src.join("a.dsk").exists());

@@ -49,6 +49,8 @@ pub struct ViewLayer {
     roots: Vec<LObj>,
     vdirs: Vec<VDir>,
     mtime: (i64, u32),
+    /// Each map's place and rules, as `strata view check` shows them.
+    rules: Vec<String>,
     /// Archives shown as directories, by (source, file identity), indexed
     /// on first use.
     archives: Mutex<HashMap<ArchiveId, Arc<ArchiveLayer>>>,
@@ -94,6 +96,7 @@ impl ViewLayer {
                 (m.mtime(), m.mtime_nsec() as u32)
             })
             .unwrap_or((0, 0));
+        let rules = spec.describe();
         let mut view = ViewLayer {
             label: format!("view:{}", spec_path.display()),
             spec_path: spec_path.to_path_buf(),
@@ -105,6 +108,7 @@ impl ViewLayer {
                 maps: Vec::new(),
             }],
             mtime,
+            rules,
             archives: Mutex::default(),
         };
         view.place_maps();
@@ -440,6 +444,25 @@ impl Layer for ViewLayer {
 
     fn root(&self) -> LObj {
         LObj::Entry(0)
+    }
+
+    fn locate(&self, obj: &LObj) -> String {
+        match obj {
+            LObj::Mapped(x) => {
+                let inner = self.layer_in(x.map, &x.within).locate(&x.obj);
+                let shown = match x.within {
+                    Within::ArchiveRoot => " (an archive shown as a directory)",
+                    _ => "",
+                };
+                format!(
+                    "{inner}{shown}, by map {} of {}: {}",
+                    x.map + 1,
+                    self.label,
+                    self.rules[x.map as usize]
+                )
+            }
+            _ => format!("a directory of {}", self.label),
+        }
     }
 
     fn stat(&self, obj: &LObj) -> Result<LStat> {
