@@ -18,6 +18,7 @@
 #![deny(unsafe_code)]
 
 mod index;
+mod persist;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -94,6 +95,8 @@ pub struct Archive {
     members: Vec<Member>,
     /// Members left out of the index (unsafe names, conflicts, bombs).
     skipped: usize,
+    /// The index was read from where an earlier open kept it.
+    from_kept: bool,
     zip: Option<Mutex<zip::ZipArchive<File>>>,
     cache: Mutex<Cache>,
 }
@@ -115,7 +118,17 @@ impl Archive {
     }
 
     /// Indexes the archive open as `file`; `path` names it in messages.
-    pub fn from_file(mut file: File, path: &Path) -> Result<Archive, Error> {
+    pub fn from_file(file: File, path: &Path) -> Result<Archive, Error> {
+        Archive::from_file_kept(file, path, None)
+    }
+
+    /// [`Archive::from_file`], keeping the index below `index_dir` for the
+    /// next time (and reading it from there when the archive is unchanged).
+    pub fn from_file_kept(
+        mut file: File,
+        path: &Path,
+        index_dir: Option<&Path>,
+    ) -> Result<Archive, Error> {
         let shown = path.display();
         let fail = |e: &dyn std::fmt::Display| Error(format!("{shown}: {e}"));
         let meta = file.metadata().map_err(|e| fail(&e))?;
@@ -131,9 +144,21 @@ impl Archive {
             .ok_or_else(|| fail(&"not a known archive (tar, tar.gz, tar.zst, tar.xz, zip)"))?;
         let mtime = std::os::unix::fs::MetadataExt::mtime(&meta);
         let label = shown.to_string();
-        let (members, skipped, zip) = if format == Format::Zip {
+        let kept_at = index_dir.map(|d| persist::index_path(d, &meta));
+        let mut zip = None;
+        if format == Format::Zip {
             let z = file.try_clone().map_err(|e| fail(&e))?;
-            let mut z = zip::ZipArchive::new(z).map_err(|e| fail(&e))?;
+            zip = Some(zip::ZipArchive::new(z).map_err(|e| fail(&e))?);
+        }
+        let zip_entries = zip.as_ref().map_or(0, |z| z.len());
+        let kept = kept_at
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| persist::decode(&b, format, zip_entries));
+        let from_kept = kept.is_some();
+        let (members, skipped, zip) = if let Some((members, skipped)) = kept {
+            (members, skipped, zip.map(Mutex::new))
+        } else if let Some(mut z) = zip {
             let (members, skipped) = index::index_zip(&mut z, mtime, &label);
             (members, skipped, Some(Mutex::new(z)))
         } else {
@@ -148,12 +173,16 @@ impl Archive {
             let (members, skipped) = index::index_tar(reader, mtime, &label);
             (members, skipped, None)
         };
-        if skipped > 0 {
+        if skipped > 0 && !from_kept {
             tracing::warn!(archive = %label, skipped, "members left out of the index");
+        }
+        if let (Some(p), false) = (&kept_at, from_kept) {
+            persist::store(p, &persist::encode(format, &members, skipped));
         }
         Ok(Archive {
             path: path.to_path_buf(),
             file,
+            from_kept,
             format,
             members,
             skipped,
@@ -185,6 +214,12 @@ impl Archive {
     /// Members the index left out.
     pub fn skipped(&self) -> usize {
         self.skipped
+    }
+
+    /// Whether the index came from where an earlier open kept it (the
+    /// archive itself was not read).
+    pub fn from_kept_index(&self) -> bool {
+        self.from_kept
     }
 
     pub fn member(&self, index: u32) -> Option<&Member> {
@@ -228,7 +263,8 @@ impl Archive {
     pub fn path_of(&self, index: u32) -> Vec<&[u8]> {
         let mut out = Vec::new();
         let mut cur = index;
-        while cur != 0 {
+        // Bounded: a member no directory lists may have any parent.
+        while cur != 0 && out.len() < self.members.len() {
             let Some(m) = self.member(cur) else { break };
             out.push(m.name.as_slice());
             cur = m.parent;

@@ -316,3 +316,83 @@ fn components_drop_dots_and_refuse_dotdot() {
     assert!(index::components(b"a/../b").is_err());
     assert!(index::components(b"a/b\0c").is_err());
 }
+
+fn kept(path: &Path, dir: &Path) -> Archive {
+    Archive::from_file_kept(File::open(path).unwrap(), path, Some(dir)).unwrap()
+}
+
+#[test]
+fn the_index_is_kept_and_read_back_the_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let tar = write(dir.path(), "x.tar", &sample_tar());
+    let first = kept(&tar, &keep);
+    assert!(!first.from_kept_index());
+    check_sample(&first);
+    let second = kept(&tar, &keep);
+    assert!(
+        second.from_kept_index(),
+        "the second open reads the kept index"
+    );
+    check_sample(&second);
+    // zip too, whose data is read through its own directory.
+    let zip = sample_zip(dir.path());
+    assert!(!kept(&zip, &keep).from_kept_index());
+    let z = kept(&zip, &keep);
+    assert!(z.from_kept_index());
+    assert_eq!(content(&z, "d/sub/b.txt"), b"deflated b\n".repeat(1000));
+    // A changed archive (another mtime) is indexed again.
+    let f = File::options().write(true).open(&tar).unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(7))
+        .unwrap();
+    assert!(!kept(&tar, &keep).from_kept_index());
+}
+
+#[test]
+fn a_kept_index_that_is_corrupt_or_hostile_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let tar = write(dir.path(), "x.tar", &sample_tar());
+    kept(&tar, &keep);
+    let file = std::fs::read_dir(&keep)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // A flipped byte: the checksum fails, the archive is read again.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[40] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let a = kept(&tar, &keep);
+    assert!(!a.from_kept_index());
+    check_sample(&a);
+    // Sealed but hostile: a name with `..`, a child listed by a stranger,
+    // an unsorted directory, a hard link to a directory, a cycle of parents.
+    let good = Archive::open(&tar).unwrap();
+    let base = good.members.clone();
+    let top = good.lookup(0, b"top.txt").unwrap() as usize;
+    let d = good.lookup(0, b"d").unwrap() as usize;
+    let mut cases: Vec<Vec<Member>> = Vec::new();
+    let mut m = base.clone();
+    m[top].name = b"..".to_vec();
+    cases.push(m);
+    let mut m = base.clone();
+    m[d].children.push(top as u32);
+    cases.push(m);
+    let mut m = base.clone();
+    m[0].children.reverse();
+    cases.push(m);
+    let mut m = base.clone();
+    m[top].inode = d as u32;
+    cases.push(m);
+    let mut m = base.clone();
+    m[0].children.insert(0, 0);
+    cases.push(m);
+    for (i, members) in cases.into_iter().enumerate() {
+        std::fs::write(&file, persist::encode(Format::Tar, &members, 0)).unwrap();
+        let a = kept(&tar, &keep);
+        assert!(!a.from_kept_index(), "case {i} was used");
+        check_sample(&a);
+    }
+}

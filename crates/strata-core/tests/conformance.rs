@@ -139,6 +139,7 @@ fn make(mode: Mode) -> Client {
                     fd_cache: 64,
                     passthrough: false,
                     watch: false,
+                    index_dir: None,
                 })
                 .unwrap(),
             ))
@@ -184,6 +185,7 @@ fn make(mode: Mode) -> Client {
                     fd_cache: 64,
                     passthrough: false,
                     watch: false,
+                    index_dir: None,
                 })
                 .unwrap(),
             ))

@@ -334,6 +334,7 @@ fn prepare_overlay(
         fd_cache: opts.fd_cache,
         passthrough: opts.passthrough,
         watch: opts.watch,
+        index_dir: Some(store.join("archive-index")),
     })
     .map_err(usage)?;
     tracing::info!(layers = fs.describe(), "overlay");

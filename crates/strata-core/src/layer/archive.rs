@@ -19,9 +19,14 @@ pub struct ArchiveLayer {
 }
 
 impl ArchiveLayer {
-    pub fn open(path: &Path) -> std::result::Result<ArchiveLayer, String> {
+    /// The archive at `path`; its index is kept below `index_dir` for the
+    /// next mount, when given.
+    pub fn open(
+        path: &Path,
+        index_dir: Option<&Path>,
+    ) -> std::result::Result<ArchiveLayer, String> {
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        ArchiveLayer::from_file(file, path)
+        ArchiveLayer::from_file(file, path, index_dir)
     }
 
     /// The archive open as `file` (a member of another layer, say); `path`
@@ -29,12 +34,14 @@ impl ArchiveLayer {
     pub fn from_file(
         file: std::fs::File,
         path: &Path,
+        index_dir: Option<&Path>,
     ) -> std::result::Result<ArchiveLayer, String> {
-        let archive = Archive::from_file(file, path).map_err(|e| e.to_string())?;
+        let archive = Archive::from_file_kept(file, path, index_dir).map_err(|e| e.to_string())?;
         tracing::info!(
             archive = %path.display(),
             format = archive.format().name(),
             members = archive.len() - 1,
+            kept = archive.from_kept_index(),
             "archive indexed"
         );
         Ok(ArchiveLayer {

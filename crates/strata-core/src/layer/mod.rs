@@ -186,14 +186,22 @@ pub fn open_host(path: &Path, fd_cache: usize) -> std::result::Result<Box<dyn La
     Ok(Box::new(HostLayer::new(HostDir::open(path, fd_cache)?)))
 }
 
-/// Opens the view a spec file declares as a layer.
-pub fn open_view(spec: &Path, fd_cache: usize) -> std::result::Result<Box<dyn Layer>, String> {
-    Ok(Box::new(ViewLayer::open(spec, fd_cache)?))
+/// Opens the view a spec file declares as a layer (archive indexes kept
+/// below `index_dir`).
+pub fn open_view(
+    spec: &Path,
+    fd_cache: usize,
+    index_dir: Option<&Path>,
+) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(ViewLayer::open(spec, fd_cache, index_dir)?))
 }
 
-/// Opens an archive file as a layer.
-pub fn open_archive(path: &Path) -> std::result::Result<Box<dyn Layer>, String> {
-    Ok(Box::new(ArchiveLayer::open(path)?))
+/// Opens an archive file as a layer (its index kept below `index_dir`).
+pub fn open_archive(
+    path: &Path,
+    index_dir: Option<&Path>,
+) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(ArchiveLayer::open(path, index_dir)?))
 }
 
 /// Opens image `name` of the store at `store_root` as a layer.

@@ -75,6 +75,8 @@ pub struct OverlayConfig {
     /// Watch host lowers for outside changes (root only), so their nodes can
     /// be cached as long as the rest.
     pub watch: bool,
+    /// Where archive indexes are kept across mounts (`None`: not kept).
+    pub index_dir: Option<PathBuf>,
 }
 
 /// Identity of an overlay object, from which its node id derives.
@@ -338,8 +340,8 @@ impl Overlay {
             layers.push(match spec {
                 LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
                 LowerSpec::Image { store, name } => layer::open_image(store, name)?,
-                LowerSpec::Archive(p) => layer::open_archive(p)?,
-                LowerSpec::View(p) => layer::open_view(p, cfg.fd_cache)?,
+                LowerSpec::Archive(p) => layer::open_archive(p, cfg.index_dir.as_deref())?,
+                LowerSpec::View(p) => layer::open_view(p, cfg.fd_cache, cfg.index_dir.as_deref())?,
             });
         }
         for l in &layers {

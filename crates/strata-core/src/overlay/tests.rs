@@ -47,6 +47,7 @@ fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> Stack<Overlay> {
             fd_cache: 64,
             passthrough: false,
             watch: false,
+            index_dir: None,
         })
         .unwrap(),
     )

@@ -163,6 +163,9 @@ impl Mounted {
         cmd.arg(&source)
             .arg(&mnt)
             .env("STRATA_STATE_DIR", state)
+            // Archive indexes and the like land in the scratch dir, not the
+            // machine's store.
+            .env("STRATA_STORE", dir.path().join("store"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -175,11 +178,24 @@ impl Mounted {
             child: Some(child),
             log,
         };
+        let mut m = m;
         let mnt = m.mnt.clone();
-        if !wait_until(READY, || is_mounted(&mnt)) {
+        // A daemon that gave up ends the wait at once.
+        let exited = |m: &mut Mounted| {
+            m.child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        };
+        wait_until(READY, || is_mounted(&mnt) || exited(&mut m));
+        if !is_mounted(&mnt) {
             let log = fs::read_to_string(&m.log).unwrap_or_default();
+            let why = if exited(&mut m) {
+                "the daemon exited".to_string()
+            } else {
+                format!("not ready within {READY:?}")
+            };
             drop(m);
-            panic!("mount did not become ready within {READY:?}; daemon log:\n{log}");
+            panic!("mount failed: {why}; daemon log:\n{log}");
         }
         m
     }

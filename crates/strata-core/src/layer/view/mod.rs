@@ -51,6 +51,8 @@ pub struct ViewLayer {
     mtime: (i64, u32),
     /// Each map's place and rules, as `strata view check` shows them.
     rules: Vec<String>,
+    /// Where archive indexes are kept across mounts.
+    index_dir: Option<PathBuf>,
     /// Archives shown as directories, by (source, file identity), indexed
     /// on first use.
     archives: Mutex<HashMap<ArchiveId, Arc<ArchiveLayer>>>,
@@ -58,14 +60,18 @@ pub struct ViewLayer {
 
 impl ViewLayer {
     /// Opens the view a spec file declares, with its sources.
-    pub fn open(spec_path: &Path, fd_cache: usize) -> std::result::Result<ViewLayer, String> {
+    pub fn open(
+        spec_path: &Path,
+        fd_cache: usize,
+        index_dir: Option<&Path>,
+    ) -> std::result::Result<ViewLayer, String> {
         let spec = Spec::load(spec_path).map_err(|e| e.join("\n"))?;
         let mut sources: Vec<Box<dyn Layer>> = Vec::new();
         for s in &spec.sources {
             let layer = if s.path.is_dir() {
                 super::open_host(&s.path, fd_cache)?
             } else {
-                super::open_archive(&s.path)?
+                super::open_archive(&s.path, index_dir)?
             };
             sources.push(layer);
         }
@@ -109,6 +115,7 @@ impl ViewLayer {
             }],
             mtime,
             rules,
+            index_dir: index_dir.map(Path::to_path_buf),
             archives: Mutex::default(),
         };
         view.place_maps();
@@ -261,10 +268,11 @@ impl ViewLayer {
         }
         let label = PathBuf::from(format!("{} (inode {})", src.describe(), key.1));
         let fd = src.open(file)?;
-        let a = ArchiveLayer::from_file(std::fs::File::from(fd), &label).map_err(|e| {
-            tracing::error!(view = %self.label, "{e}");
-            Errno::EIO
-        })?;
+        let a = ArchiveLayer::from_file(std::fs::File::from(fd), &label, self.index_dir.as_deref())
+            .map_err(|e| {
+                tracing::error!(view = %self.label, "{e}");
+                Errno::EIO
+            })?;
         let a = self
             .archives
             .lock()

@@ -36,7 +36,7 @@ impl Setup {
     }
 
     fn view(&self, text: &str) -> ViewLayer {
-        ViewLayer::open(&self.spec(text), 64).unwrap()
+        ViewLayer::open(&self.spec(text), 64, None).unwrap()
     }
 }
 
@@ -222,7 +222,7 @@ fn spec_errors_say_where() {
     assert!(check("[[map]]\npath = ").contains("v.toml:2:"));
     // a map of a directory the source does not have: refused at open
     let p = s.spec("[sources]\nroms = \"roms\"\n[[map]]\npath = \"x\"\nfrom = \"roms:nope\"\n");
-    let err = ViewLayer::open(&p, 64).err().unwrap();
+    let err = ViewLayer::open(&p, 64, None).err().unwrap();
     assert!(err.contains("map 1") && err.contains("nope"), "{err}");
 }
 
