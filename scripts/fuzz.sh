@@ -40,13 +40,27 @@ gzip -kc "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.gz"
 zstd -q -c "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.zst"
 xz -kc "$work/corpus/archive/seed.tar" > "$work/corpus/archive/seed.tar.xz"
 (cd "$src" && zip -qry "$work/corpus/archive/seed.zip" .)
+# Seed for the kept archive index (format in crates/strata-archive/src/persist.rs),
+# without its checksum (the target seals what it is given): a root and one file.
+mkdir -p "$work/corpus/archive_index"
+python3 - "$work/corpus/archive_index/seed" <<'PY'
+import struct, sys
+def member(name, parent, kind, perm, nlink, tag, children):
+    b = struct.pack("<I", len(name)) + name + struct.pack("<IBIIIqQII", parent, kind, perm, 0, 0, 0, 5, 0, 0)
+    b += struct.pack("<I", 0) + struct.pack("<II", 1 if kind == 1 else 0, nlink)
+    b += struct.pack("<BQ", tag, 512 if tag else 0) + struct.pack("<I", len(children))
+    return b + b"".join(struct.pack("<I", c) for c in children)
+body = b"STRATAIX" + struct.pack("<IBII", 1, 1, 2, 0)
+body += member(b"", 0, 2, 0o755, 2, 0, [1]) + member(b"file", 0, 1, 0o644, 1, 1, [])
+open(sys.argv[1], "wb").write(body)
+PY
 # Seeds for the view spec parser: the example of docs/VIEWS.md and a small one.
 mkdir -p "$work/corpus/view_spec"
 sed -n '/^```toml$/,/^```$/p' docs/VIEWS.md | sed '1d;$d' > "$work/corpus/view_spec/example.toml"
 printf '[sources]\ntmp = "/tmp"\n[[map]]\npath = "a/b"\nfrom = "tmp:."\ninclude = ["*.x"]\nrename = ["A:B"]\n' \
     > "$work/corpus/view_spec/small.toml"
 
-for t in manifest archive view_spec; do
+for t in manifest archive archive_index view_spec; do
     echo "fuzz: $t for ${seconds}s"
     "$out/$triple/release/$t" -max_total_time="$seconds" -max_len=16384 \
         -artifact_prefix="$out/artifacts/$t-" -print_final_stats=1 \

@@ -231,16 +231,16 @@ fn sound(members: &[Member]) -> bool {
         if m.kind != Kind::Dir && !m.children.is_empty() {
             return false;
         }
-        // Children: never the root, each this directory's own, sorted by
-        // name without repeats (so a lookup finds one, and no directory
-        // lists an ancestor).
-        for w in m.children.windows(2) {
-            if members[w[0] as usize].name >= members[w[1] as usize].name {
+        // Children: in range, never the root, each this directory's own,
+        // sorted by name without repeats (so a lookup finds one, and no
+        // directory lists an ancestor).
+        for &c in &m.children {
+            if c == 0 || c >= n || members[c as usize].parent != i as u32 {
                 return false;
             }
         }
-        for &c in &m.children {
-            if c == 0 || c >= n || members[c as usize].parent != i as u32 {
+        for w in m.children.windows(2) {
+            if members[w[0] as usize].name >= members[w[1] as usize].name {
                 return false;
             }
         }

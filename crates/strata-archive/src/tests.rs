@@ -389,10 +389,57 @@ fn a_kept_index_that_is_corrupt_or_hostile_is_not_used() {
     let mut m = base.clone();
     m[0].children.insert(0, 0);
     cases.push(m);
+    let mut m = base.clone();
+    m[d].children.push(1 << 20);
+    cases.push(m);
     for (i, members) in cases.into_iter().enumerate() {
         std::fs::write(&file, persist::encode(Format::Tar, &members, 0)).unwrap();
         let a = kept(&tar, &keep);
         assert!(!a.from_kept_index(), "case {i} was used");
         check_sample(&a);
     }
+}
+
+#[test]
+fn the_fuzz_seed_of_the_kept_index_is_one_the_reader_accepts() {
+    // The same bytes scripts/fuzz.sh writes: a root and one file.
+    let mut body = b"STRATAIX".to_vec();
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.push(1);
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    let member =
+        |name: &[u8], kind: u8, perm: u32, inode: u32, nlink: u32, tag: u8, children: &[u32]| {
+            let mut b = (name.len() as u32).to_le_bytes().to_vec();
+            b.extend_from_slice(name);
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.push(kind);
+            for v in [perm, 0, 0] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.extend_from_slice(&0i64.to_le_bytes());
+            b.extend_from_slice(&5u64.to_le_bytes());
+            b.extend_from_slice(&[0u8; 8]);
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.extend_from_slice(&inode.to_le_bytes());
+            b.extend_from_slice(&nlink.to_le_bytes());
+            b.push(tag);
+            b.extend_from_slice(&(if tag == 1 { 512u64 } else { 0 }).to_le_bytes());
+            b.extend_from_slice(&(children.len() as u32).to_le_bytes());
+            for c in children {
+                b.extend_from_slice(&c.to_le_bytes());
+            }
+            b
+        };
+    let root = member(b"", 2, 0o755, 0, 2, 0, &[1]);
+    let good = [
+        body.clone(),
+        root.clone(),
+        member(b"file", 1, 0o644, 1, 1, 1, &[]),
+    ]
+    .concat();
+    assert_eq!(check_kept_index(&good), Some(2));
+    // The same with a name that is not one component is refused.
+    let bad = [body, root, member(b"..", 1, 0o644, 1, 1, 1, &[])].concat();
+    assert_eq!(check_kept_index(&bad), None);
 }
