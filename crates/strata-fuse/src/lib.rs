@@ -54,6 +54,25 @@ pub struct MountConfig {
     /// them (Linux 6.14+, fuse module parameter `enable_uring`).
     pub uring: bool,
     pub panic_probe: bool,
+    /// Device files work (FUSE's default: not).
+    pub dev: bool,
+    /// setuid/setgid bits take effect (FUSE's default: not).
+    pub suid: bool,
+    pub noexec: bool,
+    pub atime: Atime,
+    pub sync: bool,
+    pub dirsync: bool,
+}
+
+/// The mount's access-time mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Atime {
+    /// The kernel's default (relatime).
+    #[default]
+    Default,
+    No,
+    Relative,
+    Strict,
 }
 
 /// The `fuser::Filesystem` that forwards to a core filesystem.
@@ -809,6 +828,17 @@ pub fn mount<F: core::Filesystem>(
     if cfg.read_only {
         options.push(MountOption::RO);
     }
+    let flags = [
+        (cfg.dev, MountOption::Dev),
+        (cfg.suid, MountOption::Suid),
+        (cfg.noexec, MountOption::NoExec),
+        (cfg.sync, MountOption::Sync),
+        (cfg.dirsync, MountOption::DirSync),
+        (cfg.atime == Atime::No, MountOption::NoAtime),
+        (cfg.atime == Atime::Relative, MountOption::RelAtime),
+        (cfg.atime == Atime::Strict, MountOption::StrictAtime),
+    ];
+    options.extend(flags.into_iter().filter(|(on, _)| *on).map(|(_, o)| o));
     let mut config = Config::default();
     config.mount_options = options;
     config.acl = if cfg.allow_other {

@@ -201,6 +201,7 @@ struct Prepared {
 
 fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<Prepared, Failure> {
     let opts = MountOptions::parse(option_lists.iter().map(String::as_str)).map_err(usage)?;
+    strata_core::host::set_no_atime(opts.flags.atime == strata_fuse::Atime::No);
     if opts.upper.is_some() || has_overlay_layer(source) {
         return prepare_overlay(source, mountpoint, &opts);
     }
@@ -273,6 +274,12 @@ fn mount_config(opts: &MountOptions, source: &str, read_only: bool) -> MountConf
         passthrough: opts.passthrough,
         uring: opts.uring,
         panic_probe: std::env::var_os("STRATA_PANIC_PROBE").is_some_and(|v| v == "1"),
+        dev: opts.flags.dev,
+        suid: opts.flags.suid,
+        noexec: opts.flags.noexec,
+        atime: opts.flags.atime,
+        sync: opts.flags.sync,
+        dirsync: opts.flags.dirsync,
     }
 }
 

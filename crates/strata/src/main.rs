@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Exit code for bad input (usage, paths, options), as mount(8) helpers do.
 pub const EXIT_USAGE: u8 = 2;
@@ -153,8 +153,23 @@ enum Command {
     },
 }
 
+/// The arguments, with `mount` put in front of `SOURCE MOUNTPOINT [-o OPTS]`
+/// (how mount(8) runs a filesystem's helper through mount.fuse3: `mount -t
+/// fuse.strata` and fstab lines of that type work without a helper of ours).
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("-");
+    let subcommand = first.starts_with('-')
+        || Cli::command().find_subcommand(first).is_some()
+        || first == "help";
+    if !subcommand && args.len() >= 3 {
+        args.insert(1, "mount".into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(arguments()) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { EXIT_USAGE } else { 0 };

@@ -37,6 +37,20 @@ pub struct MountOptions {
     pub upper: Option<PathBuf>,
     /// Image store for `image:NAME` layers (default: `$STRATA_STORE`, ...).
     pub store: Option<PathBuf>,
+    /// mount(8)'s generic flags for the FUSE mount.
+    pub flags: MountFlags,
+}
+
+/// mount(8)'s generic flags. FUSE mounts default to nodev and nosuid;
+/// mount.fuse3 passes `dev,suid` for root.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    pub dev: bool,
+    pub suid: bool,
+    pub noexec: bool,
+    pub atime: strata_fuse::Atime,
+    pub sync: bool,
+    pub dirsync: bool,
 }
 
 impl Default for MountOptions {
@@ -57,6 +71,7 @@ impl Default for MountOptions {
             union_keys: Vec::new(),
             upper: None,
             store: None,
+            flags: MountFlags::default(),
         }
     }
 }
@@ -169,6 +184,10 @@ impl MountOptions {
                     Some((k, v)) => (k, Some(v)),
                     None => (item, None),
                 };
+                // fstab's own keys (systemd's x-*, comments) are not ours.
+                if key.starts_with("x-") || key == "comment" {
+                    continue;
+                }
                 let spec = strata_core::options::find(key).ok_or_else(|| unknown(key))?;
                 let need = || {
                     value.ok_or_else(|| format!("option '{key}' needs a value: {}", spec.usage()))
@@ -189,6 +208,17 @@ impl MountOptions {
                     "uring" => o.uring = value.map_or(Ok(true), |v| boolean(key, v))?,
                     "cache.fds" => o.fd_cache = number(key, need()?, 16, 1 << 24)?,
                     "readahead" => o.readahead_kib = number(key, need()?, 0, 1 << 20)? as u64,
+                    "dev" | "nodev" => o.flags.dev = key == "dev",
+                    "suid" | "nosuid" => o.flags.suid = key == "suid",
+                    "exec" | "noexec" => o.flags.noexec = key == "noexec",
+                    "atime" => o.flags.atime = strata_fuse::Atime::Default,
+                    "noatime" => o.flags.atime = strata_fuse::Atime::No,
+                    "relatime" => o.flags.atime = strata_fuse::Atime::Relative,
+                    "strictatime" => o.flags.atime = strata_fuse::Atime::Strict,
+                    "sync" | "async" => o.flags.sync = key == "sync",
+                    "dirsync" => o.flags.dirsync = true,
+                    "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nofail"
+                    | "_netdev" => {}
                     "upper" => o.upper = Some(PathBuf::from(need()?)),
                     "store" => o.store = Some(PathBuf::from(need()?)),
                     // The union's settings, the cache timeouts among them.

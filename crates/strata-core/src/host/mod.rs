@@ -114,15 +114,36 @@ fn system_time(sec: i64, nsec: u64) -> SystemTime {
     }
 }
 
+/// Whether the daemon's reads leave host access times alone (`-o noatime`).
+static NO_ATIME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set once at mount from `-o noatime`: host files and directories are then
+/// opened with `O_NOATIME`, so reading through the mount does not change
+/// their access times (the mount has one process, one mount).
+pub fn set_no_atime(on: bool) {
+    NO_ATIME.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `openat` for I/O, with `O_NOATIME` under `-o noatime` where the kernel
+/// allows it (the owner or CAP_FOWNER; others open as asked).
+fn open_io(dir: BorrowedFd<'_>, name: &CStr, flags: OFlags) -> Result<OwnedFd> {
+    if NO_ATIME.load(std::sync::atomic::Ordering::Relaxed) {
+        match rustix::fs::openat(dir, name, flags | OFlags::NOATIME, Mode::empty()) {
+            Err(rustix::io::Errno::PERM) => {}
+            r => return Ok(r?),
+        }
+    }
+    Ok(rustix::fs::openat(dir, name, flags, Mode::empty())?)
+}
+
 /// A readable descriptor of the directory `fd` (an O_PATH one) holds, for
 /// getdents.
 pub fn open_dir(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
-    Ok(rustix::fs::openat(
+    open_io(
         fd,
         c".",
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    )
 }
 
 /// Calls `f` with each entry of the directory `dfd` (from [`open_dir`])
@@ -443,13 +464,8 @@ impl HostDir {
 
     /// Opens the object behind an O_PATH fd for I/O, through `/proc/self/fd`.
     pub fn reopen(&self, fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd> {
-        let name = fd.as_raw_fd().to_string();
-        Ok(rustix::fs::openat(
-            &self.proc_fd,
-            name.as_str(),
-            flags | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?)
+        let name = CString::new(fd.as_raw_fd().to_string()).expect("digits");
+        open_io(self.proc_fd.as_fd(), &name, flags | OFlags::CLOEXEC)
     }
 
     /// `/proc/self/fd/N` for an O_PATH fd: the only way to reach xattrs and

@@ -1190,12 +1190,7 @@ impl Union {
         for inst in self.instances(ino)? {
             // Gone from this branch since the lookup: nothing to list there.
             let Ok(fd) = inst.fd() else { continue };
-            let Ok(dfd) = rustix::fs::openat(
-                &*fd,
-                c".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) else {
+            let Ok(dfd) = crate::host::open_dir(fd.as_fd()) else {
                 continue;
             };
             let dev = inst.node.dev;

@@ -13,6 +13,7 @@ mod differential;
 mod image_cli;
 mod image_mount;
 mod lifecycle;
+mod mount_helper;
 mod ops;
 mod overlay;
 mod transport;

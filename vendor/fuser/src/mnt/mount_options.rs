@@ -64,6 +64,11 @@ pub enum MountOption {
     Atime,
     /// Don't update inode access time
     NoAtime,
+    /// Update access times only when older than the modification time or a
+    /// day (`relatime`; strata's fork)
+    RelAtime,
+    /// Update access times on every access (`strictatime`; strata's fork)
+    StrictAtime,
     /// All modifications to directories will be done synchronously
     DirSync,
     /// All I/O will be done synchronously
@@ -90,6 +95,8 @@ impl MountOption {
             "noexec" => MountOption::NoExec,
             "atime" => MountOption::Atime,
             "noatime" => MountOption::NoAtime,
+            "relatime" => MountOption::RelAtime,
+            "strictatime" => MountOption::StrictAtime,
             "dirsync" => MountOption::DirSync,
             "sync" => MountOption::Sync,
             "async" => MountOption::Async,
@@ -144,7 +151,13 @@ fn conflicts_with(option: &MountOption) -> Vec<MountOption> {
         MountOption::Exec => vec![MountOption::NoExec],
         MountOption::NoExec => vec![MountOption::Exec],
         MountOption::Atime => vec![MountOption::NoAtime],
-        MountOption::NoAtime => vec![MountOption::Atime],
+        MountOption::NoAtime => vec![
+            MountOption::Atime,
+            MountOption::RelAtime,
+            MountOption::StrictAtime,
+        ],
+        MountOption::RelAtime => vec![MountOption::NoAtime, MountOption::StrictAtime],
+        MountOption::StrictAtime => vec![MountOption::NoAtime, MountOption::RelAtime],
         MountOption::Sync => vec![MountOption::Async],
         MountOption::Async => vec![MountOption::Sync],
     }
@@ -169,6 +182,8 @@ pub(crate) fn option_to_string(option: &MountOption) -> String {
         MountOption::NoExec => "noexec".to_string(),
         MountOption::Atime => "atime".to_string(),
         MountOption::NoAtime => "noatime".to_string(),
+        MountOption::RelAtime => "relatime".to_string(),
+        MountOption::StrictAtime => "strictatime".to_string(),
         MountOption::DirSync => "dirsync".to_string(),
         MountOption::Sync => "sync".to_string(),
         MountOption::Async => "async".to_string(),
@@ -192,6 +207,8 @@ pub(crate) fn option_group(option: &MountOption) -> MountOptionGroup {
         MountOption::NoExec => MountOptionGroup::KernelFlag,
         MountOption::Atime => MountOptionGroup::KernelFlag,
         MountOption::NoAtime => MountOptionGroup::KernelFlag,
+        MountOption::RelAtime => MountOptionGroup::KernelFlag,
+        MountOption::StrictAtime => MountOptionGroup::KernelFlag,
         MountOption::DirSync => MountOptionGroup::KernelFlag,
         MountOption::Sync => MountOptionGroup::KernelFlag,
         MountOption::Async => MountOptionGroup::KernelFlag,
@@ -213,6 +230,8 @@ pub(crate) fn option_to_flag(option: &MountOption) -> io::Result<nix::mount::MsF
         MountOption::NoExec => Ok(nix::mount::MsFlags::MS_NOEXEC),
         MountOption::Atime => Ok(nix::mount::MsFlags::empty()),
         MountOption::NoAtime => Ok(nix::mount::MsFlags::MS_NOATIME),
+        MountOption::RelAtime => Ok(nix::mount::MsFlags::MS_RELATIME),
+        MountOption::StrictAtime => Ok(nix::mount::MsFlags::MS_STRICTATIME),
         MountOption::Async => Ok(nix::mount::MsFlags::empty()),
         MountOption::Sync => Ok(nix::mount::MsFlags::MS_SYNCHRONOUS),
         MountOption::DirSync => Ok(nix::mount::MsFlags::MS_DIRSYNC),
