@@ -829,29 +829,42 @@ fn check_archive(path: &Path) -> Result<(), Failure> {
     }
 }
 
-/// `strata view explain PATH`: the `user.strata.source` xattr, read in a
-/// thread of its own so a hung mount costs a timeout, not the command.
-pub fn view_explain(path: &Path) -> Result<(), Failure> {
-    const LIMIT: Duration = Duration::from_secs(5);
+/// How long a command waits for a mount to answer.
+pub const MOUNT_ANSWER_LIMIT: Duration = Duration::from_secs(5);
+
+/// Runs `f`, which touches the mount at `path`, on a thread of its own and
+/// waits [`MOUNT_ANSWER_LIMIT`] for it: a hung mount costs the command a
+/// timeout and a one-line error, not a hang.
+pub fn bounded<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let p = path.to_path_buf();
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        let r = rustix::fs::lgetxattr(&p, strata_core::overlay::SOURCE_XATTR, &mut buf[..])
-            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
-        let _ = tx.send(r);
+        let _ = tx.send(f());
     });
-    match rx.recv_timeout(LIMIT) {
-        Ok(Ok(text)) => outln!("{text}"),
-        Ok(Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP)) => Err(usage(format!(
-            "{}: not on a strata overlay, archive or view mount",
-            path.display()
-        ))),
-        Ok(Err(e)) => Err(failure(format!("{}: {e}", path.display()))),
-        Err(_) => Err(failure(format!(
+    rx.recv_timeout(MOUNT_ANSWER_LIMIT).unwrap_or_else(|_| {
+        Err(failure(format!(
             "{}: no answer within {}s (is the mount hung?)",
             path.display(),
-            LIMIT.as_secs()
-        ))),
-    }
+            MOUNT_ANSWER_LIMIT.as_secs()
+        )))
+    })
+}
+
+/// `strata view explain PATH`: the `user.strata.source` xattr.
+pub fn view_explain(path: &Path) -> Result<(), Failure> {
+    let p = path.to_path_buf();
+    let text = bounded(path, move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        match rustix::fs::lgetxattr(&p, strata_core::overlay::SOURCE_XATTR, &mut buf[..]) {
+            Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Err(usage(format!(
+                "{}: not on a strata overlay, archive or view mount",
+                p.display()
+            ))),
+            Err(e) => Err(failure(format!("{}: {e}", p.display()))),
+        }
+    })?;
+    outln!("{text}")
 }

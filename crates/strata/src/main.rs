@@ -203,7 +203,10 @@ fn main() -> ExitCode {
             mountpoint,
             action,
             args,
-        } => ctl::run(&mountpoint, &action, &args),
+        } => {
+            let mp = mountpoint.clone();
+            commands::bounded(&mountpoint, move || ctl::run(&mp, &action, &args))
+        }
         Command::Image { command } => image_cmd::run(command),
         Command::Gc { store } => image_cmd::gc(&store),
         Command::View { command } => match command {

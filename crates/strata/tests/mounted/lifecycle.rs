@@ -444,3 +444,26 @@ fn an_empty_xdg_runtime_dir_keeps_state_out_of_the_cwd() {
     assert!(!d.join("cwd/strata").exists(), "state dir made in the cwd");
     assert!(d.join("tmp/strata-65534/logs").is_dir());
 }
+
+#[test]
+fn commands_that_ask_a_hung_mount_give_up_with_one_line() {
+    let m = Mounted::with_source(&[], |src| fs::write(src.join("f"), b"x").unwrap());
+    let state = m.dir.path().join("state");
+    m.signal(rustix::process::Signal::STOP);
+    let _resume = Resume::new(m.pid(), Duration::from_secs(60));
+    let mnt = m.mnt.to_str().unwrap().to_owned();
+    let file = m.m("f").to_str().unwrap().to_owned();
+    for args in [
+        vec!["ctl", mnt.as_str(), "list"],
+        vec!["ctl", mnt.as_str(), "get", "version"],
+        vec!["view", "explain", file.as_str()],
+    ] {
+        let start = std::time::Instant::now();
+        let out = strata(&args, &state);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("no answer within 5s"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(start.elapsed() < Duration::from_secs(15), "{args:?}");
+    }
+}
