@@ -29,6 +29,8 @@ use crate::{Errno, Result};
 
 /// An archive file of a view's source: (source, the file's identity there).
 type ArchiveId = (usize, (u64, u64));
+/// What tells an archive file's content changed: its (size, mtime).
+type ArchiveVersion = (u64, (i64, u32));
 
 /// Key device of the view's virtual directories.
 const VIRTUAL: u64 = u64::MAX;
@@ -53,9 +55,9 @@ pub struct ViewLayer {
     rules: Vec<String>,
     /// Where archive indexes are kept across mounts.
     index_dir: Option<PathBuf>,
-    /// Archives shown as directories, by (source, file identity), indexed
-    /// on first use.
-    archives: Mutex<HashMap<ArchiveId, Arc<ArchiveLayer>>>,
+    /// Archives shown as directories, by (source, file identity), with the
+    /// (size, mtime) they were indexed at; indexed on first use.
+    archives: Mutex<HashMap<ArchiveId, (ArchiveVersion, Arc<ArchiveLayer>)>>,
 }
 
 impl ViewLayer {
@@ -261,11 +263,16 @@ impl ViewLayer {
     /// The archive a source file of map `m` holds, indexed on first use.
     fn archive(&self, m: u32, file: &LObj) -> Result<(Arc<ArchiveLayer>, (u64, u64))> {
         let src = self.source(m);
-        let key = src.stat(file)?.key;
+        let st = src.stat(file)?;
+        let (key, version) = (st.key, (st.size, st.mtime));
         let id = (self.maps[m as usize].source, key);
-        if let Some(a) = self.archives.lock().get(&id) {
+        if let Some((v, a)) = self.archives.lock().get(&id)
+            && *v == version
+        {
             return Ok((a.clone(), key));
         }
+        // New, or changed since it was indexed (the next lookups see the
+        // new content; objects handed out before keep the old index).
         let label = PathBuf::from(format!("{} (inode {})", src.describe(), key.1));
         let fd = src.open(file)?;
         let a = ArchiveLayer::from_file(std::fs::File::from(fd), &label, self.index_dir.as_deref())
@@ -273,12 +280,8 @@ impl ViewLayer {
                 tracing::error!(view = %self.label, "{e}");
                 Errno::EIO
             })?;
-        let a = self
-            .archives
-            .lock()
-            .entry(id)
-            .or_insert(Arc::new(a))
-            .clone();
+        let a = Arc::new(a);
+        self.archives.lock().insert(id, (version, a.clone()));
         Ok((a, key))
     }
 

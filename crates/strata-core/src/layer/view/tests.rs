@@ -284,6 +284,18 @@ archives = "dir"
     assert_eq!(read(&v, "g/a.zip/disk/x.dsk"), "X");
     assert!(at(&v, "g/a.zip/readme.txt").is_none());
     assert_eq!(v.stat(&a).unwrap().key, st.key);
+    // The archive rewritten (another size and time): the next look inside
+    // sees the new content.
+    fs::write(zsrc.join("disk/y.dsk"), "Y").unwrap();
+    let zip = std::process::Command::new("zip")
+        .arg("-qr")
+        .arg(games.join("a.zip"))
+        .arg("disk/y.dsk")
+        .current_dir(&zsrc)
+        .status()
+        .unwrap();
+    assert!(zip.success());
+    assert_eq!(names(&v, "g/a.zip/disk"), ["x.dsk", "y.dsk"]);
     // A file that is no archive: EIO when its content is asked for.
     let broken = at(&v, "g/broken.ZIP").unwrap();
     let mut out = Vec::new();
