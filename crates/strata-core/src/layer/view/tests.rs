@@ -286,15 +286,24 @@ archives = "dir"
     assert_eq!(v.stat(&a).unwrap().key, st.key);
     // The archive rewritten (another size and time): the next look inside
     // sees the new content.
+    // Rewritten in place: the same inode, so the same identity.
     fs::write(zsrc.join("disk/y.dsk"), "Y").unwrap();
     let zip = std::process::Command::new("zip")
         .arg("-qr")
-        .arg(games.join("a.zip"))
-        .arg("disk/y.dsk")
+        .arg(s.dir.path().join("new.zip"))
+        .arg("disk")
         .current_dir(&zsrc)
         .status()
         .unwrap();
     assert!(zip.success());
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let before = ino(&games.join("a.zip"));
+    fs::write(
+        games.join("a.zip"),
+        fs::read(s.dir.path().join("new.zip")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ino(&games.join("a.zip")), before);
     assert_eq!(names(&v, "g/a.zip/disk"), ["x.dsk", "y.dsk"]);
     // A file that is no archive: EIO when its content is asked for.
     let broken = at(&v, "g/broken.ZIP").unwrap();
