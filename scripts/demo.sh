@@ -8,6 +8,8 @@ src=${1:-/usr/share}
 mnt=${2:-/tmp/strata-demo}
 ./scripts/install-deps.sh >/dev/null
 cargo build --release -p strata
+# Where mount(8) and systemd find it (fstab, mount -t fuse.strata).
+./scripts/install.sh
 strata=target/release/strata
 mkdir -p "$mnt"
 # mountinfo: "... MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE ..."

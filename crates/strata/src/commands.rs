@@ -521,6 +521,11 @@ impl Serving<'_> {
         }
         tracing::info!(source, mountpoint = %mountpoint.display(), "mounted");
         report("ready");
+        crate::notify::notify(&format!(
+            "READY=1\nMAINPID={}\nSTATUS=serving {source} at {}",
+            std::process::id(),
+            mountpoint.display()
+        ));
         serve(session, mountpoint)
     }
 }
@@ -580,12 +585,15 @@ fn serve<F: strata_core::Filesystem>(
     let signal_thread = std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+            crate::notify::notify("STOPPING=1\nSTATUS=unmounting");
             if let Err(e) = unmounter.unmount() {
                 tracing::error!(mountpoint = %mp.display(), "unmount failed: {e}");
             }
         }
     });
     let result = session.run();
+    // Unmounted from outside (umount) or on a signal: systemd hears it.
+    crate::notify::notify("STOPPING=1\nSTATUS=unmounted");
     signal_handle.close();
     let _ = signal_thread.join();
     // A successor mounted at the same place has a record of its own.

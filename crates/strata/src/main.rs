@@ -5,6 +5,7 @@
 mod commands;
 mod ctl;
 mod image_cmd;
+mod notify;
 mod options;
 mod output;
 mod state;

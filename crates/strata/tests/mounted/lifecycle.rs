@@ -467,3 +467,29 @@ fn commands_that_ask_a_hung_mount_give_up_with_one_line() {
         assert!(start.elapsed() < Duration::from_secs(15), "{args:?}");
     }
 }
+
+/// systemd's `Type=notify`: READY=1 (with the daemon's pid) once the mount
+/// serves, STOPPING=1 when a signal unmounts it. A fake NOTIFY_SOCKET.
+#[test]
+fn systemd_hears_ready_and_stopping() {
+    let dir = scratch_dir();
+    let path = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut m = Mounted::with_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("READY=1 within 15 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    assert!(
+        msg.lines().any(|l| l == format!("MAINPID={}", m.pid())),
+        "{msg}"
+    );
+    assert!(msg.contains(&m.mnt.display().to_string()), "{msg}");
+    m.signal(rustix::process::Signal::TERM);
+    let n = sock.recv(&mut buf).expect("STOPPING=1 within 15 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
+    assert_eq!(m.wait_exit(Duration::from_secs(10)), Some(0));
+}
