@@ -20,6 +20,8 @@
 mod index;
 mod persist;
 
+pub use persist::prune as prune_kept_indexes;
+
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -156,6 +158,9 @@ impl Archive {
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| persist::decode(&b, format, zip_entries));
         let from_kept = kept.is_some();
+        if let (Some(p), true) = (&kept_at, from_kept) {
+            persist::touch(p);
+        }
         let (members, skipped, zip) = if let Some((members, skipped)) = kept {
             (members, skipped, zip.map(Mutex::new))
         } else if let Some(mut z) = zip {

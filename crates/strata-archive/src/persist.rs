@@ -262,3 +262,40 @@ pub(crate) fn store(path: &Path, bytes: &[u8]) {
         tracing::debug!(path = %path.display(), "archive index not kept: {e}");
     }
 }
+
+/// Marks a kept index as just used, so pruning ([`prune`]) keeps it.
+pub(crate) fn touch(path: &Path) {
+    if let Ok(f) = File::options().write(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes the kept indexes below `dir` not used for `unused` (and
+/// temporaries of writes that died); returns (files removed, bytes).
+pub fn prune(dir: &Path, unused: std::time::Duration) -> std::io::Result<(usize, u64)> {
+    let now = std::time::SystemTime::now();
+    let (mut files, mut bytes) = (0, 0);
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let age = now.duration_since(meta.modified()?).unwrap_or_default();
+        let stale = if name.ends_with(".idx") {
+            age > unused
+        } else {
+            name.contains(".tmp.") && age > std::time::Duration::from_secs(3600)
+        };
+        if meta.is_file() && stale {
+            std::fs::remove_file(entry.path())?;
+            files += 1;
+            bytes += meta.len();
+        }
+    }
+    Ok((files, bytes))
+}

@@ -443,3 +443,33 @@ fn the_fuzz_seed_of_the_kept_index_is_one_the_reader_accepts() {
     let bad = [body, root, member(b"..", 1, 0o644, 1, 1, 1, &[])].concat();
     assert_eq!(check_kept_index(&bad), None);
 }
+
+#[test]
+fn kept_indexes_unused_for_a_while_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let mut one = Vec::new();
+    raw_entry(&mut one, b"one", tar::EntryType::Regular, b"", b"1");
+    let (a, b) = (
+        write(dir.path(), "a.tar", &sample_tar()),
+        write(dir.path(), "b.tar", &end(one)),
+    );
+    kept(&a, &keep);
+    kept(&b, &keep);
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86_400);
+    for e in std::fs::read_dir(&keep).unwrap() {
+        let f = File::options().write(true).open(e.unwrap().path()).unwrap();
+        f.set_modified(old).unwrap();
+    }
+    // Using a's index marks it used again.
+    assert!(kept(&a, &keep).from_kept_index());
+    let month = std::time::Duration::from_secs(30 * 86_400);
+    let (n, _) = prune_kept_indexes(&keep, month).unwrap();
+    assert_eq!(n, 1, "b's index, unused for 40 days, goes");
+    assert!(kept(&a, &keep).from_kept_index(), "a's stays");
+    assert!(!kept(&b, &keep).from_kept_index());
+    assert_eq!(
+        prune_kept_indexes(&dir.path().join("none"), month).unwrap(),
+        (0, 0)
+    );
+}

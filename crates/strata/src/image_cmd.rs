@@ -505,6 +505,15 @@ pub fn gc(store: &StoreArg) -> Result<(), Failure> {
         st.manifests_removed,
         st.manifests_pinned
     )?;
+    // Archive indexes kept for the next mount: those no mount read for a month.
+    let month = std::time::Duration::from_secs(30 * 86_400);
+    let dir = root.join("archive-index");
+    let (n, bytes) = strata_archive::prune_kept_indexes(&dir, month)
+        .map_err(|e| failure(format!("{}: {e}", dir.display())))?;
+    outln!(
+        "archive indexes: removed {n} ({}) unused for 30 days",
+        human(bytes)
+    )?;
     outln!(
         "cache:     removed {} ({}), kept {}",
         count(st.cache_removed, "file", "files"),

@@ -194,7 +194,11 @@ fn rm_and_gc() {
         out.contains("cache:     removed 2 files (11 B), kept 1\n"),
         "{out}"
     );
-    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(
+        out.contains("archive indexes: removed 0 (0 B) unused for 30 days\n"),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 5, "{out}");
     assert!(!s.blob(UNIQUE).exists() && !s.blob(b"").exists());
     assert!(s.blob(SAME).exists() && !old_boot.exists());
     assert_eq!(s.ok(&["image", "verify", "t2"]), "t2: 2 blobs OK\n");
