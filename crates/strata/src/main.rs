@@ -146,6 +146,10 @@ enum Command {
         stats: bool,
         path: PathBuf,
     },
+    /// Write the man pages (strata.1, strata-mount.1, ...: the same text as
+    /// --help) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// List strata mounts: mountpoint, source, pid, uptime, state, log.
     Status {
         /// Machine-readable output, with inode and handle counters.
@@ -167,6 +171,14 @@ fn arguments() -> Vec<std::ffi::OsString> {
         args.insert(1, "mount".into());
     }
     args
+}
+
+/// `strata man DIR`: one page per visible command, from the clap
+/// definitions (so a page and `--help` never disagree).
+fn write_man_pages(dir: &std::path::Path) -> Result<(), commands::Failure> {
+    let fail = |e: std::io::Error| commands::failure(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    clap_mangen::generate_to(Cli::command(), dir).map_err(fail)
 }
 
 fn main() -> ExitCode {
@@ -210,6 +222,7 @@ fn main() -> ExitCode {
         }
         Command::Image { command } => image_cmd::run(command),
         Command::Gc { store } => image_cmd::gc(&store),
+        Command::Man { dir } => write_man_pages(&dir),
         Command::View { command } => match command {
             ViewCommand::Check { spec } => commands::view_check(&spec),
             ViewCommand::Explain { path } => commands::view_explain(&path),

@@ -493,3 +493,38 @@ fn systemd_hears_ready_and_stopping() {
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
     assert_eq!(m.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// `strata man DIR` writes a page per visible command, from the same
+/// definitions as `--help`: the mount page lists every option of the table.
+#[test]
+fn man_pages_come_from_the_same_definitions_as_help() {
+    let dir = scratch_dir();
+    let man = dir.path().join("man1");
+    let out = strata(&["man", man.to_str().unwrap()], &dir.path().join("state"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pages = names(&man);
+    for want in [
+        "strata.1",
+        "strata-mount.1",
+        "strata-view-explain.1",
+        "strata-ctl.1",
+    ] {
+        assert!(pages.iter().any(|p| p == want), "{want}: {pages:?}");
+    }
+    assert!(
+        !pages
+            .iter()
+            .any(|p| p.contains("probe") || p == "strata-man.1"),
+        "hidden commands get no page: {pages:?}"
+    );
+    let mount = fs::read_to_string(man.join("strata-mount.1")).unwrap();
+    for o in strata_core::options::OPTIONS {
+        // roff escapes '-'.
+        let key = o.key.replace('-', "\\-");
+        assert!(
+            mount.contains(&key),
+            "{} missing from strata-mount.1",
+            o.key
+        );
+    }
+}
