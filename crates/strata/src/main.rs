@@ -4,6 +4,7 @@
 
 mod commands;
 mod ctl;
+mod doctor;
 mod image_cmd;
 mod notify;
 mod options;
@@ -150,6 +151,9 @@ enum Command {
     /// --help) into DIR.
     #[command(hide = true)]
     Man { dir: PathBuf },
+    /// Check what this machine gives strata (/dev/fuse, kernel passthrough,
+    /// FUSE over io_uring, fanotify, mount(8)), with the fix for each problem.
+    Doctor,
     /// List strata mounts: mountpoint, source, pid, uptime, state, log.
     Status {
         /// Machine-readable output, with inode and handle counters.
@@ -223,6 +227,7 @@ fn main() -> ExitCode {
         Command::Image { command } => image_cmd::run(command),
         Command::Gc { store } => image_cmd::gc(&store),
         Command::Man { dir } => write_man_pages(&dir),
+        Command::Doctor => doctor::run(),
         Command::View { command } => match command {
             ViewCommand::Check { spec } => commands::view_check(&spec),
             ViewCommand::Explain { path } => commands::view_explain(&path),

@@ -528,3 +528,33 @@ fn man_pages_come_from_the_same_definitions_as_help() {
         );
     }
 }
+
+/// `strata doctor`: one tagged line per check, the io_uring line true to
+/// the module parameter, and a probe mount that leaves nothing behind.
+#[test]
+fn doctor_reports_each_check_with_its_fix() {
+    let dir = scratch_dir();
+    let out = strata(&["doctor"], &dir.path().join("state"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    for line in text.lines() {
+        assert!(
+            ["ok   ", "warn ", "fail "].iter().any(|t| line.starts_with(t)),
+            "{line}"
+        );
+    }
+    assert!(text.contains("ok   /dev/fuse: read-write"), "{text}");
+    match fs::read_to_string("/sys/module/fuse/parameters/enable_uring").as_deref() {
+        Ok("Y\n") => assert!(text.contains("ok   FUSE over io_uring"), "{text}"),
+        Ok(_) => assert!(
+            text.contains("warn FUSE over io_uring: enable_uring is off")
+                && text.contains("fix: echo Y > /sys/module/fuse/parameters/enable_uring"),
+            "{text}"
+        ),
+        Err(_) => assert!(text.contains("warn FUSE over io_uring: this kernel has none")),
+    }
+    assert!(text.contains("kernel passthrough: "), "{text}");
+    assert!(text.contains("ok   probe mount: requests came through"), "{text}");
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!info.contains("strata-doctor"), "the probe mount stayed");
+}
