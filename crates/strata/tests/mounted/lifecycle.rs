@@ -539,7 +539,9 @@ fn doctor_reports_each_check_with_its_fix() {
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
     for line in text.lines() {
         assert!(
-            ["ok   ", "warn ", "fail "].iter().any(|t| line.starts_with(t)),
+            ["ok   ", "warn ", "fail "]
+                .iter()
+                .any(|t| line.starts_with(t)),
             "{line}"
         );
     }
@@ -554,7 +556,10 @@ fn doctor_reports_each_check_with_its_fix() {
         Err(_) => assert!(text.contains("warn FUSE over io_uring: this kernel has none")),
     }
     assert!(text.contains("kernel passthrough: "), "{text}");
-    assert!(text.contains("ok   probe mount: requests came through"), "{text}");
+    assert!(
+        text.contains("ok   probe mount: requests came through"),
+        "{text}"
+    );
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains("strata-doctor"), "the probe mount stayed");
 }
