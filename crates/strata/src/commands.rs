@@ -744,7 +744,7 @@ pub fn status(json: bool) -> Result<(), Failure> {
     // All mounts are probed at once, so hung ones cost one timeout in all.
     let probes: Vec<_> = mounts
         .iter()
-        .map(|m| state::Probe::start(&m.mountpoint, true))
+        .map(|m| state::Probe::start(&m.mountpoint, true, None))
         .collect();
     let deadline = Instant::now() + state::PROBE_TIMEOUT;
     let mut rows = Vec::new();
@@ -840,39 +840,91 @@ fn check_archive(path: &Path) -> Result<(), Failure> {
 /// How long a command waits for a mount to answer.
 pub const MOUNT_ANSWER_LIMIT: Duration = Duration::from_secs(5);
 
-/// Runs `f`, which touches the mount at `path`, on a thread of its own and
-/// waits [`MOUNT_ANSWER_LIMIT`] for it: a hung mount costs the command a
-/// timeout and a one-line error, not a hang.
-pub fn bounded<T: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
-) -> Result<T, Failure> {
+/// Set in the child [`in_child`] starts: it does the work itself.
+const CHILD_ENV: &str = "STRATA_ASKS_IN_CHILD";
+
+/// For a command that asks the mount at `path` something: runs this same
+/// command again in a child process and waits [`MOUNT_ANSWER_LIMIT`] for
+/// it; its output and exit status become ours. A child that does not end is
+/// killed and left behind (a thread could not be: with FUSE over io_uring
+/// a request already queued holds its caller, and so the whole process,
+/// until the mount answers; see `state::Probe`), and the command fails with
+/// one line. `None` in the child itself: the caller does the work.
+pub fn in_child(path: &Path) -> Option<Result<(), Failure>> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return None;
+    }
+    Some(run_in_child(path))
+}
+
+fn run_in_child(path: &Path) -> Result<(), Failure> {
+    use std::io::Read;
+    let exe =
+        std::env::current_exe().map_err(|e| failure(format!("cannot find own executable: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| failure(format!("cannot start a child: {e}")))?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let (mut out, mut err) = (
+        child.stdout.take().expect("piped"),
+        child.stderr.take().expect("piped"),
+    );
     std::thread::spawn(move || {
-        let _ = tx.send(f());
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let errs = std::thread::spawn(move || {
+            let _ = err.read_to_end(&mut e);
+            e
+        });
+        let _ = out.read_to_end(&mut o);
+        let e = errs.join().unwrap_or_default();
+        let _ = tx.send((o, e));
     });
-    rx.recv_timeout(MOUNT_ANSWER_LIMIT).unwrap_or_else(|_| {
-        Err(failure(format!(
+    let Ok((o, e)) = rx.recv_timeout(MOUNT_ANSWER_LIMIT) else {
+        let _ = child.kill();
+        return Err(failure(format!(
             "{}: no answer within {}s (is the mount hung?)",
             path.display(),
             MOUNT_ANSWER_LIMIT.as_secs()
-        )))
-    })
+        )));
+    };
+    let status = child.wait().map_err(|e| failure(e.to_string()))?;
+    let _ = std::io::stderr().write_all(&e);
+    if let Err(e) = std::io::stdout().write_all(&o) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Err(Failure::quiet());
+        }
+        return Err(failure(format!("stdout: {e}")));
+    }
+    match status.code() {
+        Some(0) => Ok(()),
+        code => Err(Failure {
+            code: code.unwrap_or(1) as u8,
+            message: String::new(),
+        }),
+    }
 }
 
-/// `strata view explain PATH`: the `user.strata.source` xattr.
+/// `strata view explain PATH`: the `user.strata.source` xattr (asked in a
+/// child, [`in_child`]).
 pub fn view_explain(path: &Path) -> Result<(), Failure> {
-    let p = path.to_path_buf();
-    let text = bounded(path, move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        match rustix::fs::lgetxattr(&p, strata_core::overlay::SOURCE_XATTR, &mut buf[..]) {
-            Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Err(usage(format!(
+    if let Some(done) = in_child(path) {
+        return done;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let text = match rustix::fs::lgetxattr(path, strata_core::overlay::SOURCE_XATTR, &mut buf[..]) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => {
+            return Err(usage(format!(
                 "{}: not on a strata overlay, archive or view mount",
-                p.display()
-            ))),
-            Err(e) => Err(failure(format!("{}: {e}", p.display()))),
+                path.display()
+            )));
         }
-    })?;
+        Err(e) => return Err(failure(format!("{}: {e}", path.display()))),
+    };
     outln!("{text}")
 }

@@ -4,7 +4,6 @@
 //! mount of a scratch directory that shows whether kernel passthrough and
 //! FUSE over io_uring are in use. Exit status 1 when a check fails.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -184,49 +183,48 @@ fn probe_mount(r: &mut Report) -> Result<(), Failure> {
             &format!("strata mount {} failed", src.display()),
         )?;
     } else {
-        let file = mnt.join("f");
-        let mnt2 = mnt.clone();
-        let stats = crate::commands::bounded(&mnt, move || {
-            let mut f = std::fs::File::open(&file)
-                .map_err(|e| failure(format!("{}: {e}", file.display())))?;
-            let mut data = Vec::new();
-            let _ = f.read_to_end(&mut data);
-            let mut buf = vec![0u8; 4096];
-            let n = rustix::fs::getxattr(&mnt2, "user.strata.stats", &mut buf[..])
-                .map_err(|e| failure(format!("stats: {e}")))?;
-            drop(f);
-            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-        });
-        let count = |s: &str, key: &str| -> u64 {
-            s.split(&format!("\"{key}\":"))
-                .nth(1)
-                .and_then(|t| t.split([',', '}']).next())
-                .and_then(|v| v.parse().ok())
+        // In a probe child (see state::Probe): a hung mount costs a timeout.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (health, stats) =
+            crate::state::Probe::start(&mnt, true, Some(&mnt.join("f"))).finish(deadline);
+        let count = |key: &str| -> u64 {
+            stats
+                .as_ref()
+                .and_then(|s| s.get(key))
+                .and_then(|v| v.as_u64())
                 .unwrap_or(0)
         };
-        match stats {
-            Ok(s) => {
-                if count(&s, "passthrough_inodes") > 0 {
-                    r.line(
-                        Level::Ok,
-                        "kernel passthrough",
-                        "in use (reads and writes bypass the daemon)",
-                    )?;
-                } else {
-                    r.line(
-                        Level::Warn,
-                        "kernel passthrough",
-                        "not in use: the daemon serves file data (needs root and Linux 6.9+ \
-                         with CONFIG_FUSE_PASSTHROUGH)",
-                    )?;
-                }
-                if count(&s, "io_uring_requests") > 0 {
-                    r.line(Level::Ok, "probe mount", "requests came through io_uring")?;
-                } else {
-                    r.line(Level::Ok, "probe mount", "requests came through /dev/fuse")?;
-                }
+        if health != crate::state::Health::Ok || stats.is_none() {
+            r.line(
+                Level::Fail,
+                "probe mount",
+                &format!("{:?}: no counters from the mount", health),
+            )?;
+        } else {
+            if count("passthrough_inodes") > 0 {
+                r.line(
+                    Level::Ok,
+                    "kernel passthrough",
+                    "in use (reads and writes bypass the daemon)",
+                )?;
+            } else {
+                r.line(
+                    Level::Warn,
+                    "kernel passthrough",
+                    "not in use: the daemon serves file data (needs root and Linux 6.9+ \
+                     with CONFIG_FUSE_PASSTHROUGH)",
+                )?;
             }
-            Err(e) => r.line(Level::Fail, "probe mount", &e.message)?,
+            let via = if count("io_uring_requests") > 0 {
+                "io_uring"
+            } else {
+                "/dev/fuse"
+            };
+            r.line(
+                Level::Ok,
+                "probe mount",
+                &format!("requests came through {via}"),
+            )?;
         }
         strata(&["umount".as_ref(), mnt.as_os_str()]);
     }

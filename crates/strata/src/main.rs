@@ -145,6 +145,9 @@ enum Command {
     ProbeMount {
         #[arg(long)]
         stats: bool,
+        /// Read this file first and hold it open while the counters are read.
+        #[arg(long)]
+        hold: Option<PathBuf>,
         path: PathBuf,
     },
     /// Write the man pages (strata.1, strata-mount.1, ...: the same text as
@@ -212,8 +215,8 @@ fn main() -> ExitCode {
         ),
         Command::Umount { lazy, mountpoint } => commands::umount(&mountpoint, lazy),
         Command::Status { json } => commands::status(json),
-        Command::ProbeMount { stats, path } => {
-            state::probe_mount(&path, stats);
+        Command::ProbeMount { stats, hold, path } => {
+            state::probe_mount(&path, stats, hold.as_deref());
             Ok(())
         }
         Command::Ctl {
@@ -221,8 +224,7 @@ fn main() -> ExitCode {
             action,
             args,
         } => {
-            let mp = mountpoint.clone();
-            commands::bounded(&mountpoint, move || ctl::run(&mp, &action, &args))
+            commands::in_child(&mountpoint).unwrap_or_else(|| ctl::run(&mountpoint, &action, &args))
         }
         Command::Image { command } => image_cmd::run(command),
         Command::Gc { store } => image_cmd::gc(&store),

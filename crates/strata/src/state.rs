@@ -239,14 +239,18 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Starts probing `path`: a stat, and with `stats` the daemon's counters.
-    pub fn start(path: &Path, stats: bool) -> Probe {
+    /// Starts probing `path`: a stat, and with `stats` the daemon's counters
+    /// (read while `hold`, a file of the mount, is open, when given).
+    pub fn start(path: &Path, stats: bool, hold: Option<&Path>) -> Probe {
         let (tx, out) = std::sync::mpsc::channel();
         let child = std::env::current_exe().ok().and_then(|exe| {
             let mut cmd = Command::new(exe);
             cmd.arg("probe-mount");
             if stats {
                 cmd.arg("--stats");
+            }
+            if let Some(h) = hold {
+                cmd.arg("--hold").arg(h);
             }
             cmd.arg(path)
                 .stdin(Stdio::null())
@@ -300,8 +304,13 @@ impl Probe {
 
 /// The probe child's work: prints `ok` or `stale`, then with `stats` the
 /// counters as one JSON line (`null` if there are none).
-pub fn probe_mount(path: &Path, stats: bool) {
+pub fn probe_mount(path: &Path, stats: bool, hold: Option<&Path>) {
     let stale = matches!(fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let _held = hold.and_then(|h| {
+        let mut f = fs::File::open(h).ok()?;
+        let _ = f.read_to_end(&mut Vec::new());
+        Some(f)
+    });
     let mut out = String::from(if stale { "stale\n" } else { "ok\n" });
     if stats && !stale {
         let mut buf = vec![0u8; 4096];
@@ -316,7 +325,7 @@ pub fn probe_mount(path: &Path, stats: bool) {
 
 /// Stats `path` with a timeout (in a child, see [`Probe`]).
 pub fn health(path: &Path) -> Health {
-    Probe::start(path, false)
+    Probe::start(path, false, None)
         .finish(Instant::now() + PROBE_TIMEOUT)
         .0
 }
