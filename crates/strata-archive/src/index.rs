@@ -5,18 +5,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 
+pub use strata_image::Kind;
 use strata_image::entry_name_problem;
-
-/// Member types an archive can hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    CharDevice,
-    BlockDevice,
-    Fifo,
-}
 
 /// Where a member's data is.
 #[derive(Clone, Copy, Debug)]
@@ -76,22 +66,7 @@ struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     fn new(mtime: i64, archive: &'a str) -> Builder<'a> {
-        let root = Member {
-            name: Vec::new(),
-            parent: 0,
-            kind: Kind::Dir,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime,
-            size: 0,
-            rdev: (0, 0),
-            target: Vec::new(),
-            inode: 0,
-            nlink: 2,
-            children: Vec::new(),
-            data: Data::None,
-        };
+        let root = dir_member(Vec::new(), 0, mtime);
         Builder {
             members: vec![root],
             names: HashMap::new(),
@@ -118,22 +93,7 @@ impl<'a> Builder<'a> {
                 Some(&i) if self.members[i as usize].kind == Kind::Dir => i,
                 Some(_) => return Err("a parent is not a directory"),
                 None => {
-                    let dir = Member {
-                        name: part.to_vec(),
-                        parent: cur,
-                        kind: Kind::Dir,
-                        perm: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        mtime: self.mtime,
-                        size: 0,
-                        rdev: (0, 0),
-                        target: Vec::new(),
-                        inode: 0,
-                        nlink: 2,
-                        children: Vec::new(),
-                        data: Data::None,
-                    };
+                    let dir = dir_member(part.to_vec(), cur, self.mtime);
                     self.insert(cur, dir)
                 }
             };
@@ -278,6 +238,17 @@ pub(crate) fn components(path: &[u8]) -> Result<Vec<&[u8]>, &'static str> {
         }
     }
     Ok(out)
+}
+
+/// A directory the archive implies (or its root): 0755, root's, `mtime`.
+fn dir_member(name: Vec<u8>, parent: u32, mtime: i64) -> Member {
+    Member {
+        name,
+        parent,
+        mtime,
+        nlink: 2,
+        ..blank(Kind::Dir, 0o755)
+    }
 }
 
 fn blank(kind: Kind, perm: u32) -> Member {

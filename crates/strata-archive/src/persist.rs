@@ -50,6 +50,7 @@ fn kind_byte(k: Kind) -> u8 {
         Kind::CharDevice => 4,
         Kind::BlockDevice => 5,
         Kind::Fifo => 6,
+        Kind::Socket => 7,
     }
 }
 
@@ -61,6 +62,7 @@ fn kind_of(b: u8) -> Option<Kind> {
         4 => Kind::CharDevice,
         5 => Kind::BlockDevice,
         6 => Kind::Fifo,
+        7 => Kind::Socket,
         _ => return None,
     })
 }

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use strata_archive::{Archive, Kind, Member};
 
+use super::image::kind_of;
 use super::{LName, LObj, LStat, Layer, layer_name};
-use crate::fs::FileKind;
 use crate::{Errno, Result};
 
 pub struct ArchiveLayer {
@@ -66,6 +66,7 @@ impl ArchiveLayer {
             Kind::CharDevice => libc::S_IFCHR,
             Kind::BlockDevice => libc::S_IFBLK,
             Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
         };
         let size = match m.kind {
             Kind::Symlink => m.target.len() as u64,
@@ -84,17 +85,6 @@ impl ArchiveLayer {
             ctime: t,
             key: (0, m.inode as u64),
         }
-    }
-}
-
-fn kind_of(kind: Kind) -> FileKind {
-    match kind {
-        Kind::File => FileKind::Regular,
-        Kind::Dir => FileKind::Directory,
-        Kind::Symlink => FileKind::Symlink,
-        Kind::CharDevice => FileKind::CharDevice,
-        Kind::BlockDevice => FileKind::BlockDevice,
-        Kind::Fifo => FileKind::Fifo,
     }
 }
 

@@ -71,7 +71,7 @@ impl ImageLayer {
     }
 }
 
-fn kind_of(kind: Kind) -> FileKind {
+pub(super) fn kind_of(kind: Kind) -> FileKind {
     match kind {
         Kind::File => FileKind::Regular,
         Kind::Dir => FileKind::Directory,
