@@ -69,6 +69,12 @@ from = "cpc:disks"
 path = "Zipped"
 from = "games"
 archives = "dir"
+
+[[map]]
+path = "Auto"
+from = "games"
+include = ["*.dsk"]
+archives = "auto"
 "#;
 
 fn mount_view(upper: bool) -> Mounted {
@@ -95,7 +101,7 @@ fn sorted(dir: &Path) -> Vec<String> {
 #[test]
 fn two_clients_see_their_own_layout_of_one_collection() {
     let m = mount_view(false);
-    assert_eq!(sorted(&m.mnt), ["MiSTer", "Native", "Zipped"]);
+    assert_eq!(sorted(&m.mnt), ["Auto", "MiSTer", "Native", "Zipped"]);
     let mister = m.m("MiSTer/Amstrad");
     assert_eq!(sorted(&mister), ["a.dsk", "b.ROM", "c.BIN", "c.ROM", "sub"]);
     assert_eq!(fs::read_to_string(mister.join("b.ROM")).unwrap(), "B");
@@ -159,6 +165,9 @@ fn two_clients_see_their_own_layout_of_one_collection() {
         fs::read_to_string(m.m("Zipped/g.zip/disks/z.dsk")).unwrap(),
         "Z"
     );
+    // auto: g.zip holds one .dsk, which shows in its place.
+    assert_eq!(sorted(&m.m("Auto")), ["z.dsk"]);
+    assert_eq!(fs::read_to_string(m.m("Auto/z.dsk")).unwrap(), "Z");
 }
 
 #[test]
@@ -183,7 +192,10 @@ fn under_an_upper_a_view_takes_writes_and_its_sources_stay_unchanged() {
     assert!(src.join("a.dsk").exists());
     fs::create_dir(m.m("mine")).unwrap();
     fs::write(m.m("mine/f"), b"f").unwrap();
-    assert_eq!(sorted(&m.mnt), ["MiSTer", "Native", "Zipped", "mine"]);
+    assert_eq!(
+        sorted(&m.mnt),
+        ["Auto", "MiSTer", "Native", "Zipped", "mine"]
+    );
 }
 
 fn check(spec_text: &str) -> (Option<i32>, String, String) {
@@ -207,7 +219,11 @@ fn view_check_explains_a_good_spec_and_locates_errors() {
     let (code, out, err) = check(SPEC);
     assert_eq!(code, Some(0), "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(
+        lines[4].ends_with("games include *.dsk archives-auto"),
+        "{out}"
+    );
     assert!(
         lines[3].starts_with("/Zipped <- ") && lines[3].ends_with("games archives-as-dirs"),
         "{out}"

@@ -32,6 +32,27 @@ type ArchiveId = (usize, (u64, u64));
 /// What tells an archive file's content changed: its (size, mtime).
 type ArchiveVersion = (u64, (i64, u32));
 
+/// How long what `flatten`/`auto` archives put into a directory is reused.
+const FLAT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the archives of a directory put into it (`flatten`, `auto`).
+#[derive(Default)]
+struct Flat {
+    /// Archive files not shown themselves.
+    absorbed: HashSet<Vec<u8>>,
+    members: Vec<FlatMember>,
+}
+
+/// An archive member shown in the archive's directory.
+struct FlatMember {
+    name: Vec<u8>,
+    obj: LObj,
+    stat: LStat,
+    archive: Arc<ArchiveLayer>,
+    /// The archive file's identity.
+    file: (u64, u64),
+}
+
 /// Key device of the view's virtual directories.
 const VIRTUAL: u64 = u64::MAX;
 
@@ -58,7 +79,12 @@ pub struct ViewLayer {
     /// Archives shown as directories, by (source, file identity), with the
     /// (size, mtime) they were indexed at; indexed on first use.
     archives: Mutex<HashMap<ArchiveId, (ArchiveVersion, Arc<ArchiveLayer>)>>,
+    /// What archives put into directories, by (map, directory identity),
+    /// with when it was read and the directory's mtime then.
+    flat: Mutex<FlatCache>,
 }
+
+type FlatCache = HashMap<(u32, (u64, u64)), (std::time::Instant, (i64, u32), Arc<Flat>)>;
 
 impl ViewLayer {
     /// Opens the view a spec file declares, with its sources.
@@ -119,6 +145,7 @@ impl ViewLayer {
             rules,
             index_dir: index_dir.map(Path::to_path_buf),
             archives: Mutex::default(),
+            flat: Mutex::default(),
         };
         view.place_maps();
         Ok(view)
@@ -222,12 +249,132 @@ impl ViewLayer {
     /// (its archive's content). Told by the name: listing a directory of
     /// archives opens none of them.
     fn shows_as_dir(&self, m: u32, within: &Within, name: &[u8], kind: FileKind) -> bool {
+        // (`auto` archives that hold one file are absorbed before this.)
+        matches!(
+            self.maps[m as usize].archives,
+            ArchiveMode::Dir | ArchiveMode::Auto
+        ) && self.is_archive(within, name, kind)
+    }
+
+    /// Whether a source file is an archive, by its name.
+    fn is_archive(&self, within: &Within, name: &[u8], kind: FileKind) -> bool {
         matches!(within, Within::Source)
             && kind == FileKind::Regular
-            && self.maps[m as usize].archives == ArchiveMode::Dir
             && ARCHIVE_SUFFIXES.iter().any(|s| {
                 name.len() > s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s)
             })
+    }
+
+    /// What the archives of source directory `dir` of map `m` put into it
+    /// under `flatten` and `auto` (cached a second per directory: a listing
+    /// and the lookups of its names that follow read each archive once).
+    fn flattened(&self, m: u32, dir: &LObj) -> Result<Arc<Flat>> {
+        let mode = self.maps[m as usize].archives;
+        if !matches!(mode, ArchiveMode::Flatten | ArchiveMode::Auto) {
+            return Ok(Arc::default());
+        }
+        let src = self.source(m);
+        let dst = src.stat(dir)?;
+        let id = (m, dst.key);
+        if let Some((at, mtime, flat)) = self.flat.lock().get(&id)
+            && *mtime == dst.mtime
+            && at.elapsed() < FLAT_FOR
+        {
+            return Ok(flat.clone());
+        }
+        let mut names = Vec::new();
+        src.list(dir, &mut names)?;
+        let mut flat = Flat::default();
+        let mut taken: HashSet<Vec<u8>> =
+            names.iter().map(|n| n.name.to_bytes().to_vec()).collect();
+        for n in &names {
+            let name = n.name.to_bytes();
+            if !self.is_archive(&Within::Source, name, n.kind) || !self.visible(m, name, true) {
+                continue;
+            }
+            let Some((file, _)) = src.lookup(dir, &n.name)? else {
+                continue;
+            };
+            let Ok((a, fk)) = self.archive(m, &file) else {
+                continue; // shown as the file (flatten) or a directory (auto)
+            };
+            let mut members = Vec::new();
+            if mode == ArchiveMode::Flatten {
+                let mut top = Vec::new();
+                a.list(&a.root(), &mut top)?;
+                for t in top {
+                    let is_dir = t.kind == FileKind::Directory;
+                    if let Some((o, st)) = a.lookup(&a.root(), &t.name)?
+                        && self.visible(m, t.name.to_bytes(), is_dir)
+                    {
+                        members.push((t.name.to_bytes().to_vec(), o, st));
+                    }
+                }
+            } else {
+                let files = self.files_of(m, &a, a.root(), 2)?;
+                if files.len() != 1 {
+                    continue; // a directory
+                }
+                members = files;
+            }
+            flat.absorbed.insert(name.to_vec());
+            for (member, o, st) in members {
+                let shown = if st.is_dir() {
+                    member
+                } else {
+                    self.shown_name(m, &member, |c| taken.contains(c))
+                };
+                if taken.insert(shown.clone()) {
+                    flat.members.push(FlatMember {
+                        name: shown,
+                        obj: o,
+                        stat: st,
+                        archive: a.clone(),
+                        file: fk,
+                    });
+                }
+            }
+        }
+        let flat = Arc::new(flat);
+        self.flat
+            .lock()
+            .insert(id, (std::time::Instant::now(), dst.mtime, flat.clone()));
+        Ok(flat)
+    }
+
+    /// The files of archive `a` below `dir` that map `m` shows, with their
+    /// names: at most `limit` (enough to tell one from more).
+    fn files_of(
+        &self,
+        m: u32,
+        a: &ArchiveLayer,
+        dir: LObj,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, LObj, LStat)>> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let mut names = Vec::new();
+            a.list(&d, &mut names)?;
+            for n in names {
+                let is_dir = n.kind == FileKind::Directory;
+                if !self.visible(m, n.name.to_bytes(), is_dir) {
+                    continue;
+                }
+                let Some((o, st)) = a.lookup(&d, &n.name)? else {
+                    continue;
+                };
+                if is_dir {
+                    stack.push(o);
+                } else {
+                    out.push((n.name.to_bytes().to_vec(), o, st));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// `obj` (found by `name` with stat `st` in a directory of `within`) as
@@ -314,6 +461,17 @@ impl ViewLayer {
                 .and_then(|c| src.lookup(dir, &c).ok().flatten())
                 .is_some()
         };
+        let flat = match within {
+            Within::Source => self.flattened(m, dir)?,
+            _ => Arc::default(),
+        };
+        if let Some(f) = flat.members.iter().find(|f| f.name == bytes) {
+            let within = Within::Archive(f.archive.clone(), f.file);
+            return Ok(Some(self.mapped(m, &within, bytes, f.obj.clone(), f.stat)));
+        }
+        if flat.absorbed.contains(bytes) {
+            return Ok(None);
+        }
         if let Some((o, st)) = src.lookup(dir, name)? {
             let kind = st.kind().unwrap_or(FileKind::Regular);
             let is_dir = st.is_dir() || self.shows_as_dir(m, within, bytes, kind);
@@ -354,9 +512,16 @@ impl ViewLayer {
     ) -> Result<()> {
         let mut names = Vec::new();
         self.layer_in(m, within).list(dir, &mut names)?;
+        let flat = match within {
+            Within::Source => self.flattened(m, dir)?,
+            _ => Arc::default(),
+        };
         let present: HashSet<&[u8]> = names.iter().map(|n| n.name.to_bytes()).collect();
         for n in &names {
             let name = n.name.to_bytes();
+            if flat.absorbed.contains(name) {
+                continue;
+            }
             let as_dir = self.shows_as_dir(m, within, name, n.kind);
             let is_dir = n.kind == FileKind::Directory;
             if !self.visible(m, name, is_dir || as_dir) {
@@ -375,6 +540,15 @@ impl ViewLayer {
                     name: layer_name(&self.label, &shown)?,
                     kind,
                     key: mix(m, key),
+                });
+            }
+        }
+        for f in &flat.members {
+            if seen.insert(f.name.clone()) {
+                out.push(LName {
+                    name: layer_name(&self.label, &f.name)?,
+                    kind: f.stat.kind().unwrap_or(FileKind::Regular),
+                    key: mix(m, archive_key(f.file, f.stat.key.1)),
                 });
             }
         }

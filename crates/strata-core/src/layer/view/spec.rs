@@ -75,6 +75,12 @@ pub enum ArchiveMode {
     File,
     /// As directories of their members, under the archive's own name.
     Dir,
+    /// Their top-level members in the archive's directory, the archive
+    /// itself not shown (one that does not open shows as the file).
+    Flatten,
+    /// The one file an archive holds (after the map's filters) in the
+    /// archive's directory; an archive of more shows as a directory.
+    Auto,
 }
 
 /// A checked spec.
@@ -238,11 +244,13 @@ impl Spec {
             {
                 None | Some(("file", _)) => ArchiveMode::File,
                 Some(("dir", _)) => ArchiveMode::Dir,
+                Some(("flatten", _)) => ArchiveMode::Flatten,
+                Some(("auto", _)) => ArchiveMode::Auto,
                 Some((other, at)) => {
                     err(
                         at,
                         format!(
-                            "map {n}: archives = {other:?}: expected \"file\" or \"dir\" (\"flatten\" and \"auto\" are not supported yet)"
+                            "map {n}: archives = {other:?}: expected \"file\", \"dir\", \"flatten\" or \"auto\""
                         ),
                     );
                     ArchiveMode::File
@@ -298,8 +306,11 @@ impl Spec {
                 if !m.hidden {
                     line += " no-hidden";
                 }
-                if m.archives == ArchiveMode::Dir {
-                    line += " archives-as-dirs";
+                match m.archives {
+                    ArchiveMode::File => {}
+                    ArchiveMode::Dir => line += " archives-as-dirs",
+                    ArchiveMode::Flatten => line += " archives-flattened",
+                    ArchiveMode::Auto => line += " archives-auto",
                 }
                 for (f, t) in &m.renames {
                     line += &format!(

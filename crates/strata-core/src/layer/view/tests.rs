@@ -1,5 +1,4 @@
 use std::fs;
-use std::io::Read;
 
 use super::*;
 
@@ -56,12 +55,13 @@ fn names(v: &ViewLayer, path: &str) -> Vec<String> {
         .collect()
 }
 
+/// A file's content, read at offset 0 as the daemon does (descriptors of
+/// one extracted member share their offset).
 fn read(v: &ViewLayer, path: &str) -> String {
-    let mut s = String::new();
-    fs::File::from(v.open(&at(v, path).unwrap()).unwrap())
-        .read_to_string(&mut s)
-        .unwrap();
-    s
+    let f = fs::File::from(v.open(&at(v, path).unwrap()).unwrap());
+    let mut buf = vec![0u8; 1 << 16];
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf, 0).unwrap();
+    String::from_utf8(buf[..n].to_vec()).unwrap()
 }
 
 const TWO_CLIENTS: &str = r#"
@@ -309,4 +309,89 @@ archives = "dir"
     let broken = at(&v, "g/broken.ZIP").unwrap();
     let mut out = Vec::new();
     assert_eq!(v.list(&broken, &mut out).unwrap_err(), Errno::EIO);
+}
+
+/// `flatten` puts an archive's top-level members into its directory;
+/// `auto` does that only for an archive holding one file (after the
+/// filters) and shows the others as directories.
+#[test]
+fn flatten_and_auto_put_archive_members_into_the_directory() {
+    let s = Setup::new();
+    let games = s.dir.path().join("games");
+    fs::create_dir_all(&games).unwrap();
+    let zip = |name: &str, files: &[(&str, &str)]| {
+        let src = s.dir.path().join(format!("src-{name}"));
+        for (f, c) in files {
+            let p = src.join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, c).unwrap();
+        }
+        let names: Vec<&str> = files.iter().map(|(f, _)| *f).collect();
+        let st = std::process::Command::new("zip")
+            .arg("-q")
+            .arg(games.join(name))
+            .args(&names)
+            .current_dir(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    zip("one.zip", &[("disks/x.dsk", "X"), ("readme.txt", "R")]);
+    zip("two.zip", &[("a.dsk", "A-zip"), ("b.dsk", "B")]);
+    fs::write(games.join("bad.zip"), "not a zip").unwrap();
+    fs::write(games.join("a.dsk"), "A-real").unwrap();
+    let v = s.view(
+        r#"
+[sources]
+games = "games"
+[[map]]
+path = "auto"
+from = "games"
+include = ["*.dsk"]
+archives = "auto"
+[[map]]
+path = "flat"
+from = "games"
+include = ["*.dsk"]
+archives = "flatten"
+"#,
+    );
+    let sorted = |p: &str| {
+        let mut n = names(&v, p);
+        n.sort();
+        n
+    };
+    // auto: one.zip holds one .dsk (readme.txt is filtered out): x.dsk
+    // shows in its place; two.zip holds two: a directory; bad.zip does not
+    // open: a directory too (EIO inside).
+    assert_eq!(sorted("auto"), ["a.dsk", "bad.zip", "two.zip", "x.dsk"]);
+    assert_eq!(read(&v, "auto/x.dsk"), "X");
+    assert_eq!(
+        read(&v, "auto/a.dsk"),
+        "A-real",
+        "a real file keeps its name"
+    );
+    assert!(v.stat(&at(&v, "auto/two.zip").unwrap()).unwrap().is_dir());
+    assert_eq!(sorted("auto/two.zip"), ["a.dsk", "b.dsk"]);
+    assert!(
+        at(&v, "auto/one.zip").is_none(),
+        "an absorbed archive is not shown"
+    );
+    // flatten: every archive's top level in the directory; the real a.dsk
+    // wins over two.zip's; bad.zip stays a file (and the filter hides it).
+    assert_eq!(sorted("flat"), ["a.dsk", "b.dsk", "disks"]);
+    assert_eq!(read(&v, "flat/a.dsk"), "A-real");
+    assert_eq!(read(&v, "flat/b.dsk"), "B");
+    assert_eq!(names(&v, "flat/disks"), ["x.dsk"]);
+    assert_eq!(read(&v, "flat/disks/x.dsk"), "X");
+    // Listing keys are lookup keys for flattened members too.
+    let mut listed = Vec::new();
+    v.list(&at(&v, "flat").unwrap(), &mut listed).unwrap();
+    for l in listed {
+        let (_, st) = v
+            .lookup(&at(&v, "flat").unwrap(), &l.name)
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.key, l.key, "{:?}", l.name);
+    }
 }
