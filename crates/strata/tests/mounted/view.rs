@@ -155,7 +155,10 @@ fn two_clients_see_their_own_layout_of_one_collection() {
         "{why}"
     );
     let why = explain(&m.m("Zipped/g.zip/disks/z.dsk"));
-    assert!(why.contains("/disks/z.dsk, by map 4 of view:"), "{why}");
+    assert!(
+        why.contains("games/g.zip:/disks/z.dsk, by map 4 of view:"),
+        "{why}"
+    );
     assert!(explain(&m.m("Native")).starts_with("a directory of view:"));
     // A zip shown as a directory of its members.
     assert_eq!(sorted(&m.m("Zipped")), ["g.zip", "notes.txt"]);

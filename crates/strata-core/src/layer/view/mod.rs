@@ -420,7 +420,8 @@ impl ViewLayer {
         }
         // New, or changed since it was indexed (the next lookups see the
         // new content; objects handed out before keep the old index).
-        let label = PathBuf::from(format!("{} (inode {})", src.describe(), key.1));
+        // Named by where it is (the source says), for logs and explain.
+        let label = PathBuf::from(src.locate(file));
         let fd = src.open(file)?;
         let a = ArchiveLayer::from_file(std::fs::File::from(fd), &label, self.index_dir.as_deref())
             .map_err(|e| {
