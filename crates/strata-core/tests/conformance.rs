@@ -130,65 +130,42 @@ fn make(mode: Mode) -> Client {
                     LowerSpec::Host(l)
                 })
                 .collect();
-            fs::create_dir(p("upper")).unwrap();
-            Box::new(Stack::new(
-                Overlay::new(OverlayConfig {
-                    lowers,
-                    upper: Some(p("upper")),
-                    cache: Default::default(),
-                    fd_cache: 64,
-                    passthrough: false,
-                    watch: false,
-                    index_dir: None,
-                })
-                .unwrap(),
-            ))
+            overlay(lowers, p("upper"))
         }
         Mode::OverlayHost | Mode::OverlayImage | Mode::OverlayArchive | Mode::OverlayView => {
             seed(&p("lower"), None);
-            fs::create_dir(p("upper")).unwrap();
-            let lower = if let Mode::OverlayView = mode {
-                let spec = p("view.toml");
-                fs::write(
-                    &spec,
-                    "[sources]\nseed = \"lower\"\n[[map]]\npath = \"\"\nfrom = \"seed\"\n",
-                )
-                .unwrap();
-                LowerSpec::View(spec)
-            } else if let Mode::OverlayArchive = mode {
-                let tar = std::process::Command::new("tar")
-                    .arg("-C")
-                    .arg(p("lower"))
-                    .arg("-cf")
-                    .arg(p("seed.tar"))
-                    .arg(".")
-                    .status()
-                    .unwrap();
-                assert!(tar.success());
-                LowerSpec::Archive(p("seed.tar"))
-            } else if let Mode::OverlayImage = mode {
-                let store = strata_image::Store::open(&p("store")).unwrap();
-                let opts = strata_image::BuildOptions::default();
-                strata_image::build(&store, &p("lower"), "seed", opts, &mut |_| {}).unwrap();
-                LowerSpec::Image {
-                    store: p("store"),
-                    name: "seed".into(),
+            let lower = match mode {
+                Mode::OverlayView => {
+                    let spec = p("view.toml");
+                    let text =
+                        "[sources]\nseed = \"lower\"\n[[map]]\npath = \"\"\nfrom = \"seed\"\n";
+                    fs::write(&spec, text).unwrap();
+                    LowerSpec::View(spec)
                 }
-            } else {
-                LowerSpec::Host(p("lower"))
+                Mode::OverlayArchive => {
+                    let tar = std::process::Command::new("tar")
+                        .arg("-C")
+                        .arg(p("lower"))
+                        .arg("-cf")
+                        .arg(p("seed.tar"))
+                        .arg(".")
+                        .status()
+                        .unwrap();
+                    assert!(tar.success());
+                    LowerSpec::Archive(p("seed.tar"))
+                }
+                Mode::OverlayImage => {
+                    let store = strata_image::Store::open(&p("store")).unwrap();
+                    let opts = strata_image::BuildOptions::default();
+                    strata_image::build(&store, &p("lower"), "seed", opts, &mut |_| {}).unwrap();
+                    LowerSpec::Image {
+                        store: p("store"),
+                        name: "seed".into(),
+                    }
+                }
+                _ => LowerSpec::Host(p("lower")),
             };
-            Box::new(Stack::new(
-                Overlay::new(OverlayConfig {
-                    lowers: vec![lower],
-                    upper: Some(p("upper")),
-                    cache: Default::default(),
-                    fd_cache: 64,
-                    passthrough: false,
-                    watch: false,
-                    index_dir: None,
-                })
-                .unwrap(),
-            ))
+            overlay(vec![lower], p("upper"))
         }
     };
     let baseline = fs.stats().inodes;
@@ -199,6 +176,24 @@ fn make(mode: Mode) -> Client {
         baseline,
         _dir: dir,
     }
+}
+
+/// An overlay of `lowers` under a new upper directory `upper`, as every
+/// overlay mode serves it.
+fn overlay(lowers: Vec<LowerSpec>, upper: std::path::PathBuf) -> Box<dyn Filesystem> {
+    fs::create_dir(&upper).unwrap();
+    Box::new(Stack::new(
+        Overlay::new(OverlayConfig {
+            lowers,
+            upper: Some(upper),
+            cache: Default::default(),
+            fd_cache: 64,
+            passthrough: false,
+            watch: false,
+            index_dir: None,
+        })
+        .unwrap(),
+    ))
 }
 
 fn os(s: &str) -> &OsStr {
