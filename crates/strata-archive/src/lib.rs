@@ -116,16 +116,12 @@ impl Archive {
     /// Indexes the archive at `path` (one pass over it).
     pub fn open(path: &Path) -> Result<Archive, Error> {
         let file = File::open(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-        Archive::from_file(file, path)
-    }
-
-    /// Indexes the archive open as `file`; `path` names it in messages.
-    pub fn from_file(file: File, path: &Path) -> Result<Archive, Error> {
         Archive::from_file_kept(file, path, None)
     }
 
-    /// [`Archive::from_file`], keeping the index below `index_dir` for the
-    /// next time (and reading it from there when the archive is unchanged).
+    /// Indexes the archive open as `file` (`path` names it in messages),
+    /// keeping the index below `index_dir` for the next time and reading it
+    /// from there when the archive is unchanged.
     pub fn from_file_kept(
         mut file: File,
         path: &Path,
