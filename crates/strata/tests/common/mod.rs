@@ -335,19 +335,21 @@ pub fn strata(args: &[&str], state: &Path) -> Output {
         .unwrap()
 }
 
-/// Runs `sh -c script` as uid/gid 65534 (nobody/nogroup) with no supplementary groups.
+/// Runs `sh -c script` as uid/gid 65534 (nobody/nogroup) with no
+/// supplementary groups; killed (and the test failed) after 30 s.
 pub fn as_nobody(script: &str) -> Output {
-    Command::new("setpriv")
-        .args([
+    output_with_timeout(
+        Command::new("setpriv").args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "sh",
             "-c",
             script,
-        ])
-        .output()
-        .unwrap()
+        ]),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|| panic!("as nobody: {script}: timed out"))
 }
 
 /// Like [`as_nobody`], and the script must succeed.

@@ -3,31 +3,6 @@
 
 use super::*;
 
-/// `sh -c SCRIPT` as nobody (65534), killed after 30 s.
-fn nobody(script: &str) -> std::process::Output {
-    output_with_timeout(
-        Command::new("setpriv").args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-        ]),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|| panic!("as nobody: {script}: timed out"))
-}
-
-fn nobody_ok(script: &str) {
-    let out = nobody(script);
-    assert!(
-        out.status.success(),
-        "as nobody: {script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn another_user_changes_lower_files_as_their_permissions_allow() {
     let m = overlay(|src| {
@@ -41,9 +16,9 @@ fn another_user_changes_lower_files_as_their_permissions_allow() {
         chmod(&src.join("root_dir/roots"), 0o644);
     });
     let d = m.m("root_dir");
-    nobody_ok(&format!("echo more >> {}/users/theirs", d.display()));
-    nobody_ok(&format!("echo new > {}/users/new", d.display()));
-    nobody_ok(&format!(
+    as_nobody_ok(&format!("echo more >> {}/users/theirs", d.display()));
+    as_nobody_ok(&format!("echo new > {}/users/new", d.display()));
+    as_nobody_ok(&format!(
         "rm {}/users/theirs.none 2>/dev/null; true",
         d.display()
     ));
@@ -55,11 +30,11 @@ fn another_user_changes_lower_files_as_their_permissions_allow() {
     let ud = lstat(&up(&m, "root_dir"));
     assert_eq!((ud.uid(), ud.mode() & 0o7777), (0, 0o755));
     // Refused by permissions: no copy-up happens.
-    let out = nobody(&format!("echo no >> {}/roots", d.display()));
+    let out = as_nobody(&format!("echo no >> {}/roots", d.display()));
     assert!(!out.status.success());
-    let out = nobody(&format!("rm -f {}/roots", d.display()));
+    let out = as_nobody(&format!("rm -f {}/roots", d.display()));
     assert!(!out.status.success());
-    let out = nobody(&format!("chmod 777 {}/roots", d.display()));
+    let out = as_nobody(&format!("chmod 777 {}/roots", d.display()));
     assert!(!out.status.success());
     assert!(
         !exists(&up(&m, "root_dir/roots")),
@@ -67,7 +42,7 @@ fn another_user_changes_lower_files_as_their_permissions_allow() {
     );
     assert_eq!(read(&m.m("root_dir/roots")), "root's");
     // Unlinking their own lower file in their directory works.
-    nobody_ok(&format!("rm {}/users/theirs", d.display()));
+    as_nobody_ok(&format!("rm {}/users/theirs", d.display()));
     assert!(is_whiteout(&up(&m, "root_dir/users/theirs")));
 }
 
