@@ -64,6 +64,18 @@ fn read(v: &ViewLayer, path: &str) -> String {
     String::from_utf8(buf[..n].to_vec()).unwrap()
 }
 
+/// `zip -qr ARCHIVE PATHS...` run in `dir`, by the system's zip.
+fn zip(archive: &Path, dir: &Path, paths: &[&str]) {
+    let st = std::process::Command::new("zip")
+        .arg("-qr")
+        .arg(archive)
+        .args(paths)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "zip {}", archive.display());
+}
+
 const TWO_CLIENTS: &str = r#"
 [sources]
 roms = "roms"
@@ -235,14 +247,7 @@ fn archives_show_as_directories_without_being_opened_to_list_them() {
     fs::create_dir_all(zsrc.join("disk")).unwrap();
     fs::write(zsrc.join("disk/x.dsk"), "X").unwrap();
     fs::write(zsrc.join("readme.txt"), "R").unwrap();
-    let zip = std::process::Command::new("zip")
-        .arg("-qr")
-        .arg(games.join("a.zip"))
-        .args(["disk", "readme.txt"])
-        .current_dir(&zsrc)
-        .status()
-        .unwrap();
-    assert!(zip.success());
+    zip(&games.join("a.zip"), &zsrc, &["disk", "readme.txt"]);
     fs::write(games.join("broken.ZIP"), "not a zip").unwrap();
     fs::write(games.join("plain.dsk"), "P").unwrap();
     let v = s.view(
@@ -288,14 +293,7 @@ archives = "dir"
     // sees the new content.
     // Rewritten in place: the same inode, so the same identity.
     fs::write(zsrc.join("disk/y.dsk"), "Y").unwrap();
-    let zip = std::process::Command::new("zip")
-        .arg("-qr")
-        .arg(s.dir.path().join("new.zip"))
-        .arg("disk")
-        .current_dir(&zsrc)
-        .status()
-        .unwrap();
-    assert!(zip.success());
+    zip(&s.dir.path().join("new.zip"), &zsrc, &["disk"]);
     let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
     let before = ino(&games.join("a.zip"));
     fs::write(
@@ -319,7 +317,7 @@ fn flatten_and_auto_put_archive_members_into_the_directory() {
     let s = Setup::new();
     let games = s.dir.path().join("games");
     fs::create_dir_all(&games).unwrap();
-    let zip = |name: &str, files: &[(&str, &str)]| {
+    let zip_of = |name: &str, files: &[(&str, &str)]| {
         let src = s.dir.path().join(format!("src-{name}"));
         for (f, c) in files {
             let p = src.join(f);
@@ -327,17 +325,10 @@ fn flatten_and_auto_put_archive_members_into_the_directory() {
             fs::write(p, c).unwrap();
         }
         let names: Vec<&str> = files.iter().map(|(f, _)| *f).collect();
-        let st = std::process::Command::new("zip")
-            .arg("-q")
-            .arg(games.join(name))
-            .args(&names)
-            .current_dir(&src)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        zip(&games.join(name), &src, &names);
     };
-    zip("one.zip", &[("disks/x.dsk", "X"), ("readme.txt", "R")]);
-    zip("two.zip", &[("a.dsk", "A-zip"), ("b.dsk", "B")]);
+    zip_of("one.zip", &[("disks/x.dsk", "X"), ("readme.txt", "R")]);
+    zip_of("two.zip", &[("a.dsk", "A-zip"), ("b.dsk", "B")]);
     fs::write(games.join("bad.zip"), "not a zip").unwrap();
     fs::write(games.join("a.dsk"), "A-real").unwrap();
     let v = s.view(
