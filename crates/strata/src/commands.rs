@@ -596,10 +596,7 @@ fn serve<F: strata_core::Filesystem>(
     crate::notify::notify("STOPPING=1\nSTATUS=unmounted");
     signal_handle.close();
     let _ = signal_thread.join();
-    // A successor mounted at the same place has a record of its own.
-    if state::read_record(mountpoint).is_some_and(|r| r.pid == std::process::id()) {
-        state::remove_record(mountpoint);
-    }
+    state::remove_own_record(mountpoint);
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     result.map_err(|e| failure(format!("{}: serving failed: {e}", mountpoint.display())))
 }

@@ -129,12 +129,35 @@ pub fn prune_logs(mountpoint: &Path, keep: usize) {
     }
 }
 
+/// An exclusive lock on the records directory, held until dropped: a
+/// record is written, and removed by the daemon it names, under it, so a
+/// daemon that exits cannot read its own record and then remove the one a
+/// successor at the same mountpoint wrote in between.
+fn lock_records(path: &Path) -> io::Result<fs::File> {
+    let dir = path.parent().expect("has parent");
+    fs::create_dir_all(dir)?;
+    let lock = fs::File::create(dir.join(".lock"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(lock)
+}
+
 pub fn write_record(rec: &MountRecord) -> io::Result<()> {
     let path = record_path(&rec.mountpoint);
-    fs::create_dir_all(path.parent().expect("has parent"))?;
+    let _lock = lock_records(&path)?;
     let tmp = path.with_extension("json.tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(rec).expect("serializable"))?;
     fs::rename(tmp, path)
+}
+
+/// Removes the record of `mountpoint` if it is still this process's (a
+/// successor mounted at the same place has a record of its own).
+pub fn remove_own_record(mountpoint: &Path) {
+    let Ok(_lock) = lock_records(&record_path(mountpoint)) else {
+        return;
+    };
+    if read_record(mountpoint).is_some_and(|r| r.pid == std::process::id()) {
+        remove_record(mountpoint);
+    }
 }
 
 pub fn read_record(mountpoint: &Path) -> Option<MountRecord> {

@@ -109,7 +109,12 @@ fn assert_serving(b: &mut Mounted, state: &Path) {
     assert!(is_mounted(&b.mnt), "the successor's mount is gone");
     assert_eq!(fs::read(b.m("b")).unwrap(), b"B");
     assert_eq!(b.wait_exit(Duration::ZERO), None, "the successor exited");
-    assert_eq!(record_pid(state, &b.mnt), Some(b.pid() as u64));
+    // The record follows the mount by moments (`strata mount` returns
+    // after both; this harness only waits for the mount): a removed one
+    // never comes back.
+    let pid = Some(b.pid() as u64);
+    wait_until(Duration::from_secs(5), || record_pid(state, &b.mnt) == pid);
+    assert_eq!(record_pid(state, &b.mnt), pid);
 }
 
 /// A daemon stopped while its mount was taken away from outside, and then a
