@@ -22,7 +22,7 @@ use crate::fs::ROOT_ID;
 const PINNED: u64 = u64::MAX / 2;
 
 /// First id handed out when a preferred id is taken by another key.
-const FALLBACK_BASE: u64 = 0xC000_0000_0000_0000;
+pub const FALLBACK_BASE: u64 = 0xC000_0000_0000_0000;
 
 struct Slot<K, T> {
     key: K,
@@ -60,6 +60,13 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
     /// A table whose preferred ids are `id_of(key)`.
     pub fn with_derived_ids(root_key: K, root: Arc<T>, id_of: IdOf<K>) -> Self {
         Self::build(root_key, root, Some(id_of))
+    }
+
+    /// Hands out fallback ids from `base` on (tables whose ids must not
+    /// meet another table's).
+    pub fn with_fallback_base(mut self, base: u64) -> Self {
+        self.inner.get_mut().next_fallback = base;
+        self
     }
 
     fn build(root_key: K, root: Arc<T>, id_of: Option<IdOf<K>>) -> Self {

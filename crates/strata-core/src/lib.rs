@@ -20,6 +20,7 @@ pub mod single;
 pub mod source;
 pub mod stack;
 pub mod union;
+pub mod workspace;
 pub mod xattr;
 
 pub use errno::{Errno, Result};

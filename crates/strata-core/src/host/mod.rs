@@ -396,6 +396,25 @@ impl HostDir {
         )?)
     }
 
+    /// The directory `rel` below the root: plain components, each opened
+    /// without following links.
+    pub fn dir_below(&self, rel: &Path) -> Result<Arc<HostNode>> {
+        let mut node = self.root().clone();
+        for c in rel.components() {
+            let std::path::Component::Normal(name) = c else {
+                return Err(Errno::EINVAL);
+            };
+            let name = CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)?;
+            let fd = self.fd(&node)?;
+            let st = self.stat_child(fd.as_fd(), &name)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                return Err(Errno::ENOTDIR);
+            }
+            node = Arc::new(self.make_node(fd.as_fd(), &name, &st)?);
+        }
+        Ok(node)
+    }
+
     /// Builds a node for `name` in `parent` whose stat is `st`.
     pub fn make_node(&self, parent: BorrowedFd<'_>, name: &CStr, st: &Stat) -> Result<HostNode> {
         let kind = FileKind::from_mode(st.st_mode).ok_or(Errno::EIO)?;

@@ -13,12 +13,33 @@ use crate::host::{HostDir, HostNode, each_entry, open_dir};
 use crate::{Errno, Result};
 
 pub struct HostLayer {
-    dir: HostDir,
+    dir: Arc<HostDir>,
+    /// The layer's root: the directory's own, or one below it (a frozen
+    /// layer of a workspace, served through the upper's `HostDir`).
+    root: Arc<HostNode>,
+    /// Whether the directory is this layer's alone (its descriptors are
+    /// counted, and watched, here).
+    own_dir: bool,
 }
 
 impl HostLayer {
     pub fn new(dir: HostDir) -> HostLayer {
-        HostLayer { dir }
+        let root = dir.root().clone();
+        HostLayer {
+            dir: Arc::new(dir),
+            root,
+            own_dir: true,
+        }
+    }
+
+    /// The directory `root` inside `dir` as a read-only layer sharing
+    /// `dir`'s descriptors.
+    pub fn within(dir: Arc<HostDir>, root: Arc<HostNode>) -> HostLayer {
+        HostLayer {
+            dir,
+            root,
+            own_dir: false,
+        }
     }
 
     fn node<'a>(&self, obj: &'a LObj) -> Result<&'a Arc<HostNode>> {
@@ -31,7 +52,15 @@ impl HostLayer {
 
 impl Layer for HostLayer {
     fn describe(&self) -> String {
-        self.dir.path().display().to_string()
+        match self.own_dir {
+            true => self.dir.path().display().to_string(),
+            false => self
+                .dir
+                .path_of(&self.root)
+                .unwrap_or_else(|| self.dir.path().to_path_buf())
+                .display()
+                .to_string(),
+        }
     }
 
     fn locate(&self, obj: &LObj) -> String {
@@ -45,7 +74,7 @@ impl Layer for HostLayer {
     }
 
     fn root(&self) -> LObj {
-        LObj::Host(self.dir.root().clone())
+        LObj::Host(self.root.clone())
     }
 
     fn stat(&self, obj: &LObj) -> Result<LStat> {
@@ -87,7 +116,16 @@ impl Layer for HostLayer {
     }
 
     fn cached_fds(&self) -> usize {
-        self.dir.cached_fds()
+        if self.own_dir {
+            self.dir.cached_fds()
+        } else {
+            0
+        }
+    }
+
+    fn unchanging(&self) -> bool {
+        // A frozen layer: nothing writes it any more.
+        !self.own_dir
     }
 
     fn statfs_path(&self) -> &Path {

@@ -192,6 +192,7 @@ impl Rule for Overlay {
     }
 
     fn setattr(&self, ino: u64, _fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let up = {
             let _ns = self.ns_lock.lock();
@@ -214,6 +215,7 @@ impl Rule for Overlay {
     }
 
     fn make(&self, ctx: &Ctx, parent: u64, name: &CStr, new: New<'_>) -> Result<Entry> {
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let is_dir = matches!(new, New::Dir { .. });
         self.make_entry(ctx, parent, name, is_dir, |pfd, n| match new {
@@ -234,6 +236,7 @@ impl Rule for Overlay {
     }
 
     fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+        let _gate = self.gate.read();
         self.remove_name(parent, name, dir)
     }
 
@@ -250,6 +253,7 @@ impl Rule for Overlay {
         if flags.contains(RenameFlags::WHITEOUT) {
             return Err(Errno::EINVAL);
         }
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let _ns = self.ns_lock.lock();
         if flags.contains(RenameFlags::EXCHANGE) {
@@ -326,6 +330,7 @@ impl Rule for Overlay {
     }
 
     fn link(&self, _ctx: &Ctx, ino: u64, new_parent: u64, new_name: &CStr) -> Result<Entry> {
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let _ns = self.ns_lock.lock();
         let up = self.copy_up(ino)?;
@@ -342,6 +347,7 @@ impl Rule for Overlay {
     }
 
     fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+        let _gate = self.gate.read();
         let node = self.node(ino)?;
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let upper = if writes {
@@ -353,7 +359,9 @@ impl Rule for Overlay {
         if let Some(up) = upper {
             let h = self.upper_dir()?;
             let file = h.reopen(h.fd(&up)?.as_fd(), ops::open_flags(flags))?;
-            return Ok(self.files.insert(file, self.cfg.passthrough));
+            let opened = self.files.insert(file, self.cfg.passthrough);
+            self.note_open_upper(ino, &node, opened.fh);
+            return Ok(opened);
         }
         let top = node.lowers().first().cloned().ok_or(Errno::ESTALE)?;
         let layer = self.layer(&top);
@@ -377,6 +385,7 @@ impl Rule for Overlay {
 
     fn release(&self, ino: u64, fh: u64) {
         self.drop_lower_reader(ino, fh);
+        self.drop_open_upper(ino, fh);
         self.files.release(fh);
     }
 
@@ -408,7 +417,7 @@ impl Rule for Overlay {
     fn statfs(&self, _ino: u64) -> Result<StatFs> {
         let s = match &self.upper {
             Some(h) => rustix::fs::fstatvfs(&*h.fd(h.root())?)?,
-            None => rustix::fs::statvfs(self.layers[0].statfs_path())?,
+            None => rustix::fs::statvfs(self.layers.get(0).statfs_path())?,
         };
         Ok(crate::host::statfs_from(&s))
     }
@@ -417,6 +426,7 @@ impl Rule for Overlay {
         if is_private_xattr(name.as_encoded_bytes()) {
             return Err(Errno::EPERM);
         }
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let up = {
             let _ns = self.ns_lock.lock();
@@ -474,6 +484,7 @@ impl Rule for Overlay {
         }
         // Nothing to remove: no copy-up for that.
         Rule::getxattr(self, ino, name, 0)?;
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let up = {
             let _ns = self.ns_lock.lock();
@@ -500,6 +511,7 @@ impl Rule for Overlay {
         umask: u32,
         flags: i32,
     ) -> Result<(Entry, Opened)> {
+        let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let _ns = self.ns_lock.lock();
         let pfd = self.new_name_dir(parent, name)?;
@@ -515,12 +527,14 @@ impl Rule for Overlay {
         let entry = self.lookup_in(parent, name).inspect_err(|_| {
             let _ = rustix::fs::unlinkat(&*pfd, name, AtFlags::empty());
         })?;
-        Ok((entry, self.files.insert(file, self.cfg.passthrough)))
+        let opened = self.files.insert(file, self.cfg.passthrough);
+        self.note_open_upper(entry.attr.ino, &*self.node(entry.attr.ino)?, opened.fh);
+        Ok((entry, opened))
     }
 
     fn cached_fds(&self) -> usize {
         self.upper.as_ref().map_or(0, |h| h.cached_fds())
-            + self.layers.iter().map(|l| l.cached_fds()).sum::<usize>()
+            + self.layers.all().map(|l| l.cached_fds()).sum::<usize>()
     }
 
     fn attach(&self, invalidator: Arc<dyn Invalidator>) {

@@ -20,7 +20,9 @@
 //! Without an upper the mount is read-only: one or more images served as is.
 
 mod format;
+mod freeze;
 mod fs;
+mod layers;
 #[cfg(test)]
 mod tests;
 mod upper;
@@ -45,6 +47,7 @@ use crate::layer::{self, LObj, LStat, Layer};
 use crate::listing::DirEnt;
 use crate::{Errno, Result};
 use format::{Listed, OPAQUE_XATTRS, host_opaque, host_whiteout};
+pub use layers::LayerSet;
 
 /// Where a lower layer comes from.
 #[derive(Clone, Debug)]
@@ -154,6 +157,15 @@ impl ONode {
         self.place.lock().clone()
     }
 
+    /// Whether the node shows the host object `obj` (as its upper object,
+    /// or as its top lower).
+    fn shows(&self, obj: &HostNode) -> bool {
+        if let Some(u) = self.upper() {
+            return (u.dev, u.ino) == (obj.dev, obj.ino);
+        }
+        matches!(self.lowers.read().first(), Some(LRef { obj: LObj::Host(h), .. }) if (h.dev, h.ino) == (obj.dev, obj.ino))
+    }
+
     /// Records another name of this (lower, hard-linked) object.
     fn remember_alias(&self, parent: u64, name: &CStr) {
         const MAX_ALIASES: usize = 64;
@@ -181,10 +193,22 @@ struct Found {
 }
 
 pub struct Overlay {
-    layers: Vec<Box<dyn Layer>>,
-    upper: Option<HostDir>,
+    layers: Arc<LayerSet>,
+    /// The upper's host directory. In a workspace (snapshots, branches) the
+    /// live layer is a directory below it, the root node's upper object.
+    upper: Option<Arc<HostDir>>,
     table: Arc<InodeTable<Key, ONode>>,
-    files: OpenFiles,
+    /// Shared by every branch of a workspace: handle numbers are unique.
+    files: Arc<OpenFiles>,
+    /// Node ids of a branch other than the first carry its number
+    /// (`crate::workspace::ids`); 0 leaves them as they always were.
+    tag: u8,
+    /// Node → its handles open on an upper file: a snapshot moves these
+    /// files into the new live layer (see `freeze`).
+    open_upper: Mutex<HashMap<u64, smallvec::SmallVec<[u64; 2]>>>,
+    /// Held (shared) by every request that may change the upper, and
+    /// exclusively by a snapshot while it freezes the live layer.
+    gate: RwLock<()>,
     /// Node → its read-only handles open on a lower file. A copy-up moves
     /// them to the copy, so they read what writers wrote (kernel overlayfs
     /// does the same since 4.19); an mmap made before stays on the lower.
@@ -214,10 +238,10 @@ static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 /// passthrough the kernel writes its files itself, and a store through a
 /// mapping that outlives its descriptor only shows as the close of the
 /// written file when the mapping goes.
-fn watch_host_layers(layers: &[Box<dyn Layer>], upper: Option<&HostDir>) -> Option<Arc<HostWatch>> {
+fn watch_host_layers(layers: &LayerSet, upper: Option<&HostDir>) -> Option<Arc<HostWatch>> {
     let hosts: Vec<&HostDir> = layers
-        .iter()
-        .filter_map(|l| l.host())
+        .base()
+        .filter_map(|(_, l)| l.host())
         .chain(upper)
         .collect();
     if hosts.is_empty() || !hosts.iter().all(|h| h.handles_usable()) {
@@ -330,72 +354,143 @@ fn attr_of(st: &LStat, ino: u64) -> Attr {
     }
 }
 
+/// What an overlay is assembled from when it serves one branch of a
+/// workspace: the layers (shared by the workspace's branches), the upper
+/// directory and the branch's live layer and frozen chain.
+pub struct Parts {
+    pub layers: Arc<LayerSet>,
+    pub upper: Arc<HostDir>,
+    /// Root of the branch's live layer (the upper's root outside a workspace).
+    pub live: Arc<HostNode>,
+    /// The branch's frozen layers in `layers`, newest first.
+    pub frozen: Vec<u32>,
+    pub tag: u8,
+    pub files: Arc<OpenFiles>,
+}
+
+/// Opens the lowers a config names, topmost first, and checks each root is
+/// a directory.
+pub fn open_lowers(cfg: &OverlayConfig) -> std::result::Result<Vec<Box<dyn Layer>>, String> {
+    if cfg.lowers.is_empty() {
+        return Err("an overlay needs at least one lower layer".into());
+    }
+    let mut layers = Vec::new();
+    for spec in &cfg.lowers {
+        layers.push(match spec {
+            LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
+            LowerSpec::Image { store, name } => layer::open_image(store, name)?,
+            LowerSpec::Archive(p) => layer::open_archive(p, cfg.index_dir.as_deref())?,
+            LowerSpec::View(p) => layer::open_view(p, cfg.fd_cache, cfg.index_dir.as_deref())?,
+        });
+    }
+    for l in &layers {
+        let root = l
+            .stat(&l.root())
+            .map_err(|e| format!("{}: {e}", l.describe()))?;
+        if !root.is_dir() {
+            return Err(format!("{}: root is not a directory", l.describe()));
+        }
+    }
+    Ok(layers)
+}
+
+/// Opens an upper directory and checks strata can write it.
+pub fn open_upper(path: &std::path::Path, fd_cache: usize) -> std::result::Result<HostDir, String> {
+    let h = HostDir::open(path, fd_cache)?;
+    check_upper(&h)?;
+    Ok(h)
+}
+
 impl Overlay {
     pub fn new(cfg: OverlayConfig) -> std::result::Result<Self, String> {
-        if cfg.lowers.is_empty() {
-            return Err("an overlay needs at least one lower layer".into());
-        }
-        let mut layers = Vec::new();
-        for spec in &cfg.lowers {
-            layers.push(match spec {
-                LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
-                LowerSpec::Image { store, name } => layer::open_image(store, name)?,
-                LowerSpec::Archive(p) => layer::open_archive(p, cfg.index_dir.as_deref())?,
-                LowerSpec::View(p) => layer::open_view(p, cfg.fd_cache, cfg.index_dir.as_deref())?,
-            });
-        }
-        for l in &layers {
-            let root = l
-                .stat(&l.root())
-                .map_err(|e| format!("{}: {e}", l.describe()))?;
-            if !root.is_dir() {
-                return Err(format!("{}: root is not a directory", l.describe()));
-            }
-        }
-        let upper = match &cfg.upper {
+        let layers = Arc::new(LayerSet::new(open_lowers(&cfg)?));
+        match &cfg.upper {
             Some(p) => {
-                let h = HostDir::open(p, cfg.fd_cache)?;
-                check_upper(&h)?;
-                Some(h)
+                let upper = Arc::new(open_upper(p, cfg.fd_cache)?);
+                let live = upper.root().clone();
+                Ok(Self::assemble(
+                    cfg,
+                    Parts {
+                        layers,
+                        upper,
+                        live,
+                        frozen: Vec::new(),
+                        tag: 0,
+                        files: Arc::default(),
+                    },
+                ))
             }
-            None => None,
-        };
-        let root_lowers: Lowers = layers
+            None => Ok(Self::build(cfg, layers, None, 0, Arc::default())),
+        }
+    }
+
+    /// An overlay serving one branch of a workspace.
+    pub fn assemble(cfg: OverlayConfig, parts: Parts) -> Self {
+        let Parts {
+            layers,
+            upper,
+            live,
+            frozen,
+            tag,
+            files,
+        } = parts;
+        Self::build(cfg, layers, Some((upper, live, frozen)), tag, files)
+    }
+
+    fn build(
+        cfg: OverlayConfig,
+        layers: Arc<LayerSet>,
+        upper: Option<(Arc<HostDir>, Arc<HostNode>, Vec<u32>)>,
+        tag: u8,
+        files: Arc<OpenFiles>,
+    ) -> Self {
+        let frozen = upper.as_ref().map(|u| u.2.clone()).unwrap_or_default();
+        let root_lowers: Lowers = frozen
             .iter()
-            .enumerate()
-            .map(|(i, l)| LRef {
-                layer: i as u32,
-                obj: l.root(),
+            .copied()
+            .chain(layers.base().map(|(i, _)| i))
+            .map(|i| LRef {
+                layer: i,
+                obj: layers.get(i).root(),
             })
             .collect();
         let root_key = match &upper {
-            Some(h) => Key::Upper(h.root().dev, h.root().ino),
+            Some((_, live, _)) => Key::Upper(live.dev, live.ino),
             None => Key::Lower(0, 0, 0),
         };
         let root = ONode::new(
             FileKind::Directory,
             (ROOT_ID, CString::default()),
-            upper.as_ref().map(|h| h.root().clone()),
+            upper.as_ref().map(|(_, live, _)| live.clone()),
             root_lowers,
         );
+        let upper = upper.map(|(h, _, _)| h);
         let root_user = rustix::process::geteuid().is_root();
         let watch = if cfg.watch {
-            watch_host_layers(&layers, upper.as_ref())
+            watch_host_layers(&layers, upper.as_deref())
         } else {
             None
         };
-        Ok(Overlay {
-            any_changing_lower: layers.iter().any(|l| !l.unchanging()),
+        let fallback = crate::workspace::ids::fallback_base(tag);
+        let any_changing_lower = layers.base().any(|(_, l)| !l.unchanging());
+        Overlay {
+            any_changing_lower,
             layers,
             upper,
             watch,
             host_aliases: Arc::default(),
-            table: Arc::new(InodeTable::with_derived_ids(
-                root_key,
-                Arc::new(root),
-                Box::new(Self::node_id),
-            )),
-            files: OpenFiles::default(),
+            table: Arc::new(
+                InodeTable::with_derived_ids(
+                    root_key,
+                    Arc::new(root),
+                    Box::new(move |k| Self::node_id(tag, k)),
+                )
+                .with_fallback_base(fallback),
+            ),
+            files,
+            tag,
+            open_upper: Mutex::default(),
+            gate: RwLock::new(()),
             lower_readers: Mutex::default(),
             cfg,
             ns_lock: Mutex::new(()),
@@ -405,7 +500,7 @@ impl Overlay {
                 c"user.strata.origin"
             },
             opaque_xattr: OPAQUE_XATTRS[if root_user { 0 } else { 1 }],
-        })
+        }
     }
 
     /// Where node `id`'s content comes from, for people.
@@ -422,9 +517,15 @@ impl Overlay {
 
     /// Which layers serve this mount, top first, for logs and status.
     pub fn describe(&self) -> String {
-        let mut parts: Vec<String> = self.layers.iter().map(|l| l.describe()).collect();
-        if let Some(u) = &self.upper {
-            parts.insert(0, format!("upper {}", u.path().display()));
+        let root = self.table.get(ROOT_ID).expect("the root is pinned");
+        let mut parts: Vec<String> = root
+            .lowers()
+            .iter()
+            .map(|r| self.layer(r).describe())
+            .collect();
+        if let (Some(h), Some(live)) = (&self.upper, root.upper()) {
+            let path = h.path_of(&live).unwrap_or_else(|| h.path().to_path_buf());
+            parts.insert(0, format!("upper {}", path.display()));
         }
         parts.join(" > ")
     }
@@ -434,25 +535,29 @@ impl Overlay {
     }
 
     fn upper_dir(&self) -> Result<&HostDir> {
-        self.upper.as_ref().ok_or(Errno::EROFS)
+        self.upper.as_deref().ok_or(Errno::EROFS)
     }
 
     fn layer(&self, r: &LRef) -> &dyn Layer {
-        &*self.layers[r.layer as usize]
+        self.layers.get(r.layer)
     }
 
     /// Node id for a key: the upper's inode number for upper-only objects,
-    /// a hash with bit 62 set for the rest (the table resolves collisions).
-    fn node_id(key: &Key) -> u64 {
+    /// a hash with bit 62 set for the rest (the table resolves collisions);
+    /// in a branch other than the first, that id carrying the branch's
+    /// number.
+    fn node_id(branch: u8, key: &Key) -> u64 {
         let (tag, a, b) = match *key {
-            Key::Upper(_, ino) if ino > 1 && ino < 1 << 62 => return ino,
+            Key::Upper(_, ino) if ino > 1 && ino < 1 << 62 => {
+                return crate::workspace::ids::tagged(branch, ino);
+            }
             Key::Upper(dev, ino) => (0u64, dev, ino),
             Key::Lower(l, a, b) | Key::Origin(l, a, b) => (l as u64 + 1, a, b),
         };
         let mut h = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ a.rotate_left(23) ^ b;
         h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         h ^= h >> 29;
-        (h & ((1 << 62) - 1)) | (1 << 62)
+        crate::workspace::ids::tagged(branch, (h & ((1 << 62) - 1)) | (1 << 62))
     }
 
     /// Whether one of `lowers` is a host object outside the watch: its
@@ -460,10 +565,12 @@ impl Overlay {
     fn unwatched(&self, lowers: &[LRef]) -> bool {
         self.any_changing_lower
             && lowers.iter().any(|r| match &r.obj {
+                // Frozen layers never change.
+                LObj::Host(_) if self.layers.is_frozen(r.layer) => false,
                 LObj::Host(h) => !self.watch.as_ref().is_some_and(|w| w.is_watched(h.dev)),
                 // A view of host directories: the watch does not map its
                 // objects back to nodes.
-                _ => !self.layers[r.layer as usize].unchanging(),
+                _ => !self.layer(r).unchanging(),
             })
     }
 
@@ -504,17 +611,22 @@ impl Overlay {
     fn start_watch(&self, inval: Arc<dyn Invalidator>) {
         let Some(w) = self.watch.clone() else { return };
         // (layer index, root) of each host lower.
-        let roots: Vec<(u32, HostId)> = (0u32..)
-            .zip(&self.layers)
+        let roots: Vec<(u32, HostId)> = self
+            .layers
+            .base()
             .filter_map(|(l, layer)| match layer.root() {
                 LObj::Host(h) => Some((l, h.host_id())),
                 LObj::Entry(_) | LObj::Mapped(_) => None,
             })
             .collect();
-        let upper_root = self.upper.as_ref().map(|h| h.root().host_id());
         let (table, aliases) = (self.table.clone(), self.host_aliases.clone());
         let node_of = move |id: HostId| {
-            if roots.iter().any(|(_, root)| *root == id) || upper_root == Some(id) {
+            // The live layer's root changes with each snapshot.
+            let live_root = table
+                .get(ROOT_ID)
+                .and_then(|r| r.upper())
+                .map(|u| u.host_id());
+            if roots.iter().any(|(_, root)| *root == id) || live_root == Some(id) {
                 return Some(ROOT_ID);
             }
             roots
@@ -627,10 +739,24 @@ impl Overlay {
         let path = h.proc_path(fd);
         let mut v = [0u8; 64];
         let n = rustix::fs::getxattr(path.as_c_str(), self.origin_xattr, &mut v[..]).ok()?;
-        let s = std::str::from_utf8(&v[..n]).ok()?;
-        let mut it = s.split(':').map(str::parse::<u64>);
-        let (l, a, b) = (it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?);
-        (l < self.layers.len() as u64).then_some(Key::Origin(l as u32, a, b))
+        parse_origin(&v[..n], self.layers.base_len())
+    }
+
+    /// The key an object in the upper or a frozen layer is known by: its
+    /// recorded origin (unless another node holds that key and shows
+    /// something else: a forged or stale origin must not merge two
+    /// objects), else its own inode.
+    fn own_key(&self, obj: &Arc<HostNode>) -> Result<Key> {
+        let ukey = Key::Upper(obj.dev, obj.ino);
+        let h = self.upper_dir()?;
+        let fd = h.fd(obj)?;
+        Ok(match self.origin(fd.as_fd()) {
+            Some(k) => match self.table.get_by_key(&k) {
+                Some((_, n)) if !n.shows(obj) => ukey,
+                _ => k,
+            },
+            None => ukey,
+        })
     }
 
     /// Takes a lookup reference on what `name` in `parent` resolved to.
@@ -645,23 +771,12 @@ impl Overlay {
         // whiteout gone), and the kernel refuses a directory with two
         // inodes (ESTALE).
         let key = match (&upper_node, found.lowers.first()) {
+            (None, Some((r, _))) if self.layers.is_frozen(r.layer) => match &r.obj {
+                LObj::Host(obj) => self.own_key(obj)?,
+                _ => return Err(Errno::EIO),
+            },
             (None, Some(top)) => lower_key(top),
-            (Some(u), _) => {
-                let ukey = Key::Upper(u.dev, u.ino);
-                let fd = self.upper_dir()?.fd(u)?;
-                match self.origin(fd.as_fd()) {
-                    // A forged or stale origin must not merge two objects.
-                    Some(k) => match self.table.get_by_key(&k) {
-                        Some((_, n))
-                            if n.upper().is_none_or(|x| (x.dev, x.ino) != (u.dev, u.ino)) =>
-                        {
-                            ukey
-                        }
-                        _ => k,
-                    },
-                    None => ukey,
-                }
-            }
+            (Some(u), _) => self.own_key(u)?,
             (None, None) => return Err(Errno::ENOENT),
         };
         let unwatched = self.unwatched(&node.lowers());
@@ -676,7 +791,7 @@ impl Overlay {
         // gave its inode number to the object the name now holds.
         let (id, known) = self
             .table
-            .lookup(key, Self::node_id(&key), Some(node), |old, _| {
+            .lookup(key, Self::node_id(self.tag, &key), Some(node), |old, _| {
                 old.kind != found.kind
                     || old
                         .upper()
@@ -790,14 +905,16 @@ impl Overlay {
         let mut names = Vec::new();
         if let Some(up) = node.upper() {
             format::list_host_dir(self.upper_dir()?, &up, &mut names)?;
-            Self::merge_names(&mut names, &mut seen, &mut out, |(dev, ino)| {
+            self.merge_names(&mut names, &mut seen, &mut out, |(dev, ino)| {
                 Key::Upper(dev, ino)
             });
         }
         for r in node.lowers().iter() {
             format::list_layer(self.layer(r), &r.obj, &mut names)?;
-            Self::merge_names(&mut names, &mut seen, &mut out, |(a, b)| {
-                Key::Lower(r.layer, a, b)
+            let frozen = self.layers.is_frozen(r.layer);
+            self.merge_names(&mut names, &mut seen, &mut out, |(a, b)| match frozen {
+                true => Key::Upper(a, b),
+                false => Key::Lower(r.layer, a, b),
             });
         }
         Ok(out)
@@ -809,6 +926,7 @@ impl Overlay {
     /// them; readdirplus replaces them with the looked-up ones, which differ
     /// for merged directories and copied-up files).
     fn merge_names(
+        &self,
         names: &mut Vec<Listed>,
         seen: &mut HashSet<CString>,
         out: &mut Vec<DirEnt>,
@@ -819,7 +937,7 @@ impl Overlay {
                 continue;
             }
             if !n.whiteout {
-                let ino = Self::node_id(&key_of(n.key));
+                let ino = Self::node_id(self.tag, &key_of(n.key));
                 out.push(DirEnt {
                     name: n.name.clone(),
                     ino,
@@ -834,6 +952,21 @@ impl Overlay {
     fn is_empty_dir(&self, id: u64, node: &ONode) -> Result<bool> {
         Ok(self.load_dir(id, node)?.len() <= 2)
     }
+}
+
+/// An origin as recorded by a copy-up: `LAYER:A:B` for an object of one of
+/// the mount's own lowers (`base` of them), `u:DEV:INO` for one of a
+/// frozen layer that had no origin of its own.
+fn parse_origin(v: &[u8], base: usize) -> Option<Key> {
+    let s = std::str::from_utf8(v).ok()?;
+    if let Some(rest) = s.strip_prefix("u:") {
+        let mut it = rest.split(':').map(str::parse::<u64>);
+        let (a, b) = (it.next()?.ok()?, it.next()?.ok()?);
+        return it.next().is_none().then_some(Key::Upper(a, b));
+    }
+    let mut it = s.split(':').map(str::parse::<u64>);
+    let (l, a, b) = (it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?);
+    (l < base as u64).then_some(Key::Origin(l as u32, a, b))
 }
 
 /// The upper must be a directory strata can write.

@@ -289,3 +289,118 @@ fn layer_names_that_are_not_one_component_never_reach_a_syscall() {
         );
     }
 }
+
+fn write_at(fs: &Stack<Overlay>, ino: u64, fh: u64, data: &[u8]) {
+    fs.write(&ROOT, ino, fh, 0, data).unwrap();
+}
+
+fn rewrite(fs: &Stack<Overlay>, p: &str, data: &[u8]) {
+    let ino = path(fs, p).unwrap();
+    let o = fs.open(&ROOT, ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    write_at(fs, ino, o.fh, data);
+    fs.release(&ROOT, ino, o.fh).unwrap();
+}
+
+/// Freezes the live layer of `fs` and continues in `upper/rel`.
+fn snapshot(fs: &Stack<Overlay>, upper: &Path, rel: &str) {
+    fs::create_dir_all(upper.join(rel)).unwrap();
+    fs.rule().snapshot(Path::new(rel), || Ok(())).unwrap();
+}
+
+#[test]
+fn a_snapshot_freezes_the_live_layer_and_the_mount_shows_the_same_objects() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    rewrite(&fs, "f", b"v1");
+    let (e, o) = fs
+        .create(&ROOT, ROOT_ID, OsStr::new("new"), 0o100644, 0, libc::O_RDWR)
+        .unwrap();
+    write_at(&fs, e.attr.ino, o.fh, b"n1");
+    fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+    fs.unlink(&ROOT, path(&fs, "d").unwrap(), OsStr::new("a"))
+        .unwrap();
+    let ids: Vec<u64> = ["f", "new", "d", "d/sub/b"]
+        .iter()
+        .map(|p| path(&fs, p).unwrap())
+        .collect();
+    let before = list(&fs, ROOT_ID);
+
+    snapshot(&fs, &s.upper, ".strata/layers/1");
+    // Nothing the mount shows changed, ids included.
+    assert_eq!(list(&fs, ROOT_ID), before);
+    assert_eq!(read_all(&fs, ids[0]), b"v1");
+    assert_eq!(read_all(&fs, ids[1]), b"n1");
+    assert_eq!(lookup(&fs, ids[2], "a").unwrap_err(), Errno::ENOENT);
+    for (p, id) in ["f", "new", "d", "d/sub/b"].iter().zip(&ids) {
+        assert_eq!(path(&fs, p).unwrap(), *id, "{p}");
+    }
+
+    // Later changes land in the new live layer; the frozen one keeps its state.
+    rewrite(&fs, "f", b"v2");
+    fs.unlink(&ROOT, ROOT_ID, OsStr::new("new")).unwrap();
+    fs.mkdir(
+        &ROOT,
+        path(&fs, "d").unwrap(),
+        OsStr::new("later"),
+        0o755,
+        0,
+    )
+    .unwrap();
+    assert_eq!(read_all(&fs, path(&fs, "f").unwrap()), b"v2");
+    assert_eq!(lookup(&fs, ROOT_ID, "new").unwrap_err(), Errno::ENOENT);
+    assert_eq!(fs::read(s.upper.join("f")).unwrap(), b"v1");
+    assert_eq!(fs::read(s.upper.join("new")).unwrap(), b"n1");
+    assert!(!s.upper.join("d/later").exists());
+    assert_eq!(fs::read(s.upper.join(".strata/layers/1/f")).unwrap(), b"v2");
+    assert!(is_whiteout(&s.upper.join(".strata/layers/1/new")));
+    assert!(s.upper.join(".strata/layers/1/d/later").is_dir());
+    // The copy of a frozen file keeps its node id, across a forget too.
+    fs.forget(ids[0], 10);
+    assert_eq!(path(&fs, "f").unwrap(), ids[0]);
+
+    // A second snapshot stacks on the first.
+    snapshot(&fs, &s.upper, ".strata/layers/2");
+    rewrite(&fs, "f", b"v3");
+    assert_eq!(fs::read(s.upper.join(".strata/layers/1/f")).unwrap(), b"v2");
+    assert_eq!(fs::read(s.upper.join(".strata/layers/2/f")).unwrap(), b"v3");
+    assert_eq!(read_all(&fs, path(&fs, "f").unwrap()), b"v3");
+    assert_eq!(read_all(&fs, path(&fs, "d/sub/b").unwrap()), b"lower b");
+}
+
+#[test]
+fn a_file_open_across_a_snapshot_keeps_writing_the_live_layer() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    let (e, o) = fs
+        .create(&ROOT, ROOT_ID, OsStr::new("log"), 0o100644, 0, libc::O_RDWR)
+        .unwrap();
+    write_at(&fs, e.attr.ino, o.fh, b"before");
+    let f = path(&fs, "f").unwrap();
+    let of = fs.open(&ROOT, f, libc::O_RDWR | libc::O_TRUNC).unwrap();
+    write_at(&fs, f, of.fh, b"BEFORE");
+
+    snapshot(&fs, &s.upper, ".strata/layers/1");
+    write_at(&fs, e.attr.ino, o.fh, b"after!");
+    write_at(&fs, f, of.fh, b"AFTER!");
+    // The snapshot has what was written before it, the live layer the rest.
+    assert_eq!(fs::read(s.upper.join("log")).unwrap(), b"before");
+    assert_eq!(fs::read(s.upper.join("f")).unwrap(), b"BEFORE");
+    assert_eq!(
+        fs::read(s.upper.join(".strata/layers/1/log")).unwrap(),
+        b"after!"
+    );
+    assert_eq!(
+        fs::read(s.upper.join(".strata/layers/1/f")).unwrap(),
+        b"AFTER!"
+    );
+    assert_eq!(read_all(&fs, e.attr.ino), b"after!");
+    fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+    fs.release(&ROOT, f, of.fh).unwrap();
+    // No temporary is left in the frozen layer's listing.
+    let names: Vec<String> = fs::read_dir(&s.upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(TMP_PREFIX))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}

@@ -78,7 +78,7 @@ impl Overlay {
         path: &[Vec<u8>],
         up: &Arc<HostNode>,
     ) -> Result<()> {
-        let describe = || self.layers[layer as usize].describe();
+        let describe = || self.layers.get(layer).describe();
         let (name, dirs) = path.split_last().ok_or(Errno::EINVAL)?;
         let name = layer::layer_name(&describe(), name)?;
         // Walk down with lookup references, given back at the end.
@@ -134,7 +134,10 @@ impl Overlay {
         let Ok(h) = self.upper_dir() else { return };
         for fh in fhs {
             match h.fd(up).and_then(|fd| h.reopen(fd.as_fd(), OFlags::RDONLY)) {
-                Ok(fd) => self.files.replace(fh, fd),
+                Ok(fd) => {
+                    self.files.replace(fh, fd);
+                    self.open_upper.lock().entry(id).or_default().push(fh);
+                }
                 Err(e) => tracing::warn!(
                     ino = id,
                     fh,
@@ -183,9 +186,12 @@ impl Overlay {
             self.move_lower_readers(id, &up);
         }
         // A directory too: keyed by its copy from now on (see `register`).
-        let lst = self.layer(top).stat(&top.obj)?;
-        self.table
-            .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
+        // A copy of a frozen object keeps the key it had.
+        if !self.layers.is_frozen(top.layer) {
+            let lst = self.layer(top).stat(&top.obj)?;
+            self.table
+                .rekey(id, Key::Lower(top.layer, lst.key.0, lst.key.1).copied_up());
+        }
         self.remember_host_objects(id, node);
         Ok(())
     }
@@ -220,6 +226,22 @@ impl Overlay {
             return Err(e);
         }
         h.stat_child(pfd, name)
+    }
+
+    /// The origin a copy of `src` records: the lower object, or for an
+    /// object of a frozen layer the origin that object recorded (else the
+    /// object itself), so the copy keeps its node id.
+    fn origin_of(&self, src: &LRef, lst: &LStat) -> String {
+        if !self.layers.is_frozen(src.layer) {
+            return format!("{}:{}:{}", src.layer, lst.key.0, lst.key.1);
+        }
+        let layer = self.layer(src);
+        match layer.xattr(&src.obj, self.origin_xattr) {
+            Some(v) if parse_origin(&v, self.layers.base_len()).is_some() => {
+                String::from_utf8(v).expect("parsed as UTF-8")
+            }
+            _ => format!("u:{}:{}", lst.key.0, lst.key.1),
+        }
     }
 
     /// Builds the copy of `src` at `tmp`: the object, then xattrs, owner,
@@ -289,7 +311,7 @@ impl Overlay {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let origin = format!("{}:{}:{}", src.layer, lst.key.0, lst.key.1);
+            let origin = self.origin_of(src, lst);
             rustix::fs::setxattr(
                 path.as_c_str(),
                 self.origin_xattr,

@@ -1,0 +1,3 @@
+//! Snapshots and branches of an overlay's writable state.
+
+pub mod ids;
