@@ -85,20 +85,48 @@ pub(crate) fn list(rule: &impl Rule) -> Vec<u8> {
     out
 }
 
-pub(crate) fn get(rule: &impl Rule, name: &OsStr) -> Result<Vec<u8>> {
+/// Why a control change was refused: the errno the setxattr answers, and a
+/// line for the log (and for the CLI, which checks first where it can).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub errno: Errno,
+    pub why: String,
+}
+
+impl Refusal {
+    pub fn new(errno: Errno, why: impl Into<String>) -> Refusal {
+        Refusal {
+            errno,
+            why: why.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+/// Whether the caller may change the mount: root or the mount's owner.
+pub fn privileged(ctx: &Ctx) -> bool {
+    ctx.uid == 0 || ctx.uid == rustix::process::geteuid().as_raw()
+}
+
+pub(crate) fn get(rule: &impl Rule, ctx: &Ctx, name: &OsStr) -> Result<Vec<u8>> {
     let k = key(name).ok_or(Errno::ENODATA)?;
     let v = match k {
         "version" => env!("CARGO_PKG_VERSION").to_string(),
         "pid" => std::process::id().to_string(),
         "layers" => rule.describe(),
-        k => rule.control_get(k).ok_or(Errno::ENODATA)?,
+        k => rule.control_get(ctx, k).ok_or(Errno::ENODATA)?,
     };
     Ok(v.into_bytes())
 }
 
 pub(crate) fn set(rule: &impl Rule, ctx: &Ctx, name: &OsStr, value: &[u8]) -> Result<()> {
     let k = key(name).ok_or(Errno::ENOTSUP)?;
-    if ctx.uid != 0 {
+    if !privileged(ctx) && !rule.control_open(k) {
         return Err(Errno::EPERM);
     }
     let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?;
@@ -109,9 +137,12 @@ pub(crate) fn set(rule: &impl Rule, ctx: &Ctx, name: &OsStr, value: &[u8]) -> Re
     if READ_ONLY.contains(&k) {
         return Err(refuse("read-only"));
     }
-    match rule.control_set(k, value) {
+    match rule.control_set(ctx, k, value) {
         None => Err(Errno::ENODATA),
-        Some(Err(why)) => Err(refuse(&why)),
+        Some(Err(r)) => {
+            tracing::warn!("control: {k}={value}: {}", r.why);
+            Err(r.errno)
+        }
         Some(Ok(())) => Ok(()),
     }
 }

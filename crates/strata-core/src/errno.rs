@@ -15,6 +15,8 @@ impl Errno {
     pub const EBADF: Errno = Errno(libc::EBADF);
     pub const EACCES: Errno = Errno(libc::EACCES);
     pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const EBUSY: Errno = Errno(libc::EBUSY);
+    pub const ESRCH: Errno = Errno(libc::ESRCH);
     pub const EXDEV: Errno = Errno(libc::EXDEV);
     pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
     pub const EISDIR: Errno = Errno(libc::EISDIR);

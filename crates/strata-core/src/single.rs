@@ -225,12 +225,12 @@ impl Rule for SingleDir {
         self.host.path().display().to_string()
     }
 
-    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry> {
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &CStr) -> Result<Entry> {
         let pfd = self.node_fd(parent)?;
         self.lookup_at(pfd.as_fd(), name)
     }
 
-    fn negative_ttl(&self, parent: u64) -> Duration {
+    fn negative_ttl(&self, _ctx: &Ctx, parent: u64) -> Duration {
         let dev = self.table.get(parent).map_or(self.root_key.0, |n| n.dev);
         self.cfg.cache.negative(self.watched(dev), UNWATCHED_TTL)
     }
@@ -243,7 +243,7 @@ impl Rule for SingleDir {
         self.table.len()
     }
 
-    fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
+    fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
         if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
             return self.stat_attr(ino, file.as_fd());
         }
@@ -251,7 +251,7 @@ impl Rule for SingleDir {
         self.stat_attr(ino, fd.as_fd())
     }
 
-    fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+    fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         let fd = self.node_fd(ino)?;
         let file = fh.and_then(|fh| self.files.get(fh).ok());
         ops::set_attr(
@@ -274,7 +274,7 @@ impl Rule for SingleDir {
         self.lookup_at(pfd.as_fd(), name)
     }
 
-    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+    fn remove(&self, _ctx: &Ctx, parent: u64, name: &CStr, dir: bool) -> Result<()> {
         let pfd = self.node_fd(parent)?;
         let how = if dir {
             AtFlags::REMOVEDIR
@@ -346,7 +346,7 @@ impl Rule for SingleDir {
         Ok((entry, self.files.insert(fd, self.cfg.passthrough)))
     }
 
-    fn opendir(&self, ino: u64) -> Result<(DirFd, bool)> {
+    fn opendir(&self, _ctx: &Ctx, ino: u64) -> Result<(DirFd, bool)> {
         let fd = crate::host::open_dir(self.node_fd(ino)?.as_fd())?;
         let dev = rustix::fs::fstat(&fd)?.st_dev;
         Ok((
@@ -388,7 +388,7 @@ impl Rule for SingleDir {
         Ok(self.stat_attr(ino, dir.fd.as_fd())?.attr)
     }
 
-    fn list_lookup(&self, _ino: u64, dir: &DirFd, name: &CStr) -> Result<Entry> {
+    fn list_lookup(&self, _ctx: &Ctx, _ino: u64, dir: &DirFd, name: &CStr) -> Result<Entry> {
         self.lookup_at(dir.fd.as_fd(), name)
     }
 
@@ -396,7 +396,7 @@ impl Rule for SingleDir {
         sync_fd(dir.fd.as_fd(), datasync)
     }
 
-    fn statfs(&self, ino: u64) -> Result<StatFs> {
+    fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
         let fd = self.node_fd(ino)?;
         let s = rustix::fs::fstatvfs(&*fd)?;
         Ok(crate::host::statfs_from(&s))
@@ -406,11 +406,11 @@ impl Rule for SingleDir {
         ops::setxattr(&self.host, self.node_fd(ino)?.as_fd(), name, value, flags)
     }
 
-    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         ops::getxattr(&self.host, self.node_fd(ino)?.as_fd(), name, size)
     }
 
-    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr> {
+    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
         ops::listxattr(&self.host, self.node_fd(ino)?.as_fd(), size)
     }
 

@@ -86,20 +86,20 @@ pub trait Rule: Send + Sync + 'static {
     // ---- names ---------------------------------------------------------
 
     /// Resolves `name` in `parent` and takes a lookup reference.
-    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry>;
+    fn lookup(&self, ctx: &Ctx, parent: u64, name: &CStr) -> Result<Entry>;
     /// How long the kernel may remember that `parent` has no such name.
-    fn negative_ttl(&self, parent: u64) -> Duration;
+    fn negative_ttl(&self, ctx: &Ctx, parent: u64) -> Duration;
     fn forget(&self, ino: u64, nlookup: u64);
     /// Nodes the kernel holds.
     fn inodes(&self) -> usize;
 
-    fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<AttrOut>;
-    fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut>;
+    fn getattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut>;
+    fn setattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut>;
     fn readlink(&self, ino: u64) -> Result<Vec<u8>>;
     /// mknod, mkdir, symlink: `new` as `name` in `parent`, owned by the caller.
     fn make(&self, ctx: &Ctx, parent: u64, name: &CStr, new: New<'_>) -> Result<Entry>;
     /// unlink (`dir` false) or rmdir.
-    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()>;
+    fn remove(&self, ctx: &Ctx, parent: u64, name: &CStr, dir: bool) -> Result<()>;
     fn rename(
         &self,
         ctx: &Ctx,
@@ -139,23 +139,23 @@ pub trait Rule: Send + Sync + 'static {
 
     /// Opens directory `ino`; `true`: the kernel may keep its listing until
     /// told it changed.
-    fn opendir(&self, ino: u64) -> Result<(Self::Dir, bool)>;
+    fn opendir(&self, ctx: &Ctx, ino: u64) -> Result<(Self::Dir, bool)>;
     /// The names of directory `ino`, `.` and `..` first.
     fn list(&self, ino: u64, dir: &Self::Dir) -> Result<Vec<DirEnt>>;
     /// The directory's own attributes (for `.` and `..` in readdirplus).
     fn dir_attr(&self, ino: u64, dir: &Self::Dir) -> Result<Attr>;
     /// A listed name resolved for readdirplus (takes a lookup reference).
-    fn list_lookup(&self, ino: u64, _dir: &Self::Dir, name: &CStr) -> Result<Entry> {
-        self.lookup(ino, name)
+    fn list_lookup(&self, ctx: &Ctx, ino: u64, _dir: &Self::Dir, name: &CStr) -> Result<Entry> {
+        self.lookup(ctx, ino, name)
     }
     fn fsyncdir(&self, ino: u64, dir: &Self::Dir, datasync: bool) -> Result<()>;
 
     // ---- the rest ------------------------------------------------------
 
-    fn statfs(&self, ino: u64) -> Result<StatFs>;
+    fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<StatFs>;
     fn setxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()>;
-    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr>;
-    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr>;
+    fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr>;
+    fn listxattr(&self, ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr>;
     fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()>;
     fn access(&self, ctx: &Ctx, ino: u64, mask: i32) -> Result<()>;
     /// O_PATH descriptors the rule's host layers keep open.
@@ -170,13 +170,23 @@ pub trait Rule: Send + Sync + 'static {
         Vec::new()
     }
     /// The value of one of the rule's keys; `None`: not a key of the rule.
-    fn control_get(&self, _key: &str) -> Option<String> {
+    fn control_get(&self, _ctx: &Ctx, _key: &str) -> Option<String> {
         None
     }
     /// Changes one of the rule's keys; `None`: not a key of the rule,
     /// `Some(Err(why))`: refused.
-    fn control_set(&self, _key: &str, _value: &str) -> Option<std::result::Result<(), String>> {
+    fn control_set(
+        &self,
+        _ctx: &Ctx,
+        _key: &str,
+        _value: &str,
+    ) -> Option<std::result::Result<(), control::Refusal>> {
         None
+    }
+    /// Whether a caller other than root and the mount's owner may set
+    /// `key` (the rule then checks what it allows).
+    fn control_open(&self, _key: &str) -> bool {
+        false
     }
 }
 
@@ -236,12 +246,12 @@ impl<R: Rule> Stack<R> {
 }
 
 impl<R: Rule> Filesystem for Stack<R> {
-    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
+    fn lookup(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<Lookup> {
         if parent == ROOT_ID && name == control::NAME {
             return Ok(Lookup::Found(control::entry()));
         }
-        let found = lookup_component(name).and_then(|name| self.rule.lookup(parent, &name));
-        Lookup::of(found, || self.rule.negative_ttl(parent))
+        let found = lookup_component(name).and_then(|name| self.rule.lookup(ctx, parent, &name));
+        Lookup::of(found, || self.rule.negative_ttl(ctx, parent))
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
@@ -250,18 +260,18 @@ impl<R: Rule> Filesystem for Stack<R> {
         }
     }
 
-    fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
+    fn getattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
         if ino == CONTROL_ID {
             return Ok(control::attr_out());
         }
-        self.rule.getattr(ino, fh)
+        self.rule.getattr(ctx, ino, fh)
     }
 
-    fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+    fn setattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         if ino == CONTROL_ID {
             return Err(Errno::EPERM);
         }
-        self.rule.setattr(ino, fh, set)
+        self.rule.setattr(ctx, ino, fh, set)
     }
 
     fn readlink(&self, _ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
@@ -291,14 +301,14 @@ impl<R: Rule> Filesystem for Stack<R> {
             .make(ctx, parent, &Self::new_name(parent, name)?, new)
     }
 
-    fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+    fn unlink(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
         self.rule
-            .remove(parent, &Self::old_name(parent, name)?, false)
+            .remove(ctx, parent, &Self::old_name(parent, name)?, false)
     }
 
-    fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+    fn rmdir(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
         self.rule
-            .remove(parent, &Self::old_name(parent, name)?, true)
+            .remove(ctx, parent, &Self::old_name(parent, name)?, true)
     }
 
     fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Entry> {
@@ -368,8 +378,8 @@ impl<R: Rule> Filesystem for Stack<R> {
         self.rule.files().fsync(fh, datasync)
     }
 
-    fn opendir(&self, _ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
-        let (state, cache) = self.rule.opendir(ino)?;
+    fn opendir(&self, ctx: &Ctx, ino: u64, _flags: i32) -> Result<Opened> {
+        let (state, cache) = self.rule.opendir(ctx, ino)?;
         let dir = OpenDir {
             state,
             entries: Mutex::new(Arc::new(Vec::new())),
@@ -392,7 +402,7 @@ impl<R: Rule> Filesystem for Stack<R> {
 
     fn readdirplus(
         &self,
-        _ctx: &Ctx,
+        ctx: &Ctx,
         ino: u64,
         fh: u64,
         offset: u64,
@@ -404,7 +414,7 @@ impl<R: Rule> Filesystem for Stack<R> {
             offset,
             sink,
             || self.rule.dir_attr(ino, &dir.state),
-            |e| self.rule.list_lookup(ino, &dir.state, &e.name),
+            |e| self.rule.list_lookup(ctx, ino, &dir.state, &e.name),
             |id| self.rule.forget(id, 1),
         )
     }
@@ -418,9 +428,9 @@ impl<R: Rule> Filesystem for Stack<R> {
         self.rule.fsyncdir(ino, &self.dirs.get(fh)?.state, datasync)
     }
 
-    fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
+    fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<StatFs> {
         self.rule
-            .statfs(if ino == CONTROL_ID { ROOT_ID } else { ino })
+            .statfs(ctx, if ino == CONTROL_ID { ROOT_ID } else { ino })
     }
 
     fn setxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
@@ -430,18 +440,18 @@ impl<R: Rule> Filesystem for Stack<R> {
         self.rule.setxattr(ctx, ino, name, value, flags)
     }
 
-    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+    fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         if ino == CONTROL_ID {
-            return Xattr::reply(control::get(&self.rule, name)?, size);
+            return Xattr::reply(control::get(&self.rule, ctx, name)?, size);
         }
-        self.rule.getxattr(ino, name, size)
+        self.rule.getxattr(ctx, ino, name, size)
     }
 
-    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
+    fn listxattr(&self, ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
         if ino == CONTROL_ID {
             return Xattr::reply(control::list(&self.rule), size);
         }
-        self.rule.listxattr(ino, size)
+        self.rule.listxattr(ctx, ino, size)
     }
 
     fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {

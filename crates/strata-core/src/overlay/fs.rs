@@ -165,11 +165,11 @@ impl Rule for Overlay {
         Overlay::describe(self)
     }
 
-    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry> {
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &CStr) -> Result<Entry> {
         self.lookup_in(parent, name)
     }
 
-    fn negative_ttl(&self, parent: u64) -> Duration {
+    fn negative_ttl(&self, _ctx: &Ctx, parent: u64) -> Duration {
         let host = self
             .table
             .get(parent)
@@ -187,11 +187,11 @@ impl Rule for Overlay {
         self.table.len()
     }
 
-    fn getattr(&self, ino: u64, _fh: Option<u64>) -> Result<AttrOut> {
+    fn getattr(&self, _ctx: &Ctx, ino: u64, _fh: Option<u64>) -> Result<AttrOut> {
         self.attr(ino, &*self.node(ino)?)
     }
 
-    fn setattr(&self, ino: u64, _fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+    fn setattr(&self, _ctx: &Ctx, ino: u64, _fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let up = {
@@ -235,7 +235,7 @@ impl Rule for Overlay {
         })
     }
 
-    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+    fn remove(&self, _ctx: &Ctx, parent: u64, name: &CStr, dir: bool) -> Result<()> {
         let _gate = self.gate.read();
         self.remove_name(parent, name, dir)
     }
@@ -389,7 +389,7 @@ impl Rule for Overlay {
         self.files.release(fh);
     }
 
-    fn opendir(&self, ino: u64) -> Result<((), bool)> {
+    fn opendir(&self, _ctx: &Ctx, ino: u64) -> Result<((), bool)> {
         let node = self.node(ino)?;
         if node.kind != FileKind::Directory {
             return Err(Errno::ENOTDIR);
@@ -414,7 +414,7 @@ impl Rule for Overlay {
         }
     }
 
-    fn statfs(&self, _ino: u64) -> Result<StatFs> {
+    fn statfs(&self, _ctx: &Ctx, _ino: u64) -> Result<StatFs> {
         let s = match &self.upper {
             Some(h) => rustix::fs::fstatvfs(&*h.fd(h.root())?)?,
             None => rustix::fs::statvfs(self.layers.get(0).statfs_path())?,
@@ -435,7 +435,7 @@ impl Rule for Overlay {
         ops::setxattr(h, h.fd(&up)?.as_fd(), name, value, flags)
     }
 
-    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         if name == super::SOURCE_XATTR {
             return Xattr::reply(self.locate(ino)?.into_bytes(), size);
         }
@@ -458,7 +458,7 @@ impl Rule for Overlay {
         Xattr::reply(value, size)
     }
 
-    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr> {
+    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
         let node = self.node(ino)?;
         let all = match node.upper() {
             Some(up) => {
@@ -483,7 +483,7 @@ impl Rule for Overlay {
             return Err(Errno::EPERM);
         }
         // Nothing to remove: no copy-up for that.
-        Rule::getxattr(self, ino, name, 0)?;
+        Rule::getxattr(self, _ctx, ino, name, 0)?;
         let _gate = self.gate.read();
         let h = self.upper_dir()?;
         let up = {

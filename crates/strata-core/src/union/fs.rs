@@ -41,11 +41,11 @@ impl Rule for Union {
         format!("union {}", branches.join(":"))
     }
 
-    fn lookup(&self, parent: u64, name: &CStr) -> Result<Entry> {
+    fn lookup(&self, _ctx: &Ctx, parent: u64, name: &CStr) -> Result<Entry> {
         self.lookup_name(parent, name)
     }
 
-    fn negative_ttl(&self, parent: u64) -> Duration {
+    fn negative_ttl(&self, _ctx: &Ctx, parent: u64) -> Duration {
         let watched = self.instances(parent).is_ok_and(|i| self.watched(&i));
         // mergerfs caches no negative entries; with the watch they are safe.
         self.settings.read().cache.negative(watched, Duration::ZERO)
@@ -59,7 +59,7 @@ impl Rule for Union {
         self.table.len()
     }
 
-    fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
+    fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<AttrOut> {
         if let Some(file) = fh.and_then(|fh| self.files.get(fh).ok()) {
             let st = rustix::fs::fstat(&*file)?;
             // Open files outlive their names: no instances is no error here.
@@ -70,7 +70,7 @@ impl Rule for Union {
         Ok(self.attr_out(ino, &st, &inst))
     }
 
-    fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
+    fn setattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>, set: &SetAttr) -> Result<AttrOut> {
         let file = fh.and_then(|fh| self.files.get(fh).ok());
         if let (Some(f), Some(size)) = (&file, set.size) {
             // ftruncate: the open file only, wherever it lives.
@@ -84,7 +84,7 @@ impl Rule for Union {
         Self::apply(&chosen, |i| {
             ops::set_attr(&i.branch.dir, i.fd()?.as_fd(), None, &rest)
         })?;
-        Rule::getattr(self, ino, fh)
+        Rule::getattr(self, _ctx, ino, fh)
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -116,7 +116,7 @@ impl Rule for Union {
         })
     }
 
-    fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+    fn remove(&self, _ctx: &Ctx, parent: u64, name: &CStr, dir: bool) -> Result<()> {
         if dir {
             self.remove_name(parent, name, Func::Rmdir, AtFlags::REMOVEDIR)
         } else {
@@ -280,7 +280,7 @@ impl Rule for Union {
         Ok(self.register_open(ino, inst.branch.id, flags, file))
     }
 
-    fn opendir(&self, ino: u64) -> Result<((), bool)> {
+    fn opendir(&self, _ctx: &Ctx, ino: u64) -> Result<((), bool)> {
         // Listings stay valid until the watch says otherwise.
         Ok(((), self.watched(&self.instances(ino)?)))
     }
@@ -308,7 +308,7 @@ impl Rule for Union {
         Ok(())
     }
 
-    fn statfs(&self, ino: u64) -> Result<StatFs> {
+    fn statfs(&self, _ctx: &Ctx, ino: u64) -> Result<StatFs> {
         let inst = if ino == ROOT_ID {
             None
         } else {
@@ -325,7 +325,7 @@ impl Rule for Union {
         })
     }
 
-    fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+    fn getxattr(&self, _ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         if let Some(v) = control::file_key(self, ino, name) {
             return Xattr::reply(v?, size);
         }
@@ -338,7 +338,7 @@ impl Rule for Union {
         ops::getxattr(&i.branch.dir, i.fd()?.as_fd(), name, size)
     }
 
-    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr> {
+    fn listxattr(&self, _ctx: &Ctx, ino: u64, size: u32) -> Result<Xattr> {
         match self.xattr_mode() {
             XattrMode::NoSys => return Err(Errno::ENOSYS),
             XattrMode::NoAttr => return Xattr::reply(Vec::new(), size),
@@ -417,12 +417,18 @@ impl Rule for Union {
         control::keys()
     }
 
-    fn control_get(&self, key: &str) -> Option<String> {
+    fn control_get(&self, _ctx: &Ctx, key: &str) -> Option<String> {
         control::get(self, key)
     }
 
-    fn control_set(&self, key: &str, value: &str) -> Option<std::result::Result<(), String>> {
+    fn control_set(
+        &self,
+        _ctx: &Ctx,
+        key: &str,
+        value: &str,
+    ) -> Option<std::result::Result<(), crate::control::Refusal>> {
         control::set(self, key, value)
+            .map(|r| r.map_err(|why| crate::control::Refusal::new(crate::Errno::EINVAL, why)))
     }
 }
 
