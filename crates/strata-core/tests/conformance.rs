@@ -21,6 +21,7 @@ use strata_core::single::{SingleDir, SingleDirConfig};
 use strata_core::source::{Branch, BranchMode};
 use strata_core::stack::Stack;
 use strata_core::union::{Settings, Union, UnionConfig};
+use strata_core::workspace::Workspace;
 use strata_core::*;
 
 const ROOT: Ctx = Ctx {
@@ -42,6 +43,9 @@ enum Mode {
     OverlayArchive,
     /// A view whose one map shows the seed at the root, under an upper.
     OverlayView,
+    /// A workspace branch: the seed in a frozen layer (the upper as it was
+    /// at a snapshot), the branch made from that snapshot and switched to.
+    Branch,
 }
 
 /// The tree every mode starts from: `d/{a,b}`, `top`, `sub/deep/f`, and
@@ -131,6 +135,39 @@ fn make(mode: Mode) -> Client {
                 })
                 .collect();
             overlay(lowers, p("upper"))
+        }
+        Mode::Branch => {
+            fs::create_dir(p("lower")).unwrap();
+            fs::create_dir(p("upper")).unwrap();
+            seed(&p("upper"), None);
+            // The workspace keeps its state there (a file of that name
+            // would be refused): the user's file sits in the lower.
+            fs::rename(p("upper/.strata"), p("lower/.strata")).unwrap();
+            let fs = Stack::new(
+                Workspace::open(
+                    OverlayConfig {
+                        lowers: vec![LowerSpec::Host(p("lower"))],
+                        upper: Some(p("upper")),
+                        cache: Default::default(),
+                        fd_cache: 64,
+                        passthrough: false,
+                        watch: false,
+                        index_dir: None,
+                    },
+                    None,
+                )
+                .unwrap(),
+            );
+            for (k, v) in [
+                ("snapshot.create", "s1"),
+                ("branch.create", "b s1"),
+                ("branch.switch", "b"),
+            ] {
+                let key = format!("user.strata.{k}");
+                fs.setxattr(&ROOT, CONTROL_ID, os(&key), v.as_bytes(), 0)
+                    .unwrap();
+            }
+            Box::new(fs)
         }
         Mode::OverlayHost | Mode::OverlayImage | Mode::OverlayArchive | Mode::OverlayView => {
             seed(&p("lower"), None);
@@ -384,7 +421,7 @@ fn seed_is_visible(c: &Client) {
     let want = match c.mode {
         Mode::Union3 => 0,
         Mode::OverlayImage | Mode::OverlayArchive => 3600,
-        Mode::Single | Mode::OverlayHost | Mode::OverlayOf3 | Mode::OverlayView => 1,
+        Mode::Single | Mode::OverlayHost | Mode::OverlayOf3 | Mode::OverlayView | Mode::Branch => 1,
     };
     assert_eq!(ttl, Duration::from_secs(want), "{:?}", c.mode);
 }
@@ -719,6 +756,8 @@ macro_rules! conformance {
             fn overlay_archive() { run(Mode::OverlayArchive, super::$scenario) }
             #[test]
             fn overlay_view() { run(Mode::OverlayView, super::$scenario) }
+            #[test]
+            fn branch() { run(Mode::Branch, super::$scenario) }
         }
     )*};
 }

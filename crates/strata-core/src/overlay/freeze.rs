@@ -29,6 +29,13 @@ impl Overlay {
         }
     }
 
+    /// Handles open on the overlay's files (upper or lower).
+    pub fn open_handles(&self) -> usize {
+        let upper: usize = self.open_upper.lock().values().map(|v| v.len()).sum();
+        let lower: usize = self.lower_readers.lock().values().map(|v| v.len()).sum();
+        upper + lower
+    }
+
     pub(super) fn drop_open_upper(&self, id: u64, fh: u64) {
         let mut open = self.open_upper.lock();
         if let Some(fhs) = open.get_mut(&id) {

@@ -153,7 +153,14 @@ impl State {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(upper.join(DIR).join("layers")).map_err(|e| fail(&e))?;
+                let dir = upper.join(DIR);
+                if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+                    return Err(format!(
+                        "{}: a file holds the name snapshots keep their state under; move it away",
+                        dir.display()
+                    ));
+                }
+                std::fs::create_dir_all(dir.join("layers")).map_err(|e| fail(&e))?;
             }
             Err(e) => return Err(fail(&e)),
         }
