@@ -20,7 +20,34 @@ pub const NAME: &str = ".strata";
 
 const PREFIXES: [&str; 2] = ["user.strata.", "user.mergerfs."];
 /// Keys every mount answers, never set.
-const READ_ONLY: [&str; 3] = ["version", "pid", "layers"];
+const READ_ONLY: [&str; 4] = ["version", "pid", "layers", "error"];
+
+/// The last refusals of control changes, by caller: `error` reads the
+/// caller's own, so a command can say why its change was refused.
+#[derive(Default)]
+pub struct Refusals(parking_lot::Mutex<std::collections::VecDeque<(u32, String)>>);
+
+impl Refusals {
+    const KEPT: usize = 64;
+
+    fn record(&self, pid: u32, why: String) {
+        let mut q = self.0.lock();
+        q.retain(|(p, _)| *p != pid);
+        if q.len() == Self::KEPT {
+            q.pop_front();
+        }
+        q.push_back((pid, why));
+    }
+
+    fn last(&self, pid: u32) -> String {
+        let q = self.0.lock();
+        q.iter()
+            .rev()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, w)| w.clone())
+            .unwrap_or_default()
+    }
+}
 
 fn attr() -> Attr {
     Attr {
@@ -113,36 +140,60 @@ pub fn privileged(ctx: &Ctx) -> bool {
     ctx.uid == 0 || ctx.uid == rustix::process::geteuid().as_raw()
 }
 
-pub(crate) fn get(rule: &impl Rule, ctx: &Ctx, name: &OsStr) -> Result<Vec<u8>> {
+pub(crate) fn get(
+    rule: &impl Rule,
+    refusals: &Refusals,
+    ctx: &Ctx,
+    name: &OsStr,
+) -> Result<Vec<u8>> {
     let k = key(name).ok_or(Errno::ENODATA)?;
     let v = match k {
         "version" => env!("CARGO_PKG_VERSION").to_string(),
         "pid" => std::process::id().to_string(),
         "layers" => rule.describe(),
+        "error" => refusals.last(ctx.pid),
         k => rule.control_get(ctx, k).ok_or(Errno::ENODATA)?,
     };
     Ok(v.into_bytes())
 }
 
-pub(crate) fn set(rule: &impl Rule, ctx: &Ctx, name: &OsStr, value: &[u8]) -> Result<()> {
+pub(crate) fn set(
+    rule: &impl Rule,
+    refusals: &Refusals,
+    ctx: &Ctx,
+    name: &OsStr,
+    value: &[u8],
+) -> Result<()> {
     let k = key(name).ok_or(Errno::ENOTSUP)?;
-    if !privileged(ctx) && !rule.control_open(k) {
-        return Err(Errno::EPERM);
-    }
-    let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?;
-    let refuse = |msg: &str| {
-        tracing::warn!("control: {k}={value}: {msg}");
-        Errno::EINVAL
+    let refuse = |r: Refusal| {
+        tracing::warn!(pid = ctx.pid, uid = ctx.uid, "control: {k}: {}", r.why);
+        refusals.record(ctx.pid, r.why);
+        r.errno
     };
+    if !privileged(ctx) && !rule.control_open(k) {
+        return Err(refuse(Refusal::new(
+            Errno::EPERM,
+            format!("{k}: only root or the mount's owner may change it"),
+        )));
+    }
+    let value = std::str::from_utf8(value).map_err(|_| {
+        refuse(Refusal::new(
+            Errno::EINVAL,
+            format!("{k}: value is not UTF-8"),
+        ))
+    })?;
     if READ_ONLY.contains(&k) {
-        return Err(refuse("read-only"));
+        return Err(refuse(Refusal::new(
+            Errno::EINVAL,
+            format!("{k} is read-only"),
+        )));
     }
     match rule.control_set(ctx, k, value) {
         None => Err(Errno::ENODATA),
-        Some(Err(r)) => {
-            tracing::warn!("control: {k}={value}: {}", r.why);
-            Err(r.errno)
-        }
+        Some(Err(r)) => Err(refuse(Refusal::new(
+            r.errno,
+            format!("{k}={value}: {}", r.why),
+        ))),
         Some(Ok(())) => Ok(()),
     }
 }

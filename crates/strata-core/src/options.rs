@@ -139,6 +139,13 @@ pub const OPTIONS: &[OptionSpec] = &[
         "writable upper directory over the layers (as --upper)",
     ),
     mount(
+        "branch",
+        Required("NAME"),
+        "main",
+        "with an upper: the workspace branch the mount shows (default: the \
+         workspace's current branch; `strata branch`)",
+    ),
+    mount(
         "store",
         Required("DIR"),
         "/var/tmp/store",

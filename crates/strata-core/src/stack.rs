@@ -200,6 +200,7 @@ pub struct OpenDir<D> {
 pub struct Stack<R: Rule> {
     rule: R,
     dirs: OpenDirs<OpenDir<R::Dir>>,
+    refusals: control::Refusals,
 }
 
 impl<R: Rule> Stack<R> {
@@ -207,6 +208,7 @@ impl<R: Rule> Stack<R> {
         Stack {
             rule,
             dirs: OpenDirs::default(),
+            refusals: control::Refusals::default(),
         }
     }
 
@@ -435,14 +437,14 @@ impl<R: Rule> Filesystem for Stack<R> {
 
     fn setxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         if ino == CONTROL_ID {
-            return control::set(&self.rule, ctx, name, value);
+            return control::set(&self.rule, &self.refusals, ctx, name, value);
         }
         self.rule.setxattr(ctx, ino, name, value, flags)
     }
 
     fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
         if ino == CONTROL_ID {
-            return Xattr::reply(control::get(&self.rule, ctx, name)?, size);
+            return Xattr::reply(control::get(&self.rule, &self.refusals, ctx, name)?, size);
         }
         self.rule.getxattr(ctx, ino, name, size)
     }

@@ -13,6 +13,7 @@ use strata_core::single::{SingleDir, SingleDirConfig};
 use strata_core::source::is_within;
 use strata_core::stack::Stack;
 use strata_core::union::{Union, UnionConfig};
+use strata_core::workspace::Workspace;
 use strata_fuse::MountConfig;
 
 use crate::options::MountOptions;
@@ -142,6 +143,7 @@ enum Mode {
     SingleDir(SingleDir),
     Union(Union),
     Overlay(Overlay),
+    Workspace(Workspace),
 }
 
 /// Whether SOURCE names overlay lowers (an `image:NAME` or an archive file
@@ -204,6 +206,12 @@ fn prepare(source: &str, mountpoint: &Path, option_lists: &[String]) -> Result<P
     strata_core::host::set_no_atime(opts.flags.atime == strata_fuse::Atime::No);
     if opts.upper.is_some() || has_overlay_layer(source) {
         return prepare_overlay(source, mountpoint, &opts);
+    }
+    if opts.branch.is_some() {
+        return Err(usage(
+            "option 'branch' needs an upper (--upper DIR): branches are of the writable state"
+                .to_string(),
+        ));
     }
     let mut branches = strata_core::source::parse_branches(source).map_err(usage)?;
     for b in &mut branches {
@@ -334,7 +342,7 @@ fn prepare_overlay(
     }
     let real_mountpoint = check_mountpoint(mountpoint, opts)?;
     check_layers_apart(&real_mountpoint, &layers)?;
-    let fs = Overlay::new(OverlayConfig {
+    let cfg = OverlayConfig {
         lowers,
         upper: upper.clone(),
         cache: opts.cache,
@@ -342,11 +350,28 @@ fn prepare_overlay(
         passthrough: opts.passthrough,
         watch: opts.watch,
         index_dir: Some(store.join("archive-index")),
-    })
-    .map_err(usage)?;
-    tracing::info!(layers = fs.describe(), "overlay");
+    };
+    // With an upper, the overlay is a workspace: snapshots, branches.
+    let fs = match &upper {
+        Some(_) => {
+            let ws = Workspace::open(cfg, opts.branch.as_deref()).map_err(usage)?;
+            tracing::info!(layers = ws.describe(), "workspace");
+            Mode::Workspace(ws)
+        }
+        None if opts.branch.is_some() => {
+            return Err(usage(
+                "option 'branch' needs an upper (--upper DIR): branches are of the writable state"
+                    .to_string(),
+            ));
+        }
+        None => {
+            let o = Overlay::new(cfg).map_err(usage)?;
+            tracing::info!(layers = o.describe(), "overlay");
+            Mode::Overlay(o)
+        }
+    };
     Ok(Prepared {
-        fs: Mode::Overlay(fs),
+        fs,
         mount: mount_config(opts, source, upper.is_none()),
         readahead_kib: opts.readahead_kib,
     })
@@ -470,6 +495,7 @@ pub fn mount(
         Mode::SingleDir(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
         Mode::Union(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
         Mode::Overlay(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
+        Mode::Workspace(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
     }
 }
 

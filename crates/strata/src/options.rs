@@ -35,6 +35,8 @@ pub struct MountOptions {
     pub union_keys: Vec<String>,
     /// Writable upper directory over the lowers (copy-on-write overlay).
     pub upper: Option<PathBuf>,
+    /// The workspace branch to show (with an upper).
+    pub branch: Option<String>,
     /// Image store for `image:NAME` layers (default: `$STRATA_STORE`, ...).
     pub store: Option<PathBuf>,
     /// mount(8)'s generic flags for the FUSE mount.
@@ -70,6 +72,7 @@ impl Default for MountOptions {
             union: Settings::default(),
             union_keys: Vec::new(),
             upper: None,
+            branch: None,
             store: None,
             flags: MountFlags::default(),
         }
@@ -220,6 +223,7 @@ impl MountOptions {
                     "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nofail"
                     | "_netdev" => {}
                     "upper" => o.upper = Some(PathBuf::from(need()?)),
+                    "branch" => o.branch = Some(need()?.to_string()),
                     "store" => o.store = Some(PathBuf::from(need()?)),
                     // The union's settings, the cache timeouts among them.
                     _ if spec.scope == Scope::Runtime => {

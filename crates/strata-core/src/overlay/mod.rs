@@ -50,7 +50,7 @@ use format::{Listed, OPAQUE_XATTRS, host_opaque, host_whiteout};
 pub use layers::LayerSet;
 
 /// Where a lower layer comes from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LowerSpec {
     Host(PathBuf),
     Image {

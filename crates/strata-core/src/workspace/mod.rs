@@ -15,6 +15,7 @@
 //! the root, caches stay as long as in any overlay, since a node belongs
 //! to one branch.
 
+pub mod diff;
 pub mod ids;
 pub mod pids;
 pub mod state;
@@ -106,6 +107,7 @@ impl Workspace {
             Some(s) => {
                 let lock = lock_workspace(&upper_path)?;
                 s.remove_orphans().map_err(|e| e.why)?;
+                s.set_lowers(&cfg.lowers).map_err(|e| e.why)?;
                 Some(lock)
             }
             None => None,
@@ -297,8 +299,11 @@ impl Workspace {
         let mut st = self.state.lock();
         if st.is_none() {
             let fail = |e: String| Refusal::new(Errno::EIO, e);
-            let made = State::open(&self.upper_path, true).map_err(fail)?;
+            let mut made = State::open(&self.upper_path, true).map_err(fail)?;
             *self._lock.lock() = Some(lock_workspace(&self.upper_path).map_err(fail)?);
+            if let Some(m) = &mut made {
+                m.set_lowers(&self.cfg.lowers)?;
+            }
             *st = made;
         }
         Ok(st)

@@ -247,6 +247,42 @@ impl State {
         Ok(())
     }
 
+    /// Records the lowers the workspace is served over (the mount's own
+    /// layers), for commands that read a snapshot without the mount.
+    pub fn set_lowers(&mut self, lowers: &[crate::overlay::LowerSpec]) -> Result<()> {
+        let json = serde_json::to_string(lowers)
+            .map_err(|e| Refusal::new(Errno::EIO, format!("workspace state: {e}")))?;
+        self.set_meta("lowers", &json)
+    }
+
+    /// The lowers the workspace was last served over.
+    pub fn lowers(&self) -> Result<Vec<crate::overlay::LowerSpec>> {
+        let json = self.meta("lowers")?.unwrap_or_else(|| "[]".into());
+        serde_json::from_str(&json)
+            .map_err(|e| Refusal::new(Errno::EIO, format!("workspace state: lowers: {e}")))
+    }
+
+    /// Opens the state of `upper` for reading only (commands that list or
+    /// compare; the daemon owns every change).
+    pub fn open_read_only(upper: &Path) -> std::result::Result<State, String> {
+        let path = Self::path(upper);
+        let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        if !path.is_file() {
+            return Err(fail(&"no snapshots or branches yet"));
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| fail(&e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| fail(&e))?;
+        Ok(State {
+            conn,
+            upper: upper.to_path_buf(),
+        })
+    }
+
     pub fn branch(&self, name: &str) -> Result<BranchInfo> {
         self.branches()?
             .into_iter()

@@ -360,3 +360,77 @@ fn a_layer_directory_left_by_an_interrupted_change_is_removed_at_open() {
     assert!(!orphan.exists());
     assert!(s.upper.join(".strata/layers/1").is_dir());
 }
+
+#[test]
+fn diff_lists_exactly_what_a_branch_changed() {
+    use diff::{Change, Changed};
+    let s = setup();
+    fs::create_dir_all(s.lower.join("gone/deep")).unwrap();
+    fs::write(s.lower.join("gone/deep/x"), b"x").unwrap();
+    fs::write(s.lower.join("d/b"), b"b").unwrap();
+    fs::write(s.lower.join("same"), b"same").unwrap();
+    let fs = open(&s, None).unwrap();
+    write(&fs, &ROOT, "same", b"same");
+    ctl(&fs, &ROOT, "snapshot.create", "cp").unwrap();
+    ctl(&fs, &ROOT, "branch.create", "try cp").unwrap();
+    let p = Proc::start();
+    ctl(&fs, &ROOT, "branch.bind", &format!("try {}", p.0.id())).unwrap();
+    let c = p.ctx();
+    write(&fs, &c, "f", b"changed");
+    write(&fs, &c, "new", b"new");
+    fs.mkdir(&c, ROOT_ID, OsStr::new("nd"), 0o755, 0).unwrap();
+    write(&fs, &c, "nd/inside", b"i");
+    fs.unlink(&c, ino(&fs, &c, "d").unwrap(), OsStr::new("a"))
+        .unwrap();
+    let set = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    fs.setattr(&c, ino(&fs, &c, "d/b").unwrap(), None, &set)
+        .unwrap();
+    for d in ["gone/deep/x", "gone/deep", "gone"] {
+        let (dir, name) = d.rsplit_once('/').unwrap_or(("", d));
+        let parent = if dir.is_empty() {
+            ROOT_ID
+        } else {
+            ino(&fs, &c, dir).unwrap()
+        };
+        match d.ends_with('x') {
+            true => fs.unlink(&c, parent, OsStr::new(name)).unwrap(),
+            false => fs.rmdir(&c, parent, OsStr::new(name)).unwrap(),
+        }
+    }
+    // Written again with the same bytes: not a change.
+    write(&fs, &c, "same", b"same");
+    let changes = diff::diff(&s.upper, "cp", "try").unwrap();
+    let want = |p: &str, change| Changed {
+        path: p.into(),
+        change,
+    };
+    assert_eq!(
+        changes,
+        vec![
+            want("d/a", Change::Deleted),
+            want("d/b", Change::Modified),
+            want("f", Change::Modified),
+            want("gone", Change::Deleted),
+            want("gone/deep", Change::Deleted),
+            want("gone/deep/x", Change::Deleted),
+            want("nd", Change::Added),
+            want("nd/inside", Change::Added),
+            want("new", Change::Added),
+        ]
+    );
+    // The other way round, additions and deletions swap.
+    let back = diff::diff(&s.upper, "try", "cp").unwrap();
+    assert_eq!(back.len(), changes.len());
+    assert!(
+        back.iter()
+            .any(|c| c.path == "new" && c.change == Change::Deleted)
+    );
+    assert!(
+        diff::diff(&s.upper, "cp", "nope")
+            .unwrap_err()
+            .contains("nope")
+    );
+}
