@@ -5,7 +5,10 @@
 # branch and a read-only branch with content. `--overlay` mounts a lower
 # directory with content with the scratch dir as its upper; `--image` the same
 # with an image (built into a scratch store) as the lower; `--view` with a
-# view (a spec mapping that lower and a zip of it) as the lower. Other
+# view (a spec mapping that lower and a zip of it) as the lower.
+# `--snapshots` is `--overlay` after three snapshots of the mount (the lower
+# content then sits below frozen layers); `--branch` runs the suite inside a
+# branch made from such a snapshot, through `strata branch exec`. Other
 # arguments go to `strata mount`.
 set -euo pipefail
 
@@ -57,7 +60,7 @@ if [[ ${1:-} == --union ]]; then
     source="$src:$work/nc=NC:$work/ro=RO"
     label=" on a union (RW, NC, RO)"
     set -- -o minfreespace=16M "$@"
-elif [[ ${1:-} == --overlay || ${1:-} == --image || ${1:-} == --view ]]; then
+elif [[ ${1:-} =~ ^--(overlay|image|view|snapshots|branch)$ ]]; then
     mode=$1
     shift
     lower=$work/lower
@@ -88,13 +91,28 @@ TOML
         source=$lower
         label=" on a directory with an upper"
     fi
+    [[ $mode == --snapshots ]] && label=" on a directory with an upper, after 3 snapshots"
+    [[ $mode == --branch ]] && label=" in a branch (strata branch exec) of a directory with an upper"
     chmod 755 "$lower"
     set -- --upper "$src" "$@"
 fi
 timeout 20 "$STRATA" mount "$source" "$mnt" "$@"
+run=()
+if [[ ${mode:-} == --snapshots || ${mode:-} == --branch ]]; then
+    # Content in each layer: the suite then works over frozen layers.
+    for i in 1 2 3; do
+        echo "layer $i" > "$mnt/shared/file"
+        mkdir -p "$mnt/shared/dir$i"
+        timeout 60 "$STRATA" snapshot create "$mnt" --name "s$i" >/dev/null
+    done
+    if [[ $mode == --branch ]]; then
+        timeout 20 "$STRATA" branch create "$mnt" --from s2 --name suite
+        run=("$STRATA" branch exec "$mnt" suite --)
+    fi
+fi
 cd "$mnt"
 # The secondary filesystem (tmpfs) enables the EXDEV cases.
-timeout 900 pjdfstest -c "$work/pjdfstest.toml" -p "$mnt" -s "$second" > "$work/pjdfstest.log" 2>&1 || true
+timeout 900 "${run[@]}" pjdfstest -c "$work/pjdfstest.toml" -p "$mnt" -s "$second" > "$work/pjdfstest.log" 2>&1 || true
 # Show everything but the passing lines (failures carry their reason on the next lines).
 grep -v ' ok$' "$work/pjdfstest.log" | grep -v -A1 ' skipped$' | grep -v '^--$' || true
 summary=$(grep '^Summary:' "$work/pjdfstest.log" || true)

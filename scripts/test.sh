@@ -37,6 +37,8 @@ cargo test --manifest-path vendor/fuser/Cargo.toml --lib
 ./scripts/pjdfstest.sh --overlay
 ./scripts/pjdfstest.sh --image
 ./scripts/pjdfstest.sh --view
+./scripts/pjdfstest.sh --snapshots
+./scripts/pjdfstest.sh --branch
 
 # The image manifest, archive and view spec readers under libFuzzer, bounded
 # (FUZZ_SECONDS each, default 40).

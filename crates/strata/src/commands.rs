@@ -867,20 +867,20 @@ pub const MOUNT_ANSWER_LIMIT: Duration = Duration::from_secs(5);
 const CHILD_ENV: &str = "STRATA_ASKS_IN_CHILD";
 
 /// For a command that asks the mount at `path` something: runs this same
-/// command again in a child process and waits [`MOUNT_ANSWER_LIMIT`] for
-/// it; its output and exit status become ours. A child that does not end is
+/// command again in a child process and waits `limit` (usually
+/// [`MOUNT_ANSWER_LIMIT`]) for it; its output and exit status become ours. A child that does not end is
 /// killed and left behind (a thread could not be: with FUSE over io_uring
 /// a request already queued holds its caller, and so the whole process,
 /// until the mount answers; see `state::Probe`), and the command fails with
 /// one line. `None` in the child itself: the caller does the work.
-pub fn in_child(path: &Path) -> Option<Result<(), Failure>> {
+pub fn in_child(path: &Path, limit: Duration) -> Option<Result<(), Failure>> {
     if std::env::var_os(CHILD_ENV).is_some() {
         return None;
     }
-    Some(run_in_child(path))
+    Some(run_in_child(path, limit))
 }
 
-fn run_in_child(path: &Path) -> Result<(), Failure> {
+fn run_in_child(path: &Path, limit: Duration) -> Result<(), Failure> {
     use std::io::Read;
     let exe =
         std::env::current_exe().map_err(|e| failure(format!("cannot find own executable: {e}")))?;
@@ -907,12 +907,12 @@ fn run_in_child(path: &Path) -> Result<(), Failure> {
         let e = errs.join().unwrap_or_default();
         let _ = tx.send((o, e));
     });
-    let Ok((o, e)) = rx.recv_timeout(MOUNT_ANSWER_LIMIT) else {
+    let Ok((o, e)) = rx.recv_timeout(limit) else {
         let _ = child.kill();
         return Err(failure(format!(
             "{}: no answer within {}s (is the mount hung?)",
             path.display(),
-            MOUNT_ANSWER_LIMIT.as_secs()
+            limit.as_secs()
         )));
     };
     let status = child.wait().map_err(|e| failure(e.to_string()))?;
@@ -935,7 +935,7 @@ fn run_in_child(path: &Path) -> Result<(), Failure> {
 /// `strata view explain PATH`: the `user.strata.source` xattr (asked in a
 /// child, [`in_child`]).
 pub fn view_explain(path: &Path) -> Result<(), Failure> {
-    if let Some(done) = in_child(path) {
+    if let Some(done) = in_child(path, MOUNT_ANSWER_LIMIT) {
         return done;
     }
     let mut buf = vec![0u8; 64 * 1024];

@@ -10,6 +10,7 @@ mod notify;
 mod options;
 mod output;
 mod state;
+mod workspace_cmd;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -134,6 +135,27 @@ enum Command {
         #[command(subcommand)]
         command: ViewCommand,
     },
+    /// Snapshots of a workspace (a mount with --upper): create, ls, rm, diff.
+    #[command(after_help = "EXAMPLES:\n  \
+        strata snapshot create /ws/repo --name before-refactor\n  \
+        strata snapshot ls /ws/repo --json\n  \
+        strata snapshot diff /ws/repo before-refactor try-a")]
+    Snapshot {
+        #[command(subcommand)]
+        command: workspace_cmd::SnapshotCommand,
+    },
+    /// Branches of a workspace: writable forks of snapshots, seen by the
+    /// processes bound to them through the same mount.
+    #[command(after_help = "EXAMPLES:\n  \
+        strata branch create /ws/repo --from before-refactor --name try-a\n  \
+        strata branch exec /ws/repo try-a -- make test\n  \
+        strata branch bind /ws/repo try-a --pid 4242\n  \
+        strata branch switch /ws/repo try-a\n  \
+        strata branch rm /ws/repo try-b")]
+    Branch {
+        #[command(subcommand)]
+        command: workspace_cmd::BranchCommand,
+    },
     /// Free the image store's blobs and cache files that no image uses.
     Gc {
         #[command(flatten)]
@@ -224,9 +246,12 @@ fn main() -> ExitCode {
             action,
             args,
         } => {
-            commands::in_child(&mountpoint).unwrap_or_else(|| ctl::run(&mountpoint, &action, &args))
+            commands::in_child(&mountpoint, commands::MOUNT_ANSWER_LIMIT)
+                .unwrap_or_else(|| ctl::run(&mountpoint, &action, &args))
         }
         Command::Image { command } => image_cmd::run(command),
+        Command::Snapshot { command } => workspace_cmd::snapshot(command),
+        Command::Branch { command } => workspace_cmd::branch(command),
         Command::Gc { store } => image_cmd::gc(&store),
         Command::Man { dir } => write_man_pages(&dir),
         Command::Doctor => doctor::run(),

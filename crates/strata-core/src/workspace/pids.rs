@@ -123,30 +123,24 @@ impl Bindings {
         was
     }
 
-    /// The live processes bound to `branch` (bindings of exited ones go).
+    /// The live processes bound to `branch`.
     pub fn users(&self, branch: u8) -> Vec<u32> {
+        self.all()
+            .into_iter()
+            .filter(|(_, b)| *b == branch)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Every binding of a live process: (pid, branch number). Bindings of
+    /// processes that exited go.
+    pub fn all(&self) -> Vec<(u32, u8)> {
         let mut bound = self.bound.lock();
         bound.retain(|pid, b| proc_stat(*pid).is_some_and(|(_, start)| start == b.start));
         if bound.is_empty() {
             self.any.store(false, Ordering::Release);
         }
-        let mut pids: Vec<u32> = bound
-            .iter()
-            .filter(|(_, b)| b.branch == branch)
-            .map(|(p, _)| *p)
-            .collect();
-        pids.sort_unstable();
-        pids
-    }
-
-    /// Every binding: (pid, branch number).
-    pub fn all(&self) -> Vec<(u32, u8)> {
-        let mut v: Vec<(u32, u8)> = self
-            .bound
-            .lock()
-            .iter()
-            .map(|(p, b)| (*p, b.branch))
-            .collect();
+        let mut v: Vec<(u32, u8)> = bound.iter().map(|(p, b)| (*p, b.branch)).collect();
         v.sort_unstable();
         v
     }

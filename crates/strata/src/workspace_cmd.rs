@@ -1,0 +1,428 @@
+//! `strata snapshot` and `strata branch`: a workspace's snapshots and
+//! branches (docs/ARCHITECTURE.md, "Snapshots and branches"). Changes go
+//! through the mount's control file, so the daemon serving it makes them;
+//! listings and diffs read the workspace's state directly.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use strata_core::control::NAME as CONTROL_NAME;
+use strata_core::workspace::diff::{self, Change};
+use strata_core::workspace::state::{self, State, layer_rel};
+
+use crate::commands::{Failure, MOUNT_ANSWER_LIMIT, failure, in_child, usage};
+use crate::output::outln;
+
+const PREFIX: &str = "user.strata.";
+/// How long a snapshot may take (it syncs the mount's dirty data and
+/// copies the files open at the time).
+const SNAPSHOT_LIMIT: Duration = Duration::from_secs(300);
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Freeze the writable state the caller sees on MOUNTPOINT (O(1));
+    /// prints the snapshot's id.
+    Create {
+        mountpoint: PathBuf,
+        /// A name (letters, digits, '.', '_', '-'); default snap-DATE-TIME.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List snapshots: id, name, branch, parent, created, size.
+    Ls {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a snapshot (refused while a branch was made from it).
+    Rm { mountpoint: PathBuf, name: String },
+    /// Added, modified and deleted paths from FROM to TO (snapshot names or
+    /// ids, or branch names).
+    Diff {
+        mountpoint: PathBuf,
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BranchCommand {
+    /// A writable fork of a snapshot (O(1)).
+    Create {
+        mountpoint: PathBuf,
+        /// The snapshot (name or id).
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// List branches: name, the snapshot it came from, created, which one
+    /// the mount shows, bound processes.
+    Ls {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a branch (refused while it is shown, bound or has open files).
+    Rm { mountpoint: PathBuf, name: String },
+    /// Make NAME the branch processes that are not bound see.
+    Switch { mountpoint: PathBuf, name: String },
+    /// Run a command that (with its children) sees branch NAME at MOUNTPOINT.
+    Exec {
+        mountpoint: PathBuf,
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+    /// Bind a running process (and the children it starts afterwards) to
+    /// branch NAME.
+    Bind {
+        mountpoint: PathBuf,
+        name: String,
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Undo a binding: the process sees the mount's current branch again.
+    Unbind {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        pid: u32,
+    },
+}
+
+/// A mounted workspace: its control file and upper directory.
+struct Mounted {
+    control: PathBuf,
+    upper: PathBuf,
+}
+
+fn control_of(mountpoint: &Path) -> Result<PathBuf, Failure> {
+    let control = mountpoint.join(CONTROL_NAME);
+    match std::fs::symlink_metadata(&control) {
+        Ok(_) => Ok(control),
+        Err(_) => Err(usage(format!(
+            "{}: not a strata mount (no {CONTROL_NAME})",
+            mountpoint.display()
+        ))),
+    }
+}
+
+fn get(control: &Path, key: &str) -> Result<String, Failure> {
+    let mut buf = vec![0u8; 64 * 1024];
+    match rustix::fs::getxattr(control, format!("{PREFIX}{key}").as_str(), &mut buf) {
+        Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e) => Err(failure(format!("{}: {key}: {e}", control.display()))),
+    }
+}
+
+impl Mounted {
+    fn open(mountpoint: &Path) -> Result<Mounted, Failure> {
+        let control = control_of(mountpoint)?;
+        let mut buf = vec![0u8; 4096];
+        let upper = match rustix::fs::getxattr(&control, "user.strata.workspace", &mut buf) {
+            Ok(n) => PathBuf::from(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(rustix::io::Errno::NODATA) => {
+                return Err(usage(format!(
+                    "{}: not a workspace (snapshots and branches need a mount with --upper)",
+                    mountpoint.display()
+                )));
+            }
+            Err(e) => return Err(failure(format!("{}: {e}", control.display()))),
+        };
+        Ok(Mounted { control, upper })
+    }
+
+    /// Sets a control key; a refusal comes back as the daemon's one line.
+    fn set(&self, key: &str, value: &str) -> Result<(), Failure> {
+        rustix::fs::setxattr(
+            &self.control,
+            format!("{PREFIX}{key}").as_str(),
+            value.as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| {
+            let why = get(&self.control, "error").unwrap_or_default();
+            let why = match why.is_empty() {
+                true => format!("{key} {value}: {e}"),
+                false => why,
+            };
+            match e {
+                rustix::io::Errno::IO | rustix::io::Errno::NOSPC => failure(why),
+                _ => usage(why),
+            }
+        })
+    }
+
+    fn state(&self) -> Result<State, Failure> {
+        State::open_read_only(&self.upper).map_err(failure)
+    }
+}
+
+fn default_name() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("snap-{}", civil(now as i64).replace([' ', ':'], "").replace('-', ""))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch.
+fn civil(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Bytes a layer directory holds on disk (the workspace's own directory
+/// aside).
+fn layer_size(upper: &Path, id: i64) -> u64 {
+    fn walk(dir: &Path, top: bool) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            if top && e.file_name() == CONTROL_NAME {
+                continue;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            n += std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+            if m.is_dir() {
+                n += walk(&e.path(), false);
+            }
+        }
+        n
+    }
+    walk(&upper.join(layer_rel(id)), id == 0)
+}
+
+fn sync_mount(mountpoint: &Path) -> Result<(), Failure> {
+    let dir = std::fs::File::open(mountpoint)
+        .map_err(|e| failure(format!("{}: {e}", mountpoint.display())))?;
+    rustix::fs::syncfs(&dir).map_err(|e| failure(format!("{}: syncfs: {e}", mountpoint.display())))
+}
+
+pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
+    let (mp, limit) = match &cmd {
+        SnapshotCommand::Create { mountpoint, .. } => (mountpoint, SNAPSHOT_LIMIT),
+        SnapshotCommand::Diff { mountpoint, .. } => (mountpoint, SNAPSHOT_LIMIT),
+        SnapshotCommand::Ls { mountpoint, .. } | SnapshotCommand::Rm { mountpoint, .. } => {
+            (mountpoint, MOUNT_ANSWER_LIMIT)
+        }
+    };
+    if let Some(done) = in_child(mp, limit) {
+        return done;
+    }
+    match cmd {
+        SnapshotCommand::Create { mountpoint, name } => {
+            let m = Mounted::open(&mountpoint)?;
+            let name = name.unwrap_or_else(default_name);
+            state::check_name("snapshot", &name).map_err(|e| usage(e.why))?;
+            // Written data still in the kernel's page cache goes in first.
+            sync_mount(&mountpoint)?;
+            m.set("snapshot.create", &name)?;
+            let s = m.state()?.snapshot(&name).map_err(|e| failure(e.why))?;
+            outln!("{}", s.id)?;
+        }
+        SnapshotCommand::Ls { mountpoint, json } => {
+            let m = Mounted::open(&mountpoint)?;
+            let list = match State::open_read_only(&m.upper) {
+                Ok(st) => st.snapshots().map_err(|e| failure(e.why))?,
+                Err(_) => Vec::new(),
+            };
+            if json {
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|s| {
+                        let mut v = serde_json::to_value(s).expect("plain data");
+                        v["size"] = layer_size(&m.upper, s.layer).into();
+                        v
+                    })
+                    .collect();
+                outln!("{}", serde_json::Value::Array(rows))?;
+            } else {
+                outln!(
+                    "{:>4}  {:<20} {:<12} {:<20} {:<19} {:>10}",
+                    "ID",
+                    "NAME",
+                    "BRANCH",
+                    "PARENT",
+                    "CREATED (UTC)",
+                    "SIZE"
+                )?;
+                for s in &list {
+                    outln!(
+                        "{:>4}  {:<20} {:<12} {:<20} {:<19} {:>10}",
+                        s.id,
+                        s.name,
+                        s.branch,
+                        s.parent.as_deref().unwrap_or("-"),
+                        civil(s.created),
+                        layer_size(&m.upper, s.layer)
+                    )?;
+                }
+            }
+        }
+        SnapshotCommand::Rm { mountpoint, name } => {
+            Mounted::open(&mountpoint)?.set("snapshot.rm", &name)?;
+        }
+        SnapshotCommand::Diff {
+            mountpoint,
+            from,
+            to,
+            json,
+        } => {
+            let m = Mounted::open(&mountpoint)?;
+            // The live layers of branches hold what was written: flush it.
+            sync_mount(&mountpoint)?;
+            let changes = diff::diff(&m.upper, &from, &to).map_err(usage)?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::to_string(&changes).expect("plain data")
+                )?;
+            } else {
+                for c in &changes {
+                    let tag = match c.change {
+                        Change::Added => 'A',
+                        Change::Modified => 'M',
+                        Change::Deleted => 'D',
+                    };
+                    outln!("{tag} {}", c.path)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn branch(cmd: BranchCommand) -> Result<(), Failure> {
+    if let BranchCommand::Exec {
+        mountpoint,
+        name,
+        command,
+    } = cmd
+    {
+        return exec(&mountpoint, &name, &command);
+    }
+    let mp = match &cmd {
+        BranchCommand::Create { mountpoint, .. }
+        | BranchCommand::Ls { mountpoint, .. }
+        | BranchCommand::Rm { mountpoint, .. }
+        | BranchCommand::Switch { mountpoint, .. }
+        | BranchCommand::Bind { mountpoint, .. }
+        | BranchCommand::Unbind { mountpoint, .. }
+        | BranchCommand::Exec { mountpoint, .. } => mountpoint.clone(),
+    };
+    if let Some(done) = in_child(&mp, MOUNT_ANSWER_LIMIT) {
+        return done;
+    }
+    let m = Mounted::open(&mp)?;
+    match cmd {
+        BranchCommand::Create { from, name, .. } => {
+            state::check_name("branch", &name).map_err(|e| usage(e.why))?;
+            m.set("branch.create", &format!("{name} {from}"))?;
+        }
+        BranchCommand::Rm { name, .. } => m.set("branch.rm", &name)?,
+        BranchCommand::Switch { name, .. } => m.set("branch.switch", &name)?,
+        BranchCommand::Bind { name, pid, .. } => {
+            m.set("branch.bind", &format!("{name} {pid}"))?
+        }
+        BranchCommand::Unbind { pid, .. } => m.set("branch.unbind", &pid.to_string())?,
+        BranchCommand::Ls { json, .. } => {
+            let bindings: serde_json::Value =
+                serde_json::from_str(&get(&m.control, "bindings")?).unwrap_or_default();
+            let shown = get(&m.control, "branch")?;
+            let list = match State::open_read_only(&m.upper) {
+                Ok(st) => st.branches().map_err(|e| failure(e.why))?,
+                Err(_) => Vec::new(),
+            };
+            let bound = |b: &str| -> Vec<u64> {
+                bindings
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|v| v["branch"] == b)
+                    .filter_map(|v| v["pid"].as_u64())
+                    .collect()
+            };
+            if json {
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|b| {
+                        let mut v = serde_json::to_value(b).expect("plain data");
+                        v["current"] = (b.name == shown).into();
+                        v["bound"] = bound(&b.name).into();
+                        v
+                    })
+                    .collect();
+                outln!("{}", serde_json::Value::Array(rows))?;
+            } else {
+                outln!(
+                    "  {:<20} {:<20} {:<19} BOUND",
+                    "NAME",
+                    "FROM",
+                    "CREATED (UTC)"
+                )?;
+                for b in &list {
+                    let pids: Vec<String> =
+                        bound(&b.name).iter().map(|p| p.to_string()).collect();
+                    outln!(
+                        "{} {:<20} {:<20} {:<19} {}",
+                        if b.name == shown { '*' } else { ' ' },
+                        b.name,
+                        b.from.as_deref().unwrap_or("-"),
+                        civil(b.created),
+                        if pids.is_empty() { "-".into() } else { pids.join(",") }
+                    )?;
+                }
+            }
+        }
+        BranchCommand::Exec { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// `branch exec`: binds this process to the branch, then becomes the
+/// command (same pid, so the binding holds; its children inherit it).
+fn exec(mountpoint: &Path, name: &str, command: &[OsString]) -> Result<(), Failure> {
+    // A hung mount must not hang us: ask it from a child first.
+    let probe = crate::state::Probe::start(mountpoint, false, None);
+    if probe.finish(Instant::now() + MOUNT_ANSWER_LIMIT).0 == crate::state::Health::Hung {
+        return Err(failure(format!(
+            "{}: no answer within {}s (is the mount hung?)",
+            mountpoint.display(),
+            MOUNT_ANSWER_LIMIT.as_secs()
+        )));
+    }
+    let m = Mounted::open(mountpoint)?;
+    m.set("branch.bind", &format!("{name} {}", std::process::id()))?;
+    // A working directory inside the mount was entered through the branch
+    // seen before: enter it again through this one.
+    if let Ok(cwd) = std::env::current_dir()
+        && cwd.starts_with(mountpoint)
+    {
+        let _ = std::env::set_current_dir(&cwd);
+    }
+    let (prog, args) = command.split_first().expect("clap requires a command");
+    let e = std::process::Command::new(prog).args(args).exec();
+    Err(failure(format!("{}: {e}", Path::new(prog).display())))
+}
