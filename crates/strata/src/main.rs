@@ -245,10 +245,8 @@ fn main() -> ExitCode {
             mountpoint,
             action,
             args,
-        } => {
-            commands::in_child(&mountpoint, commands::MOUNT_ANSWER_LIMIT)
-                .unwrap_or_else(|| ctl::run(&mountpoint, &action, &args))
-        }
+        } => commands::in_child(&mountpoint, commands::MOUNT_ANSWER_LIMIT)
+            .unwrap_or_else(|| ctl::run(&mountpoint, &action, &args)),
         Command::Image { command } => image_cmd::run(command),
         Command::Snapshot { command } => workspace_cmd::snapshot(command),
         Command::Branch { command } => workspace_cmd::branch(command),

@@ -105,10 +105,11 @@ fn control_of(mountpoint: &Path) -> Result<PathBuf, Failure> {
     let control = mountpoint.join(CONTROL_NAME);
     match std::fs::symlink_metadata(&control) {
         Ok(_) => Ok(control),
-        Err(_) => Err(usage(format!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(usage(format!(
             "{}: not a strata mount (no {CONTROL_NAME})",
             mountpoint.display()
         ))),
+        Err(e) => Err(failure(format!("{}: {e}", mountpoint.display()))),
     }
 }
 
@@ -167,7 +168,10 @@ fn default_name() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    format!("snap-{}", civil(now as i64).replace([' ', ':'], "").replace('-', ""))
+    format!(
+        "snap-{}",
+        civil(now as i64).replace([' ', ':'], "").replace('-', "")
+    )
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch.
@@ -295,10 +299,7 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
             sync_mount(&mountpoint)?;
             let changes = diff::diff(&m.upper, &from, &to).map_err(usage)?;
             if json {
-                outln!(
-                    "{}",
-                    serde_json::to_string(&changes).expect("plain data")
-                )?;
+                outln!("{}", serde_json::to_string(&changes).expect("plain data"))?;
             } else {
                 for c in &changes {
                     let tag = match c.change {
@@ -343,9 +344,7 @@ pub fn branch(cmd: BranchCommand) -> Result<(), Failure> {
         }
         BranchCommand::Rm { name, .. } => m.set("branch.rm", &name)?,
         BranchCommand::Switch { name, .. } => m.set("branch.switch", &name)?,
-        BranchCommand::Bind { name, pid, .. } => {
-            m.set("branch.bind", &format!("{name} {pid}"))?
-        }
+        BranchCommand::Bind { name, pid, .. } => m.set("branch.bind", &format!("{name} {pid}"))?,
         BranchCommand::Unbind { pid, .. } => m.set("branch.unbind", &pid.to_string())?,
         BranchCommand::Ls { json, .. } => {
             let bindings: serde_json::Value =
@@ -383,15 +382,18 @@ pub fn branch(cmd: BranchCommand) -> Result<(), Failure> {
                     "CREATED (UTC)"
                 )?;
                 for b in &list {
-                    let pids: Vec<String> =
-                        bound(&b.name).iter().map(|p| p.to_string()).collect();
+                    let pids: Vec<String> = bound(&b.name).iter().map(|p| p.to_string()).collect();
                     outln!(
                         "{} {:<20} {:<20} {:<19} {}",
                         if b.name == shown { '*' } else { ' ' },
                         b.name,
                         b.from.as_deref().unwrap_or("-"),
                         civil(b.created),
-                        if pids.is_empty() { "-".into() } else { pids.join(",") }
+                        if pids.is_empty() {
+                            "-".into()
+                        } else {
+                            pids.join(",")
+                        }
                     )?;
                 }
             }

@@ -20,3 +20,4 @@ mod transport;
 mod union;
 mod union_options;
 mod view;
+mod workspace;
