@@ -437,6 +437,14 @@ fn create_write_read(c: &Client) {
     assert_eq!(c.read("d/a").unwrap(), b"a\nmore\n");
     c.write("sub/deep/g", b"g");
     assert_eq!(c.list("sub/deep"), ["f", "g"]);
+    // O_NOFOLLOW names the last component, which the kernel has resolved:
+    // a regular file opens (image builders and rsync ask for it).
+    for flags in [libc::O_RDONLY, libc::O_RDWR] {
+        let id = c.at("d/b").unwrap();
+        let o = c.fs.open(&ROOT, id, flags | libc::O_NOFOLLOW).unwrap();
+        assert_eq!(c.fs.read(&ROOT, id, o.fh, 0, 16).unwrap(), b"b\n");
+        c.fs.release(&ROOT, id, o.fh).unwrap();
+    }
 }
 
 fn mkdir_and_rmdir(c: &Client) {

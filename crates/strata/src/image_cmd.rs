@@ -26,7 +26,7 @@ pub struct StoreArg {
 }
 
 impl StoreArg {
-    fn root(&self) -> PathBuf {
+    pub fn root(&self) -> PathBuf {
         self.store.clone().unwrap_or_else(Store::default_root)
     }
 }
@@ -263,7 +263,7 @@ fn bar(done: u64, total: u64) -> String {
     )
 }
 
-fn build(src: &Path, name: &str, replace: bool, root: &Path) -> Result<(), Failure> {
+pub fn build(src: &Path, name: &str, replace: bool, root: &Path) -> Result<(), Failure> {
     let shown = printable(&src.display().to_string());
     match std::fs::metadata(src) {
         Ok(md) if md.is_dir() => {}

@@ -39,6 +39,19 @@ pub enum SnapshotCommand {
     },
     /// Remove a snapshot (refused while a branch was made from it).
     Rm { mountpoint: PathBuf, name: String },
+    /// Build image IMAGE (in the image store) from a snapshot: deduplicated
+    /// against the store, mountable, pushable like any image.
+    Export {
+        mountpoint: PathBuf,
+        name: String,
+        #[arg(long)]
+        image: String,
+        /// Replace an existing image of that name.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        store: crate::image_cmd::StoreArg,
+    },
     /// Added, modified and deleted paths from FROM to TO (snapshot names or
     /// ids, or branch names).
     Diff {
@@ -225,12 +238,23 @@ fn sync_mount(mountpoint: &Path) -> Result<(), Failure> {
 }
 
 pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
+    if let SnapshotCommand::Export {
+        mountpoint,
+        name,
+        image,
+        replace,
+        store,
+    } = cmd
+    {
+        return export(&mountpoint, &name, &image, replace, &store.root());
+    }
     let (mp, limit) = match &cmd {
         SnapshotCommand::Create { mountpoint, .. } => (mountpoint, SNAPSHOT_LIMIT),
         SnapshotCommand::Diff { mountpoint, .. } => (mountpoint, SNAPSHOT_LIMIT),
         SnapshotCommand::Ls { mountpoint, .. } | SnapshotCommand::Rm { mountpoint, .. } => {
             (mountpoint, MOUNT_ANSWER_LIMIT)
         }
+        SnapshotCommand::Export { .. } => unreachable!("handled above"),
     };
     if let Some(done) = in_child(mp, limit) {
         return done;
@@ -311,6 +335,7 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
                 }
             }
         }
+        SnapshotCommand::Export { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -403,18 +428,78 @@ pub fn branch(cmd: BranchCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `branch exec`: binds this process to the branch, then becomes the
-/// command (same pid, so the binding holds; its children inherit it).
-fn exec(mountpoint: &Path, name: &str, command: &[OsString]) -> Result<(), Failure> {
-    // A hung mount must not hang us: ask it from a child first.
+/// Fails unless the mount answers within [`MOUNT_ANSWER_LIMIT`] (asked
+/// from a child: a hung mount must not hang us).
+fn check_answers(mountpoint: &Path) -> Result<(), Failure> {
     let probe = crate::state::Probe::start(mountpoint, false, None);
-    if probe.finish(Instant::now() + MOUNT_ANSWER_LIMIT).0 == crate::state::Health::Hung {
-        return Err(failure(format!(
+    match probe.finish(Instant::now() + MOUNT_ANSWER_LIMIT).0 {
+        crate::state::Health::Hung => Err(failure(format!(
             "{}: no answer within {}s (is the mount hung?)",
             mountpoint.display(),
             MOUNT_ANSWER_LIMIT.as_secs()
-        )));
+        ))),
+        _ => Ok(()),
     }
+}
+
+/// The SOURCE that mounts a snapshot read-only: its layers, then the
+/// workspace's own lowers; and the image store those need, if any.
+fn snapshot_source(m: &Mounted, name: &str) -> Result<(String, Option<PathBuf>), Failure> {
+    use strata_core::overlay::LowerSpec;
+    let st = m.state()?;
+    let chain = st.snapshot_chain(name).map_err(|e| usage(e.why))?;
+    let mut tokens: Vec<String> = chain
+        .iter()
+        .map(|id| m.upper.join(layer_rel(*id)).display().to_string())
+        .collect();
+    let mut store = None;
+    for l in st.lowers().map_err(|e| failure(e.why))? {
+        tokens.push(match l {
+            LowerSpec::Host(p) | LowerSpec::Archive(p) => p.display().to_string(),
+            LowerSpec::View(p) => format!("view:{}", p.display()),
+            LowerSpec::Image { store: s, name } => {
+                store = Some(s);
+                format!("image:{name}")
+            }
+        });
+    }
+    if let Some(t) = tokens.iter().find(|t| t.contains(',')) {
+        return Err(failure(format!("{t}: a layer path with ',' cannot be exported")));
+    }
+    Ok((tokens.join(":"), store))
+}
+
+/// `snapshot export`: the snapshot mounted read-only in a directory of
+/// our own, built into an image from there, unmounted.
+fn export(mountpoint: &Path, name: &str, image: &str, replace: bool, store: &Path) -> Result<(), Failure> {
+    check_answers(mountpoint)?;
+    let m = Mounted::open(mountpoint)?;
+    let (source, lower_store) = snapshot_source(&m, name)?;
+    let at = crate::state::state_dir().join(format!("export-{}", std::process::id()));
+    std::fs::create_dir_all(&at).map_err(|e| failure(format!("{}: {e}", at.display())))?;
+    let exe = std::env::current_exe().map_err(|e| failure(e.to_string()))?;
+    let mut mount = std::process::Command::new(&exe);
+    mount.arg("mount").arg(&source).arg(&at).arg("-o").arg("ro");
+    if let Some(s) = &lower_store {
+        mount.arg("-o").arg(format!("store={}", s.display()));
+    }
+    let status = mount
+        .status()
+        .map_err(|e| failure(format!("cannot run {}: {e}", exe.display())))?;
+    if !status.success() {
+        let _ = std::fs::remove_dir(&at);
+        return Err(failure(format!("snapshot {name:?}: could not be mounted for export")));
+    }
+    let built = crate::image_cmd::build(&at, image, replace, store);
+    let _ = crate::commands::umount(&at, false);
+    let _ = std::fs::remove_dir(&at);
+    built
+}
+
+/// `branch exec`: binds this process to the branch, then becomes the
+/// command (same pid, so the binding holds; its children inherit it).
+fn exec(mountpoint: &Path, name: &str, command: &[OsString]) -> Result<(), Failure> {
+    check_answers(mountpoint)?;
     let m = Mounted::open(mountpoint)?;
     m.set("branch.bind", &format!("{name} {}", std::process::id()))?;
     // A working directory inside the mount was entered through the branch

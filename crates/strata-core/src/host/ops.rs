@@ -303,7 +303,9 @@ pub fn finish_new(host: &HostDir, ctx: &Ctx, parent: BorrowedFd<'_>, name: &CStr
 
 /// Open flags for reopening a node: creation flags are the kernel's business.
 pub fn open_flags(flags: i32) -> OFlags {
-    let strip = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
+    // O_NOFOLLOW was for the kernel's walk, done by now: on our reopen
+    // through /proc/self/fd (a link) it would fail every open with ELOOP.
+    let strip = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW;
     OFlags::from_bits_retain(((flags & !strip) as u32) & !OFlags::PATH.bits())
 }
 
