@@ -442,58 +442,27 @@ fn check_answers(mountpoint: &Path) -> Result<(), Failure> {
     }
 }
 
-/// The SOURCE that mounts a snapshot read-only: its layers, then the
-/// workspace's own lowers; and the image store those need, if any.
-fn snapshot_source(m: &Mounted, name: &str) -> Result<(String, Option<PathBuf>), Failure> {
-    use strata_core::overlay::LowerSpec;
-    let st = m.state()?;
-    let chain = st.snapshot_chain(name).map_err(|e| usage(e.why))?;
-    let mut tokens: Vec<String> = chain
-        .iter()
-        .map(|id| m.upper.join(layer_rel(*id)).display().to_string())
-        .collect();
-    let mut store = None;
-    for l in st.lowers().map_err(|e| failure(e.why))? {
-        tokens.push(match l {
-            LowerSpec::Host(p) | LowerSpec::Archive(p) => p.display().to_string(),
-            LowerSpec::View(p) => format!("view:{}", p.display()),
-            LowerSpec::Image { store: s, name } => {
-                store = Some(s);
-                format!("image:{name}")
-            }
-        });
-    }
-    if let Some(t) = tokens.iter().find(|t| t.contains(',')) {
-        return Err(failure(format!("{t}: a layer path with ',' cannot be exported")));
-    }
-    Ok((tokens.join(":"), store))
-}
-
-/// `snapshot export`: the snapshot mounted read-only in a directory of
-/// our own, built into an image from there, unmounted.
-fn export(mountpoint: &Path, name: &str, image: &str, replace: bool, store: &Path) -> Result<(), Failure> {
+/// `snapshot export`: this process is bound to a scratch branch made from
+/// the snapshot, so the mount shows it the snapshot; the image is built from
+/// there, and the branch goes again.
+fn export(
+    mountpoint: &Path,
+    name: &str,
+    image: &str,
+    replace: bool,
+    store: &Path,
+) -> Result<(), Failure> {
     check_answers(mountpoint)?;
     let m = Mounted::open(mountpoint)?;
-    let (source, lower_store) = snapshot_source(&m, name)?;
-    let at = crate::state::state_dir().join(format!("export-{}", std::process::id()));
-    std::fs::create_dir_all(&at).map_err(|e| failure(format!("{}: {e}", at.display())))?;
-    let exe = std::env::current_exe().map_err(|e| failure(e.to_string()))?;
-    let mut mount = std::process::Command::new(&exe);
-    mount.arg("mount").arg(&source).arg(&at).arg("-o").arg("ro");
-    if let Some(s) = &lower_store {
-        mount.arg("-o").arg(format!("store={}", s.display()));
-    }
-    let status = mount
-        .status()
-        .map_err(|e| failure(format!("cannot run {}: {e}", exe.display())))?;
-    if !status.success() {
-        let _ = std::fs::remove_dir(&at);
-        return Err(failure(format!("snapshot {name:?}: could not be mounted for export")));
-    }
-    let built = crate::image_cmd::build(&at, image, replace, store);
-    let _ = crate::commands::umount(&at, false);
-    let _ = std::fs::remove_dir(&at);
-    built
+    let me = std::process::id();
+    let scratch = format!("export-{me}");
+    m.set("branch.create", &format!("{scratch} {name}"))?;
+    let built = m
+        .set("branch.bind", &format!("{scratch} {me}"))
+        .and_then(|()| crate::image_cmd::build(mountpoint, image, replace, store));
+    let unbound = m.set("branch.unbind", &me.to_string());
+    let removed = m.set("branch.rm", &scratch);
+    built.and(unbound).and(removed)
 }
 
 /// `branch exec`: binds this process to the branch, then becomes the

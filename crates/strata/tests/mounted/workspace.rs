@@ -135,6 +135,36 @@ fn an_agent_tries_two_fixes_from_one_checkpoint_and_keeps_one() {
             {"path": "notes", "change": "added"},
         ])
     );
+    // An attempt's snapshot becomes an image: its files, nothing else.
+    let store = m.dir.path().join("export-store");
+    let store = store.to_str().unwrap();
+    ok(&m, &["branch", "switch", repo, "try-a"]);
+    ok(&m, &["snapshot", "create", repo, "--name", "fix-a-final"]);
+    ok(&m, &["branch", "switch", repo, "main"]);
+    ok(
+        &m,
+        &[
+            "snapshot",
+            "export",
+            repo,
+            "fix-a-final",
+            "--image",
+            "fix-a",
+            "--store",
+            store,
+        ],
+    );
+    let images = ok(&m, &["image", "ls", "--json", "--store", store]);
+    assert!(images.contains("\"fix-a\""), "{images}");
+    let listing: Vec<String> =
+        serde_json::from_str::<serde_json::Value>(&images).unwrap()[0]["entries"]
+            .as_u64()
+            .map(|n| vec![n.to_string()])
+            .unwrap_or_default();
+    // app.py and the (now empty) tests directory, the root.
+    assert_eq!(listing, ["3"], "{images}");
+    // No scratch branch is left behind.
+    assert!(!ok(&m, &["branch", "ls", repo]).contains("export-"));
     // Keep try-a: the mount shows it; try-b goes.
     ok(&m, &["branch", "switch", repo, "try-a"]);
     assert_eq!(
