@@ -183,6 +183,11 @@ fn iso8601(t: SystemTime) -> String {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
     };
+    iso8601_secs(secs)
+}
+
+/// [`iso8601`] of seconds since the epoch.
+pub fn iso8601_secs(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
     let z = days + 719_468;

@@ -14,6 +14,7 @@ use strata_core::workspace::diff::{self, Change};
 use strata_core::workspace::state::{self, State, layer_rel};
 
 use crate::commands::{Failure, MOUNT_ANSWER_LIMIT, failure, in_child, usage};
+use crate::image_cmd::iso8601_secs;
 use crate::output::outln;
 
 const PREFIX: &str = "user.strata.";
@@ -180,32 +181,8 @@ impl Mounted {
 fn default_name() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!(
-        "snap-{}",
-        civil(now as i64).replace([' ', ':'], "").replace('-', "")
-    )
-}
-
-/// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch.
-fn civil(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+        .map_or(0, |d| d.as_secs() as i64);
+    format!("snap-{}", iso8601_secs(now).replace([':', '-'], ""))
 }
 
 /// Bytes a layer directory holds on disk (the workspace's own directory
@@ -288,7 +265,7 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
                 outln!("{}", serde_json::Value::Array(rows))?;
             } else {
                 outln!(
-                    "{:>4}  {:<20} {:<12} {:<20} {:<19} {:>10}",
+                    "{:>4}  {:<20} {:<12} {:<20} {:<20} {:>10}",
                     "ID",
                     "NAME",
                     "BRANCH",
@@ -298,12 +275,12 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
                 )?;
                 for s in &list {
                     outln!(
-                        "{:>4}  {:<20} {:<12} {:<20} {:<19} {:>10}",
+                        "{:>4}  {:<20} {:<12} {:<20} {:<20} {:>10}",
                         s.id,
                         s.name,
                         s.branch,
                         s.parent.as_deref().unwrap_or("-"),
-                        civil(s.created),
+                        iso8601_secs(s.created),
                         layer_size(&m.upper, s.layer)
                     )?;
                 }
@@ -401,7 +378,7 @@ pub fn branch(cmd: BranchCommand) -> Result<(), Failure> {
                 outln!("{}", serde_json::Value::Array(rows))?;
             } else {
                 outln!(
-                    "  {:<20} {:<20} {:<19} BOUND",
+                    "  {:<20} {:<20} {:<20} BOUND",
                     "NAME",
                     "FROM",
                     "CREATED (UTC)"
@@ -409,11 +386,11 @@ pub fn branch(cmd: BranchCommand) -> Result<(), Failure> {
                 for b in &list {
                     let pids: Vec<String> = bound(&b.name).iter().map(|p| p.to_string()).collect();
                     outln!(
-                        "{} {:<20} {:<20} {:<19} {}",
+                        "{} {:<20} {:<20} {:<20} {}",
                         if b.name == shown { '*' } else { ' ' },
                         b.name,
                         b.from.as_deref().unwrap_or("-"),
-                        civil(b.created),
+                        iso8601_secs(b.created),
                         if pids.is_empty() {
                             "-".into()
                         } else {
