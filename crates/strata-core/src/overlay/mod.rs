@@ -22,6 +22,7 @@
 mod format;
 mod freeze;
 mod fs;
+mod index;
 mod layers;
 #[cfg(test)]
 mod tests;
@@ -127,6 +128,8 @@ struct ONode {
     /// Other names a lower hard-linked file was looked up by: copy-up links
     /// them to the copy.
     aliases: Mutex<Aliases>,
+    /// Directories under many frozen layers: which of those hold each name.
+    frozen_index: Mutex<Option<Arc<index::FrozenIndex>>>,
 }
 
 impl ONode {
@@ -142,6 +145,7 @@ impl ONode {
             upper: RwLock::new(upper),
             lowers: RwLock::new(lowers),
             aliases: Mutex::new(None),
+            frozen_index: Mutex::new(None),
         }
     }
 
@@ -668,7 +672,19 @@ impl Overlay {
         }
         let mut lowers: Vec<(LRef, LStat)> = Vec::new();
         if search_lowers {
-            for r in dir.lowers().iter() {
+            let dir_lowers = dir.lowers();
+            // With many frozen layers, only those that hold the name are asked.
+            let skip = match self.frozen_index(&dir.frozen_index, &dir_lowers)? {
+                Some(ix) => Some((ix.covered(), ix.positions(name))),
+                None => None,
+            };
+            for (i, r) in dir_lowers.iter().enumerate() {
+                if let Some((covered, held)) = &skip
+                    && i < *covered
+                    && !held.contains(&(i as u16))
+                {
+                    continue;
+                }
                 let layer = self.layer(r);
                 let Some((obj, st)) = layer.lookup(&r.obj, name)? else {
                     continue;
@@ -909,7 +925,27 @@ impl Overlay {
                 Key::Upper(dev, ino)
             });
         }
-        for r in node.lowers().iter() {
+        let lowers = node.lowers();
+        let mut from = 0;
+        if let Some(ix) = self.frozen_index(&node.frozen_index, &lowers)? {
+            // The frozen layers, from the index: the topmost entry of each name.
+            for (name, held) in &ix.names {
+                if seen.contains(name) {
+                    continue;
+                }
+                let top = held[0];
+                if !top.whiteout {
+                    out.push(DirEnt {
+                        name: name.clone(),
+                        ino: Self::node_id(self.tag, &Key::Upper(top.key.0, top.key.1)),
+                        kind: top.kind,
+                    });
+                }
+                seen.insert(name.clone());
+            }
+            from = ix.covered();
+        }
+        for r in lowers[from..].iter() {
             format::list_layer(self.layer(r), &r.obj, &mut names)?;
             let frozen = self.layers.is_frozen(r.layer);
             self.merge_names(&mut names, &mut seen, &mut out, |(a, b)| match frozen {

@@ -404,3 +404,48 @@ fn a_file_open_across_a_snapshot_keeps_writing_the_live_layer() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+#[test]
+fn a_directory_under_many_frozen_layers_resolves_and_lists_as_the_layers_say() {
+    let s = setup();
+    let fs = host_overlay(&s);
+    let d = path(&fs, "d").unwrap();
+    let mk = |name: &str, data: &[u8]| {
+        let (e, o) = fs
+            .create(&ROOT, d, OsStr::new(name), 0o100644, 0, libc::O_RDWR)
+            .unwrap();
+        write_at(&fs, e.attr.ino, o.fh, data);
+        fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+    };
+    let rm = |name: &str| fs.unlink(&ROOT, d, OsStr::new(name)).unwrap();
+    let steps: Vec<Box<dyn Fn()>> = vec![
+        Box::new(|| mk("a1", b"1")),
+        Box::new(|| rm("a")),
+        Box::new(|| mk("a", b"again")),
+        Box::new(|| mk("keep", b"k")),
+        Box::new(|| rm("a1")),
+        Box::new(|| rewrite(&fs, "d/keep", b"k2")),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        step();
+        snapshot(&fs, &s.upper, &format!(".strata/layers/{}", i + 1));
+    }
+    // Forgotten, so the next lookups build fresh nodes (and the index).
+    fs.forget(d, 100);
+    let d = path(&fs, "d").unwrap();
+    assert_eq!(list(&fs, d), ["a", "keep", "sub"]);
+    assert_eq!(read_all(&fs, path(&fs, "d/a").unwrap()), b"again");
+    assert_eq!(read_all(&fs, path(&fs, "d/keep").unwrap()), b"k2");
+    assert_eq!(lookup(&fs, d, "a1").unwrap_err(), Errno::ENOENT);
+    assert_eq!(read_all(&fs, path(&fs, "d/sub/b").unwrap()), b"lower b");
+    // The live layer still comes first, and the index follows new snapshots.
+    fs.unlink(&ROOT, d, OsStr::new("keep")).unwrap();
+    assert_eq!(list(&fs, d), ["a", "sub"]);
+    snapshot(&fs, &s.upper, ".strata/layers/7");
+    fs.mkdir(&ROOT, d, OsStr::new("keep"), 0o755, 0).unwrap();
+    assert_eq!(list(&fs, d), ["a", "keep", "sub"]);
+    assert_eq!(
+        lookup(&fs, d, "keep").unwrap().attr.kind,
+        FileKind::Directory
+    );
+}

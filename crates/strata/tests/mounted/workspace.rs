@@ -451,26 +451,36 @@ fn snapshots_branches_and_their_content_survive_a_remount() {
 }
 
 #[test]
-fn a_daemon_killed_during_snapshots_leaves_a_consistent_workspace() {
+fn a_daemon_killed_during_any_change_leaves_a_consistent_workspace() {
     let mut m = workspace(&[], |src| fs::write(src.join("f"), "lower").unwrap());
     let src = m.src.clone();
     let upper = m.upper();
+    fs::write(m.m("f"), "base").unwrap();
+    ok(&m, &["snapshot", "create", mnt(&m), "--name", "base"]);
     // Killed mounts keep their scratch directories (the upper among them).
     let mut earlier = Vec::new();
-    for round in 0..4u64 {
+    for round in 0..6u64 {
         let repo = mnt(&m).to_string();
         fs::write(m.m("f"), format!("round {round}")).unwrap();
         fs::write(m.m(&format!("file{round}")), "x").unwrap();
-        // A snapshot under way when the daemon dies (at a different point
-        // each round), with a file open for writing.
+        // A change under way when the daemon dies (at a different point each
+        // round): a snapshot with a file open for writing, a branch made, a
+        // branch removed.
         let _open = fs::OpenOptions::new().append(true).open(m.m("f")).unwrap();
-        let mut snap = Command::new(STRATA);
-        snap.args(["snapshot", "create", &repo, "--name", &format!("r{round}")])
+        let (b, prev) = (format!("b{round}"), format!("b{}", round.saturating_sub(1)));
+        let args: Vec<&str> = match round % 3 {
+            0 => vec!["snapshot", "create", &repo, "--name", &b],
+            1 => vec!["branch", "create", &repo, "--from", "base", "--name", &b],
+            _ => vec!["branch", "rm", &repo, &prev],
+        };
+        let mut change = Command::new(STRATA);
+        change
+            .args(&args)
             .env("STRATA_STATE_DIR", m.dir.path().join("state"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        let mut child = snap.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(round * 7));
+        let mut child = change.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(round * 5));
         m.signal(rustix::process::Signal::KILL);
         // statfs always asks the daemon (a stat may be answered from cache).
         let stale = || matches!(rustix::fs::statfs(&m.mnt), Err(rustix::io::Errno::NOTCONN));
@@ -489,7 +499,7 @@ fn a_daemon_killed_during_snapshots_leaves_a_consistent_workspace() {
                 vec![format!("upper={}", u.display())],
             )
         });
-        // Nothing written before the snapshot was lost, whatever happened to it.
+        // Nothing written before the change was lost, whatever happened to it.
         assert_eq!(
             fs::read_to_string(next.m("f")).unwrap(),
             format!("round {round}")
@@ -500,23 +510,31 @@ fn a_daemon_killed_during_snapshots_leaves_a_consistent_workspace() {
                 "round {round}: file{r}"
             );
         }
-        // Every snapshot listed shows its own state.
+        // Every snapshot listed shows its own state, every branch listed works.
         let repo = mnt(&next).to_string();
         let snaps: serde_json::Value =
             serde_json::from_str(&ok(&next, &["snapshot", "ls", &repo, "--json"])).unwrap();
         for s in snaps.as_array().unwrap() {
             let name = s["name"].as_str().unwrap();
-            let r: u64 = name[1..].parse().unwrap();
+            let want = match name {
+                "base" => "base".to_string(),
+                n => format!("round {}", &n[1..]),
+            };
             let b = format!("check-{name}-{round}");
             ok(
                 &next,
                 &["branch", "create", &repo, "--from", name, "--name", &b],
             );
-            assert_eq!(
-                in_branch(&next, &b, &format!("cat {repo}/f")),
-                format!("round {r}")
-            );
+            assert_eq!(in_branch(&next, &b, &format!("cat {repo}/f")), want);
             ok(&next, &["branch", "rm", &repo, &b]);
+        }
+        let branches: serde_json::Value =
+            serde_json::from_str(&ok(&next, &["branch", "ls", &repo, "--json"])).unwrap();
+        for b in branches.as_array().unwrap() {
+            let name = b["name"].as_str().unwrap();
+            if name != "main" {
+                assert_eq!(in_branch(&next, name, &format!("cat {repo}/f")), "base");
+            }
         }
         earlier.push(std::mem::replace(&mut m, next));
     }
