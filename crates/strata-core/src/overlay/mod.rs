@@ -674,10 +674,9 @@ impl Overlay {
         if search_lowers {
             let dir_lowers = dir.lowers();
             // With many frozen layers, only those that hold the name are asked.
-            let skip = match self.frozen_index(&dir.frozen_index, &dir_lowers)? {
-                Some(ix) => Some((ix.covered(), ix.positions(name))),
-                None => None,
-            };
+            let skip = self
+                .frozen_index(&dir.frozen_index, &dir_lowers)?
+                .map(|ix| (ix.covered(), ix.positions(name)));
             for (i, r) in dir_lowers.iter().enumerate() {
                 if let Some((covered, held)) = &skip
                     && i < *covered

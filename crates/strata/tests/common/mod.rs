@@ -258,7 +258,14 @@ impl Mounted {
     pub fn kill_and_wait_stale(&mut self) {
         self.signal(rustix::process::Signal::KILL);
         self.wait_exit(Duration::from_secs(10));
-        let stale = || matches!(fs::metadata(&self.mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+        // statfs always asks the daemon; a stat may be answered from the
+        // kernel's cache of the root's attributes.
+        let stale = || {
+            matches!(
+                rustix::fs::statfs(&self.mnt),
+                Err(rustix::io::Errno::NOTCONN)
+            )
+        };
         assert!(
             wait_until(Duration::from_secs(5), stale),
             "the mount did not go stale"
