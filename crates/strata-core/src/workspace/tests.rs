@@ -434,3 +434,30 @@ fn diff_lists_exactly_what_a_branch_changed() {
             .contains("nope")
     );
 }
+
+#[test]
+fn a_branch_of_a_branch_snapshot_sees_that_branch_as_it_was() {
+    let s = setup();
+    let fs = open(&s, None).unwrap();
+    ctl(&fs, &ROOT, "snapshot.create", "s1").unwrap();
+    ctl(&fs, &ROOT, "branch.create", "a s1").unwrap();
+    let p = Proc::start();
+    ctl(&fs, &ROOT, "branch.bind", &format!("a {}", p.0.id())).unwrap();
+    write(&fs, &p.ctx(), "f", b"a1");
+    // A snapshot taken by a process bound to `a` is a snapshot of `a`.
+    ctl(&fs, &p.ctx(), "snapshot.create", "a-s1").unwrap();
+    write(&fs, &p.ctx(), "f", b"a2");
+    ctl(&fs, &ROOT, "branch.create", "aa a-s1").unwrap();
+    let q = Proc::start();
+    ctl(&fs, &ROOT, "branch.bind", &format!("aa {}", q.0.id())).unwrap();
+    assert_eq!(read(&fs, &q.ctx(), "f").unwrap(), b"a1");
+    assert_eq!(read(&fs, &p.ctx(), "f").unwrap(), b"a2");
+    assert_eq!(read(&fs, &ROOT, "f").unwrap(), b"lower");
+    let st = State::open_read_only(&s.upper).unwrap();
+    let snap = st.snapshot("a-s1").unwrap();
+    assert_eq!(
+        (snap.branch.as_str(), snap.parent.as_deref()),
+        ("a", Some("s1"))
+    );
+    assert_eq!(st.branch("aa").unwrap().from.as_deref(), Some("a-s1"));
+}
