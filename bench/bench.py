@@ -28,6 +28,12 @@ directory; strata-image: the venv built into an image). image (disk only)
 measures `strata image build`, image mount time against `cp -a`, first and
 later reads of an image file, and find/RSS over a ~1M-entry image.
 
+workspace (tmpfs only) measures snapshots and branches on workspaces of its
+own (`strata mount LOWER --upper UP MNT`, UP kept across mounts): snapshot and
+branch create against the tree's size, stat/ls after 1 and after many
+snapshots, dd and small files bound to a branch (`strata branch exec`) or
+not, and the daemon's memory per branch served.
+
 Runs are interleaved (A B C A B C ...); per (fs, workload, target) the median
 is reported with its ratio to native's median from the same run (for IOPS,
 where higher is better, native/target, so >1 always means slower than native).
@@ -91,6 +97,21 @@ GROUPS = {
               "image-read-first", "image-read-cold", "image-read-warm",
               "image-find-big", "image-rss-big"],
 }
+# Snapshots and branches (tmpfs only): create times against the tree's size,
+# lookups and listings under a deep chain of snapshots, the cost of binding,
+# daemon memory per branch served.
+WS_CREATE = ["ws-snapshot-fresh", "ws-snapshot", "ws-branch"]
+WS_DEPTH = ["ws-stat-cold", "ws-ls-cold", "ws-stat-warm", "ws-ls-warm"]
+WS_SMALL = ["ws-small-create", "ws-small-stat", "ws-small-read", "ws-small-unlink"]
+WS_BOUND = ["ws-write", "ws-read-cold", "ws-read-warm", "ws-stat"] + WS_SMALL
+GROUPS["workspace"] = WS_CREATE + WS_DEPTH + WS_BOUND + ["ws-rss"]
+WS_WORKLOADS = GROUPS["workspace"]
+WS_RSS_BRANCHES = 10
+# What a workspace variant (the target of a ws-* sample) is compared with.
+WS_REF_OF = {"depth-n": "depth-1", "bound": "unbound",
+             f"branches-{WS_RSS_BRANCHES}": "branches-1"}
+# The Mounter target of every workspace.
+WS_T = "strata-overlay"
 # Workloads over SRC (and the union branches), measured on every --fs.
 SRC_WORKLOADS = ["ls-cold", "ls-warm", "ls100k-cold", "ls100k-warm", "find",
                  "write", "read-cold", "read-warm", "fio-rand1", "fio-rand2",
@@ -98,11 +119,14 @@ SRC_WORKLOADS = ["ls-cold", "ls-warm", "ls100k-cold", "ls100k-warm", "find",
 # pyimport and image use data built once and cached on the disk: disk only.
 PY_WORKLOADS = GROUPS["pyimport"]
 IMAGE_WORKLOADS = GROUPS["image"]
-ALL_WORKLOADS = SRC_WORKLOADS + PY_WORKLOADS + IMAGE_WORKLOADS
+ALL_WORKLOADS = SRC_WORKLOADS + PY_WORKLOADS + IMAGE_WORKLOADS + WS_WORKLOADS
+# Workloads with tables of their own in the markdown.
+OWN_TABLE = set(IMAGE_WORKLOADS) | set(WS_WORKLOADS)
 GROUPS["all"] = list(ALL_WORKLOADS)
 DEFAULT_WORKLOADS = "ls,dd,small"
 # Units other than wall seconds; IOPS is the one where higher is better.
-UNITS = {"fio-rand1": "IOPS", "fio-rand2": "IOPS", "rss": "MiB", "image-rss-big": "MiB"}
+UNITS = {"fio-rand1": "IOPS", "fio-rand2": "IOPS", "rss": "MiB", "image-rss-big": "MiB",
+         "ws-snapshot-fresh": "ms", "ws-snapshot": "ms", "ws-branch": "ms", "ws-rss": "MiB"}
 HIGHER_BETTER = {"fio-rand1", "fio-rand2"}
 
 # minfreespace=0: mergerfs 2.33's default of 4G is more than the 4G tmpfs ever
@@ -123,11 +147,16 @@ SIZES = {
              # image trees (top dirs, subdirs of each, files in each subdir):
              # 20*20*29 = 11,600 small files + 421 dirs = 12,021 entries;
              # 100*100*99 = 990,000 empty files + 10,101 dirs = 1,000,101 entries
-             "img_small": (20, 20, 29), "img_big": (100, 100, 99), "img_file_mib": 100},
+             "img_small": (20, 20, 29), "img_big": (100, 100, 99), "img_file_mib": 100,
+             # workspace: files in the lower and in the upper for snapshot and
+             # branch create (the largest also for ws-rss); snapshots of the
+             # deep workspace
+             "ws_files": [1000, 10000, 100000], "ws_snapshots": 100},
     "quick": {"ls_files": 500, "file_kib": 1, "big_mib": 64, "small_files": 500,
               "ls100k_files": 10000, "tree_top": 10, "tree_sub": 19, "tree_per_dir": 25,
               "fio_secs": 3, "runs": 3,
-              "img_small": (20, 20, 29), "img_big": (20, 25, 99), "img_file_mib": 16},
+              "img_small": (20, 20, 29), "img_big": (20, 25, 99), "img_file_mib": 16,
+              "ws_files": [1000, 5000], "ws_snapshots": 10},
 }
 # The pyimport venv: packages pip installs from PyPI and the import that is timed.
 PY_PACKAGES = ["sympy", "networkx"]
@@ -190,10 +219,13 @@ class Mounter:
     """Mounts targets over one source: SRC of a filesystem root (default), or
     another directory (src=, e.g. the pyimport venv) with the image built from
     it (image= in store=). Overlay targets get a fresh empty upper per mount
-    under FS_ROOT/ovl/TAG/TARGET."""
+    under FS_ROOT/ovl/TAG/TARGET, or with keep_upper the one there (a
+    workspace: its snapshots and branches live in it)."""
 
-    def __init__(self, args, fs_root, fs_name, src=None, image=None, store=None, tag=None):
+    def __init__(self, args, fs_root, fs_name, src=None, image=None, store=None, tag=None,
+                 keep_upper=False):
         self.args = args
+        self.keep_upper = keep_upper
         self.src = src or os.path.join(fs_root, "src")
         self.image = image
         self.store = store
@@ -238,7 +270,8 @@ class Mounter:
             for o in self.args.strata_opts:
                 cmd += ["-o", o]
             if target in OVERLAY_TARGETS:
-                cmd += ["--upper", self.fresh_upper(target)[0]]
+                cmd += ["--upper", self.upper(target) if self.keep_upper
+                        else self.fresh_upper(target)[0]]
             cmd += [{"strata": self.src, "strata-devfuse": self.src, "strata-overlay": self.src,
                      "strata-image": f"image:{self.image}",
                      "strata-image-ro": f"image:{self.image}",
@@ -333,6 +366,20 @@ def tree_dirs(sizes):
     return out
 
 
+def ls_names(n):
+    return [f"file-{i:05d}.dat" for i in range(n)]
+
+
+def ls_payload(sizes):
+    """The content of every file of the ls directory."""
+    return (b"strata-bench-0123456789abcdef\n" * 64)[: sizes["file_kib"] * 1024]
+
+
+def small_names(n):
+    """The small-file workload's names (in a directory of their own)."""
+    return [f"s{i:05d}" for i in range(n)]
+
+
 def prepare_data(fs_root, sizes):
     """Create src/{ls,ls100k,tree,big} and the same files spread over
     union/b1..b3 (every directory on all branches, files dealt round-robin, big
@@ -378,9 +425,9 @@ def prepare_data(fs_root, sizes):
     for r in roots:
         os.makedirs(r)
     mkdir("ls")
-    payload = (b"strata-bench-0123456789abcdef\n" * 64)[: sizes["file_kib"] * 1024]
-    for i in range(sizes["ls_files"]):
-        mkfile(os.path.join("ls", f"file-{i:05d}.dat"), payload)
+    payload = ls_payload(sizes)
+    for name in ls_names(sizes["ls_files"]):
+        mkfile(os.path.join("ls", name), payload)
     mkdir("ls100k")
     for i in range(sizes["ls100k_files"]):
         mkfile(os.path.join("ls100k", f"f{i:06d}"))
@@ -533,6 +580,39 @@ def make_tree(path, shape, content):
                     os.write(fd, line * (n % 97))
                 os.close(fd)
                 n += 1
+
+
+def ws_tree(path, n, prefix):
+    """n empty files PREFIX000..PREFIX999 in directories d000, d001, ... of
+    1,000 each: given other prefixes, a lower and an upper with the same
+    directories, all merged."""
+    for i in range(n):
+        d = os.path.join(path, f"d{i // 1000:03d}")
+        if i % 1000 == 0:
+            os.makedirs(d)
+        os.close(os.open(os.path.join(d, f"{prefix}{i % 1000:03d}"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+
+def ws_tree_dirs(n):
+    return -(-n // 1000)
+
+
+def ws_lower(base, n):
+    """BASE/lower-N, the lower of N files, made on first use."""
+    path = os.path.join(base, f"lower-{n}")
+    if not os.path.isdir(path):
+        ws_tree(path, n, "l")
+    return path
+
+
+def ws_cli(args, *words):
+    """`strata WORDS` (snapshot, branch); its output."""
+    cmd = [args.strata, *words]
+    ok, out = run_cmd(cmd, MOUNT_TIMEOUT)
+    if not ok:
+        raise TargetFailed(f"`{' '.join(cmd)}`: {out}")
+    return out
 
 
 def tree_entries(shape):
@@ -775,21 +855,40 @@ def w_write(mnt, sizes):
     return dt
 
 
-def w_small(mnt, sizes, tag):
-    """Runs in a child process (killable on a hang); timing is inside it."""
-    d = os.path.join(mnt, f"small-{tag}")
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--small-child", d,
-                        str(sizes["small_files"]), str(sizes["file_kib"] * 1024)],
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+def run_child(argv, prefix=()):
+    """`bench.py ARGV` in a child process (killable on a hang), which times
+    the work itself; prefix runs it under another command (`strata branch
+    exec MNT B --`: in a branch, with the same code as without). Returns
+    its JSON output."""
+    cmd = list(prefix) + [sys.executable, os.path.abspath(__file__)] + argv
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        timeout=WORKLOAD_TIMEOUT)
     if p.returncode != 0:
-        raise TargetFailed(f"small files in {d}: {p.stderr.strip()[-800:]}")
+        raise TargetFailed(f"`{' '.join(cmd)}` exited {p.returncode}: {p.stderr.strip()[-800:]}")
     return json.loads(p.stdout)
+
+
+def w_small(mnt, sizes, tag, prefix=()):
+    return run_child(["--small-child", os.path.join(mnt, f"small-{tag}"),
+                      str(sizes["small_files"]), str(sizes["file_kib"] * 1024)], prefix)
+
+
+def w_stat(d, kind, sizes, prefix=(), again=False):
+    """stat of the ls files (kind "ls") or of the small files ("small") in
+    d, in a child process; again: only its second pass over them is timed."""
+    n = sizes["ls_files" if kind == "ls" else "small_files"]
+    return run_child(["--stat-child", d, kind, str(n), str(sizes["file_kib"] * 1024),
+                      str(int(again))], prefix)
+
+
+def w_dd(kind, mnt, sizes, prefix=()):
+    """w_write or w_read, run (and timed) in a child process."""
+    return run_child(["--dd-child", kind, mnt, str(sizes["big_mib"])], prefix)
 
 
 def small_child(d, n, size):
     payload = b"x" * size
-    names = [os.path.join(d, f"s{i:05d}") for i in range(n)]
+    names = [os.path.join(d, name) for name in small_names(n)]
     os.mkdir(d)
     res = {}
     t0 = time.perf_counter()
@@ -820,6 +919,16 @@ def small_child(d, n, size):
     if left:
         raise SystemExit(f"{d}: {len(left)} entries left after unlink")
     print(json.dumps(res))
+
+
+def stat_child(d, kind, n, size, again):
+    names = [os.path.join(d, name) for name in {"ls": ls_names, "small": small_names}[kind](n)]
+    for _ in range(1 + again):
+        t0 = time.perf_counter()
+        for p in names:
+            if os.stat(p).st_size != size:
+                raise SystemExit(f"{p}: wrong size")
+    print(json.dumps(time.perf_counter() - t0))
 
 
 # ---------------------------------------------------------------- driver
@@ -908,6 +1017,11 @@ class Bench:
                 self.run_pyimport(fs, fs_root)
             if any(w in IMAGE_WORKLOADS for w in wl):
                 self.run_image(fs, fs_root)
+        ws = [w for w in wl if w in WS_WORKLOADS]
+        if ws and fs != "tmpfs":
+            log(f"{fs}: workspace runs on the tmpfs only; skipping {','.join(ws)}")
+        elif ws:
+            self.run_workspace(fs, fs_root)
 
     def run_src(self, fs, fs_root):
         args, sizes = self.args, self.sizes
@@ -1034,9 +1148,13 @@ class Bench:
         finally:
             m.umount_all()
 
+    def skips(self, fs, t, w):
+        """Whether w is skipped for t (after a failure)."""
+        return (fs, t) in self.broken or (fs, t, w) in self.skipped
+
     def attempt(self, fs, w, t, rnd, fn, mounter=None, warmup=False):
         """Record fn()'s value for (w, t); a failure skips w for t from then on."""
-        if (fs, t) in self.broken or (fs, t, w) in self.skipped:
+        if self.skips(fs, t, w):
             return None
         try:
             v = fn()
@@ -1364,22 +1482,286 @@ class Bench:
             rm(build_store)
             rm(copy)
 
+    def run_workspace(self, fs, fs_root):
+        """Snapshots and branches, on workspaces of their own over data made
+        afresh under FS_ROOT/ws (bound vs unbound: over SRC). A sample's
+        target is the variant measured (files-N, depth-1, unbound, ...). Each
+        part runs whole when any of its workloads is selected: its setup is
+        what takes the time."""
+        wl = self.args.workloads
+        if any(w in WS_BOUND for w in wl):
+            prepare_data(fs_root, self.sizes)   # first: remaking the data empties FS_ROOT/ovl
+        base = os.path.join(fs_root, "ws")
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(base)
+        for part, ws in ((self.ws_create, WS_CREATE), (self.ws_depth, WS_DEPTH),
+                         (self.ws_bound, WS_BOUND), (self.ws_rss, ["ws-rss"])):
+            if any(w in wl for w in ws):
+                part(fs, fs_root, base)
+                log(f"{fs} {part.__name__}: done")
+
+    def ws_mounter(self, fs, fs_root, src, tag):
+        """A workspace over src (None: SRC): strata-overlay with an upper of
+        its own, empty at first and kept across mounts."""
+        m = Mounter(self.args, fs_root, fs, src=src, tag=tag, keep_upper=True)
+        shutil.rmtree(m.upper(WS_T), ignore_errors=True)
+        os.makedirs(m.upper(WS_T))
+        return m
+
+    def ws_create(self, fs, fs_root, base):
+        """snapshot create on a fresh mount (the daemon knows no node) and
+        after `find -ls` (it knows every node), then branch create from that
+        snapshot; lower and upper hold N files each, and every mount starts
+        from a copy of the N-file upper (a snapshot empties the live layer)."""
+        args = self.args
+        ms = {n: Mounter(args, fs_root, fs, src=ws_lower(base, n), tag=f"ws-files-{n}",
+                         keep_upper=True) for n in self.sizes["ws_files"]}
+        for n in ms:
+            ws_tree(os.path.join(base, f"upper-{n}"), n, "u")
+
+        def fresh(n):
+            m = ms[n]
+            m.umount(WS_T)
+            shutil.rmtree(m.upper(WS_T), ignore_errors=True)
+            os.makedirs(os.path.dirname(m.upper(WS_T)), exist_ok=True)
+            cmd = ["cp", "-a", os.path.join(base, f"upper-{n}"), m.upper(WS_T)]
+            ok, out = run_cmd(cmd, SETUP_TIMEOUT)
+            if not ok:
+                raise TargetFailed(f"`{' '.join(cmd)}`: {out}")
+            return m.mount(WS_T)
+
+        def ms_of(cmd):
+            return timed([args.strata] + cmd) * 1000
+
+        def snapshot_fresh(n):
+            mnt = fresh(n)
+            return ms_of(["snapshot", "create", mnt, "--name", "s"])
+
+        try:
+            for rnd in range(args.runs):
+                for n in ms:
+                    t = f"files-{n}"
+                    self.attempt(fs, "ws-snapshot-fresh", t, rnd, lambda: snapshot_fresh(n))
+                    if self.skips(fs, t, "ws-snapshot"):
+                        continue
+                    try:
+                        mnt = fresh(n)
+                        timed_listing(["find", mnt, "-ls"], 1 + ws_tree_dirs(n) + 2 * n)
+                    except (TargetFailed, subprocess.TimeoutExpired, OSError) as e:
+                        self.fail(fs, t, "ws-snapshot setup", e, None, only=WS_CREATE[1:])
+                        continue
+                    if self.attempt(fs, "ws-snapshot", t, rnd,
+                                    lambda: ms_of(["snapshot", "create", mnt, "--name", "s"])):
+                        self.attempt(fs, "ws-branch", t, rnd, lambda: ms_of(
+                            ["branch", "create", mnt, "--from", "s", "--name", "b"]))
+        finally:
+            for m in ms.values():
+                m.umount_all()
+
+    def ws_depth(self, fs, fs_root, base):
+        """stat of the small files and `ls -al` of the ls files through a
+        workspace after 1 snapshot and after ws_snapshots of them, cold and
+        warm; native: the lower."""
+        args, sizes = self.args, self.sizes
+        lower = os.path.join(base, "depth-lower")
+        names = {"ls": ls_names(sizes["ls_files"]), "stat": small_names(sizes["small_files"])}
+        payload = ls_payload(sizes)
+        for d, ns in names.items():
+            os.makedirs(os.path.join(lower, d))
+            for name in ns:
+                with open(os.path.join(lower, d, name), "wb") as f:
+                    f.write(payload)
+        ms = {t: self.ws_mounter(fs, fs_root, lower, f"ws-{t}") for t in ("depth-1", "depth-n")}
+        k = sizes["ws_snapshots"]
+        try:
+            # Each step changes 3 files of each directory (so every frozen
+            # layer holds both, and a lookup there probes them all); the
+            # 1-snapshot workspace gets the same changes, snapshotted once.
+            for t, m in ms.items():
+                try:
+                    mnt = m.mount(WS_T)
+                    for i in range(k):
+                        for d, ns in names.items():
+                            for j in range(3):
+                                with open(os.path.join(mnt, d, ns[(3 * i + j) % len(ns)]),
+                                          "r+b") as f:
+                                    f.write(b"#")
+                        if t == "depth-n" or i == k - 1:
+                            ws_cli(args, "snapshot", "create", mnt, "--name", f"s{i}")
+                except (TargetFailed, OSError) as e:
+                    self.fail(fs, t, "ws-depth setup", e, None, only=WS_DEPTH)
+
+            def path(t):
+                return lower if t == "native" else ms[t].path(WS_T)
+
+            def cold(t, fn):
+                if t != "native":
+                    ms[t].umount(WS_T)
+                    ms[t].mount(WS_T)
+                drop_caches()
+                return fn(path(t), sizes)
+
+            def warm(t, fn):
+                if t != "native" and WS_T not in ms[t].active:
+                    ms[t].mount(WS_T)
+                return fn(path(t), sizes)
+
+            fns = {"stat": lambda p, sz: w_stat(os.path.join(p, "stat"), "small", sz),
+                   "ls": w_ls}
+            for rnd in range(args.runs):
+                for kind, fn in fns.items():
+                    for t in ["native"] + list(ms):
+                        self.attempt(fs, f"ws-{kind}-cold", t, rnd, lambda t=t, fn=fn: cold(t, fn))
+            for rnd in range(-1, args.runs):
+                for kind, fn in fns.items():
+                    for t in ["native"] + list(ms):
+                        self.attempt(fs, f"ws-{kind}-warm", t, rnd, lambda t=t, fn=fn: warm(t, fn),
+                                     warmup=rnd < 0)
+        finally:
+            for m in ms.values():
+                m.umount_all()
+
+    def ws_bound(self, fs, fs_root, base):
+        """dd and small files through two workspaces over SRC made alike (a
+        snapshot, branch b made from it): unbound, where no process is ever
+        bound (the mount shows main), and bound, where every access comes
+        from a process under `strata branch exec MNT b`; native: SRC. All
+        three run the same child, which times the work. Not one mount for
+        both: a root name looked up by a caller of the other branch replaces
+        the kernel's dentry, and everything cached below it goes."""
+        args, sizes = self.args, self.sizes
+        ms = {t: self.ws_mounter(fs, fs_root, None, f"ws-{t}") for t in ("unbound", "bound")}
+        targets = ("native",) + tuple(ms)
+        path = {t: m.path(WS_T) for t, m in ms.items()}
+        path["native"] = ms["unbound"].src
+        prefix = {"native": (), "unbound": (),
+                  "bound": (args.strata, "branch", "exec", path["bound"], "b", "--")}
+
+        def mounted(t):
+            if t != "native" and WS_T not in ms[t].active:
+                ms[t].mount(WS_T)
+
+        def read_cold(t):
+            if t != "native":
+                ms[t].umount(WS_T)
+                ms[t].mount(WS_T)
+            drop_caches()
+            # The bound child starts with `strata branch exec`, which reads
+            # the binary the daemon runs back into the page cache: the
+            # others get it too, or their daemon pages its code in from
+            # the disk while it serves the read.
+            with open(args.strata, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+            return w_dd("read", path[t], sizes, prefix[t])
+
+        def dd(t, kind):
+            mounted(t)
+            if kind == "write":
+                settle()
+            return w_dd(kind, path[t], sizes, prefix[t])
+
+        def stat(t):
+            """The second pass in the process is timed: binding it
+            invalidated the root's names (docs/ARCHITECTURE.md), and with
+            them the kernel dropped all it had cached below, so only the
+            second pass shows what each path walk costs."""
+            mounted(t)
+            return w_stat(os.path.join(path[t], "ls"), "ls", sizes, prefix[t], again=True)
+
+        try:
+            for t, m in ms.items():
+                try:
+                    mnt = m.mount(WS_T)
+                    ws_cli(args, "snapshot", "create", mnt, "--name", "base")
+                    ws_cli(args, "branch", "create", mnt, "--from", "base", "--name", "b")
+                except TargetFailed as e:
+                    self.fail(fs, t, "ws-bound setup", e, None, only=WS_BOUND)
+            for rnd in range(args.runs):
+                for t in targets:
+                    self.attempt(fs, "ws-read-cold", t, rnd, lambda t=t: read_cold(t))
+            for w, fn, first in (("ws-read-warm", lambda t: dd(t, "read"), -1),
+                                 ("ws-stat", stat, 0), ("ws-write", lambda t: dd(t, "write"), 0)):
+                for rnd in range(first, args.runs):
+                    for t in targets:
+                        self.attempt(fs, w, t, rnd, lambda t=t: fn(t), warmup=rnd < 0)
+            for rnd in range(args.runs):
+                for t in targets:
+                    if self.skips(fs, t, WS_SMALL[0]):
+                        continue
+                    try:
+                        mounted(t)
+                        settle()
+                        for k, v in w_small(path[t], sizes, f"{rnd}", prefix[t]).items():
+                            self.record(fs, f"ws-{k}", t, rnd, v)
+                    except (TargetFailed, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                        self.fail(fs, t, "ws-small", e, None, only=WS_SMALL)
+        finally:
+            for m in ms.values():
+                m.umount_all()
+
+    def ws_rss(self, fs, fs_root, base):
+        """The daemon's VmHWM after `find -ls` of the largest N-file lower
+        through 1 branch and through WS_RSS_BRANCHES (each by a `branch exec`
+        of its own), fresh mount, caches dropped."""
+        args = self.args
+        n = self.sizes["ws_files"][-1]
+        m = self.ws_mounter(fs, fs_root, ws_lower(base, n), "ws-rss")
+        mnt = m.path(WS_T)
+        branches = [f"r{i}" for i in range(WS_RSS_BRANCHES)]
+
+        def hwm(k):
+            m.umount(WS_T)
+            m.mount(WS_T)
+            drop_caches()
+            for b in branches[:k]:
+                timed_listing([args.strata, "branch", "exec", mnt, b, "--", "find", mnt, "-ls"],
+                              1 + ws_tree_dirs(n) + n)
+            return vm_hwm_mib(daemon_pid(args, WS_T, mnt))
+
+        try:
+            try:
+                m.mount(WS_T)
+                ws_cli(args, "snapshot", "create", mnt, "--name", "base")
+                for b in branches:
+                    ws_cli(args, "branch", "create", mnt, "--from", "base", "--name", b)
+            except TargetFailed as e:
+                for k in (1, WS_RSS_BRANCHES):
+                    self.fail(fs, f"branches-{k}", "ws-rss setup", e, None, only=["ws-rss"])
+                return
+            for rnd in range(args.runs):
+                for k in (1, WS_RSS_BRANCHES):
+                    self.attempt(fs, "ws-rss", f"branches-{k}", rnd, lambda k=k: hwm(k))
+        finally:
+            m.umount_all()
+
+    def ws_ref(self, t):
+        """The workspace variant t is compared with: the smallest tree for
+        files-N, else WS_REF_OF's."""
+        if t.startswith("files-"):
+            return f"files-{self.sizes['ws_files'][0]}"
+        return WS_REF_OF.get(t)
+
     def summary(self):
         """Per fs and workload: median/min/max/n per target; ratio = target /
         native (native / target for IOPS), so >1 means slower than native;
         vs_single = the same for a union target against its single-directory
-        counterpart (strata-union3 / strata)."""
+        counterpart (strata-union3 / strata); vs_ref for a workspace variant
+        against the one it is compared with (ws_ref)."""
         def slower(w, x, base):
             if not base or not x:
                 return None
             return base / x if w in HIGHER_BETTER else x / base
 
         out = {}
+        targets = ALL_TARGETS + list(BASE_OF) + EXTRA_TARGETS   # image rows also have strata-image
+        targets += [t for t in dict.fromkeys(s["target"] for s in self.samples)
+                    if t not in targets]                         # the workspace variants
         for fs in self.args.fs:
             out[fs] = {}
             for w in self.args.workloads:
                 rows = {}
-                for t in ALL_TARGETS + list(BASE_OF) + EXTRA_TARGETS:   # image rows also have strata-image
+                for t in targets:
                     xs = [s["value"] for s in self.samples if s["fs"] == fs and
                           s["workload"] == w and s["target"] == t and not s["warmup"]]
                     if xs:
@@ -1390,6 +1772,9 @@ class Bench:
                     r["ratio"] = slower(w, r["median"], nat)
                     if t in UNION_OF and UNION_OF[t] in rows:
                         r["vs_single"] = slower(w, r["median"], rows[UNION_OF[t]]["median"])
+                    ref = self.ws_ref(t) if w in WS_WORKLOADS else None
+                    if ref in rows and ref != t:
+                        r["vs_ref"] = slower(w, r["median"], rows[ref]["median"])
                 if rows:
                     out[fs][w] = rows
         return out
@@ -1478,6 +1863,19 @@ IMAGE_LABELS = {
     "image-rss-big": ("daemon peak RSS (VmHWM) after that `find`: **MiB**", None),
 }
 
+WS_LABELS = {
+    "ws-snapshot-fresh": "snapshot create, fresh mount",
+    "ws-snapshot": "snapshot create after `find -ls`",
+    "ws-branch": "branch create",
+    "ws-stat-cold": "`stat` {small_files} files, cold (fresh mount, caches dropped)",
+    "ws-stat-warm": "`stat` {small_files} files, warm",
+    "ws-ls-cold": LABELS["ls-cold"],
+    "ws-ls-warm": LABELS["ls-warm"],
+    "ws-stat": "`stat` {ls_files} files (the ls directory) again, in the same process",
+    **{w: LABELS[w[len("ws-"):]] for w in WS_BOUND if w != "ws-stat"},
+    "ws-rss": "daemon VmHWM",
+}
+
 
 def fmt_secs(x):
     if x >= 10:
@@ -1491,6 +1889,8 @@ def fmt_secs(x):
 
 def fmt_value(w, x):
     u = unit(w)
+    if u == "ms":
+        return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
     if u == "IOPS":
         return f"{x:,.0f}"
     if u == "MiB":
@@ -1605,17 +2005,18 @@ def markdown(meta, summary, errors, args, sizes, charts=()):
                 if any(w in PY_WORKLOADS for w in args.workloads) else "") + "\n")
     for fs in args.fs:
         if fs not in summary or not any(w in summary[fs] for w in args.workloads
-                                        if w not in IMAGE_WORKLOADS):
+                                        if w not in OWN_TABLE):
             L += image_table(fs, summary.get(fs, {}), errors, args, sizes)
+            L += workspace_table(fs, summary.get(fs, {}), errors, args, sizes)
             L += chart_link(fs, charts)
             continue
         cols = args.targets + [t for t in EXTRA_TARGETS if any(
-            t in summary[fs].get(w, {}) for w in args.workloads if w not in IMAGE_WORKLOADS)]
+            t in summary[fs].get(w, {}) for w in args.workloads if w not in OWN_TABLE)]
         L.append(f"## {fs}\n")
         L.append("| workload | " + " | ".join(cols) + " |")
         L.append("|---|" + "---:|" * len(cols))
         for w in args.workloads:
-            if w in IMAGE_WORKLOADS:
+            if w in OWN_TABLE:
                 continue
             rows = summary[fs].get(w)
             if not rows:
@@ -1648,6 +2049,7 @@ def markdown(meta, summary, errors, args, sizes, charts=()):
         L += chart_link(fs, charts)
         L += union_table(fs, summary[fs], args, sizes)
         L += image_table(fs, summary[fs], errors, args, sizes)
+        L += workspace_table(fs, summary[fs], errors, args, sizes)
     if errors:
         L.append("## Errors\n")
         for e in errors:
@@ -1751,6 +2153,83 @@ def image_table(fs, rows_by_w, errors, args, sizes):
     return L
 
 
+def workspace_table(fs, rows_by_w, errors, args, sizes):
+    """Snapshots and branches: a table per measurement (create times against
+    the tree's size, depth, bound vs unbound, memory per branch served)."""
+    ws = [w for w in args.workloads if w in WS_WORKLOADS and w in rows_by_w]
+    if not ws:
+        return []
+
+    def cell(w, t):
+        r = rows_by_w.get(w, {}).get(t)
+        if not r:
+            return "failed" if any(e["fs"] == fs and e["target"] == t and
+                                   (e.get("skipped") == "all" or w in e.get("skipped", []))
+                                   for e in errors) else "-"
+        ratio = f" ({r['ratio']:.2f}x)" if r["ratio"] and t != "native" else ""
+        return fmt_value(w, r["median"]) + ratio + (f" n={r['n']}" if r["n"] < args.runs else "")
+
+    def vs(w, t):
+        x = rows_by_w.get(w, {}).get(t, {}).get("vs_ref")
+        return f"{x:.2f}x" if x else "-"
+
+    def table(head, targets, part):
+        return ([head, "|---|" + "---:|" * (len(targets) + 1)]
+                + [f"| {WS_LABELS[w].format(**sizes)} | " + " | ".join(cell(w, t) for t in targets)
+                   + f" | {vs(w, targets[-1])} |" for w in part if w in ws] + [""])
+
+    L = [f"## {fs}: workspaces (snapshots and branches)\n"]
+    create = [w for w in WS_CREATE if w in ws]
+    if create:
+        first, last = sizes["ws_files"][0], sizes["ws_files"][-1]
+        L += ["`strata snapshot create` and `strata branch create`: wall time of the command, "
+              "**ms**, on a workspace whose lower and upper each hold N empty files (1,000 per "
+              "directory, every directory in both), mounted afresh over a copy of that upper: a "
+              "snapshot on the fresh mount (the daemon knows no node), and one after `find -ls` "
+              "of the tree (it knows all of them), then a branch made from that snapshot. O(1) "
+              f"is flat across N; the last row is N = {last:,} against N = {first:,}.\n",
+              "| N (lower + upper) | " + " | ".join(WS_LABELS[w] for w in create) + " |",
+              "|---:|" + "---:|" * len(create)]
+        L += [f"| {n:,} + {n:,} | " + " | ".join(cell(w, f"files-{n}") for w in create) + " |"
+              for n in sizes["ws_files"]]
+        L += [f"| {last:,} / {first:,} | " + " | ".join(vs(w, f"files-{last}") for w in create)
+              + " |", ""]
+    if any(w in ws for w in WS_DEPTH):
+        L += [f"Depth: a workspace over a lower holding the `ls` directory ({sizes['ls_files']} x "
+              f"{sizes['file_kib']} KiB) and a `stat` directory ({sizes['small_files']} x "
+              f"{sizes['file_kib']} KiB); {sizes['ws_snapshots']} times, 3 files in each "
+              "directory changed (a byte written: copied up), then `strata snapshot create`; "
+              "the 1-snapshot workspace had the same changes and one snapshot at the end. "
+              "native: the lower. In parentheses: against native; last column: the deep "
+              "workspace against the 1-snapshot one.\n"]
+        k = sizes["ws_snapshots"]
+        L += table(f"| workload | native | 1 snapshot | {k} snapshots | {k} / 1 |",
+                   ["native", "depth-1", "depth-n"], WS_DEPTH)
+    if any(w in ws for w in WS_BOUND):
+        L += ["Bound vs unbound: two workspaces over SRC made alike (a snapshot, branch `b` "
+              "made from it). unbound: no process is ever bound on the one (it shows main); "
+              "bound: every access to the other comes from the same child process run under "
+              "`strata branch exec MNT b --` (while a process is bound, the kernel caches "
+              "neither the root's attributes nor its names: every absolute path walk asks the "
+              "daemon for both, which the second `stat` pass shows; and each `branch exec` "
+              "binds anew, which invalidates the root's names, and with them the kernel drops "
+              "all it cached below: a warm read in a new bound process reads through the "
+              "daemon again); native: SRC. The child (`bench.py --dd-child` / `--stat-child` / "
+              "`--small-child`) times the work itself, so starting it is not in the time. In "
+              "parentheses: against native; last column: bound / unbound.\n"]
+        L += table("| workload | native | unbound | bound | bound / unbound |",
+                   ["native", "unbound", "bound"], WS_BOUND)
+    if "ws-rss" in ws:
+        n = sizes["ws_files"][-1]
+        L += [f"Daemon peak RSS (VmHWM), **MiB**, after `find -ls` of {n:,} files in "
+              f"{ws_tree_dirs(n):,} directories (the lower of the N = {n:,} workspace, an empty "
+              f"upper) through 1 branch and through {WS_RSS_BRANCHES}, each by a `strata branch "
+              "exec` of its own (branches made from one snapshot), fresh mount, caches dropped.\n"]
+        L += table(f"| | 1 branch | {WS_RSS_BRANCHES} branches | {WS_RSS_BRANCHES} / 1 |",
+                   ["branches-1", f"branches-{WS_RSS_BRANCHES}"], ["ws-rss"])
+    return L
+
+
 def union_table(fs, rows_by_w, args, sizes):
     """Union vs single directory: the issue's criterion is strata-union3
     within 1.3x of strata."""
@@ -1797,6 +2276,13 @@ def main():
     if len(sys.argv) == 5 and sys.argv[1] == "--small-child":
         small_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return 0
+    if len(sys.argv) == 7 and sys.argv[1] == "--stat-child":
+        stat_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+        return 0
+    if len(sys.argv) == 5 and sys.argv[1] == "--dd-child":
+        fn = {"write": w_write, "read": w_read}[sys.argv[2]]
+        print(json.dumps(fn(sys.argv[3], {"big_mib": int(sys.argv[4])})))
+        return 0
     env = os.environ.get
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1821,6 +2307,14 @@ def main():
                     help="stop a (workload, target) after 3 runs when its median exceeds this "
                     "many seconds, to keep slow peers (bindfs writes: ~20 s each) from dominating "
                     "the runtime; 0 = off, the default (env BENCH_SLOW_CAP)")
+    ap.add_argument("--ws-files", default=env("BENCH_WS_FILES", ""),
+                    help="workspace: comma list of N, the files in both the lower and the upper "
+                    "of the workspaces timing snapshot and branch create (the largest is also "
+                    "the tree of ws-rss); default 1000,10000,100000, quick 1000,5000 "
+                    "(env BENCH_WS_FILES)")
+    ap.add_argument("--ws-snapshots", type=int, default=int(env("BENCH_WS_SNAPSHOTS", "0")),
+                    help="workspace: snapshots of the deep workspace (depth-n); default 100, "
+                    "quick 10 (env BENCH_WS_SNAPSHOTS)")
     ap.add_argument("--strata", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--baseline", default="", help=argparse.SUPPRESS)   # built by bench/run
     ap.add_argument("--baseline-rev", default="", help=argparse.SUPPRESS)
@@ -1837,6 +2331,9 @@ def main():
     sizes["runs"] = args.runs
     sizes["tree_dirs"] = sizes["tree_top"] * (1 + sizes["tree_sub"])
     sizes["tree_files"] = sizes["tree_dirs"] * sizes["tree_per_dir"]
+    if args.ws_files:
+        sizes["ws_files"] = sorted({int(n) for n in args.ws_files.split(",")})
+    sizes["ws_snapshots"] = args.ws_snapshots or sizes["ws_snapshots"]
     args.targets = parse_list(args.targets,
                               ALL_TARGETS + (list(BASE_OF) if args.baseline else []), "target")
     if "native" not in args.targets:
