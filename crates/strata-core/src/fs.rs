@@ -240,6 +240,12 @@ pub struct Stats {
 pub trait Invalidator: Send + Sync {
     /// Drops the kernel's name `name` in directory `parent`, positive or negative.
     fn entry(&self, parent: u64, name: &OsStr);
+    /// Makes the kernel ask for `name` in `parent` again at its next use,
+    /// keeping its entry (and what is cached below it) if the answer is the
+    /// same node.
+    fn expire(&self, parent: u64, name: &OsStr) {
+        self.entry(parent, name);
+    }
     /// Drops the kernel's attributes of `ino` and, when `data`, its cached
     /// contents (file pages or directory listing).
     fn inode(&self, ino: u64, data: bool);

@@ -873,6 +873,15 @@ impl core::Invalidator for KernelInvalidator {
         }
     }
 
+    fn expire(&self, parent: u64, name: &OsStr) {
+        match self.0.expire_entry(INodeNo(parent), name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            // A kernel before 6.2: drop the entry instead.
+            Err(_) => self.entry(parent, name),
+        }
+    }
+
     fn inode(&self, ino: u64, data: bool) {
         // Offset -1: attributes only; 0 with length 0: attributes and all pages.
         let offset = if data { 0 } else { -1 };

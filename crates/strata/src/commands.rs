@@ -143,7 +143,7 @@ enum Mode {
     SingleDir(SingleDir),
     Union(Union),
     Overlay(Overlay),
-    Workspace(Workspace),
+    Workspace(Box<Workspace>),
 }
 
 /// Whether SOURCE names overlay lowers (an `image:NAME` or an archive file
@@ -356,7 +356,7 @@ fn prepare_overlay(
         Some(_) => {
             let ws = Workspace::open(cfg, opts.branch.as_deref()).map_err(usage)?;
             tracing::info!(layers = ws.describe(), "workspace");
-            Mode::Workspace(ws)
+            Mode::Workspace(Box::new(ws))
         }
         None if opts.branch.is_some() => {
             return Err(usage(
@@ -495,7 +495,7 @@ pub fn mount(
         Mode::SingleDir(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
         Mode::Union(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
         Mode::Overlay(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
-        Mode::Workspace(rule) => ctx.run(Arc::new(Stack::new(rule)), &prepared.mount),
+        Mode::Workspace(rule) => ctx.run(Arc::new(Stack::new(*rule)), &prepared.mount),
     }
 }
 

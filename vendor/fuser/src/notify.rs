@@ -74,6 +74,20 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_INVAL_ENTRY, &notif)
     }
 
+    /// Mark a directory entry stale without dropping it (FUSE_EXPIRE_ONLY):
+    /// the next lookup asks again, and keeps the dentry (and what hangs
+    /// below it) if the answer is the same node. Kernel 6.2+; older ones
+    /// answer EINVAL.
+    /// # Errors
+    /// Returns an error if the notification data is too large.
+    /// Returns an error if the kernel rejects the notification.
+    pub fn expire_entry(&self, parent: INodeNo, name: &OsStr) -> io::Result<()> {
+        const FUSE_EXPIRE_ONLY: u32 = 1;
+        let notif = Notification::new_inval_entry_flags(parent, name, FUSE_EXPIRE_ONLY)
+            .map_err(Self::too_big_err)?;
+        self.send_inval(notify_code::FUSE_NOTIFY_INVAL_ENTRY, &notif)
+    }
+
     /// Invalidate the kernel cache for a given inode (metadata and
     /// data in the given range)
     /// # Errors

@@ -272,8 +272,9 @@ impl Workspace {
         ino != ROOT_ID || !self.bindings.any()
     }
 
-    /// Makes the kernel forget the root's names and listing (the branch a
-    /// caller sees there changed).
+    /// Makes the kernel ask again for the root's names and listing (the
+    /// branch a caller sees there changed). Expired, not dropped: a name
+    /// that resolves to the same node keeps what the kernel cached below it.
     fn forget_root(&self) {
         let Some(inval) = self.invalidator.get() else {
             return;
@@ -289,7 +290,7 @@ impl Workspace {
             .iter()
             .filter(|n| !matches!(n.to_bytes(), b"." | b".."))
         {
-            inval.entry(ROOT_ID, OsStr::from_bytes(n.to_bytes()));
+            inval.expire(ROOT_ID, OsStr::from_bytes(n.to_bytes()));
         }
         inval.inode(ROOT_ID, true);
     }

@@ -34,6 +34,9 @@ pub struct Bindings {
     any: AtomicBool,
     bound: Mutex<HashMap<u32, Bound>>,
     cache: Mutex<HashMap<u32, (Option<u8>, Instant)>>,
+    /// When bindings of exited processes were last dropped: once the last
+    /// one is gone, the mount caches its root again.
+    pruned: Mutex<Option<Instant>>,
 }
 
 /// A process's parent and start time, from `/proc/PID/stat`.
@@ -147,6 +150,10 @@ impl Bindings {
 
     /// The branch the thread `tid` sees; `None`: the mount's current one.
     pub fn branch_of(&self, tid: u32) -> Option<u8> {
+        if !self.any() {
+            return None;
+        }
+        self.prune_now_and_then();
         if tid == 0 || !self.any() {
             return None;
         }
@@ -162,6 +169,18 @@ impl Bindings {
         }
         cache.insert(tid, (b, Instant::now()));
         b
+    }
+
+    /// Drops bindings of exited processes, at most once per [`CACHE_TTL`].
+    fn prune_now_and_then(&self) {
+        {
+            let mut last = self.pruned.lock();
+            if last.is_some_and(|t| t.elapsed() < CACHE_TTL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.all();
     }
 
     fn resolve(&self, tid: u32) -> Option<u8> {
@@ -228,6 +247,25 @@ mod tests {
         assert_eq!(b.branch_of(child.id()), None);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_binding_ends_with_its_process() {
+        let b = Bindings::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        b.bind(child.id(), 1).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Noticed within a second by whoever asks next, bound or not.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while b.any() && Instant::now() < deadline {
+            b.branch_of(std::process::id());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!b.any());
     }
 
     #[test]

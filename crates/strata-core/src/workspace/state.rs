@@ -160,7 +160,12 @@ impl State {
                         dir.display()
                     ));
                 }
-                std::fs::create_dir_all(dir.join("layers")).map_err(|e| fail(&e))?;
+                // Only the daemon (and its owner) reach the layers on the
+                // host: the daemon's umask is 0.
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .recursive(true)
+                    .create(dir.join("layers"))
+                    .map_err(|e| fail(&e))?;
             }
             Err(e) => return Err(fail(&e)),
         }
@@ -426,7 +431,7 @@ impl State {
             params![live, branch],
         )
         .map_err(db_error)?;
-        make_layer_dir(&upper, live)?;
+        make_layer_dir(&upper, live, b.layer)?;
         Ok((
             tx,
             NewSnapshot {
@@ -471,7 +476,7 @@ impl State {
             params![name, number, live, snap.id, t],
         )
         .map_err(db_error)?;
-        make_layer_dir(&upper, live)?;
+        make_layer_dir(&upper, live, snap.layer)?;
         tx.commit().map_err(db_error)?;
         self.branch(name)
     }
@@ -566,12 +571,48 @@ fn remove_layer_dirs(upper: &Path, ids: &[i64]) {
     }
 }
 
-fn make_layer_dir(upper: &Path, id: i64) -> Result<()> {
+/// Makes layer `id`'s directory, the root the branch shows from now on: it
+/// takes the owner, mode and times of the root of layer `like`, the one the
+/// branch showed so far.
+fn make_layer_dir(upper: &Path, id: i64, like: i64) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = upper.join(layer_rel(id));
+    let model = upper.join(layer_rel(like));
+    let fail = |p: &Path, e: &dyn std::fmt::Display| {
+        Refusal::new(Errno::EIO, format!("{}: {e}", p.display()))
+    };
+    let md = std::fs::metadata(&model).map_err(|e| fail(&model, &e))?;
     // Left by a change that never committed: start empty.
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir)
-        .map_err(|e| Refusal::new(Errno::EIO, format!("{}: {e}", dir.display())))
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| fail(&dir, &e))?;
+    match rustix::fs::chown(
+        &dir,
+        Some(rustix::fs::Uid::from_raw(md.uid())),
+        Some(rustix::fs::Gid::from_raw(md.gid())),
+    ) {
+        // Not root: the directory is the daemon's, as the upper is.
+        Ok(()) | Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(fail(&dir, &e)),
+    }
+    rustix::fs::chmod(&dir, rustix::fs::Mode::from_raw_mode(md.mode() & 0o7777))
+        .map_err(|e| fail(&dir, &e))?;
+    let ts = |s: i64, ns: i64| rustix::fs::Timespec {
+        tv_sec: s,
+        tv_nsec: ns as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        &dir,
+        &rustix::fs::Timestamps {
+            last_access: ts(md.atime(), md.atime_nsec()),
+            last_modification: ts(md.mtime(), md.mtime_nsec()),
+        },
+        rustix::fs::AtFlags::empty(),
+    )
+    .map_err(|e| fail(&dir, &e))
 }
 
 /// Deletes the rows of layers nothing needs any more (no snapshot, branch

@@ -461,3 +461,34 @@ fn a_branch_of_a_branch_snapshot_sees_that_branch_as_it_was() {
     );
     assert_eq!(st.branch("aa").unwrap().from.as_deref(), Some("a-s1"));
 }
+
+#[test]
+fn workspace_directories_are_private_and_a_branch_root_looks_like_the_one_it_came_from() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // The daemon's umask.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let s = setup();
+    fs::set_permissions(&s.upper, fs::Permissions::from_mode(0o751)).unwrap();
+    let fs = open(&s, None).unwrap();
+    ctl(&fs, &ROOT, "snapshot.create", "s1").unwrap();
+    ctl(&fs, &ROOT, "branch.create", "b s1").unwrap();
+    let mode = |p: PathBuf| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(s.upper.join(".strata")), 0o700);
+    assert_eq!(mode(s.upper.join(".strata/layers")), 0o700);
+    for layer in [1, 2] {
+        assert_eq!(mode(s.upper.join(format!(".strata/layers/{layer}"))), 0o751);
+    }
+    let p = Proc::start();
+    ctl(&fs, &ROOT, "branch.bind", &format!("b {}", p.0.id())).unwrap();
+    for ctx in [ROOT, p.ctx()] {
+        let a = fs.getattr(&ctx, ROOT_ID, None).unwrap().attr;
+        assert_eq!(a.perm, 0o751);
+    }
+    assert!(
+        fs::metadata(s.upper.join(".strata/state.db"))
+            .unwrap()
+            .mode()
+            & 0o002
+            == 0
+    );
+}

@@ -69,10 +69,20 @@ impl<'a> Notification<'a> {
         parent: INodeNo,
         name: &'a OsStr,
     ) -> Result<Self, TryFromIntError> {
+        Self::new_inval_entry_flags(parent, name, 0)
+    }
+
+    /// `flags`: `FUSE_EXPIRE_ONLY` (1) marks the entry stale without
+    /// dropping it (strata's addition; kernel 6.2+).
+    pub(crate) fn new_inval_entry_flags(
+        parent: INodeNo,
+        name: &'a OsStr,
+        flags: u32,
+    ) -> Result<Self, TryFromIntError> {
         let r = abi::fuse_notify_inval_entry_out {
             parent: parent.0,
             namelen: name.len().try_into()?,
-            padding: 0,
+            flags,
         };
         Ok(Self::from_struct_with_name(&r, name.as_bytes()))
     }
@@ -154,6 +164,20 @@ mod test {
             0x00, 0x00, 0x00, 0x00, 0x61, 0x62, 0x63, 0x00,
         ];
         assert_eq!(n, expected);
+    }
+
+    #[test]
+    fn expire_entry_sets_the_flag() {
+        let n = Notification::new_inval_entry_flags(INodeNo(0x42), OsStr::new("abc"), 1)
+            .unwrap()
+            .with_iovec(
+                abi::fuse_notify_code::FUSE_NOTIFY_INVAL_ENTRY,
+                ioslice_to_vec,
+            )
+            .unwrap();
+        // parent, namelen 3, flags FUSE_EXPIRE_ONLY, after the 16-byte header.
+        assert_eq!(&n[16..32], &[0x42, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(&n[32..], b"abc\0");
     }
 
     #[test]
