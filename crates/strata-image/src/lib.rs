@@ -28,11 +28,13 @@ mod store;
 mod sys;
 #[cfg(test)]
 mod tests;
+mod transfer;
 
 pub use build::{BuildOptions, BuildStats, Progress, build};
 pub use gc::{GcStats, ImageInfo, RemoveOutcome, gc, list_images, remove_image, verify_image};
 pub use manifest::{Children, Entry, Image, Kind, entry_name_problem, seal_manifest};
 pub use store::{BlobReader, BlobRef, Store};
+pub use transfer::{Exported, ImportStats, export, import};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,8 @@ pub enum Error {
     NoSuchImage(String),
     #[error("{}: {reason}", path.display())]
     Source { path: PathBuf, reason: String },
+    #[error("blob {digest}: {reason}")]
+    Fetch { digest: Digest, reason: String },
 }
 
 impl Error {

@@ -235,7 +235,7 @@ impl Store {
     }
 
     /// Refreshes a blob's mtime; returns false when it does not exist.
-    fn touch_existing(&self, digest: &Digest) -> Result<bool> {
+    pub(crate) fn touch_existing(&self, digest: &Digest) -> Result<bool> {
         let p = self.blob_path(digest);
         let now = Timespec {
             tv_sec: 0,
@@ -349,45 +349,74 @@ impl Store {
     /// size and digest as it reaches the end and fails with an error naming the
     /// digest on a mismatch; read it to EOF before trusting the data.
     pub fn open_blob(&self, digest: &Digest) -> Result<BlobReader> {
-        let p = self.blob_path(digest);
-        let f = match crate::open_regular(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::MissingBlob(*digest));
-            }
-            Err(e) => return Err(Error::io("open blob", &p, e)),
-        };
-        let corrupt = |reason: &str| Error::CorruptBlob {
-            digest: *digest,
-            reason: reason.to_owned(),
-        };
-        let mut hdr = [0u8; BLOB_HEADER_LEN as usize];
-        f.read_exact_at(&mut hdr, 0)
-            .map_err(|_| corrupt("truncated header"))?;
-        if &hdr[..4] != BLOB_MAGIC {
-            return Err(corrupt("bad magic"));
-        }
-        if hdr[4] != BLOB_VERSION {
-            return Err(corrupt(&format!("unsupported blob version {}", hdr[4])));
-        }
-        let size = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
-        let mut f = f;
-        f.seek(SeekFrom::Start(BLOB_HEADER_LEN)).ctx("seek", &p)?;
-        let inner: Box<dyn Read + Send> = match hdr[5] {
-            ENC_RAW => Box::new(BufReader::with_capacity(CHUNK, f)),
-            ENC_ZSTD => Box::new(zstd::stream::read::Decoder::new(f).ctx("decompress", &p)?),
-            e => return Err(corrupt(&format!("unknown encoding {e}"))),
-        };
-        Ok(BlobReader {
-            digest: *digest,
-            size,
-            inner: inner.take(size + 1),
-            hasher: blake3::Hasher::new(),
-            read: 0,
-            done: false,
-        })
+        open_blob_file(&self.blob_path(digest), digest)
     }
 
+    /// Stages blob file bytes received from elsewhere (a pull) after reading
+    /// them through as the store would: a blob whose header, size or digest
+    /// is wrong is refused before it gets a name.
+    pub(crate) fn put_blob_file(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let (mut f, tmp) = self.create_tmp(0o444)?;
+        let guard = TmpGuard(&tmp);
+        f.write_all(bytes).ctx("write", &tmp)?;
+        let mut r = open_blob_file(&tmp, digest).map_err(|e| match e {
+            Error::MissingBlob(_) => Error::io("open", &tmp, io::ErrorKind::NotFound),
+            e => e,
+        })?;
+        io::copy(&mut r, &mut io::sink()).map_err(|e| blob_read_error(digest, e))?;
+        let size = r.size();
+        stage(guard, f, *digest, size, bytes.len() as u64, batch);
+        Ok(())
+    }
+}
+
+/// Opens the blob file `p` (holding `digest`) for reading its content; see
+/// [`Store::open_blob`].
+fn open_blob_file(p: &Path, digest: &Digest) -> Result<BlobReader> {
+    let f = match crate::open_regular(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::MissingBlob(*digest));
+        }
+        Err(e) => return Err(Error::io("open blob", p, e)),
+    };
+    let corrupt = |reason: &str| Error::CorruptBlob {
+        digest: *digest,
+        reason: reason.to_owned(),
+    };
+    let mut hdr = [0u8; BLOB_HEADER_LEN as usize];
+    f.read_exact_at(&mut hdr, 0)
+        .map_err(|_| corrupt("truncated header"))?;
+    if &hdr[..4] != BLOB_MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    if hdr[4] != BLOB_VERSION {
+        return Err(corrupt(&format!("unsupported blob version {}", hdr[4])));
+    }
+    let size = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+    let mut f = f;
+    f.seek(SeekFrom::Start(BLOB_HEADER_LEN)).ctx("seek", p)?;
+    let inner: Box<dyn Read + Send> = match hdr[5] {
+        ENC_RAW => Box::new(BufReader::with_capacity(CHUNK, f)),
+        ENC_ZSTD => Box::new(zstd::stream::read::Decoder::new(f).ctx("decompress", p)?),
+        e => return Err(corrupt(&format!("unknown encoding {e}"))),
+    };
+    Ok(BlobReader {
+        digest: *digest,
+        size,
+        inner: inner.take(size + 1),
+        hasher: blake3::Hasher::new(),
+        read: 0,
+        done: false,
+    })
+}
+
+impl Store {
     /// Reads a blob to the end, checking header, size and digest.
     pub fn verify(&self, digest: &Digest) -> Result<()> {
         let mut r = self.open_blob(digest)?;

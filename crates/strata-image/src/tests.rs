@@ -1168,3 +1168,71 @@ fn store_directories_are_not_writable_by_others_whatever_the_umask() {
         assert_eq!(mode & 0o022, 0, "{} is mode {mode:o}", dir.display());
     }
 }
+
+#[test]
+fn an_image_moves_between_stores_checked_and_only_the_missing_blobs() {
+    let (_a, from) = store();
+    let (_b, to) = store();
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("one"), b"one").unwrap();
+    fs::write(src.path().join("big"), random_bytes(300_000, 7)).unwrap();
+    fs::create_dir(src.path().join("d")).unwrap();
+    fs::write(src.path().join("d/two"), b"two").unwrap();
+    build(
+        &from,
+        src.path(),
+        "img",
+        BuildOptions::default(),
+        &mut noprog,
+    )
+    .unwrap();
+    let sent = export(&from, "img").unwrap();
+    assert_eq!(sent.blobs.len(), 3);
+    let mut asked = Vec::new();
+    let mut fetch = |d: &Digest| {
+        asked.push(*d);
+        fs::read(from.blob_path(d)).map_err(|e| e.to_string())
+    };
+    let stats = import(&to, "img", &sent.manifest, false, &mut fetch).unwrap();
+    assert_eq!((stats.fetched, stats.present), (3, 0));
+    let img = Image::open(&to, "img").unwrap();
+    let e = img.lookup_path("d/two").unwrap().unwrap();
+    assert_eq!(to.read_blob(&img.blob(&e).unwrap()).unwrap(), b"two");
+    // Again under another name: nothing to fetch.
+    let stats = import(&to, "again", &sent.manifest, false, &mut |_| {
+        Err("asked".into())
+    })
+    .unwrap();
+    assert_eq!((stats.fetched, stats.present), (0, 3));
+    // A blob that is not what its name says is refused, and no image appears.
+    let (_c, fresh) = store();
+    let mut lying = |d: &Digest| {
+        let mut b = fs::read(from.blob_path(d)).map_err(|e| e.to_string())?;
+        let last = b.len() - 1;
+        b[last] ^= 0xff;
+        Ok(b)
+    };
+    let err = import(&fresh, "img", &sent.manifest, false, &mut lying).unwrap_err();
+    assert!(matches!(err, Error::CorruptBlob { .. }), "{err}");
+    assert!(matches!(
+        Image::open(&fresh, "img"),
+        Err(Error::NoSuchImage(_))
+    ));
+    assert_eq!(count_blobs(&fresh), 0);
+    // A manifest changed on the way is refused before any blob is asked for.
+    let mut bad = sent.manifest.clone();
+    let n = bad.len() - 1;
+    bad[n] ^= 1;
+    let err = import(&fresh, "img", &bad, false, &mut |_| Err("asked".into())).unwrap_err();
+    assert!(matches!(err, Error::BadManifest { .. }), "{err}");
+    // A fetch that fails names the blob.
+    let err = import(&fresh, "img", &sent.manifest, false, &mut |_| {
+        Err("gone".into())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("gone"), "{err}");
+    assert!(matches!(
+        Image::open(&fresh, "img"),
+        Err(Error::NoSuchImage(_))
+    ));
+}

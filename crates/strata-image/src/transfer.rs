@@ -1,0 +1,76 @@
+//! Moving an image between stores: what a push sends (the manifest's bytes
+//! and its blob files, as they are) and what a pull receives, checked before
+//! anything becomes visible: the manifest whole (checksum and tree, as a
+//! mount checks it), each blob's header, size and digest. The manifest is
+//! written last, so an image never names a blob the store lacks.
+
+use std::collections::BTreeSet;
+
+use crate::build::write_manifest;
+use crate::check_name;
+use crate::manifest::Image;
+use crate::store::{Batch, TmpGuard};
+use crate::{Digest, Error, IoContext, Result, Store};
+
+/// An image as a push sends it.
+pub struct Exported {
+    pub manifest: Vec<u8>,
+    /// Every blob it uses, once each.
+    pub blobs: Vec<Digest>,
+}
+
+/// Image `name` of `store`, to be sent elsewhere.
+pub fn export(store: &Store, name: &str) -> Result<Exported> {
+    let img = Image::open(store, name)?;
+    let path = store.images_dir().join(name);
+    let manifest = std::fs::read(&path).ctx("read manifest", &path)?;
+    let blobs: BTreeSet<Digest> = img.digests().collect();
+    Ok(Exported {
+        manifest,
+        blobs: blobs.into_iter().collect(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportStats {
+    /// Blobs fetched, and their bytes (as stored).
+    pub fetched: u64,
+    pub bytes: u64,
+    /// Blobs the store had already.
+    pub present: u64,
+}
+
+/// Makes image `name` in `store` from `manifest` (bytes received from
+/// elsewhere), fetching with `fetch` each blob the store lacks (the blob
+/// file's bytes). Nothing is visible until every blob is checked and
+/// durable; a bad manifest or blob leaves no image.
+pub fn import(
+    store: &Store,
+    name: &str,
+    manifest: &[u8],
+    replace: bool,
+    fetch: &mut dyn FnMut(&Digest) -> std::result::Result<Vec<u8>, String>,
+) -> Result<ImportStats> {
+    check_name(name)?;
+    let _gc = store.lock_gc(false)?;
+    let (mut f, tmp) = store.create_tmp(0o444)?;
+    let _guard = TmpGuard(&tmp);
+    std::io::Write::write_all(&mut f, manifest).ctx("write manifest", &tmp)?;
+    drop(f);
+    let digests: BTreeSet<Digest> = Image::open_path(&tmp, true)?.digests().collect();
+    let mut batch = Batch::default();
+    let mut stats = ImportStats::default();
+    for d in &digests {
+        if store.touch_existing(d)? {
+            stats.present += 1;
+            continue;
+        }
+        let bytes = fetch(d).map_err(|reason| Error::Fetch { digest: *d, reason })?;
+        store.put_blob_file(d, &bytes, &mut batch)?;
+        stats.fetched += 1;
+        stats.bytes += bytes.len() as u64;
+    }
+    store.commit(batch)?;
+    write_manifest(store, name, manifest, replace)?;
+    Ok(stats)
+}
