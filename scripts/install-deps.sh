@@ -14,11 +14,16 @@ command -v c++ >/dev/null || need_apt+=(g++)
 command -v zip >/dev/null || need_apt+=(zip)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v xz >/dev/null || need_apt+=(xz-utils)
+# A local S3 server for the remote-store tests (moto, with boto3).
+command -v moto_server >/dev/null || command -v pip3 >/dev/null || need_apt+=(python3-pip)
 if ((${#need_apt[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 [[ -e /dev/fuse ]] || { modprobe fuse 2>/dev/null || true; }
+# Debian's Python is "externally managed": moto goes into it all the same.
+command -v moto_server >/dev/null || pip3 install -q --break-system-packages 'moto[server]'
+
 command -v pjdfstest >/dev/null || cargo install pjdfstest --locked
 # Users pjdfstest switches to.
 getent group nogroup >/dev/null || groupadd nogroup

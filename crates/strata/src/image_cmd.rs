@@ -75,6 +75,34 @@ pub enum ImageCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Upload image NAME to an S3-compatible bucket: only the blobs it
+    /// lacks, then the manifest (an interrupted push resumes). Endpoint,
+    /// region and credentials as the AWS tools take them (AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws).
+    Push {
+        name: String,
+        /// s3://BUCKET[/PREFIX]
+        remote: String,
+        /// S3 endpoint URL (e.g. http://127.0.0.1:9000 for MinIO).
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Download image NAME from a bucket into the store: only the blobs the
+    /// store lacks, each checked, the image visible once all are there.
+    Pull {
+        name: String,
+        /// s3://BUCKET[/PREFIX]
+        remote: String,
+        /// Replace a local image of that name.
+        #[arg(long)]
+        replace: bool,
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
 }
 
 pub fn run(cmd: ImageCommand) -> Result<(), Failure> {
@@ -88,7 +116,83 @@ pub fn run(cmd: ImageCommand) -> Result<(), Failure> {
         ImageCommand::Ls { json, store } => ls(json, &store.root()),
         ImageCommand::Verify { name, store } => verify(&name, &store.root()),
         ImageCommand::Rm { name, store } => rm(&name, &store.root()),
+        ImageCommand::Push {
+            name,
+            remote,
+            endpoint,
+            store,
+        } => push(&name, &remote, endpoint.as_deref(), &store.root()),
+        ImageCommand::Pull {
+            name,
+            remote,
+            replace,
+            endpoint,
+            store,
+        } => pull(&name, &remote, replace, endpoint.as_deref(), &store.root()),
     }
+}
+
+fn open_remote(url: &str, endpoint: Option<&str>) -> Result<strata_remote::Remote, Failure> {
+    strata_remote::Location::parse(url).map_err(usage)?;
+    strata_remote::Remote::open(url, endpoint).map_err(failure)
+}
+
+fn push(name: &str, url: &str, endpoint: Option<&str>, root: &Path) -> Result<(), Failure> {
+    let store = Store::open(root).map_err(fail)?;
+    // A missing image is bad input, said before any request.
+    strata_image::Image::open(&store, name).map_err(fail)?;
+    let remote = open_remote(url, endpoint)?;
+    let start = Instant::now();
+    let mut meter = Meter::new();
+    let stats = strata_remote::push(&store, name, &remote, &mut |done, total| {
+        meter.show(done == total, || {
+            format!("{} {done}/{total} blobs", bar(done, total))
+        })
+    })
+    .map_err(|e| failure(printable(&e)))?;
+    meter.clear();
+    outln!(
+        "pushed {name} to {}: {} blobs, {} uploaded ({}); {}",
+        remote.location(),
+        stats.blobs,
+        stats.uploaded,
+        human(stats.bytes),
+        elapsed(start.elapsed())
+    )?;
+    Ok(())
+}
+
+fn pull(
+    name: &str,
+    url: &str,
+    replace: bool,
+    endpoint: Option<&str>,
+    root: &Path,
+) -> Result<(), Failure> {
+    let store = Store::open(root).map_err(fail)?;
+    let remote = open_remote(url, endpoint)?;
+    let start = Instant::now();
+    let stats = strata_remote::pull(&store, name, &remote, replace).map_err(|e| {
+        let e = printable(&e);
+        if e.contains("already exists") {
+            usage(format!(
+                "image {name:?} already exists (use --replace to replace it)"
+            ))
+        } else if e.contains("no image named") {
+            usage(e)
+        } else {
+            failure(e)
+        }
+    })?;
+    outln!(
+        "pulled {name} from {}: {} blobs fetched ({}), {} already here; {}",
+        remote.location(),
+        stats.fetched,
+        human(stats.bytes),
+        stats.present,
+        elapsed(start.elapsed())
+    )?;
+    Ok(())
 }
 
 /// A store error as a one-line failure: naming problems are bad input.

@@ -16,6 +16,7 @@ mod lifecycle;
 mod mount_helper;
 mod ops;
 mod overlay;
+mod remote;
 mod transport;
 mod union;
 mod union_options;

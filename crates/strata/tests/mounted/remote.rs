@@ -1,0 +1,277 @@
+//! Images through an S3-compatible bucket: `strata image push` and `pull`
+//! against a local moto server (the AWS conventions for endpoint, region and
+//! credentials; nothing reaches the network).
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+/// A moto S3 server on a free local port, stopped on drop.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (scripts/install-deps.sh installs moto[server])");
+        let up = wait_until(Duration::from_secs(30), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let m = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        assert!(up, "moto_server did not listen within 30 s");
+        m
+    }
+
+    /// Runs boto3 `script` (with `s3`, a client of this server) in python3.
+    fn boto(&self, script: &str) {
+        let prog = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1')\n{script}",
+            self.url
+        );
+        let out = output_with_timeout(
+            Command::new("python3").args(["-c", &prog]),
+            Duration::from_secs(60),
+        )
+        .expect("boto3 script timed out");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `strata ARGS` with the store `store` and AWS settings for `moto`
+/// (none from the machine's own ~/.aws), killed after a minute.
+fn run(moto: &Moto, store: &Path, endpoint_in_env: bool, args: &[&str]) -> Output {
+    let mut cmd = Command::new(STRATA);
+    cmd.args(args)
+        .env("STRATA_STORE", store)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE");
+    match endpoint_in_env {
+        true => cmd.env("AWS_ENDPOINT_URL", &moto.url),
+        false => cmd.env_remove("AWS_ENDPOINT_URL"),
+    };
+    output_with_timeout(&mut cmd, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("strata {args:?} did not finish within 60 s"))
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(out: Output, code: i32, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(what), "{err}");
+}
+
+#[test]
+fn an_image_goes_through_a_bucket_and_mounts_on_the_other_side() {
+    let moto = Moto::start();
+    moto.boto("s3.create_bucket(Bucket='envs')");
+    let here = ImageScratch::new();
+    let src = here.path("src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    fs::write(src.join("data"), vec![7u8; 300_000]).unwrap();
+    fs::write(src.join("same"), vec![7u8; 300_000]).unwrap();
+    here.build(&src, "env");
+
+    let pushed = ok(run(
+        &moto,
+        &here.store(),
+        true,
+        &["image", "push", "env", "s3://envs/team"],
+    ));
+    assert!(pushed.contains("2 blobs, 2 uploaded"), "{pushed}");
+    // Again: the bucket has every blob.
+    let again = ok(run(
+        &moto,
+        &here.store(),
+        true,
+        &["image", "push", "env", "s3://envs/team"],
+    ));
+    assert!(again.contains("2 blobs, 0 uploaded"), "{again}");
+
+    // Another machine: an empty store, the endpoint given on the command line.
+    let there = ImageScratch::new();
+    let url = moto.url.clone();
+    let pulled = ok(run(
+        &moto,
+        &there.store(),
+        false,
+        &["image", "pull", "env", "s3://envs/team", "--endpoint", &url],
+    ));
+    assert!(pulled.contains("2 blobs fetched"), "{pulled}");
+    let m = there.mount("image:env", false, &[]);
+    assert_eq!(
+        fs::read_to_string(m.m("bin/tool")).unwrap(),
+        "#!/bin/sh\necho tool\n"
+    );
+    assert_eq!(fs::read(m.m("same")).unwrap(), vec![7u8; 300_000]);
+    drop(m);
+    // Pulled again over itself: nothing to fetch.
+    let over = ok(run(
+        &moto,
+        &there.store(),
+        true,
+        &["image", "pull", "env", "s3://envs/team", "--replace"],
+    ));
+    assert!(
+        over.contains("0 blobs fetched") && over.contains("2 already here"),
+        "{over}"
+    );
+    // Without --replace, an image of that name is not overwritten.
+    fails(
+        run(
+            &moto,
+            &there.store(),
+            true,
+            &["image", "pull", "env", "s3://envs/team"],
+        ),
+        2,
+        "already exists",
+    );
+}
+
+#[test]
+fn a_bad_bucket_a_corrupt_blob_or_a_missing_image_changes_nothing() {
+    let moto = Moto::start();
+    moto.boto("s3.create_bucket(Bucket='envs')");
+    let here = ImageScratch::new();
+    let src = here.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "content of f").unwrap();
+    here.build(&src, "env");
+    ok(run(
+        &moto,
+        &here.store(),
+        true,
+        &["image", "push", "env", "s3://envs"],
+    ));
+    let hex = here
+        .blob(b"content of f")
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    // Someone replaced the blob in the bucket.
+    moto.boto(&format!(
+        "s3.put_object(Bucket='envs', Key='blobs/{}/{hex}', Body=b'STRB not a blob')",
+        &hex[..2]
+    ));
+    let there = ImageScratch::new();
+    fails(
+        run(
+            &moto,
+            &there.store(),
+            true,
+            &["image", "pull", "env", "s3://envs"],
+        ),
+        1,
+        &hex,
+    );
+    let listed = ok(run(&moto, &there.store(), true, &["image", "ls"]));
+    assert!(!listed.contains("env"), "{listed}");
+    fails(
+        run(
+            &moto,
+            &there.store(),
+            true,
+            &["image", "pull", "nope", "s3://envs"],
+        ),
+        2,
+        "no image named \"nope\"",
+    );
+    fails(
+        run(
+            &moto,
+            &here.store(),
+            true,
+            &["image", "push", "env", "envs/x"],
+        ),
+        2,
+        "s3://BUCKET",
+    );
+    fails(
+        run(
+            &moto,
+            &here.store(),
+            true,
+            &["image", "push", "nope", "s3://envs"],
+        ),
+        2,
+        "no image named",
+    );
+    // A bucket that does not exist: one line, exit 1.
+    fails(
+        run(
+            &moto,
+            &here.store(),
+            true,
+            &["image", "push", "env", "s3://missing-bucket"],
+        ),
+        1,
+        "s3://missing-bucket",
+    );
+    // Nothing listens there: it fails, and soon.
+    let start = std::time::Instant::now();
+    fails(
+        run(
+            &moto,
+            &here.store(),
+            false,
+            &[
+                "image",
+                "push",
+                "env",
+                "s3://envs",
+                "--endpoint",
+                "http://127.0.0.1:1",
+            ],
+        ),
+        1,
+        "s3://envs",
+    );
+    assert!(start.elapsed() < Duration::from_secs(45));
+}
