@@ -146,6 +146,19 @@ pub const OPTIONS: &[OptionSpec] = &[
          workspace's current branch; `strata branch`)",
     ),
     mount(
+        "remote",
+        Required("URL"),
+        "s3://envs/team",
+        "image:NAME layers from this S3-compatible bucket: the manifest is \
+         fetched at mount if the store lacks it, each blob when first read",
+    ),
+    mount(
+        "remote.endpoint",
+        Required("URL"),
+        "http://127.0.0.1:9000",
+        "S3 endpoint for remote= (default: AWS_ENDPOINT_URL, else AWS's)",
+    ),
+    mount(
         "store",
         Required("DIR"),
         "/var/tmp/store",

@@ -153,6 +153,7 @@ fn make(mode: Mode) -> Client {
                         passthrough: false,
                         watch: false,
                         index_dir: None,
+                        fetch: None,
                     },
                     None,
                 )
@@ -228,6 +229,7 @@ fn overlay(lowers: Vec<LowerSpec>, upper: std::path::PathBuf) -> Box<dyn Filesys
             passthrough: false,
             watch: false,
             index_dir: None,
+            fetch: None,
         })
         .unwrap(),
     ))

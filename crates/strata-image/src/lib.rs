@@ -33,8 +33,8 @@ mod transfer;
 pub use build::{BuildOptions, BuildStats, Progress, build};
 pub use gc::{GcStats, ImageInfo, RemoveOutcome, gc, list_images, remove_image, verify_image};
 pub use manifest::{Children, Entry, Image, Kind, entry_name_problem, seal_manifest};
-pub use store::{BlobReader, BlobRef, Store};
-pub use transfer::{Exported, ImportStats, export, import};
+pub use store::{BlobReader, BlobRef, Fetch, Store};
+pub use transfer::{Exported, FetchBlob, ImportStats, export, import};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 pub(crate) const BLOB_MAGIC: &[u8; 4] = b"STRB";
 pub(crate) const BLOB_VERSION: u8 = 1;
@@ -25,6 +25,16 @@ const CHUNK: usize = 256 << 10;
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Where blobs the store lacks come from (a remote store), if anywhere.
+    fetch: Option<Arc<dyn Fetch>>,
+    /// One fetch per blob at a time: concurrent readers wait for it.
+    fetching: Arc<[std::sync::Mutex<()>; 16]>,
+}
+
+/// A source of blob files a store lacks (the remote store): the blob
+/// file's bytes, as a store holds them; checked before they are kept.
+pub trait Fetch: Send + Sync + std::fmt::Debug {
+    fn fetch(&self, digest: &Digest) -> std::result::Result<Vec<u8>, String>;
 }
 
 /// The result of storing one file.
@@ -72,7 +82,39 @@ impl Store {
         }
         Ok(Store {
             root: root.to_owned(),
+            fetch: None,
+            fetching: Arc::new(Default::default()),
         })
+    }
+
+    /// The same store, fetching the blobs it lacks from `fetch` when they
+    /// are first read (each checked, then kept in the store).
+    pub fn with_fetch(mut self, fetch: Arc<dyn Fetch>) -> Store {
+        self.fetch = Some(fetch);
+        self
+    }
+
+    /// Fetches the missing blob `digest`, if the store has a source.
+    fn fetch_missing(&self, digest: &Digest) -> Result<bool> {
+        let Some(fetch) = &self.fetch else {
+            return Ok(false);
+        };
+        let _one = self.fetching[digest.0[0] as usize % 16]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.has_blob(digest) {
+            return Ok(true);
+        }
+        let _gc = self.lock_gc(false)?;
+        let bytes = fetch.fetch(digest).map_err(|reason| Error::Fetch {
+            digest: *digest,
+            reason,
+        })?;
+        let mut batch = Batch::default();
+        self.put_blob_file(digest, &bytes, &mut batch)?;
+        self.commit(batch)?;
+        tracing::debug!(%digest, bytes = bytes.len(), "blob fetched");
+        Ok(true)
     }
 
     /// `$STRATA_STORE`, else `/var/lib/strata` for root, else
@@ -349,7 +391,12 @@ impl Store {
     /// size and digest as it reaches the end and fails with an error naming the
     /// digest on a mismatch; read it to EOF before trusting the data.
     pub fn open_blob(&self, digest: &Digest) -> Result<BlobReader> {
-        open_blob_file(&self.blob_path(digest), digest)
+        match open_blob_file(&self.blob_path(digest), digest) {
+            Err(Error::MissingBlob(_)) if self.fetch_missing(digest)? => {
+                open_blob_file(&self.blob_path(digest), digest)
+            }
+            r => r,
+        }
     }
 
     /// Stages blob file bytes received from elsewhere (a pull) after reading

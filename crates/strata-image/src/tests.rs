@@ -1193,15 +1193,19 @@ fn an_image_moves_between_stores_checked_and_only_the_missing_blobs() {
         asked.push(*d);
         fs::read(from.blob_path(d)).map_err(|e| e.to_string())
     };
-    let stats = import(&to, "img", &sent.manifest, false, &mut fetch).unwrap();
+    let stats = import(&to, "img", &sent.manifest, false, Some(&mut fetch)).unwrap();
     assert_eq!((stats.fetched, stats.present), (3, 0));
     let img = Image::open(&to, "img").unwrap();
     let e = img.lookup_path("d/two").unwrap().unwrap();
     assert_eq!(to.read_blob(&img.blob(&e).unwrap()).unwrap(), b"two");
     // Again under another name: nothing to fetch.
-    let stats = import(&to, "again", &sent.manifest, false, &mut |_| {
-        Err("asked".into())
-    })
+    let stats = import(
+        &to,
+        "again",
+        &sent.manifest,
+        false,
+        Some(&mut |_| Err("asked".into())),
+    )
     .unwrap();
     assert_eq!((stats.fetched, stats.present), (0, 3));
     // A blob that is not what its name says is refused, and no image appears.
@@ -1212,7 +1216,7 @@ fn an_image_moves_between_stores_checked_and_only_the_missing_blobs() {
         b[last] ^= 0xff;
         Ok(b)
     };
-    let err = import(&fresh, "img", &sent.manifest, false, &mut lying).unwrap_err();
+    let err = import(&fresh, "img", &sent.manifest, false, Some(&mut lying)).unwrap_err();
     assert!(matches!(err, Error::CorruptBlob { .. }), "{err}");
     assert!(matches!(
         Image::open(&fresh, "img"),
@@ -1223,16 +1227,91 @@ fn an_image_moves_between_stores_checked_and_only_the_missing_blobs() {
     let mut bad = sent.manifest.clone();
     let n = bad.len() - 1;
     bad[n] ^= 1;
-    let err = import(&fresh, "img", &bad, false, &mut |_| Err("asked".into())).unwrap_err();
+    let err = import(
+        &fresh,
+        "img",
+        &bad,
+        false,
+        Some(&mut |_| Err("asked".into())),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::BadManifest { .. }), "{err}");
     // A fetch that fails names the blob.
-    let err = import(&fresh, "img", &sent.manifest, false, &mut |_| {
-        Err("gone".into())
-    })
+    let err = import(
+        &fresh,
+        "img",
+        &sent.manifest,
+        false,
+        Some(&mut |_| Err("gone".into())),
+    )
     .unwrap_err();
     assert!(err.to_string().contains("gone"), "{err}");
     assert!(matches!(
         Image::open(&fresh, "img"),
         Err(Error::NoSuchImage(_))
     ));
+}
+
+#[derive(Debug)]
+struct FromStore(Store, std::sync::atomic::AtomicU64);
+
+impl Fetch for FromStore {
+    fn fetch(&self, d: &Digest) -> std::result::Result<Vec<u8>, String> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        fs::read(self.0.blob_path(d)).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn a_store_with_a_source_fetches_a_blob_when_it_is_first_read_once() {
+    let (_a, from) = store();
+    let (_b, to) = store();
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("one"), b"one").unwrap();
+    fs::write(src.path().join("two"), b"two").unwrap();
+    build(
+        &from,
+        src.path(),
+        "img",
+        BuildOptions::default(),
+        &mut noprog,
+    )
+    .unwrap();
+    let sent = export(&from, "img").unwrap();
+    // The manifest only: the image exists, its blobs do not yet.
+    let stats = import(&to, "img", &sent.manifest, false, None).unwrap();
+    assert_eq!(stats.fetched, 0);
+    assert_eq!(count_blobs(&to), 0);
+    assert!(matches!(
+        to.read_blob(&Digest::of(b"one")),
+        Err(Error::MissingBlob(_))
+    ));
+    let source = std::sync::Arc::new(FromStore(from.clone(), Default::default()));
+    let lazy = to.clone().with_fetch(source.clone());
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let s = lazy.clone();
+            std::thread::spawn(move || s.materialize(&Digest::of(b"one")).map(|_| ()))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    assert_eq!(source.1.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(lazy.read_blob(&Digest::of(b"one")).unwrap(), b"one");
+    assert_eq!(count_blobs(&to), 1);
+    // A source that sends something else: refused, nothing kept.
+    #[derive(Debug)]
+    struct Liar;
+    impl Fetch for Liar {
+        fn fetch(&self, _: &Digest) -> std::result::Result<Vec<u8>, String> {
+            Ok(b"STRB garbage".to_vec())
+        }
+    }
+    let liar = to.clone().with_fetch(std::sync::Arc::new(Liar));
+    assert!(matches!(
+        liar.read_blob(&Digest::of(b"two")),
+        Err(Error::CorruptBlob { .. })
+    ));
+    assert_eq!(count_blobs(&to), 1);
 }

@@ -31,6 +31,9 @@ pub fn export(store: &Store, name: &str) -> Result<Exported> {
     })
 }
 
+/// Fetches one blob file's bytes, by digest.
+pub type FetchBlob<'a> = &'a mut dyn FnMut(&Digest) -> std::result::Result<Vec<u8>, String>;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ImportStats {
     /// Blobs fetched, and their bytes (as stored).
@@ -43,13 +46,15 @@ pub struct ImportStats {
 /// Makes image `name` in `store` from `manifest` (bytes received from
 /// elsewhere), fetching with `fetch` each blob the store lacks (the blob
 /// file's bytes). Nothing is visible until every blob is checked and
-/// durable; a bad manifest or blob leaves no image.
+/// durable; a bad manifest or blob leaves no image. Without `fetch`, only
+/// the manifest is kept: the blobs come when first read, from a store made
+/// [`Store::with_fetch`].
 pub fn import(
     store: &Store,
     name: &str,
     manifest: &[u8],
     replace: bool,
-    fetch: &mut dyn FnMut(&Digest) -> std::result::Result<Vec<u8>, String>,
+    mut fetch: Option<FetchBlob<'_>>,
 ) -> Result<ImportStats> {
     check_name(name)?;
     let _gc = store.lock_gc(false)?;
@@ -65,6 +70,9 @@ pub fn import(
             stats.present += 1;
             continue;
         }
+        let Some(fetch) = fetch.as_mut() else {
+            continue;
+        };
         let bytes = fetch(d).map_err(|reason| Error::Fetch { digest: *d, reason })?;
         store.put_blob_file(d, &bytes, &mut batch)?;
         stats.fetched += 1;

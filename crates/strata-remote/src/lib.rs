@@ -299,7 +299,40 @@ pub fn pull(store: &Store, name: &str, remote: &Remote, replace: bool) -> Result
             .get(&blob_key(d))?
             .ok_or_else(|| format!("missing from {}", remote.at))
     };
-    strata_image::import(store, name, &manifest, replace, &mut fetch).map_err(|e| e.to_string())
+    strata_image::import(store, name, &manifest, replace, Some(&mut fetch))
+        .map_err(|e| e.to_string())
+}
+
+/// Makes image `name` of the remote known to `store` without its blobs
+/// (they come when first read, through [`Remote`] as the store's
+/// [`strata_image::Fetch`]); nothing happens if the store has the image.
+pub fn pull_manifest(store: &Store, name: &str, remote: &Remote) -> Result<()> {
+    match strata_image::Image::open(store, name) {
+        Ok(_) => return Ok(()),
+        Err(strata_image::Error::NoSuchImage(_)) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let manifest = remote
+        .get(&image_key(name))?
+        .ok_or_else(|| format!("{}: no image named {name:?}", remote.at))?;
+    match strata_image::import(store, name, &manifest, false, None) {
+        // Another mount made it meanwhile.
+        Ok(_) | Err(strata_image::Error::ImageExists(_)) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({})", self.at)
+    }
+}
+
+impl strata_image::Fetch for Remote {
+    fn fetch(&self, digest: &Digest) -> Result<Vec<u8>> {
+        self.get(&blob_key(digest))?
+            .ok_or_else(|| format!("missing from {}", self.at))
+    }
 }
 
 #[cfg(test)]

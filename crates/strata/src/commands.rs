@@ -329,7 +329,8 @@ fn prepare_overlay(
     if let Some(LowerSpec::Image { name, .. }) =
         lowers.iter().find(|l| matches!(l, LowerSpec::Image { .. }))
     {
-        if !store.exists() {
+        // With a remote, the store is where its images are kept: made on first use.
+        if !store.exists() && opts.remote.is_none() {
             return Err(usage(format!(
                 "image:{name}: image store {} does not exist (give -o store=DIR or set STRATA_STORE)",
                 store.display()
@@ -340,6 +341,7 @@ fn prepare_overlay(
     if let Some(up) = &upper {
         check_upper_apart(up, &lowers)?;
     }
+    let fetch = remote_images(opts, &lowers, &store)?;
     let real_mountpoint = check_mountpoint(mountpoint, opts)?;
     check_layers_apart(&real_mountpoint, &layers)?;
     let cfg = OverlayConfig {
@@ -350,6 +352,7 @@ fn prepare_overlay(
         passthrough: opts.passthrough,
         watch: opts.watch,
         index_dir: Some(store.join("archive-index")),
+        fetch,
     };
     // With an upper, the overlay is a workspace: snapshots, branches.
     let fs = match &upper {
@@ -375,6 +378,48 @@ fn prepare_overlay(
         mount: mount_config(opts, source, upper.is_none()),
         readahead_kib: opts.readahead_kib,
     })
+}
+
+/// With `-o remote=`, the source of image blobs the store lacks; the
+/// manifest of each image lower the store lacks is fetched now.
+fn remote_images(
+    opts: &MountOptions,
+    lowers: &[LowerSpec],
+    store: &Path,
+) -> Result<Option<Arc<dyn strata_image::Fetch>>, Failure> {
+    let Some(url) = &opts.remote else {
+        if opts.remote_endpoint.is_some() {
+            return Err(usage(
+                "option 'remote.endpoint' goes with 'remote=s3://…'".to_string(),
+            ));
+        }
+        return Ok(None);
+    };
+    let names: Vec<&str> = lowers
+        .iter()
+        .filter_map(|l| match l {
+            LowerSpec::Image { name, .. } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Err(usage(format!(
+            "option 'remote={url}': SOURCE has no image:NAME layer"
+        )));
+    }
+    strata_remote::Location::parse(url).map_err(|e| usage(format!("option 'remote': {e}")))?;
+    let remote =
+        strata_remote::Remote::open(url, opts.remote_endpoint.as_deref()).map_err(failure)?;
+    let local = strata_image::Store::open(store).map_err(|e| failure(e.to_string()))?;
+    for name in names {
+        strata_remote::pull_manifest(&local, name, &remote).map_err(|e| {
+            match e.contains("no image named") {
+                true => usage(format!("image:{name}: {e}")),
+                false => failure(format!("image:{name}: {e}")),
+            }
+        })?;
+    }
+    Ok(Some(Arc::new(remote)))
 }
 
 /// An upper inside a host lower (or holding one) would see its own writes

@@ -37,6 +37,9 @@ pub struct MountOptions {
     pub upper: Option<PathBuf>,
     /// The workspace branch to show (with an upper).
     pub branch: Option<String>,
+    /// Where image layers come from when the store lacks them.
+    pub remote: Option<String>,
+    pub remote_endpoint: Option<String>,
     /// Image store for `image:NAME` layers (default: `$STRATA_STORE`, ...).
     pub store: Option<PathBuf>,
     /// mount(8)'s generic flags for the FUSE mount.
@@ -73,6 +76,8 @@ impl Default for MountOptions {
             union_keys: Vec::new(),
             upper: None,
             branch: None,
+            remote: None,
+            remote_endpoint: None,
             store: None,
             flags: MountFlags::default(),
         }
@@ -224,6 +229,8 @@ impl MountOptions {
                     | "_netdev" => {}
                     "upper" => o.upper = Some(PathBuf::from(need()?)),
                     "branch" => o.branch = Some(need()?.to_string()),
+                    "remote" => o.remote = Some(need()?.to_string()),
+                    "remote.endpoint" => o.remote_endpoint = Some(need()?.to_string()),
                     "store" => o.store = Some(PathBuf::from(need()?)),
                     // The union's settings, the cache timeouts among them.
                     _ if spec.scope == Scope::Runtime => {

@@ -17,8 +17,17 @@ pub struct ImageLayer {
 }
 
 impl ImageLayer {
-    pub fn open(store_root: &Path, name: &str) -> std::result::Result<ImageLayer, String> {
-        let store = Store::open(store_root).map_err(|e| e.to_string())?;
+    /// Image `name` of the store at `store_root`; with `fetch`, blobs the
+    /// store lacks are fetched from there when first read.
+    pub fn open(
+        store_root: &Path,
+        name: &str,
+        fetch: Option<std::sync::Arc<dyn strata_image::Fetch>>,
+    ) -> std::result::Result<ImageLayer, String> {
+        let mut store = Store::open(store_root).map_err(|e| e.to_string())?;
+        if let Some(f) = fetch {
+            store = store.with_fetch(f);
+        }
         let image = Image::open(&store, name).map_err(|e| format!("image:{name}: {e}"))?;
         Ok(ImageLayer { store, image })
     }

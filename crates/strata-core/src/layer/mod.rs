@@ -205,6 +205,10 @@ pub fn open_archive(
 }
 
 /// Opens image `name` of the store at `store_root` as a layer.
-pub fn open_image(store_root: &Path, name: &str) -> std::result::Result<Box<dyn Layer>, String> {
-    Ok(Box::new(ImageLayer::open(store_root, name)?))
+pub fn open_image(
+    store_root: &Path,
+    name: &str,
+    fetch: Option<std::sync::Arc<dyn strata_image::Fetch>>,
+) -> std::result::Result<Box<dyn Layer>, String> {
+    Ok(Box::new(ImageLayer::open(store_root, name, fetch)?))
 }

@@ -81,6 +81,8 @@ pub struct OverlayConfig {
     pub watch: bool,
     /// Where archive indexes are kept across mounts (`None`: not kept).
     pub index_dir: Option<PathBuf>,
+    /// Where image blobs the store lacks come from (`-o remote=`).
+    pub fetch: Option<Arc<dyn strata_image::Fetch>>,
 }
 
 /// Identity of an overlay object, from which its node id derives.
@@ -382,7 +384,7 @@ pub fn open_lowers(cfg: &OverlayConfig) -> std::result::Result<Vec<Box<dyn Layer
     for spec in &cfg.lowers {
         layers.push(match spec {
             LowerSpec::Host(p) => layer::open_host(p, cfg.fd_cache)?,
-            LowerSpec::Image { store, name } => layer::open_image(store, name)?,
+            LowerSpec::Image { store, name } => layer::open_image(store, name, cfg.fetch.clone())?,
             LowerSpec::Archive(p) => layer::open_archive(p, cfg.index_dir.as_deref())?,
             LowerSpec::View(p) => layer::open_view(p, cfg.fd_cache, cfg.index_dir.as_deref())?,
         });

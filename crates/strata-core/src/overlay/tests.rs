@@ -48,6 +48,7 @@ fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> Stack<Overlay> {
             passthrough: false,
             watch: false,
             index_dir: None,
+            fetch: None,
         })
         .unwrap(),
     )

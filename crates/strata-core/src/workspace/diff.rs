@@ -64,6 +64,7 @@ impl Side {
             passthrough: false,
             watch: false,
             index_dir: None,
+            fetch: None,
         })?;
         Ok(Side {
             fs: Stack::new(overlay),

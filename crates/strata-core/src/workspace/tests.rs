@@ -46,6 +46,7 @@ fn open(s: &Setup, branch: Option<&str>) -> std::result::Result<Stack<Workspace>
             passthrough: false,
             watch: false,
             index_dir: None,
+            fetch: None,
         },
         branch,
     )

@@ -275,3 +275,79 @@ fn a_bad_bucket_a_corrupt_blob_or_a_missing_image_changes_nothing() {
     );
     assert!(start.elapsed() < Duration::from_secs(45));
 }
+
+/// Blob files in the store at `store`.
+fn blobs_in(store: &Path) -> usize {
+    walk(&store.join("blobs"), Detail::default())
+        .objs
+        .values()
+        .filter(|o| o.kind == 'f')
+        .count()
+}
+
+#[test]
+fn a_mount_with_a_remote_fetches_the_manifest_at_once_and_each_file_when_first_read() {
+    let moto = Moto::start();
+    moto.boto("s3.create_bucket(Bucket='envs')");
+    let here = ImageScratch::new();
+    let src = here.path("src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    fs::write(src.join("data"), vec![9u8; 200_000]).unwrap();
+    here.build(&src, "env");
+    ok(run(
+        &moto,
+        &here.store(),
+        true,
+        &["image", "push", "env", "s3://envs/team"],
+    ));
+
+    let there = ImageScratch::new();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_ENDPOINT_URL", moto.url.as_str()),
+    ];
+    let store = there.store();
+    let opts = [
+        format!("store={}", store.display()),
+        "remote=s3://envs/team".to_string(),
+    ];
+    let m = Mounted::build_with(&[], &env, move |_| ("image:env".to_string(), opts.to_vec()));
+    // Mounted: the manifest is here, no blob yet.
+    assert!(store.join("images/env").is_file());
+    assert_eq!(blobs_in(&store), 0);
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 2);
+    assert_eq!(blobs_in(&store), 0);
+    // Each file's blob comes when it is first read, checked, and stays.
+    assert_eq!(
+        fs::read_to_string(m.m("bin/tool")).unwrap(),
+        "#!/bin/sh\necho tool\n"
+    );
+    assert_eq!(blobs_in(&store), 1);
+    assert_eq!(fs::read(m.m("data")).unwrap(), vec![9u8; 200_000]);
+    assert_eq!(blobs_in(&store), 2);
+    drop(m);
+
+    // An image the bucket does not have: the mount is refused, one line.
+    fs::create_dir_all(there.path("mnt-none")).unwrap();
+    let out = output_with_timeout(
+        Command::new(STRATA)
+            .args([
+                "mount",
+                "image:nope",
+                there.path("mnt-none").to_str().unwrap(),
+            ])
+            .arg("-o")
+            .arg(format!("store={},remote=s3://envs/team", store.display()))
+            .envs(env.iter().copied())
+            .env("STRATA_STATE_DIR", there.path("state")),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    fails(out, 2, "image:nope");
+}
