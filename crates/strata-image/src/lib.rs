@@ -34,7 +34,7 @@ pub use build::{BuildOptions, BuildStats, Progress, build};
 pub use gc::{GcStats, ImageInfo, RemoveOutcome, gc, list_images, remove_image, verify_image};
 pub use manifest::{Children, Entry, Image, Kind, entry_name_problem, seal_manifest};
 pub use store::{BlobReader, BlobRef, Fetch, Store};
-pub use transfer::{Exported, FetchBlob, ImportStats, export, import};
+pub use transfer::{Exported, FetchBlob, ImportStats, export, import, missing_blobs};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

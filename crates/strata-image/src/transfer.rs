@@ -43,6 +43,23 @@ pub struct ImportStats {
     pub present: u64,
 }
 
+/// The blobs a manifest received from elsewhere uses that `store` lacks, in
+/// the order [`import`] asks for them (so a caller can fetch ahead). The
+/// manifest is checked whole first.
+pub fn missing_blobs(store: &Store, manifest: &[u8]) -> Result<Vec<Digest>> {
+    let digests = manifest_blobs(store, manifest)?;
+    Ok(digests.into_iter().filter(|d| !store.has_blob(d)).collect())
+}
+
+/// Every blob `manifest` uses, sorted, after checking it as a mount does.
+fn manifest_blobs(store: &Store, manifest: &[u8]) -> Result<BTreeSet<Digest>> {
+    let (mut f, tmp) = store.create_tmp(0o444)?;
+    let _guard = TmpGuard(&tmp);
+    std::io::Write::write_all(&mut f, manifest).ctx("write manifest", &tmp)?;
+    drop(f);
+    Ok(Image::open_path(&tmp, true)?.digests().collect())
+}
+
 /// Makes image `name` in `store` from `manifest` (bytes received from
 /// elsewhere), fetching with `fetch` each blob the store lacks (the blob
 /// file's bytes). Nothing is visible until every blob is checked and
@@ -58,11 +75,7 @@ pub fn import(
 ) -> Result<ImportStats> {
     check_name(name)?;
     let _gc = store.lock_gc(false)?;
-    let (mut f, tmp) = store.create_tmp(0o444)?;
-    let _guard = TmpGuard(&tmp);
-    std::io::Write::write_all(&mut f, manifest).ctx("write manifest", &tmp)?;
-    drop(f);
-    let digests: BTreeSet<Digest> = Image::open_path(&tmp, true)?.digests().collect();
+    let digests = manifest_blobs(store, manifest)?;
     let mut batch = Batch::default();
     let mut stats = ImportStats::default();
     for d in &digests {

@@ -20,7 +20,7 @@
 
 #![deny(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -180,28 +180,34 @@ impl Remote {
 
     /// The object at `rel` (below the prefix); `None` if there is none.
     fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        let key = self.at.key(rel);
-        self.rt.block_on(async {
-            let r = self
-                .client
-                .get_object()
-                .bucket(&self.at.bucket)
-                .key(&key)
-                .send()
-                .await;
-            match r {
-                Ok(o) => {
-                    let body = o
-                        .body
-                        .collect()
-                        .await
-                        .map_err(|e| format!("{}/{rel}: {}", self.at, why(&e)))?;
-                    Ok(Some(body.into_bytes().to_vec()))
-                }
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-                Err(e) => Err(format!("{}/{rel}: {}", self.at, why(&e))),
+        self.rt
+            .block_on(Self::get_with(&self.client, &self.at, rel))
+    }
+
+    /// A GET from a task of its own (the client and location cloned in).
+    async fn get_with(
+        client: &aws_sdk_s3::Client,
+        at: &Location,
+        rel: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let r = client
+            .get_object()
+            .bucket(&at.bucket)
+            .key(at.key(rel))
+            .send()
+            .await;
+        match r {
+            Ok(o) => {
+                let body = o
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| format!("{at}/{rel}: {}", why(&e)))?;
+                Ok(Some(body.into_bytes().to_vec()))
             }
-        })
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(format!("{at}/{rel}: {}", why(&e))),
+        }
     }
 
     async fn put(&self, rel: String, body: Vec<u8>) -> Result<()> {
@@ -294,14 +300,37 @@ pub fn pull(store: &Store, name: &str, remote: &Remote, replace: bool) -> Result
     let manifest = remote
         .get(&image_key(name))?
         .ok_or_else(|| format!("{}: no image named {name:?}", remote.at))?;
+    let wanted = strata_image::missing_blobs(store, &manifest).map_err(|e| e.to_string())?;
+    // Import asks for blobs one at a time, in `wanted`'s order: keep
+    // `PARALLEL` GETs ahead of it.
+    let mut ahead = wanted.iter().copied();
+    let mut running: HashMap<Digest, Download> = HashMap::new();
     let mut fetch = |d: &Digest| {
-        remote
-            .get(&blob_key(d))?
-            .ok_or_else(|| format!("missing from {}", remote.at))
+        while running.len() < PARALLEL {
+            let Some(next) = ahead.next() else { break };
+            let (client, at) = (remote.client.clone(), remote.at.clone());
+            let task = async move { Remote::get_with(&client, &at, &blob_key(&next)).await };
+            running.insert(next, remote.rt.spawn(task));
+        }
+        let got = match running.remove(d) {
+            Some(task) => remote
+                .rt
+                .block_on(task)
+                .map_err(|e| format!("download: {e}"))??,
+            None => remote.get(&blob_key(d))?,
+        };
+        got.ok_or_else(|| format!("missing from {}", remote.at))
     };
-    strata_image::import(store, name, &manifest, replace, Some(&mut fetch))
-        .map_err(|e| e.to_string())
+    let stats = strata_image::import(store, name, &manifest, replace, Some(&mut fetch));
+    // Fetched ahead and never asked for (the import failed): dropped.
+    for task in running.into_values() {
+        task.abort();
+    }
+    stats.map_err(|e| e.to_string())
 }
+
+/// A blob being downloaded ahead of the import.
+type Download = tokio::task::JoinHandle<Result<Option<Vec<u8>>>>;
 
 /// Makes image `name` of the remote known to `store` without its blobs
 /// (they come when first read, through [`Remote`] as the store's

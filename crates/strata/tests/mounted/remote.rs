@@ -351,3 +351,46 @@ fn a_mount_with_a_remote_fetches_the_manifest_at_once_and_each_file_when_first_r
     .unwrap();
     fails(out, 2, "image:nope");
 }
+
+#[test]
+fn a_pull_of_many_blobs_fetches_ahead_and_keeps_each_one_right() {
+    let moto = Moto::start();
+    moto.boto("s3.create_bucket(Bucket='envs')");
+    let here = ImageScratch::new();
+    let src = here.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..40 {
+        fs::write(
+            src.join(format!("f{i:02}")),
+            format!("file number {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    here.build(&src, "many");
+    ok(run(
+        &moto,
+        &here.store(),
+        true,
+        &["image", "push", "many", "s3://envs"],
+    ));
+    let there = ImageScratch::new();
+    let pulled = ok(run(
+        &moto,
+        &there.store(),
+        true,
+        &["image", "pull", "many", "s3://envs"],
+    ));
+    assert!(pulled.contains("40 blobs fetched"), "{pulled}");
+    let out = there.ok(&["image", "verify", "many"]);
+    assert!(
+        !out.contains("corrupt") && !out.contains("missing"),
+        "{out}"
+    );
+    let m = there.mount("image:many", false, &[]);
+    for i in 0..40 {
+        assert_eq!(
+            fs::read_to_string(m.m(&format!("f{i:02}"))).unwrap(),
+            format!("file number {i}\n").repeat(i + 1)
+        );
+    }
+}
