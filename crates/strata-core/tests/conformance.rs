@@ -145,16 +145,7 @@ fn make(mode: Mode) -> Client {
             fs::rename(p("upper/.strata"), p("lower/.strata")).unwrap();
             let fs = Stack::new(
                 Workspace::open(
-                    OverlayConfig {
-                        lowers: vec![LowerSpec::Host(p("lower"))],
-                        upper: Some(p("upper")),
-                        cache: Default::default(),
-                        fd_cache: 64,
-                        passthrough: false,
-                        watch: false,
-                        index_dir: None,
-                        fetch: None,
-                    },
+                    OverlayConfig::new(vec![LowerSpec::Host(p("lower"))], Some(p("upper"))),
                     None,
                 )
                 .unwrap(),
@@ -221,17 +212,7 @@ fn make(mode: Mode) -> Client {
 fn overlay(lowers: Vec<LowerSpec>, upper: std::path::PathBuf) -> Box<dyn Filesystem> {
     fs::create_dir(&upper).unwrap();
     Box::new(Stack::new(
-        Overlay::new(OverlayConfig {
-            lowers,
-            upper: Some(upper),
-            cache: Default::default(),
-            fd_cache: 64,
-            passthrough: false,
-            watch: false,
-            index_dir: None,
-            fetch: None,
-        })
-        .unwrap(),
+        Overlay::new(OverlayConfig::new(lowers, Some(upper))).unwrap(),
     ))
 }
 

@@ -85,6 +85,24 @@ pub struct OverlayConfig {
     pub fetch: Option<Arc<dyn strata_image::Fetch>>,
 }
 
+impl OverlayConfig {
+    /// `lowers` under `upper` with the defaults: the cache policy's
+    /// timeouts, 64 cached descriptors, no kernel passthrough, no watch, no
+    /// kept archive indexes, no remote.
+    pub fn new(lowers: Vec<LowerSpec>, upper: Option<PathBuf>) -> OverlayConfig {
+        OverlayConfig {
+            lowers,
+            upper,
+            cache: CachePolicy::default(),
+            fd_cache: 64,
+            passthrough: false,
+            watch: false,
+            index_dir: None,
+            fetch: None,
+        }
+    }
+}
+
 /// Identity of an overlay object, from which its node id derives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Key {

@@ -39,19 +39,7 @@ fn setup() -> Setup {
 }
 
 fn overlay(lowers: Vec<LowerSpec>, upper: Option<&Path>) -> Stack<Overlay> {
-    Stack::new(
-        Overlay::new(OverlayConfig {
-            lowers,
-            upper: upper.map(Path::to_path_buf),
-            cache: Default::default(),
-            fd_cache: 64,
-            passthrough: false,
-            watch: false,
-            index_dir: None,
-            fetch: None,
-        })
-        .unwrap(),
-    )
+    Stack::new(Overlay::new(OverlayConfig::new(lowers, upper.map(Path::to_path_buf))).unwrap())
 }
 
 fn host_overlay(s: &Setup) -> Stack<Overlay> {

@@ -57,14 +57,8 @@ impl Side {
             .chain(base.iter().cloned())
             .collect();
         let overlay = Overlay::new(OverlayConfig {
-            lowers,
-            upper: None,
-            cache: Default::default(),
             fd_cache: 256,
-            passthrough: false,
-            watch: false,
-            index_dir: None,
-            fetch: None,
+            ..OverlayConfig::new(lowers, None)
         })?;
         Ok(Side {
             fs: Stack::new(overlay),

@@ -38,16 +38,10 @@ fn setup() -> Setup {
 
 fn open(s: &Setup, branch: Option<&str>) -> std::result::Result<Stack<Workspace>, String> {
     Workspace::open(
-        OverlayConfig {
-            lowers: vec![LowerSpec::Host(s.lower.clone())],
-            upper: Some(s.upper.clone()),
-            cache: Default::default(),
-            fd_cache: 64,
-            passthrough: false,
-            watch: false,
-            index_dir: None,
-            fetch: None,
-        },
+        OverlayConfig::new(
+            vec![LowerSpec::Host(s.lower.clone())],
+            Some(s.upper.clone()),
+        ),
         branch,
     )
     .map(Stack::new)

@@ -73,17 +73,11 @@ fn run(moto: &Moto, store: &Path, endpoint_in_env: bool, args: &[&str]) -> Outpu
     let mut cmd = Command::new(STRATA);
     cmd.args(args)
         .env("STRATA_STORE", store)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(aws_env(moto))
         .env_remove("AWS_PROFILE");
-    match endpoint_in_env {
-        true => cmd.env("AWS_ENDPOINT_URL", &moto.url),
-        false => cmd.env_remove("AWS_ENDPOINT_URL"),
-    };
+    if !endpoint_in_env {
+        cmd.env_remove("AWS_ENDPOINT_URL");
+    }
     output_with_timeout(&mut cmd, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("strata {args:?} did not finish within 60 s"))
 }
@@ -104,17 +98,48 @@ fn fails(out: Output, code: i32, what: &str) {
     assert!(err.contains(what), "{err}");
 }
 
-#[test]
-fn an_image_goes_through_a_bucket_and_mounts_on_the_other_side() {
+/// A moto server with bucket `envs`, and a store holding image `name`
+/// built from `files` (path, content).
+fn bucket_and_image(name: &str, files: &[(&str, Vec<u8>)]) -> (Moto, ImageScratch) {
     let moto = Moto::start();
     moto.boto("s3.create_bucket(Bucket='envs')");
     let here = ImageScratch::new();
     let src = here.path("src");
-    fs::create_dir_all(src.join("bin")).unwrap();
-    fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
-    fs::write(src.join("data"), vec![7u8; 300_000]).unwrap();
-    fs::write(src.join("same"), vec![7u8; 300_000]).unwrap();
-    here.build(&src, "env");
+    for (path, content) in files {
+        let p = src.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+    fs::create_dir_all(&src).unwrap();
+    here.build(&src, name);
+    (moto, here)
+}
+
+/// The AWS settings for `moto`, none from the machine's own ~/.aws.
+fn aws_env(moto: &Moto) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_CONFIG_FILE", "/nonexistent".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_ENDPOINT_URL", moto.url.clone()),
+    ]
+}
+
+const TOOL: &str = "#!/bin/sh\necho tool\n";
+
+#[test]
+fn an_image_goes_through_a_bucket_and_mounts_on_the_other_side() {
+    let (moto, here) = bucket_and_image(
+        "env",
+        &[
+            ("bin/tool", TOOL.into()),
+            ("data", vec![7u8; 300_000]),
+            ("same", vec![7u8; 300_000]),
+        ],
+    );
 
     let pushed = ok(run(
         &moto,
@@ -143,10 +168,7 @@ fn an_image_goes_through_a_bucket_and_mounts_on_the_other_side() {
     ));
     assert!(pulled.contains("2 blobs fetched"), "{pulled}");
     let m = there.mount("image:env", false, &[]);
-    assert_eq!(
-        fs::read_to_string(m.m("bin/tool")).unwrap(),
-        "#!/bin/sh\necho tool\n"
-    );
+    assert_eq!(fs::read_to_string(m.m("bin/tool")).unwrap(), TOOL);
     assert_eq!(fs::read(m.m("same")).unwrap(), vec![7u8; 300_000]);
     drop(m);
     // Pulled again over itself: nothing to fetch.
@@ -175,13 +197,7 @@ fn an_image_goes_through_a_bucket_and_mounts_on_the_other_side() {
 
 #[test]
 fn a_bad_bucket_a_corrupt_blob_or_a_missing_image_changes_nothing() {
-    let moto = Moto::start();
-    moto.boto("s3.create_bucket(Bucket='envs')");
-    let here = ImageScratch::new();
-    let src = here.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), "content of f").unwrap();
-    here.build(&src, "env");
+    let (moto, here) = bucket_and_image("env", &[("f", b"content of f".to_vec())]);
     ok(run(
         &moto,
         &here.store(),
@@ -287,14 +303,10 @@ fn blobs_in(store: &Path) -> usize {
 
 #[test]
 fn a_mount_with_a_remote_fetches_the_manifest_at_once_and_each_file_when_first_read() {
-    let moto = Moto::start();
-    moto.boto("s3.create_bucket(Bucket='envs')");
-    let here = ImageScratch::new();
-    let src = here.path("src");
-    fs::create_dir_all(src.join("bin")).unwrap();
-    fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
-    fs::write(src.join("data"), vec![9u8; 200_000]).unwrap();
-    here.build(&src, "env");
+    let (moto, here) = bucket_and_image(
+        "env",
+        &[("bin/tool", TOOL.into()), ("data", vec![9u8; 200_000])],
+    );
     ok(run(
         &moto,
         &here.store(),
@@ -303,15 +315,8 @@ fn a_mount_with_a_remote_fetches_the_manifest_at_once_and_each_file_when_first_r
     ));
 
     let there = ImageScratch::new();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_CONFIG_FILE", "/nonexistent"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_ENDPOINT_URL", moto.url.as_str()),
-    ];
+    let env = aws_env(&moto);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let store = there.store();
     let opts = [
         format!("store={}", store.display()),
@@ -324,10 +329,7 @@ fn a_mount_with_a_remote_fetches_the_manifest_at_once_and_each_file_when_first_r
     assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 2);
     assert_eq!(blobs_in(&store), 0);
     // Each file's blob comes when it is first read, checked, and stays.
-    assert_eq!(
-        fs::read_to_string(m.m("bin/tool")).unwrap(),
-        "#!/bin/sh\necho tool\n"
-    );
+    assert_eq!(fs::read_to_string(m.m("bin/tool")).unwrap(), TOOL);
     assert_eq!(blobs_in(&store), 1);
     assert_eq!(fs::read(m.m("data")).unwrap(), vec![9u8; 200_000]);
     assert_eq!(blobs_in(&store), 2);
@@ -354,19 +356,21 @@ fn a_mount_with_a_remote_fetches_the_manifest_at_once_and_each_file_when_first_r
 
 #[test]
 fn a_pull_of_many_blobs_fetches_ahead_and_keeps_each_one_right() {
-    let moto = Moto::start();
-    moto.boto("s3.create_bucket(Bucket='envs')");
-    let here = ImageScratch::new();
-    let src = here.path("src");
-    fs::create_dir_all(&src).unwrap();
-    for i in 0..40 {
-        fs::write(
-            src.join(format!("f{i:02}")),
-            format!("file number {i}\n").repeat(i + 1),
-        )
-        .unwrap();
-    }
-    here.build(&src, "many");
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                format!("f{i:02}"),
+                format!(
+                    "file number {i}
+"
+                )
+                .repeat(i + 1)
+                .into_bytes(),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, c)| (p.as_str(), c.clone())).collect();
+    let (moto, here) = bucket_and_image("many", &files);
     ok(run(
         &moto,
         &here.store(),
