@@ -774,8 +774,12 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
     if m.fstype != state::FSTYPE {
         return Err(usage(format!("{mp}: not a strata mount ({})", m.fstype)));
     }
-    let stale = state::health(&mountpoint) == state::Health::Stale;
-    unmount_syscall(&mountpoint, lazy || stale).map_err(|e| {
+    let health = state::health(&mountpoint);
+    let stale = health == state::Health::Stale;
+    // A mount that does not answer holds whoever asked it (our own probe
+    // among them): only detaching it works.
+    let hung = health == state::Health::Hung;
+    unmount_syscall(&mountpoint, lazy || stale || hung).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {
             usage(format!("{mp}: busy (files open or a process inside); `strata umount -l {mp}` detaches it anyway"))
         } else {
@@ -783,10 +787,12 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
         }
     })?;
     // Give a live daemon a moment to finish, so a remount right after works.
-    // A stale mount's daemon is gone already (at most a zombie).
+    // A stale mount's daemon is gone already (at most a zombie); a stopped
+    // one cannot finish until it is continued.
     if let Some(rec) = record.filter(|_| !stale) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while state::pid_alive(rec.pid) && Instant::now() < deadline {
+        while state::pid_alive(rec.pid) && !state::pid_stopped(rec.pid) && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -919,10 +925,15 @@ const CHILD_ENV: &str = "STRATA_ASKS_IN_CHILD";
 /// until the mount answers; see `state::Probe`), and the command fails with
 /// one line. `None` in the child itself: the caller does the work.
 pub fn in_child(path: &Path, limit: Duration) -> Option<Result<(), Failure>> {
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if is_asking_child() {
         return None;
     }
     Some(run_in_child(path, limit))
+}
+
+/// Whether this process is the child [`in_child`] started.
+pub fn is_asking_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
 }
 
 fn run_in_child(path: &Path, limit: Duration) -> Result<(), Failure> {

@@ -356,12 +356,20 @@ pub fn health(path: &Path) -> Health {
 /// Whether process `pid` still runs: a zombie (killed, not yet reaped by its
 /// parent) holds nothing and counts as gone.
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
+    !matches!(pid_state(pid), None | Some('Z' | 'X'))
+}
+
+/// Whether process `pid` is stopped (SIGSTOP, or a debugger): it cannot
+/// exit before someone continues it.
+pub fn pid_stopped(pid: u32) -> bool {
+    matches!(pid_state(pid), Some('T' | 't'))
+}
+
+/// The state letter of process `pid` (`/proc/PID/stat`).
+fn pid_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the command name, which may itself hold ") ".
-    let state = stat.rfind(") ").and_then(|i| stat[i + 2..].chars().next());
-    !matches!(state, Some('Z' | 'X'))
+    stat.rfind(") ").and_then(|i| stat[i + 2..].chars().next())
 }
 
 #[cfg(test)]

@@ -226,6 +226,14 @@ pub fn snapshot(cmd: SnapshotCommand) -> Result<(), Failure> {
         return export(&mountpoint, &name, &image, replace, &store.root());
     }
     let (mp, limit) = match &cmd {
+        // Long limits for long work: a mount that does not answer at all
+        // is told from a short probe first.
+        SnapshotCommand::Create { mountpoint, .. } | SnapshotCommand::Diff { mountpoint, .. }
+            if !crate::commands::is_asking_child() =>
+        {
+            check_answers(mountpoint)?;
+            (mountpoint, SNAPSHOT_LIMIT)
+        }
         SnapshotCommand::Create { mountpoint, .. } => (mountpoint, SNAPSHOT_LIMIT),
         SnapshotCommand::Diff { mountpoint, .. } => (mountpoint, SNAPSHOT_LIMIT),
         SnapshotCommand::Ls { mountpoint, .. } | SnapshotCommand::Rm { mountpoint, .. } => {

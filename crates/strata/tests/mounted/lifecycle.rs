@@ -451,6 +451,24 @@ fn an_empty_xdg_runtime_dir_keeps_state_out_of_the_cwd() {
 }
 
 #[test]
+fn umount_of_a_stopped_daemon_returns_at_once() {
+    let m = Mounted::new(&[]);
+    let state = m.dir.path().join("state");
+    m.signal(rustix::process::Signal::STOP);
+    let _resume = Resume::new(m.pid(), Duration::from_secs(30));
+    let start = std::time::Instant::now();
+    let out = strata(&["umount", m.mnt.to_str().unwrap()], &state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Not the 10 s a running daemon gets to finish: a stopped one cannot.
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!is_mounted(&m.mnt));
+}
+
+#[test]
 fn commands_that_ask_a_hung_mount_give_up_with_one_line() {
     let m = Mounted::with_source(&[], |src| fs::write(src.join("f"), b"x").unwrap());
     let state = m.dir.path().join("state");
@@ -462,6 +480,11 @@ fn commands_that_ask_a_hung_mount_give_up_with_one_line() {
         vec!["ctl", mnt.as_str(), "list"],
         vec!["ctl", mnt.as_str(), "get", "version"],
         vec!["view", "explain", file.as_str()],
+        vec!["snapshot", "create", mnt.as_str(), "--name", "s"],
+        vec!["snapshot", "ls", mnt.as_str()],
+        vec!["snapshot", "diff", mnt.as_str(), "a", "b"],
+        vec!["branch", "ls", mnt.as_str()],
+        vec!["branch", "exec", mnt.as_str(), "b", "--", "true"],
     ] {
         let start = std::time::Instant::now();
         let out = strata(&args, &state);
