@@ -166,6 +166,9 @@ impl Rule for Overlay {
     }
 
     fn lookup(&self, _ctx: &Ctx, parent: u64, name: &CStr) -> Result<Entry> {
+        // A node made from what the live layer held before a snapshot, but
+        // registered after it, would keep writing the frozen layer.
+        let _gate = self.gate.read();
         self.lookup_in(parent, name)
     }
 

@@ -230,8 +230,9 @@ pub struct Overlay {
     /// Node → its handles open on an upper file: a snapshot moves these
     /// files into the new live layer (see `freeze`).
     open_upper: Mutex<HashMap<u64, smallvec::SmallVec<[u64; 2]>>>,
-    /// Held (shared) by every request that may change the upper, and
-    /// exclusively by a snapshot while it freezes the live layer.
+    /// Held (shared) by every request that may change the upper or make a
+    /// node from it (lookups), and exclusively by a snapshot while it
+    /// freezes the live layer.
     gate: RwLock<()>,
     /// Node → its read-only handles open on a lower file. A copy-up moves
     /// them to the copy, so they read what writers wrote (kernel overlayfs

@@ -438,3 +438,60 @@ fn a_directory_under_many_frozen_layers_resolves_and_lists_as_the_layers_say() {
         FileKind::Directory
     );
 }
+
+#[test]
+fn lookups_and_writes_racing_snapshots_never_change_a_frozen_layer() {
+    let s = setup();
+    let fs = std::sync::Arc::new(host_overlay(&s));
+    for i in 0..40 {
+        let (e, o) = fs
+            .create(
+                &ROOT,
+                ROOT_ID,
+                OsStr::new(&format!("f{i}")),
+                0o100644,
+                0,
+                libc::O_RDWR,
+            )
+            .unwrap();
+        write_at(&fs, e.attr.ino, o.fh, b"start");
+        fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+        fs.forget(e.attr.ino, 1);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for i in 0..40 {
+                    let e = lookup(&fs, ROOT_ID, &format!("f{i}")).unwrap();
+                    let o = fs
+                        .open(&ROOT, e.attr.ino, libc::O_WRONLY | libc::O_TRUNC)
+                        .unwrap();
+                    write_at(&fs, e.attr.ino, o.fh, format!("w{round}").as_bytes());
+                    fs.release(&ROOT, e.attr.ino, o.fh).unwrap();
+                    fs.forget(e.attr.ino, 1);
+                }
+                round += 1;
+            }
+        })
+    };
+    let frozen_files = |dir: &Path| -> Vec<Vec<u8>> {
+        (0..40)
+            .map(|i| fs::read(dir.join(format!("f{i}"))).unwrap_or_default())
+            .collect()
+    };
+    for n in 1..=8 {
+        let frozen = match n {
+            1 => s.upper.clone(),
+            n => s.upper.join(format!(".strata/layers/{}", n - 1)),
+        };
+        snapshot(&fs, &s.upper, &format!(".strata/layers/{n}"));
+        let at_snapshot = frozen_files(&frozen);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(frozen_files(&frozen), at_snapshot, "snapshot {n} changed");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+}
