@@ -122,6 +122,15 @@ impl<K: Clone + Eq + Hash, T> InodeTable<K, T> {
         self.inner.lock().nodes.keys().copied().collect()
     }
 
+    /// Calls `f` on every node, under the table's lock: one pass, no
+    /// lookups (a caller taking node locks in `f` must never hold one of
+    /// them while it asks the table).
+    pub fn for_each(&self, mut f: impl FnMut(&T)) {
+        for slot in self.inner.lock().nodes.values() {
+            f(&slot.data);
+        }
+    }
+
     /// The node for `key` if the kernel knows it, without taking a reference.
     pub fn get_by_key(&self, key: &K) -> Option<(u64, Arc<T>)> {
         let inner = self.inner.lock();

@@ -106,25 +106,20 @@ impl Overlay {
             discard_copies(&moving);
             return Err(e);
         }
-        for id in self.table.ids() {
-            let Some(node) = self.table.get(id) else {
-                continue;
-            };
+        self.table.for_each(|node| {
             let Some(up) = node.upper.write().take() else {
-                continue;
+                return;
             };
             let mut lowers = node.lowers.write();
-            let below: Lowers = match node.kind {
-                FileKind::Directory => lowers.drain(..).collect(),
-                _ => Lowers::new(),
-            };
-            *lowers = std::iter::once(LRef {
+            let top = LRef {
                 layer: frozen,
                 obj: LObj::Host(up),
-            })
-            .chain(below)
-            .collect();
-        }
+            };
+            match node.kind {
+                FileKind::Directory => lowers.insert(0, top),
+                _ => *lowers = std::iter::once(top).collect(),
+            }
+        });
         *root.upper.write() = Some(live);
         for m in &moving {
             if let Err(e) = self.move_open_file(h, frozen, m) {
