@@ -34,6 +34,9 @@ type ArchiveVersion = (u64, (i64, u32));
 
 /// How long what `flatten`/`auto` archives put into a directory is reused.
 const FLAT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// Past this many directories, expired ones are dropped (each holds its
+/// archives open).
+const FLAT_KEPT: usize = 256;
 
 /// What the archives of a directory put into it (`flatten`, `auto`).
 #[derive(Default)]
@@ -336,9 +339,11 @@ impl ViewLayer {
             }
         }
         let flat = Arc::new(flat);
-        self.flat
-            .lock()
-            .insert(id, (std::time::Instant::now(), dst.mtime, flat.clone()));
+        let mut cache = self.flat.lock();
+        if cache.len() >= FLAT_KEPT {
+            cache.retain(|_, (at, _, _)| at.elapsed() < FLAT_FOR);
+        }
+        cache.insert(id, (std::time::Instant::now(), dst.mtime, flat.clone()));
         Ok(flat)
     }
 

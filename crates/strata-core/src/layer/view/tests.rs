@@ -386,3 +386,32 @@ archives = "flatten"
         assert_eq!(st.key, l.key, "{:?}", l.name);
     }
 }
+
+/// A view walked through many directories does not keep what their
+/// archives put into them once that expired.
+#[test]
+fn the_flattened_directories_cache_drops_expired_entries() {
+    let s = Setup::new();
+    let games = s.dir.path().join("games");
+    let n = FLAT_KEPT + 20;
+    for i in 0..n {
+        fs::create_dir_all(games.join(format!("d{i}"))).unwrap();
+    }
+    let v = s.view(
+        r#"
+[sources]
+games = "games"
+[[map]]
+path = ""
+from = "games"
+archives = "flatten"
+"#,
+    );
+    for i in 0..n {
+        names(&v, &format!("d{i}"));
+    }
+    assert!(v.flat.lock().len() >= FLAT_KEPT);
+    std::thread::sleep(FLAT_FOR + std::time::Duration::from_millis(100));
+    names(&v, "d0");
+    assert!(v.flat.lock().len() < 10, "{}", v.flat.lock().len());
+}
