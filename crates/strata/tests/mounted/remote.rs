@@ -398,3 +398,71 @@ fn a_pull_of_many_blobs_fetches_ahead_and_keeps_each_one_right() {
         );
     }
 }
+
+#[test]
+fn a_lazy_image_under_an_upper_takes_writes_snapshots_and_branches() {
+    let (moto, here) = bucket_and_image(
+        "env",
+        &[
+            ("lib/a.py", b"A = 1\n".to_vec()),
+            ("lib/b.py", b"B = 2\n".to_vec()),
+        ],
+    );
+    ok(run(
+        &moto,
+        &here.store(),
+        true,
+        &["image", "push", "env", "s3://envs"],
+    ));
+    let there = ImageScratch::new();
+    let env = aws_env(&moto);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let store = there.store();
+    let opts = vec![
+        format!("store={}", store.display()),
+        "remote=s3://envs".to_string(),
+    ];
+    let m = Mounted::build_with(&[], &env, move |dir| {
+        let up = dir.join("upper");
+        fs::create_dir(&up).unwrap();
+        let mut o = opts.clone();
+        o.push(format!("upper={}", up.display()));
+        ("image:env".to_string(), o)
+    });
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    let state = m.dir.path().join("state");
+    let cli = |args: &[&str]| {
+        let out = output_with_timeout(
+            Command::new(STRATA)
+                .args(args)
+                .env("STRATA_STATE_DIR", &state),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // A write copies a.py up (fetching its blob); b.py is not read yet.
+    fs::write(m.m("lib/a.py"), "A = 10\n").unwrap();
+    assert_eq!(blobs_in(&store), 1);
+    cli(&["snapshot", "create", &mnt, "--name", "s1"]);
+    cli(&["branch", "create", &mnt, "--from", "s1", "--name", "b"]);
+    let seen = cli(&[
+        "branch",
+        "exec",
+        &mnt,
+        "b",
+        "--",
+        "cat",
+        &format!("{mnt}/lib/a.py"),
+        &format!("{mnt}/lib/b.py"),
+    ]);
+    assert_eq!(seen, "A = 10\nB = 2\n");
+    // b.py was read in the branch: its blob came then.
+    assert_eq!(blobs_in(&store), 2);
+    assert_eq!(cli(&["snapshot", "diff", &mnt, "s1", "b"]), "");
+}
