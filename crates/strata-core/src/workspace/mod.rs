@@ -25,6 +25,7 @@ mod tests;
 use std::collections::HashMap;
 use std::ffi::{CStr, OsStr};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -68,7 +69,7 @@ pub struct Workspace {
     bindings: pids::Bindings,
     invalidator: OnceLock<Arc<dyn Invalidator>>,
     /// Held while the workspace state exists: one daemon per workspace.
-    _lock: Mutex<Option<OwnedFd>>,
+    lock: Mutex<Option<OwnedFd>>,
 }
 
 /// Takes the workspace's lock (`.strata/lock`), refusing a second daemon.
@@ -124,7 +125,7 @@ impl Workspace {
             frozen: Mutex::default(),
             bindings: pids::Bindings::default(),
             invalidator: OnceLock::new(),
-            _lock: Mutex::new(lock),
+            lock: Mutex::new(lock),
         };
         let name = match (branch, ws.state.lock().as_ref()) {
             (Some(b), _) => b.to_string(),
@@ -301,7 +302,7 @@ impl Workspace {
         if st.is_none() {
             let fail = |e: String| Refusal::new(Errno::EIO, e);
             let mut made = State::open(&self.upper_path, true).map_err(fail)?;
-            *self._lock.lock() = Some(lock_workspace(&self.upper_path).map_err(fail)?);
+            *self.lock.lock() = Some(lock_workspace(&self.upper_path).map_err(fail)?);
             if let Some(m) = &mut made {
                 m.set_lowers(&self.cfg.lowers)?;
             }
@@ -455,8 +456,6 @@ impl Workspace {
         serde_json::Value::Array(list).to_string()
     }
 }
-
-use std::os::unix::ffi::OsStrExt;
 
 /// Control keys of a workspace (`user.strata.KEY` on `/.strata`).
 const KEYS: [&str; 10] = [
