@@ -134,18 +134,36 @@ pub fn prune_logs(mountpoint: &Path, keep: usize) {
 /// daemon that exits cannot read its own record and then remove the one a
 /// successor at the same mountpoint wrote in between.
 fn lock_records(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().expect("has parent");
-    fs::create_dir_all(dir)?;
-    let lock = fs::File::create(dir.join(".lock"))?;
+    // Explicit modes: the daemon's umask is 0, and records must not be
+    // anyone's to write.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .open(dir.join(".lock"))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
     Ok(lock)
 }
 
 pub fn write_record(rec: &MountRecord) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = record_path(&rec.mountpoint);
     let _lock = lock_records(&path)?;
     let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(rec).expect("serializable"))?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(rec).expect("serializable"))?;
     fs::rename(tmp, path)
 }
 

@@ -591,3 +591,27 @@ fn doctor_reports_each_check_with_its_fix() {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains("strata-doctor"), "the probe mount stayed");
 }
+
+/// The daemon runs with umask 0: what it writes in the state directory
+/// gets explicit modes, so no other user can plant or change a record.
+#[test]
+fn mount_records_are_not_writable_by_others() {
+    use std::os::unix::fs::MetadataExt;
+    let m = Mounted::new(&[]);
+    let mounts = m.dir.path().join("state/mounts");
+    assert!(wait_until(Duration::from_secs(5), || {
+        fs::read_dir(&mounts).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+        })
+    }));
+    let mut checked = 0;
+    for p in std::iter::once(mounts.clone())
+        .chain(fs::read_dir(&mounts).unwrap().flatten().map(|e| e.path()))
+    {
+        let mode = fs::metadata(&p).unwrap().mode();
+        assert_eq!(mode & 0o022, 0, "{}: {:o}", p.display(), mode & 0o7777);
+        checked += 1;
+    }
+    assert!(checked >= 3, "the directory, its lock and a record");
+}

@@ -187,7 +187,15 @@ fn a_directory_named_image_is_still_a_directory() {
         let mounted = fstype_at(&mnt).is_some();
         let content = fs::read(mnt.join("f")).ok();
         if mounted {
-            let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+            // `strata umount` waits for the daemon: one still exiting after
+            // the scratch directory went would write its record again.
+            let _ = output_with_timeout(
+                Command::new(STRATA)
+                    .arg("umount")
+                    .arg(&mnt)
+                    .env("STRATA_STATE_DIR", d.join("state")),
+                Duration::from_secs(30),
+            );
         }
         if !out.status.success() || content.as_deref() != Some(&b"in a directory called image"[..])
         {
