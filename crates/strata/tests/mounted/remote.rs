@@ -259,6 +259,37 @@ fn a_bad_bucket_a_corrupt_blob_or_a_missing_image_changes_nothing() {
         2,
         "no image named",
     );
+    // Mount options naming a remote badly, or without an image to fetch.
+    let mnt = there.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let src = there.path("plain");
+    let up = there.path("up");
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir_all(&up).unwrap();
+    let no_image = format!("remote=s3://envs,upper={}", up.display());
+    for (source, opts, what) in [
+        ("image:env", "remote=http://envs", "option 'remote'"),
+        ("image:env", "remote=s3://E", "option 'remote'"),
+        (
+            src.to_str().unwrap(),
+            no_image.as_str(),
+            "SOURCE has no image:NAME",
+        ),
+        (
+            "image:env",
+            "remote.endpoint=http://127.0.0.1:1",
+            "remote.endpoint",
+        ),
+    ] {
+        let out = run(
+            &moto,
+            &there.store(),
+            true,
+            &["mount", source, mnt.to_str().unwrap(), "-o", opts],
+        );
+        fails(out, 2, what);
+        assert!(!is_mounted(&mnt));
+    }
     // A bucket that does not exist: one line, exit 1.
     fails(
         run(
