@@ -34,6 +34,35 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub type Result<T> = std::result::Result<T, String>;
 
+/// Why a pull failed, as its caller tells bad input from failures.
+#[derive(Debug)]
+pub enum PullError {
+    /// The remote has no image of that name.
+    NoImage(String),
+    /// The local store refused it (a name taken, a corrupt blob or manifest).
+    Store(strata_image::Error),
+    /// The remote could not be asked.
+    Remote(String),
+}
+
+impl std::fmt::Display for PullError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PullError::NoImage(m) | PullError::Remote(m) => f.write_str(m),
+            PullError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Remote {
+    /// The manifest of image `name`.
+    fn manifest(&self, name: &str) -> std::result::Result<Vec<u8>, PullError> {
+        self.get(&image_key(name))
+            .map_err(PullError::Remote)?
+            .ok_or_else(|| PullError::NoImage(format!("{}: no image named {name:?}", self.at)))
+    }
+}
+
 /// A place in a bucket, from `s3://BUCKET[/PREFIX]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
@@ -296,11 +325,14 @@ impl Remote {
 
 /// Downloads image `name` into `store` (`replace`: over an image of that
 /// name); the blobs the store has are not fetched.
-pub fn pull(store: &Store, name: &str, remote: &Remote, replace: bool) -> Result<ImportStats> {
-    let manifest = remote
-        .get(&image_key(name))?
-        .ok_or_else(|| format!("{}: no image named {name:?}", remote.at))?;
-    let wanted = strata_image::missing_blobs(store, &manifest).map_err(|e| e.to_string())?;
+pub fn pull(
+    store: &Store,
+    name: &str,
+    remote: &Remote,
+    replace: bool,
+) -> std::result::Result<ImportStats, PullError> {
+    let manifest = remote.manifest(name)?;
+    let wanted = strata_image::missing_blobs(store, &manifest).map_err(PullError::Store)?;
     // Import asks for blobs one at a time, in `wanted`'s order: keep
     // `PARALLEL` GETs ahead of it.
     let mut ahead = wanted.iter().copied();
@@ -326,7 +358,7 @@ pub fn pull(store: &Store, name: &str, remote: &Remote, replace: bool) -> Result
     for task in running.into_values() {
         task.abort();
     }
-    stats.map_err(|e| e.to_string())
+    stats.map_err(PullError::Store)
 }
 
 /// A blob being downloaded ahead of the import.
@@ -335,19 +367,21 @@ type Download = tokio::task::JoinHandle<Result<Option<Vec<u8>>>>;
 /// Makes image `name` of the remote known to `store` without its blobs
 /// (they come when first read, through [`Remote`] as the store's
 /// [`strata_image::Fetch`]); nothing happens if the store has the image.
-pub fn pull_manifest(store: &Store, name: &str, remote: &Remote) -> Result<()> {
+pub fn pull_manifest(
+    store: &Store,
+    name: &str,
+    remote: &Remote,
+) -> std::result::Result<(), PullError> {
     match strata_image::Image::open(store, name) {
         Ok(_) => return Ok(()),
         Err(strata_image::Error::NoSuchImage(_)) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(PullError::Store(e)),
     }
-    let manifest = remote
-        .get(&image_key(name))?
-        .ok_or_else(|| format!("{}: no image named {name:?}", remote.at))?;
+    let manifest = remote.manifest(name)?;
     match strata_image::import(store, name, &manifest, false, None) {
         // Another mount made it meanwhile.
         Ok(_) | Err(strata_image::Error::ImageExists(_)) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(PullError::Store(e)),
     }
 }
 

@@ -412,11 +412,9 @@ fn remote_images(
         strata_remote::Remote::open(url, opts.remote_endpoint.as_deref()).map_err(failure)?;
     let local = strata_image::Store::open(store).map_err(|e| failure(e.to_string()))?;
     for name in names {
-        strata_remote::pull_manifest(&local, name, &remote).map_err(|e| {
-            match e.contains("no image named") {
-                true => usage(format!("image:{name}: {e}")),
-                false => failure(format!("image:{name}: {e}")),
-            }
+        strata_remote::pull_manifest(&local, name, &remote).map_err(|e| match e {
+            strata_remote::PullError::NoImage(_) => usage(format!("image:{name}: {e}")),
+            e => failure(format!("image:{name}: {e}")),
         })?;
     }
     Ok(Some(Arc::new(remote)))

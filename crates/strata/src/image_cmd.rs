@@ -172,17 +172,10 @@ fn pull(
     let store = Store::open(root).map_err(fail)?;
     let remote = open_remote(url, endpoint)?;
     let start = Instant::now();
-    let stats = strata_remote::pull(&store, name, &remote, replace).map_err(|e| {
-        let e = printable(&e);
-        if e.contains("already exists") {
-            usage(format!(
-                "image {name:?} already exists (use --replace to replace it)"
-            ))
-        } else if e.contains("no image named") {
-            usage(e)
-        } else {
-            failure(e)
-        }
+    let stats = strata_remote::pull(&store, name, &remote, replace).map_err(|e| match e {
+        strata_remote::PullError::Store(e) => fail(e),
+        strata_remote::PullError::NoImage(m) => usage(printable(&m)),
+        strata_remote::PullError::Remote(m) => failure(printable(&m)),
     })?;
     outln!(
         "pulled {name} from {}: {} blobs fetched ({}), {} already here; {}",
