@@ -3,7 +3,7 @@
 //! `MOUNTPOINT/.strata`, and checks values first with the daemon's own
 //! parser so errors say why.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use strata_core::control::NAME as CONTROL_NAME;
 use strata_core::source::check_apart;
@@ -13,16 +13,35 @@ use strata_core::union::control::edit_branches;
 use crate::commands::{Failure, failure, usage};
 use crate::output::outln;
 
-const PREFIX: &str = "user.strata.";
+pub const PREFIX: &str = "user.strata.";
 
-fn get(control: &Path, key: &str) -> Result<String, Failure> {
+/// The control file of the strata mount at `mountpoint`.
+pub fn control_file(mountpoint: &Path) -> Result<PathBuf, Failure> {
+    let control = mountpoint.join(CONTROL_NAME);
+    match std::fs::symlink_metadata(&control) {
+        Ok(_) => Ok(control),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(usage(format!(
+            "{}: not a strata mount (no {CONTROL_NAME})",
+            mountpoint.display()
+        ))),
+        Err(e) => Err(failure(format!("{}: {e}", mountpoint.display()))),
+    }
+}
+
+/// Key `key` of the control file `control`; `None`: the mount has no such key.
+pub fn read_key(control: &Path, key: &str) -> Result<Option<String>, Failure> {
     let name = format!("{PREFIX}{key}");
     let mut buf = vec![0u8; 64 * 1024];
     match rustix::fs::getxattr(control, name.as_str(), &mut buf) {
-        Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
-        Err(rustix::io::Errno::NODATA) => Err(usage(format!("unknown key '{key}'"))),
+        Ok(n) => Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+        Err(rustix::io::Errno::NODATA) => Ok(None),
         Err(e) => Err(failure(format!("{}: {key}: {e}", control.display()))),
     }
+}
+
+/// Key `key`, which the mount must have.
+pub fn get(control: &Path, key: &str) -> Result<String, Failure> {
+    read_key(control, key)?.ok_or_else(|| usage(format!("unknown key '{key}'")))
 }
 
 fn keys(control: &Path) -> Result<Vec<String>, Failure> {
@@ -69,13 +88,7 @@ fn set(control: &Path, mountpoint: &Path, key: &str, value: &str) -> Result<(), 
 }
 
 pub fn run(mountpoint: &Path, action: &str, args: &[String]) -> Result<(), Failure> {
-    let control = mountpoint.join(CONTROL_NAME);
-    if !control.exists() {
-        return Err(usage(format!(
-            "{}: not a strata mount (no {CONTROL_NAME})",
-            mountpoint.display()
-        )));
-    }
+    let control = control_file(mountpoint)?;
     // Resolved from outside the mount, as the daemon did when it mounted.
     let mountpoint = &std::fs::canonicalize(mountpoint)
         .map_err(|e| failure(format!("{}: {e}", mountpoint.display())))?;

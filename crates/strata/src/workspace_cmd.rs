@@ -14,10 +14,10 @@ use strata_core::workspace::diff::{self, Change};
 use strata_core::workspace::state::{self, State, layer_rel};
 
 use crate::commands::{Failure, MOUNT_ANSWER_LIMIT, failure, in_child, usage};
+use crate::ctl::{PREFIX, control_file, get, read_key};
 use crate::image_cmd::iso8601_secs;
 use crate::output::outln;
 
-const PREFIX: &str = "user.strata.";
 /// How long a snapshot may take (it syncs the mount's dirty data and
 /// copies the files open at the time).
 const SNAPSHOT_LIMIT: Duration = Duration::from_secs(300);
@@ -115,40 +115,16 @@ struct Mounted {
     upper: PathBuf,
 }
 
-fn control_of(mountpoint: &Path) -> Result<PathBuf, Failure> {
-    let control = mountpoint.join(CONTROL_NAME);
-    match std::fs::symlink_metadata(&control) {
-        Ok(_) => Ok(control),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(usage(format!(
-            "{}: not a strata mount (no {CONTROL_NAME})",
-            mountpoint.display()
-        ))),
-        Err(e) => Err(failure(format!("{}: {e}", mountpoint.display()))),
-    }
-}
-
-fn get(control: &Path, key: &str) -> Result<String, Failure> {
-    let mut buf = vec![0u8; 64 * 1024];
-    match rustix::fs::getxattr(control, format!("{PREFIX}{key}").as_str(), &mut buf) {
-        Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
-        Err(e) => Err(failure(format!("{}: {key}: {e}", control.display()))),
-    }
-}
-
 impl Mounted {
     fn open(mountpoint: &Path) -> Result<Mounted, Failure> {
-        let control = control_of(mountpoint)?;
-        let mut buf = vec![0u8; 4096];
-        let upper = match rustix::fs::getxattr(&control, "user.strata.workspace", &mut buf) {
-            Ok(n) => PathBuf::from(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(rustix::io::Errno::NODATA) => {
-                return Err(usage(format!(
-                    "{}: not a workspace (snapshots and branches need a mount with --upper)",
-                    mountpoint.display()
-                )));
-            }
-            Err(e) => return Err(failure(format!("{}: {e}", control.display()))),
-        };
+        let control = control_file(mountpoint)?;
+        let upper = read_key(&control, "workspace")?.ok_or_else(|| {
+            usage(format!(
+                "{}: not a workspace (snapshots and branches need a mount with --upper)",
+                mountpoint.display()
+            ))
+        })?;
+        let upper = PathBuf::from(upper);
         Ok(Mounted { control, upper })
     }
 
