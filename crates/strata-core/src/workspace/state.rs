@@ -496,7 +496,7 @@ impl State {
             .map_err(db_error)?;
         let gone = drop_unused_layers(&tx)?;
         tx.commit().map_err(db_error)?;
-        self.remove_layer_dirs(&gone);
+        remove_layer_dirs(&self.upper, &gone);
         Ok(())
     }
 
@@ -522,7 +522,7 @@ impl State {
             .map_err(db_error)?;
         let gone = drop_unused_layers(&tx)?;
         tx.commit().map_err(db_error)?;
-        self.remove_layer_dirs(&gone);
+        remove_layer_dirs(&self.upper, &gone);
         Ok(())
     }
 
@@ -553,10 +553,6 @@ impl State {
         remove_layer_dirs(&upper, &orphans);
         drop(tx);
         Ok(())
-    }
-
-    fn remove_layer_dirs(&self, ids: &[i64]) {
-        remove_layer_dirs(&self.upper, ids)
     }
 }
 
